@@ -1,0 +1,1 @@
+"""Algorithms: glue between data, losses and the shared training loop."""

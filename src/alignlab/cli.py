@@ -1,0 +1,174 @@
+"""``alignlab`` command line: a thin layer over the config dataclasses and their train functions.
+
+Flags are the dataclass fields (TRL / ``TrainingArguments`` names), parsed by transformers'
+``HfArgumentParser``; ``--config file.yaml`` supplies any of them, and flags on the command line win.
+Bad input ends with one line on stderr naming the flag, file or row, and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+COMMANDS = {
+    "dpo": "Direct Preference Optimization on preference pairs",
+    "generate": "sample completions from a base or trained model",
+    "prepare-model": "convert the embedded model to its safetensors cache and print its path",
+}
+
+
+class _Exit(Exception):
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def _parser(prog: str, config_cls):
+    from transformers import HfArgumentParser
+
+    from alignlab.train.config import field_docs
+
+    class Parser(HfArgumentParser):
+        def error(self, message):  # one line, no usage block
+            raise _Exit(f"{self.prog}: error: {message}")
+
+    parser = Parser(config_cls, prog=prog, description=COMMANDS.get(prog.split()[-1]))
+    docs = field_docs(config_cls)
+    for action in parser._actions:
+        name = action.dest
+        if name in docs and not action.help:
+            default = action.default
+            action.help = f"{docs[name]} (default: {default})"
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these flags as keys")
+    return parser
+
+
+def _load_yaml_defaults(path: str, config_cls) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise _Exit(f"--config: file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise _Exit(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise _Exit(f"{path}: expected a mapping of flag names to values")
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    for key in data:
+        if key not in known:
+            raise _Exit(f"{path}: unknown key {key!r} (not a flag of this command)")
+    return data
+
+
+def parse_config(config_cls, argv: list[str], prog: str):
+    """Parse ``argv`` (and an optional ``--config`` YAML file) into ``config_cls``.
+
+    Raises:
+        _Exit: unknown flag, bad value, unreadable config file (one-line message).
+        UserError: a value the config's validation rejects.
+    """
+    parser = _parser(prog, config_cls)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**_load_yaml_defaults(known.config, config_cls))
+    namespace, remaining = parser.parse_known_args(argv)
+    if remaining:
+        flag = next((r for r in remaining if r.startswith("-")), remaining[0])
+        raise _Exit(f"{prog}: error: unknown flag {flag}" if flag.startswith("-") else f"{prog}: error: unexpected argument {flag!r}")
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(config_cls) if hasattr(namespace, f.name)}
+    return config_cls(**values)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
+def _run_dpo(argv: list[str]) -> None:
+    from alignlab.algorithms.dpo import DPOConfig, train_dpo
+
+    config = parse_config(DPOConfig, argv, "alignlab dpo")
+    result = train_dpo(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        out = Path(result.output_dir)
+        print(f"trained model: {out}")
+        print(f"metrics: {result.metrics_path}")
+        print(f"config: {out / 'config.yaml'}")
+        for plot in result.plots:
+            print(f"plot: {plot}")
+        if result.eval_metrics:
+            acc = result.eval_metrics.get("eval_rewards/accuracies")
+            print(f"eval rewards/accuracies: {acc:.4f}" if acc is not None else "")
+        print(f"train time: {result.train_seconds:.1f} s over {result.global_step} steps")
+
+
+def _run_generate(argv: list[str]) -> None:
+    from alignlab.generate import GenerateConfig, generate
+
+    config = parse_config(GenerateConfig, argv, "alignlab generate")
+    for prompt, completions in zip(config.prompt, generate(config)):
+        print(f"### prompt: {prompt}")
+        for i, text in enumerate(completions):
+            if len(completions) > 1:
+                print(f"--- completion {i + 1}")
+            print(text)
+
+
+def _run_prepare_model(argv: list[str]) -> None:
+    from alignlab.models import embedded_model_path
+
+    if argv:
+        raise _Exit(f"alignlab prepare-model: error: unknown flag {argv[0]}")
+    print(embedded_model_path())
+
+
+def _usage() -> str:
+    lines = ["usage: alignlab COMMAND [--flags] (alignlab COMMAND --help for the flags)", "", "commands:"]
+    lines += [f"  {name:<14} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``alignlab`` command. Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    runners = {"dpo": _run_dpo, "generate": _run_generate, "prepare-model": _run_prepare_model}
+    if command not in runners:
+        print(f"alignlab: error: unknown command {command!r}\n{_usage()}", file=sys.stderr)
+        return 2
+    _setup_logging()
+    from alignlab.errors import UserError
+
+    try:
+        runners[command](rest)
+    except _Exit as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.code
+    except UserError as exc:
+        print(f"alignlab {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"alignlab {command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: reading files and datasets, preference-pair formats, tokenization and collation."""

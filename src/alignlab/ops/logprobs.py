@@ -1,0 +1,191 @@
+"""Log-probabilities of completion tokens under a causal LM."""
+
+from __future__ import annotations
+
+import torch
+
+
+class _LabelLogProbs(torch.autograd.Function):
+    """``log_softmax(logits)[..., label]`` with a hand-written backward that never stores float32 copies.
+
+    Forward, per row: ``lse = logsumexp(x)``, ``out = x[label] - lse`` (x upcast to float32 one row at a time).
+    Backward: ``d out / d x = onehot(label) - softmax(x)``, so ``grad_x = g * onehot - g * exp(x - lse)``,
+    computed one row at a time and written in the logits' own dtype. Saved for backward: the logits the
+    model produced anyway, the labels and ``lse`` (one float per token).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        acc = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 logits
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            out = torch.empty(index.shape, dtype=acc, device=logits.device)
+            lse = torch.empty(index.shape, dtype=acc, device=logits.device)
+            for b in range(logits.shape[0]):
+                row = logits[b].to(acc)
+                lse[b] = torch.logsumexp(row, dim=-1)
+                out[b] = row.gather(-1, index[b].unsqueeze(-1)).squeeze(-1) - lse[b]
+        ctx.save_for_backward(logits, index, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, index, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            for b in range(logits.shape[0]):
+                g = grad_out[b].to(lse.dtype).unsqueeze(-1)  # (T, 1)
+                probs = logits[b].to(lse.dtype, copy=True).sub_(lse[b].unsqueeze(-1)).exp_()  # softmax, (T, V)
+                probs.mul_(-g).scatter_add_(-1, index[b].unsqueeze(-1), g)
+                grad[b] = probs
+        return grad, None
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)`` gathered at ``index``, without materialising the full log-softmax.
+
+    Args:
+        logits: ``(B, T, V)`` unnormalised scores (any float dtype).
+        index: ``(B, T)`` long token ids.
+
+    Returns:
+        ``(B, T)`` float32 log-probabilities (nats); float64 for float64 logits.
+
+    ``logit[index] - logsumexp(logit)``, one row at a time in float32, with a fused backward
+    (``onehot - softmax``) so that neither pass keeps a ``(B, T, V)`` float32 tensor: peak extra memory is
+    one ``(T, V)`` float32 block. Same values as TRL's ``selective_log_softmax`` (``trl/trainer/utils.py``).
+    """
+    return _LabelLogProbs.apply(logits, index)
+
+
+# Model types whose attention masks come from transformers' masking utilities, which read packed
+# sequences from ``position_ids`` (a new sequence starts wherever the position does not grow by one).
+PACKING_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+     "phi3", "olmo2", "smollm3", "granite", "cohere", "starcoder2"}
+)
+
+
+def supports_packing(model: torch.nn.Module) -> bool:
+    """True if ``model`` (possibly wrapped by peft or DDP) accepts packed rows through ``position_ids``."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    config = getattr(inner, "config", None)
+    return getattr(config, "model_type", None) in PACKING_MODEL_TYPES
+
+
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """First-fit-decreasing packing of sequences into rows of at most ``width`` tokens.
+
+    Args:
+        lengths: token count of each sequence (each <= ``width``).
+        width: row capacity.
+
+    Returns:
+        Rows, each a list of sequence indices in the order they are laid out. Deterministic.
+    """
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(width - lengths[i])
+    return rows
+
+
+def _packed_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int):
+    """Lay the real tokens of each row of ``input_ids`` out in packed rows.
+
+    Returns:
+        ``(packed_ids (R, W), position_ids (R, W), flat_index (N, T))`` where ``flat_index[s, t]`` is the
+        position of token ``t`` of sequence ``s`` in ``packed_ids.view(-1)`` (meaningful where
+        ``attention_mask[s, t] == 1``). Unused row tails get positions counting from 0, a separate segment
+        that no real token can attend to, as it comes after them.
+    """
+    n, width = input_ids.shape
+    lengths = attention_mask.sum(dim=1).tolist()
+    rows = pack_rows(lengths, width)
+    device = input_ids.device
+    packed = torch.full((len(rows), width), pad_token_id, dtype=input_ids.dtype, device=device)
+    positions = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    flat_index = torch.zeros((n, width), dtype=torch.long, device=device)
+    ar = torch.arange(width, device=device)
+    for r, members in enumerate(rows):
+        offset = 0
+        for s in members:
+            length = lengths[s]
+            packed[r, offset : offset + length] = input_ids[s, :length]
+            positions[r, offset : offset + length] = ar[:length]
+            flat_index[s] = r * width + offset + ar
+            offset += length
+        positions[r, offset:] = ar[: width - offset]
+    return packed, positions, flat_index
+
+
+def completion_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    padding_free: bool = False,
+    pad_token_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token and summed log-probabilities of the completion tokens, in one forward pass.
+
+    Args:
+        model: a causal LM (possibly wrapped by peft or DDP) whose forward returns ``.logits``.
+        input_ids: ``(B, T)`` prompt+completion token ids, right-padded.
+        attention_mask: ``(B, T)`` 1 for real tokens.
+        completion_mask: ``(B, T)`` 1 for completion tokens (the tokens being scored).
+        padding_free: pack the real tokens of all rows into as few rows as fit (first-fit decreasing) and
+            run one forward over them with restarting ``position_ids``, so no compute goes to padding.
+            Ignored (padded rows are used) for model types not in :data:`PACKING_MODEL_TYPES`.
+        pad_token_id: filler for unused packed slots.
+
+    Returns:
+        ``(per_token_logps, logps)``: ``(B, T-1)`` float32 log-probability of token ``t+1`` given tokens
+        ``<= t``, zero outside the completion; and ``(B,)`` their sum over the completion (nats). The sum is
+        the sequence log-probability of DPO (Rafailov et al. 2023, eq. 7): EOS included when it is part of
+        the completion.
+
+    Only the positions that predict a completion token go through the output projection (a forward
+    pre-hook on the model's output embeddings selects them), so the prompt costs no vocabulary-sized work.
+    """
+    n, width = input_ids.shape
+    shift_mask = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
+    seq_idx, tok_idx = shift_mask.nonzero(as_tuple=True)
+    labels = input_ids[:, 1:][seq_idx, tok_idx]
+    if padding_free and supports_packing(model):
+        packed, positions, flat_index = _packed_inputs(input_ids, attention_mask, pad_token_id)
+        inputs = {"input_ids": packed, "position_ids": positions, "attention_mask": None}
+        selected = flat_index[seq_idx, tok_idx]
+    else:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        selected = seq_idx * width + tok_idx
+
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is not None:
+
+        def keep_selected(module, args):
+            hidden = args[0]
+            return (hidden.reshape(-1, hidden.shape[-1])[selected].unsqueeze(0),) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(keep_selected)
+        try:
+            logits = model(**inputs, use_cache=False).logits  # (1, N, V): completion positions only
+        finally:
+            handle.remove()
+    else:
+        full = model(**inputs, use_cache=False).logits
+        logits = full.reshape(-1, full.shape[-1])[selected].unsqueeze(0)
+    token_logps = selective_log_softmax(logits, labels.unsqueeze(0)).squeeze(0)  # (N,)
+    per_token = torch.zeros((n, width - 1), dtype=token_logps.dtype, device=token_logps.device)
+    per_token = per_token.index_put((seq_idx, tok_idx), token_logps)
+    return per_token, per_token.sum(dim=1)

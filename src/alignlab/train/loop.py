@@ -1,0 +1,404 @@
+"""The one training loop every algorithm shares.
+
+It owns precision (bf16 autocast), gradient accumulation, the optimizer and schedule, gradient
+clipping, logging to ``metrics.jsonl``, evaluation, plots, checkpoints (atomic) and resuming, and
+distribution (accelerate: ``torchrun --nproc_per_node N`` runs DDP; gloo on CPU). An algorithm supplies a
+``loss_fn(model, batch) -> (loss, metrics)`` and its data; nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from alignlab.errors import UserError
+from alignlab.train.config import TrainConfig
+from alignlab.train.metrics import MetricsLog, plot_metrics
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""``loss_fn(model, batch) -> (scalar loss, {name: (B,) or scalar detached metric})``."""
+
+STATE_FILE = "trainer_state.json"
+
+
+def build_accelerator(config: TrainConfig):
+    """An ``accelerate.Accelerator`` for ``config``: devices, processes, gradient accumulation, seeded data
+    order. Call it before loading models so every process knows its device.
+
+    Precision is not delegated to accelerate: its mixed-precision mode wraps the model's forward and casts
+    every output back to float32, which for a language model is a ``(B, T, vocab)`` float32 copy of the
+    logits per forward. :func:`autocast` is applied around the loss function instead.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    # accelerate keeps one global state per process; a second run in the same Python process (a notebook,
+    # a comparison of methods) may want another precision, so start it afresh. The process group stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(
+        mixed_precision="no",
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(config.seed)
+    return accelerator
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    """The precision context for forward passes: bf16 autocast when ``config.bf16``, else a no-op."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16)
+
+
+def _fused_adamw_supported(params: list) -> bool:
+    # torch's fused AdamW kernel runs on CPU and CUDA for floating-point parameters (torch >= 2.4).
+    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    PyTorch's CPU tensors come from malloc; after each step glibc keeps the freed activations in its
+    arenas, so the resident size creeps up step after step. Trimming after the optimizer step keeps the
+    steady-state footprint at weights + optimizer state. Costs a few milliseconds.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018 - present in glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every ``nn.Dropout``'s probability to 0 (TRL: ``disable_dropout_in_model``)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters split for AdamW: matrices decay, vectors (biases, norm weights) do not."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The ``checkpoint-N`` directory with the largest N in ``output_dir`` (complete ones only)."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if m and (path / STATE_FILE).exists():
+            found.append((int(m.group(1)), path))
+    return max(found)[1] if found else None
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    metrics_path: Path
+    plots: list[Path]
+    global_step: int
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+
+class Trainer:
+    """Runs the optimisation for one algorithm.
+
+    Args:
+        config: the algorithm's config (a :class:`TrainConfig`).
+        accelerator: from :func:`build_accelerator`.
+        model: the policy (trainable parameters have ``requires_grad``), LoRA already applied if wanted.
+        tokenizer: saved with the model.
+        train_dataset, eval_dataset: sequences of examples for ``collate_fn``.
+        collate_fn: list of examples -> batch dict of tensors (with ``attention_mask`` for token counting).
+        loss_fn: see :data:`LossFn`; called under autocast, with the prepared (possibly DDP-wrapped) model.
+        plot_panels: file stem -> metric names, for ``plots/*.png``.
+        save_model_fn: ``fn(unwrapped_model, tokenizer, dir)``; writes the final model.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        accelerator,
+        model: torch.nn.Module,
+        tokenizer,
+        train_dataset,
+        *,
+        collate_fn: Callable,
+        loss_fn: LossFn,
+        eval_dataset=None,
+        plot_panels: dict[str, list[str]] | None = None,
+        save_model_fn: Callable | None = None,
+    ):
+        if len(train_dataset) == 0:
+            raise UserError("the training set is empty after preprocessing")
+        self.config = config
+        self.accelerator = accelerator
+        self.model = model
+        self.tokenizer = tokenizer
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset if eval_dataset is not None and len(eval_dataset) else None
+        self.collate_fn = collate_fn
+        self.loss_fn = loss_fn
+        self.plot_panels = {"loss": ["loss"], **(plot_panels or {})}
+        self.save_model_fn = save_model_fn
+        self.output_dir = Path(config.output_dir)
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
+        self._eval_loader = None
+
+    # ------------------------------------------------------------------------------------------------------
+    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.config.seed)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate_fn,
+            num_workers=self.config.dataloader_num_workers,
+            generator=generator,
+        )
+
+    def _gather(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().float().reshape(-1)
+        return self.accelerator.gather(value.to(self.accelerator.device)).cpu()
+
+    def _record(self, store: dict[str, list[torch.Tensor]], loss: torch.Tensor, metrics: dict[str, torch.Tensor]):
+        store["loss"].append(self._gather(loss))
+        for name, value in metrics.items():
+            store[name].append(self._gather(torch.as_tensor(value)))
+
+    @staticmethod
+    def _reduce(store: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        return {name: torch.cat(values).mean().item() for name, values in store.items() if values}
+
+    # ------------------------------------------------------------------------------------------------------
+    def evaluate(self, model, step: int) -> dict[str, float]:
+        """Mean of the loss and metrics over the whole eval set, logged with the ``eval_`` prefix."""
+        if self._eval_loader is None:
+            self._eval_loader = self.accelerator.prepare(
+                self._loader(self.eval_dataset, self.config.per_device_eval_batch_size, False)
+            )
+        loader = self._eval_loader
+        was_training = model.training
+        model.eval()
+        store: dict[str, list[torch.Tensor]] = defaultdict(list)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for batch in loader:
+                with autocast(self.config, self.accelerator.device):
+                    loss, metrics = self.loss_fn(model, batch)
+                self._record(store, loss, metrics)
+        if was_training:
+            model.train()
+        result = {f"eval_{k}": v for k, v in self._reduce(store).items()}
+        result["eval_runtime"] = time.perf_counter() - start
+        if self.accelerator.is_main_process:
+            self.metrics.append({"step": step, **result})
+        return result
+
+    def _save_checkpoint(self, step: int, epoch: int, steps_in_epoch: int) -> None:
+        acc = self.accelerator
+        final = self.output_dir / f"checkpoint-{step}"
+        partial = self.output_dir / f".checkpoint-{step}.partial"
+        acc.wait_for_everyone()
+        if acc.is_main_process and partial.exists():
+            shutil.rmtree(partial)
+        acc.wait_for_everyone()
+        acc.save_state(str(partial))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"global_step": step, "epoch": epoch, "steps_in_epoch": steps_in_epoch}
+            (partial / STATE_FILE).write_text(json.dumps(state))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)  # a crash before this line leaves the previous checkpoint intact
+            self._prune_checkpoints()
+            plot_metrics(self.metrics.rows(), self.output_dir / "plots", self.plot_panels)
+        acc.wait_for_everyone()
+
+    def _prune_checkpoints(self) -> None:
+        limit = self.config.save_total_limit
+        if not limit:
+            return
+        ckpts = sorted(
+            (int(p.name.split("-")[1]), p) for p in self.output_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()
+        )
+        for _, path in ckpts[: max(0, len(ckpts) - limit)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _resolve_resume(self) -> Path | None:
+        spec = self.config.resume_from_checkpoint
+        if not spec:
+            return None
+        if str(spec).lower() == "true":
+            path = find_latest_checkpoint(self.output_dir)
+            if path is None:
+                raise UserError(f"--resume_from_checkpoint true: no checkpoint-N in {self.output_dir}")
+            return path
+        path = Path(spec)
+        if not (path / STATE_FILE).exists():
+            raise UserError(f"--resume_from_checkpoint: {spec} is not a complete checkpoint directory")
+        return path
+
+    # ------------------------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        """Run to ``max_steps`` (or ``num_train_epochs``), then evaluate, save the model and draw plots."""
+        from tqdm.auto import tqdm
+        from transformers import get_scheduler
+
+        cfg, acc = self.config, self.accelerator
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:
+            with open(self.output_dir / "config.yaml", "w", encoding="utf-8") as handle:
+                yaml.safe_dump(asdict(cfg), handle, sort_keys=False)
+
+        train_loader = self._loader(self.train_dataset, cfg.per_device_train_batch_size, True)
+        groups = parameter_groups(self.model, cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            fused=_fused_adamw_supported([p for g in groups for p in g["params"]]),
+        )
+        model, optimizer, train_loader = acc.prepare(self.model, optimizer, train_loader)
+        steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.gradient_accumulation_steps))
+        total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+        scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+        acc.register_for_checkpointing(scheduler)
+
+        global_step, start_epoch, skip_steps = 0, 0, 0
+        resume = self._resolve_resume()
+        if resume is not None:
+            acc.load_state(str(resume))
+            state = json.loads((resume / STATE_FILE).read_text())
+            global_step, start_epoch, skip_steps = state["global_step"], state["epoch"], state["steps_in_epoch"]
+            if acc.is_main_process:
+                self.metrics.truncate_after(global_step)
+            logger.info("resumed from %s at step %d", resume, global_step)
+        elif acc.is_main_process and self.metrics.path.exists():
+            self.metrics.path.unlink()  # a fresh run in an old directory starts a fresh log
+
+        store: dict[str, list[torch.Tensor]] = defaultdict(list)
+        tokens = 0
+        window_start = time.perf_counter()
+        train_start = time.perf_counter()
+        last_train: dict[str, float] = {}
+        last_eval: dict[str, float] = {}
+        bar = tqdm(total=total_steps, initial=global_step, disable=not acc.is_main_process, desc="training", unit="step")
+        model.train()
+        epoch = start_epoch
+        while global_step < total_steps:
+            train_loader.set_epoch(epoch)
+            loader = train_loader
+            steps_in_epoch = 0
+            if skip_steps:
+                loader = acc.skip_first_batches(train_loader, skip_steps * cfg.gradient_accumulation_steps)
+                steps_in_epoch, skip_steps = skip_steps, 0
+            for batch in loader:
+                with acc.accumulate(model):
+                    with autocast(cfg, acc.device):
+                        loss, metrics = self.loss_fn(model, batch)
+                    acc.backward(loss)
+                    self._record(store, loss, metrics)
+                    tokens += int(self._gather(batch["attention_mask"].sum()).sum())
+                    if not acc.sync_gradients:
+                        continue
+                    if cfg.max_grad_norm > 0:
+                        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    else:
+                        grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+                        grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if self.accelerator.device.type == "cpu":
+                        release_free_memory()
+                global_step += 1
+                steps_in_epoch += 1
+                bar.update(1)
+                is_last = global_step >= total_steps
+                if global_step % cfg.logging_steps == 0 or is_last:
+                    elapsed = time.perf_counter() - window_start
+                    row = {"step": global_step, "epoch": round(epoch + steps_in_epoch / steps_per_epoch, 4)}
+                    row.update(self._reduce(store))
+                    row["learning_rate"] = scheduler.get_last_lr()[0]
+                    row["grad_norm"] = float(grad_norm)
+                    row["tokens_per_second"] = tokens / elapsed if elapsed > 0 else 0.0
+                    if acc.is_main_process:
+                        self.metrics.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    last_train = row
+                    store.clear()
+                    tokens = 0
+                    window_start = time.perf_counter()
+                if self.eval_dataset is not None and cfg.eval_steps and global_step % cfg.eval_steps == 0 and not is_last:
+                    last_eval = self.evaluate(model, global_step)
+                    window_start = time.perf_counter()
+                if cfg.save_steps and global_step % cfg.save_steps == 0 and not is_last:
+                    self._save_checkpoint(global_step, epoch, steps_in_epoch)
+                    window_start = time.perf_counter()
+                if is_last:
+                    break
+            epoch += 1
+        bar.close()
+        train_seconds = time.perf_counter() - train_start
+
+        if self.eval_dataset is not None:
+            last_eval = self.evaluate(model, global_step)
+        acc.wait_for_everyone()
+        plots: list[Path] = []
+        if acc.is_main_process:
+            if self.save_model_fn is not None:
+                self.save_model_fn(acc.unwrap_model(model), self.tokenizer, self.output_dir)
+            plots = plot_metrics(self.metrics.rows(), self.output_dir / "plots", self.plot_panels)
+        acc.wait_for_everyone()
+        self.model = acc.unwrap_model(model)
+        return TrainResult(
+            output_dir=self.output_dir,
+            metrics_path=self.metrics.path,
+            plots=plots,
+            global_step=global_step,
+            train_metrics=last_train,
+            eval_metrics=last_eval,
+            train_seconds=train_seconds,
+        )

@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny random 2-layer Llama with the embedded tokenizer, and the shared data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+HH_PAIRS = SHARED / "data" / "hh-rlhf-harmless" / "pairs-2000.jsonl.gz"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A randomly initialised 2-layer Llama (hidden 64) saved with the embedded model's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignlab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from alignlab.models import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    """Twelve short explicit-prompt pairs in a JSONL file."""
+    rows = [
+        {"prompt": f"What is {i} plus {i}?", "chosen": f"{2 * i}.", "rejected": f"Well, it might be {2 * i + 1}, maybe."}
+        for i in range(12)
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_metrics(output_dir) -> list[dict]:
+    with open(Path(output_dir) / "metrics.jsonl") as handle:
+        return [json.loads(line) for line in handle]
