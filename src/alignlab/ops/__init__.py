@@ -1,1 +1,1 @@
-"""Tensor operations shared by the losses: log-probabilities of completions."""
+"""Tensor operations shared by the losses: completion log-probabilities, masked statistics, KL estimators."""

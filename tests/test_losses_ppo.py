@@ -1,0 +1,182 @@
+"""PPO-clip policy and value losses, and GRPO token aggregation, against numbers worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from alignlab.losses.ppo import aggregate_token_loss, clipped_policy_loss, clipped_value_loss
+
+
+def _flat(t):
+    return t.flatten().tolist()
+
+
+# Policy loss inputs: two rows, ratios [1, 1.5, 0.5] in each; advantages +1 on row 0, -1 on row 1.
+OLD = torch.zeros(2, 3)
+LOGPS = torch.tensor([[0.0, math.log(1.5), math.log(0.5)]] * 2)
+ADV = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]])
+MASK = torch.ones(2, 3)
+# eps = 0.2, clip range [0.8, 1.2]. loss = max(-A * ratio, -A * clip(ratio)):
+# row 0 (A = +1): ratio 1   -> max(-1,   -1)   = -1
+#                 ratio 1.5 -> max(-1.5, -1.2) = -1.2  clipped branch (moved past 1.2 in the favoured direction)
+#                 ratio 0.5 -> max(-0.5, -0.8) = -0.5  unclipped (moved the unfavoured way: never clipped)
+# row 1 (A = -1): ratio 1   -> max(1,   1)     = 1
+#                 ratio 1.5 -> max(1.5, 1.2)   = 1.5   unclipped
+#                 ratio 0.5 -> max(0.5, 0.8)   = 0.8   clipped branch
+# clipfrac = 2 clipped / 6 tokens = 1/3
+# approxkl = 0.5 * mean(log_ratio^2): per row 0 + ln(1.5)^2 + ln(0.5)^2 = 0.1644020 + 0.4804530 = 0.6448550
+#            two rows 1.2897099 / 6 = 0.2149517; * 0.5 = 0.1074758
+EXPECTED_LOSS = [-1.0, -1.2, -0.5, 1.0, 1.5, 0.8]
+
+
+def test_policy_loss_hand_values():
+    loss, metrics = clipped_policy_loss(LOGPS, OLD, ADV, MASK, cliprange=0.2)
+    assert _flat(loss) == pytest.approx(EXPECTED_LOSS, rel=1e-6)
+    assert metrics["policy/clipfrac"].item() == pytest.approx(1 / 3)
+    assert metrics["policy/approxkl"].item() == pytest.approx(0.1074758, rel=1e-5)
+
+
+def test_policy_loss_gradient_is_zero_on_clipped_tokens():
+    logps = LOGPS.clone().requires_grad_(True)
+    loss, metrics = clipped_policy_loss(logps, OLD, ADV, MASK)
+    loss.sum().backward()
+    # d/dlogps of -A * ratio = -A * ratio (d ratio / d logps = ratio); 0 where the clipped branch wins:
+    # row 0: [-1 * 1, 0 (clipped), -1 * 0.5] = [-1, 0, -0.5]
+    # row 1: [ 1 * 1, 1 * 1.5, 0 (clipped)]  = [ 1, 1.5, 0]
+    assert _flat(logps.grad) == pytest.approx([-1.0, 0.0, -0.5, 1.0, 1.5, 0.0], rel=1e-6)
+    assert not metrics["policy/clipfrac"].requires_grad and not metrics["policy/approxkl"].requires_grad
+
+
+def test_policy_loss_per_sequence_advantages_broadcast():
+    # GRPO: one advantage per completion, (B,), is the same as repeating it over the tokens
+    loss, _ = clipped_policy_loss(LOGPS, OLD, torch.tensor([1.0, -1.0]), MASK)
+    assert _flat(loss) == pytest.approx(EXPECTED_LOSS, rel=1e-6)
+
+
+def test_policy_loss_clip_higher():
+    # eps_low 0.2, eps_high 0.6: range [0.8, 1.6]. Row 0's ratio 1.5 is now inside: max(-1.5, -1.5) = -1.5.
+    # Row 1's ratio 0.5 is still below 0.8: 0.8. Clipped tokens: 1 of 6.
+    loss, metrics = clipped_policy_loss(LOGPS, OLD, ADV, MASK, cliprange=0.2, cliprange_high=0.6)
+    assert _flat(loss) == pytest.approx([-1.0, -1.5, -0.5, 1.0, 1.5, 0.8], rel=1e-6)
+    assert metrics["policy/clipfrac"].item() == pytest.approx(1 / 6)
+
+
+def test_policy_loss_ignores_masked_tokens():
+    # Row 1's last token is padding with nan log-probs and advantage: loss 0, gradient 0 (not nan),
+    # and the metrics average over the 5 remaining tokens:
+    # clipfrac: only row 0's ratio-1.5 token -> 1/5
+    # approxkl: 0.5 * (0.6448550 + ln(1.5)^2 = 0.1644020) / 5 = 0.5 * 0.8092570 / 5 = 0.0809257
+    logps = LOGPS.clone()
+    logps[1, 2] = float("nan")
+    logps.requires_grad_(True)
+    adv = ADV.clone()
+    adv[1, 2] = float("nan")
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    loss, metrics = clipped_policy_loss(logps, OLD, adv, mask)
+    assert _flat(loss) == pytest.approx([-1.0, -1.2, -0.5, 1.0, 1.5, 0.0], rel=1e-6)
+    loss.sum().backward()
+    assert _flat(logps.grad) == pytest.approx([-1.0, 0.0, -0.5, 1.0, 1.5, 0.0], rel=1e-6)
+    assert metrics["policy/clipfrac"].item() == pytest.approx(1 / 5)
+    assert metrics["policy/approxkl"].item() == pytest.approx(0.0809257, rel=1e-5)
+
+
+def test_policy_loss_errors():
+    with pytest.raises(ValueError, match="cliprange"):
+        clipped_policy_loss(LOGPS, OLD, ADV, MASK, cliprange=0.0)
+    with pytest.raises(ValueError, match="cliprange"):
+        clipped_policy_loss(LOGPS, OLD, ADV, MASK, cliprange=1.0)
+    with pytest.raises(ValueError, match="cliprange_high"):
+        clipped_policy_loss(LOGPS, OLD, ADV, MASK, cliprange_high=-0.1)
+    with pytest.raises(ValueError, match="advantages"):
+        clipped_policy_loss(LOGPS, OLD, torch.ones(2, 4), MASK)
+    with pytest.raises(ValueError, match="old_logps"):
+        clipped_policy_loss(LOGPS, OLD[:1], ADV, MASK)
+    with pytest.raises(ValueError, match="mask"):
+        clipped_policy_loss(LOGPS, OLD, ADV, MASK.T)
+
+
+# Value loss inputs, one row; c = 0.2.
+VALUES = torch.tensor([[1.0, 2.0, 2.0]])
+OLD_VALUES = torch.tensor([[0.9, 1.5, 1.5]])
+RETURNS = torch.tensor([[0.5, 3.0, 1.0]])
+# t0: clip(1.0, 0.7, 1.1) = 1.0; (1.0 - 0.5)^2 = 0.25 both ways -> 0.5 * 0.25 = 0.125, not clipped
+# t1: clip(2.0, 1.3, 1.7) = 1.7; unclipped (2 - 3)^2 = 1, clipped (1.7 - 3)^2 = 1.69 -> 0.5 * 1.69 = 0.845, clipped
+# t2: clip(2.0, 1.3, 1.7) = 1.7; unclipped (2 - 1)^2 = 1, clipped (1.7 - 1)^2 = 0.49 -> 0.5 * 1 = 0.5, unclipped
+# clipfrac = 1/3
+
+
+def test_value_loss_hand_values_and_gradient():
+    values = VALUES.clone().requires_grad_(True)
+    loss, metrics = clipped_value_loss(values, OLD_VALUES, RETURNS, torch.ones(1, 3), cliprange_value=0.2)
+    assert _flat(loss) == pytest.approx([0.125, 0.845, 0.5], rel=1e-6)
+    assert metrics["val/clipfrac"].item() == pytest.approx(1 / 3)
+    loss.sum().backward()
+    # d/dv 0.5 (v - R)^2 = v - R where the unclipped branch wins: t0 1.0 - 0.5 = 0.5, t2 2 - 1 = 1;
+    # t1 takes the clipped prediction, which is constant in v outside the range: 0
+    assert _flat(values.grad) == pytest.approx([0.5, 0.0, 1.0], rel=1e-6)
+
+
+def test_value_loss_mask_and_errors():
+    values = torch.tensor([[1.0, 2.0, float("nan")]], requires_grad=True)
+    loss, metrics = clipped_value_loss(values, OLD_VALUES, RETURNS, torch.tensor([[1, 1, 0]]))
+    # t2 is padding: 0; clipfrac over 2 tokens: 1/2
+    assert _flat(loss) == pytest.approx([0.125, 0.845, 0.0], rel=1e-6)
+    assert metrics["val/clipfrac"].item() == pytest.approx(0.5)
+    loss.sum().backward()
+    assert _flat(values.grad) == pytest.approx([0.5, 0.0, 0.0])
+    with pytest.raises(ValueError, match="cliprange_value"):
+        clipped_value_loss(VALUES, OLD_VALUES, RETURNS, torch.ones(1, 3), cliprange_value=0.0)
+    with pytest.raises(ValueError, match="returns"):
+        clipped_value_loss(VALUES, OLD_VALUES, RETURNS[:, :2], torch.ones(1, 3))
+
+
+# Aggregation inputs: row 0 has 3 tokens, row 1 has 1; masked positions hold junk (100).
+PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0, 100.0], [5.0, 100.0, 100.0, 100.0]])
+AGG_MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+# masked sum S = 1 + 2 + 3 + 5 = 11 over 4 tokens, B = 2
+
+
+def test_aggregate_grpo_dapo_dr_grpo():
+    # grpo: per-sequence means (1 + 2 + 3) / 3 = 2 and 5 / 1 = 5, then (2 + 5) / 2 = 3.5
+    assert aggregate_token_loss(PER_TOKEN, AGG_MASK, loss_type="grpo").item() == pytest.approx(3.5)
+    # dapo: 11 / 4 tokens = 2.75
+    assert aggregate_token_loss(PER_TOKEN, AGG_MASK, loss_type="dapo").item() == pytest.approx(2.75)
+    # dapo with TRL's global token count passed in: 11 / 22 = 0.5
+    got = aggregate_token_loss(PER_TOKEN, AGG_MASK, loss_type="dapo", num_items_in_batch=22)
+    assert got.item() == pytest.approx(0.5)
+    # dr_grpo: 11 / (B * max_completion_length) = 11 / (2 * 5) = 1.1
+    got = aggregate_token_loss(PER_TOKEN, AGG_MASK, loss_type="dr_grpo", max_completion_length=5)
+    assert got.item() == pytest.approx(1.1)
+
+
+def test_aggregate_grpo_counts_empty_sequences_as_zero():
+    # a third, empty row: per-sequence means 2, 5, 0 -> 7 / 3 (TRL clamps the length at 1)
+    per_token = torch.cat([PER_TOKEN, torch.full((1, 4), 100.0)])
+    mask = torch.cat([AGG_MASK, torch.zeros(1, 4, dtype=AGG_MASK.dtype)])
+    assert aggregate_token_loss(per_token, mask, loss_type="grpo").item() == pytest.approx(7 / 3)
+
+
+def test_aggregate_gradients_weight_tokens():
+    # grpo weighs token t of sequence i by 1 / (B |o_i|): row 0 1 / (2 * 3) = 1/6, row 1 1 / (2 * 1) = 1/2
+    # dapo weighs every token 1 / 4; dr_grpo 1 / (2 * 5) = 1/10; padding gets 0 in all three
+    cases = {
+        "grpo": [1 / 6, 1 / 6, 1 / 6, 0.0, 1 / 2, 0.0, 0.0, 0.0],
+        "dapo": [1 / 4, 1 / 4, 1 / 4, 0.0, 1 / 4, 0.0, 0.0, 0.0],
+        "dr_grpo": [1 / 10, 1 / 10, 1 / 10, 0.0, 1 / 10, 0.0, 0.0, 0.0],
+    }
+    for loss_type, expected in cases.items():
+        per_token = PER_TOKEN.clone().requires_grad_(True)
+        aggregate_token_loss(per_token, AGG_MASK, loss_type=loss_type, max_completion_length=5).backward()
+        assert _flat(per_token.grad) == pytest.approx(expected), loss_type
+
+
+def test_aggregate_errors():
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        aggregate_token_loss(PER_TOKEN, AGG_MASK, loss_type="bnpo")
+    with pytest.raises(ValueError, match="max_completion_length"):
+        aggregate_token_loss(PER_TOKEN, AGG_MASK, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="more than max_completion_length"):
+        aggregate_token_loss(PER_TOKEN, AGG_MASK, loss_type="dr_grpo", max_completion_length=3)
+    with pytest.raises(ValueError, match="mask"):
+        aggregate_token_loss(PER_TOKEN, AGG_MASK[:, :3], loss_type="grpo")
