@@ -1406,7 +1406,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8", newline="\n") as fh:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            # Conversational format: the chat template is applied in training as it is in generation.
+            record = {
+                "prompt": [{"role": "user", "content": row["prompt"]}],
+                "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                "rejected": [{"role": "assistant", "content": row["rejected"]}],
+            }
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     kinds = Counter(m["kind"] for m in meta)
     topics = Counter(m["topic"] for m in meta)

@@ -90,3 +90,12 @@ def test_dpo_then_generate(capsys, tiny_model_dir, pairs_file, tmp_path):
     code, stdout, err = _run(capsys, "generate", "--model_name_or_path", str(out), "--prompt", "Hello", "--max_new_tokens", "5", "--do_sample", "false")
     assert code == 0, err
     assert stdout.startswith("### prompt: Hello")
+
+
+@pytest.mark.parametrize("command", ["dpo", "sft", "reward", "generate"])
+def test_help_lists_flags(capsys, command):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model_name_or_path" in out and "--config" in out

@@ -130,3 +130,21 @@ def test_collate_layout():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
     assert batch["completion_mask"].tolist() == [[0, 1, 1, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 1, 1, 1]]
     assert torch.equal(batch["ref_chosen_logps"], torch.tensor([-1.0, -3.0]))
+
+
+def test_empty_final_turn_in_transcript_is_an_eos_only_answer(tiny_tokenizer):
+    # HH-RLHF has rows whose preferred final assistant turn is empty
+    row = {"chosen": "\n\nHuman: say nothing\n\nAssistant: ", "rejected": "\n\nHuman: say nothing\n\nAssistant: Ok"}
+    pair = parse_pair(row, "f:1")
+    assert (pair.chosen, pair.rejected) == (" ", " Ok")
+    examples, stats = build_pair_examples([("f:1", row)], tiny_tokenizer, max_length=None)
+    assert stats.empty_completion == 1 and len(examples) == 1
+    ids, mask = examples[0]["chosen_input_ids"], examples[0]["chosen_completion_mask"]
+    completion = [t for t, m in zip(ids, mask) if m]
+    assert completion[-1] == tiny_tokenizer.eos_token_id
+
+
+def test_conversation_with_no_answer_after_prompt_is_an_error():
+    user = {"role": "user", "content": "Q"}
+    with pytest.raises(DataError, match="f:3: chosen or rejected has no message"):
+        parse_pair({"chosen": [user], "rejected": [user, {"role": "assistant", "content": "B"}]}, "f:3")

@@ -95,14 +95,20 @@ def test_gradient_accumulation_matches_larger_batch(tiny_model_dir, pairs_file, 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, pairs_file, tmp_path):
     out = tmp_path / "run"
-    train_dpo(_config(tiny_model_dir, pairs_file, out, max_steps=4, save_steps=2))
+    kw = dict(max_steps=4, save_steps=1, save_total_limit=2)
+    train_dpo(_config(tiny_model_dir, pairs_file, out, **kw))
     full = read_metrics(out)
-    ckpt = out / "checkpoint-2"
-    assert (ckpt / "trainer_state.json").exists()
+    # checkpoints after steps 1, 2, 3 (none at the last step); the limit keeps the newest two
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert not list(out.glob(".checkpoint-*"))  # no partial checkpoint left behind
-    train_dpo(_config(tiny_model_dir, pairs_file, out, max_steps=4, save_steps=2, resume_from_checkpoint=str(ckpt)))
+    train_dpo(_config(tiny_model_dir, pairs_file, out, resume_from_checkpoint=str(out / "checkpoint-2"), **kw))
     resumed = read_metrics(out)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(full[2:], resumed[2:]):
         for name in ("loss", "rewards/margins", "learning_rate"):
             assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-7), (a["step"], name)
+    # `true` picks the newest checkpoint
+    train_dpo(_config(tiny_model_dir, pairs_file, out, resume_from_checkpoint="true", **kw))
+    again = read_metrics(out)
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    assert again[3]["loss"] == pytest.approx(full[3]["loss"], rel=1e-5)

@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 
 COMMANDS = {
+    "sft": "supervised fine-tuning on prompt-completion, conversational or plain-text data",
+    "reward": "train a Bradley-Terry reward model on preference pairs",
+    "score": "score preference pairs with a reward model: mean scores and accuracy",
     "dpo": "Direct Preference Optimization on preference pairs",
     "generate": "sample completions from a base or trained model",
     "prepare-model": "convert the embedded model to its safetensors cache and print its path",
@@ -41,8 +44,8 @@ def _parser(prog: str, config_cls):
     for action in parser._actions:
         name = action.dest
         if name in docs and not action.help:
-            default = action.default
-            action.help = f"{docs[name]} (default: {default})"
+            # argparse %-formats help strings; HfArgumentParser's formatter appends "(default: ...)" itself
+            action.help = docs[name].replace("%", "%%")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these flags as keys")
     return parser
 
@@ -98,22 +101,49 @@ def _setup_logging() -> None:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
+def _print_result(result, eval_metric: str) -> None:
+    """Where a training run put its outputs (main process only), and its final ``eval_metric``."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    out = Path(result.output_dir)
+    print(f"trained model: {out}")
+    print(f"metrics: {result.metrics_path}")
+    print(f"config: {out / 'config.yaml'}")
+    for plot in result.plots:
+        print(f"plot: {plot}")
+    if result.eval_metrics:
+        value = result.eval_metrics.get(eval_metric)
+        name = eval_metric.removeprefix("eval_")
+        print(f"eval {name}: {value:.4f}" if value is not None else "")
+    print(f"train time: {result.train_seconds:.1f} s over {result.global_step} steps")
+
+
 def _run_dpo(argv: list[str]) -> None:
     from alignlab.algorithms.dpo import DPOConfig, train_dpo
 
-    config = parse_config(DPOConfig, argv, "alignlab dpo")
-    result = train_dpo(config)
-    if int(os.environ.get("RANK", "0")) == 0:
-        out = Path(result.output_dir)
-        print(f"trained model: {out}")
-        print(f"metrics: {result.metrics_path}")
-        print(f"config: {out / 'config.yaml'}")
-        for plot in result.plots:
-            print(f"plot: {plot}")
-        if result.eval_metrics:
-            acc = result.eval_metrics.get("eval_rewards/accuracies")
-            print(f"eval rewards/accuracies: {acc:.4f}" if acc is not None else "")
-        print(f"train time: {result.train_seconds:.1f} s over {result.global_step} steps")
+    _print_result(train_dpo(parse_config(DPOConfig, argv, "alignlab dpo")), "eval_rewards/accuracies")
+
+
+def _run_sft(argv: list[str]) -> None:
+    from alignlab.algorithms.sft import SFTConfig, train_sft
+
+    _print_result(train_sft(parse_config(SFTConfig, argv, "alignlab sft")), "eval_mean_token_accuracy")
+
+
+def _run_reward(argv: list[str]) -> None:
+    from alignlab.algorithms.reward import RewardConfig, train_reward
+
+    _print_result(train_reward(parse_config(RewardConfig, argv, "alignlab reward")), "eval_accuracy")
+
+
+def _run_score(argv: list[str]) -> None:
+    from alignlab.algorithms.reward import ScoreConfig, score_dataset
+
+    result = score_dataset(parse_config(ScoreConfig, argv, "alignlab score"))
+    print(f"pairs: {result.pairs}")
+    print(f"mean chosen score: {result.mean_chosen:.4f}")
+    print(f"mean rejected score: {result.mean_rejected:.4f}")
+    print(f"accuracy: {result.accuracy:.4f}")
 
 
 def _run_generate(argv: list[str]) -> None:
@@ -149,7 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    runners = {"dpo": _run_dpo, "generate": _run_generate, "prepare-model": _run_prepare_model}
+    runners = {
+        "sft": _run_sft,
+        "reward": _run_reward,
+        "score": _run_score,
+        "dpo": _run_dpo,
+        "generate": _run_generate,
+        "prepare-model": _run_prepare_model,
+    }
     if command not in runners:
         print(f"alignlab: error: unknown command {command!r}\n{_usage()}", file=sys.stderr)
         return 2

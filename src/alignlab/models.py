@@ -109,8 +109,10 @@ def resolve_model_path(name_or_path: str | None) -> str:
 
 
 def _check_exists(path: str) -> None:
-    # A string that looks like a path but does not exist gives a clear error instead of a hub lookup.
-    if (path.startswith((".", "/", "~")) or os.sep in path and path.count("/") > 1) and not os.path.exists(path):
+    """A path-like name (``./x``, ``/x``, ``~/x``, ``a/b/c``) that does not exist is an error here, rather
+    than a confusing hub lookup; ``org/name`` and ``name`` may be hub ids."""
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") >= 2
+    if looks_local and not os.path.exists(os.path.expanduser(path)):
         raise UserError(f"--model_name_or_path: {path} does not exist")
 
 
@@ -122,7 +124,7 @@ def load_tokenizer(name_or_path: str | None, *, trust_remote_code: bool = False)
     """
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    path = os.path.expanduser(resolve_model_path(name_or_path))
     _check_exists(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -154,7 +156,7 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name_or_path)
+    path = os.path.expanduser(resolve_model_path(name_or_path))
     _check_exists(path)
     try:
         return AutoModelForCausalLM.from_pretrained(
@@ -164,15 +166,85 @@ def load_causal_lm(
         raise UserError(f"--model_name_or_path: cannot load a causal LM from {path!r}: {_first_line(exc)}") from exc
 
 
+def load_reward_model(
+    name_or_path: str | None,
+    *,
+    pad_token_id: int,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM as a reward model: ``AutoModelForSequenceClassification`` with ``num_labels=1``.
+
+    A causal-LM checkpoint gets a fresh linear score head (``hidden_size -> 1``, no bias, initialised by the
+    model's own ``_init_weights``; its ``lm_head`` is not loaded). A trained reward model loads as saved. A
+    directory holding a LoRA adapter (a reward model trained with ``--use_peft``, or an SFT adapter) loads its
+    base model as a sequence classifier, attaches the adapter (and its saved score head) and merges it, so the
+    result is always a plain model. ``config.pad_token_id`` is set to ``pad_token_id`` (transformers' sequence
+    classifiers refuse batches without one); scores should nevertheless be read with
+    :func:`alignlab.algorithms.reward.sequence_scores`, which pools by the attention mask.
+
+    Args:
+        name_or_path: Hugging Face id, local directory, or ``None`` / ``"embedded:smollm2-135m-instruct"``.
+        pad_token_id: the tokenizer's pad token id.
+        dtype: parameter dtype (float32 by default).
+        trust_remote_code: allow model code from the checkpoint; off unless the user asks.
+
+    Raises:
+        UserError: if the model cannot be found, has no safetensors weights or no sequence-classification class.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    path = os.path.expanduser(resolve_model_path(name_or_path))
+    _check_exists(path)
+    adapter_config = Path(path) / "adapter_config.json"
+    if adapter_config.is_file():
+        from peft import PeftConfig, PeftModel
+
+        base_path = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        if not base_path:
+            raise UserError(f"--model_name_or_path: {adapter_config} names no base model")
+        base = load_reward_model(base_path, pad_token_id=pad_token_id, dtype=dtype, trust_remote_code=trust_remote_code)
+        try:
+            peft_config = PeftConfig.from_pretrained(path)
+            if peft_config.task_type != "SEQ_CLS":
+                # a causal-LM (SFT) adapter: only its backbone layers apply; the fresh score head stays
+                peft_config.task_type = None
+            model = PeftModel.from_pretrained(base, path, config=peft_config).merge_and_unload()
+        except (OSError, ValueError, RuntimeError, AttributeError) as exc:
+            raise UserError(f"--model_name_or_path: cannot load the adapter in {path!r}: {_first_line(exc)}") from exc
+    else:
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
+        except (OSError, ValueError, RuntimeError) as exc:
+            message = f"cannot load a reward model from {path!r}: {_first_line(exc)}"
+            raise UserError(f"--model_name_or_path: {message}") from exc
+    model.config.get_text_config().pad_token_id = pad_token_id
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list[str] | None):
+def apply_lora(
+    model,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str] | None,
+    task_type: str = "CAUSAL_LM",
+    modules_to_save: list[str] | None = None,
+):
     """Wrap ``model`` with fresh LoRA adapters (peft); only the adapters stay trainable.
 
     ``target_modules=None`` adapts every linear layer except the output head (peft's ``"all-linear"``).
+    ``task_type="SEQ_CLS"`` with ``modules_to_save=["score"]`` is the reward-model set-up: the freshly
+    initialised score head is trained in full and saved with the adapter.
     Hu et al. 2021, "LoRA" (arXiv 2106.09685).
     """
     from peft import LoraConfig, get_peft_model
@@ -182,7 +254,8 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: lis
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules or "all-linear",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
+        modules_to_save=modules_to_save,
     )
     try:
         return get_peft_model(model, lora)

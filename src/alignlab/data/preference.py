@@ -59,11 +59,13 @@ class PairStats:
     dropped_identical: int = 0
     truncated: int = 0
     dropped_too_long: int = 0
+    empty_completion: int = 0
 
     def describe(self) -> str:
         return (
             f"{self.rows} rows -> {self.kept} pairs ({self.dropped_identical} dropped with chosen == rejected, "
-            f"{self.truncated} truncated, {self.dropped_too_long} dropped as too long)"
+            f"{self.truncated} truncated, {self.dropped_too_long} dropped as too long, "
+            f"{self.empty_completion} with an empty chosen or rejected answer kept as EOS only)"
         )
 
 
@@ -149,8 +151,11 @@ def parse_pair(
         prompt, chosen_c, rejected_c = _split_implicit_messages(chosen, rejected)
     if not prompt:
         raise DataError(f"{location}: no '{prompt_column}' field and chosen/rejected share no prompt prefix")
-    if not chosen_c or not rejected_c or (isinstance(chosen_c, str) and not (chosen_c.strip() and rejected_c.strip())):
-        raise DataError(f"{location}: chosen or rejected has nothing after the shared prompt")
+    # An empty final assistant turn in a transcript is a real answer (HH-RLHF has a few: the labeler
+    # preferred saying nothing); as text it becomes an EOS-only completion. A message list with no
+    # message after the shared ones has nothing to render, so that is an error.
+    if isinstance(chosen_c, list) and (not chosen_c or not rejected_c):
+        raise DataError(f"{location}: chosen or rejected has no message after the shared prompt messages")
     return PreferencePair(prompt, chosen_c, rejected_c, location)
 
 
@@ -247,6 +252,8 @@ def build_pair_examples(
         if pair.chosen == pair.rejected:
             stats.dropped_identical += 1
             continue
+        if not pair.conversational and not (pair.chosen.strip() and pair.rejected.strip()):
+            stats.empty_completion += 1
         tok = tokenize_pair(pair, tokenizer)
         n_prompt = len(tok["prompt_ids"])
         longest = n_prompt + max(len(tok["chosen_ids"]), len(tok["rejected_ids"]))

@@ -52,7 +52,13 @@ def build_accelerator(config: TrainConfig):
     # accelerate keeps one global state per process; a second run in the same Python process (a notebook,
     # a comparison of methods) may want another precision, so start it afresh. The process group stays.
     AcceleratorState._reset_state(reset_partial_state=False)
+    # With no accelerator, say so: accelerate only sets up multi-process CPU training (gloo) when cpu=True.
+    if hasattr(torch, "accelerator"):
+        no_accelerator = torch.accelerator.current_accelerator() is None
+    else:  # torch < 2.6
+        no_accelerator = not torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=no_accelerator,
         mixed_precision="no",
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -116,14 +122,20 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The ``checkpoint-N`` directory with the largest N in ``output_dir`` (complete ones only)."""
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete ``checkpoint-N`` directories in ``output_dir`` as ``(N, path)``, oldest first."""
     found = []
     for path in Path(output_dir).glob("checkpoint-*"):
         m = re.fullmatch(r"checkpoint-(\d+)", path.name)
         if m and (path / STATE_FILE).exists():
             found.append((int(m.group(1)), path))
-    return max(found)[1] if found else None
+    return sorted(found)
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The ``checkpoint-N`` directory with the largest N in ``output_dir`` (complete ones only)."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
 
 
 @dataclass
@@ -256,13 +268,9 @@ class Trainer:
 
     def _prune_checkpoints(self) -> None:
         limit = self.config.save_total_limit
-        if not limit:
-            return
-        ckpts = sorted(
-            (int(p.name.split("-")[1]), p) for p in self.output_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()
-        )
-        for _, path in ckpts[: max(0, len(ckpts) - limit)]:
-            shutil.rmtree(path, ignore_errors=True)
+        if limit:
+            for _, path in list_checkpoints(self.output_dir)[:-limit]:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _resolve_resume(self) -> Path | None:
         spec = self.config.resume_from_checkpoint

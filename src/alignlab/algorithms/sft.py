@@ -1,0 +1,248 @@
+"""Supervised fine-tuning: next-token negative log-likelihood on target tokens (completions or assistant turns),
+glue between :mod:`alignlab.data.sft` and the shared training loop.
+
+Flow: rows -> samples -> tokenized examples with loss masks -> (packed rows) -> batch -> one forward, logits
+only at target positions -> token log-probs -> mean NLL -> optimizer step -> metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from alignlab.algorithms.dpo import split_rows
+from alignlab.data.io import read_rows
+from alignlab.data.sft import build_sft_examples, collate_sft, pack_sft_examples
+from alignlab.errors import UserError
+from alignlab.models import apply_lora, load_causal_lm, load_tokenizer, save_pretrained
+from alignlab.ops.logprobs import selective_log_softmax, supports_packing
+from alignlab.train.config import TrainConfig
+from alignlab.train.loop import Trainer, TrainResult, build_accelerator, disable_dropout
+
+logger = logging.getLogger(__name__)
+
+SFT_PLOTS = {"mean_token_accuracy": ["mean_token_accuracy"]}
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Settings of ``alignlab sft``; names and defaults follow TRL's ``SFTConfig`` (TRL 1.16) unless a field's
+    docstring says otherwise."""
+
+    learning_rate: float = 2e-5
+    """Peak AdamW learning rate (TRL's SFT default)."""
+    disable_dropout: bool = False
+    """Set every dropout probability to 0. Off for SFT: TRL's SFTTrainer keeps the model's dropout."""
+    max_length: int | None = 1024
+    """Cap on tokens per example (longer ones are truncated by ``truncation_mode``); with ``packing``, the
+    length of a packed row. Unset: no cap."""
+    truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
+    """keep_start: cut the end (TRL's default); keep_end: cut the start."""
+    packing: bool = False
+    """Concatenate examples into rows of up to ``max_length`` tokens (first-fit decreasing), each example
+    attending only to itself (restarting ``position_ids``); batch sizes then count packed rows."""
+    completion_only_loss: bool = True
+    """Train only on completion tokens of prompt-completion rows, and (unless ``assistant_only_loss`` says
+    otherwise) only on assistant turns of ``messages`` rows. False: every token is a target."""
+    assistant_only_loss: bool | None = None
+    """Conversational rows: train only on the tokens of assistant turns. Unset: follows
+    ``completion_only_loss`` (TRL's flag, which defaults to false there)."""
+    dataset_text_field: str = "text"
+    """Column holding plain text (language-modeling rows)."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt (prompt-completion rows)."""
+    completion_column: str = "completion"
+    """Column holding the completion (prompt-completion rows)."""
+    messages_column: str = "messages"
+    """Column holding a conversation as a list of {role, content} messages."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_length is not None and self.max_length < 2:
+            raise UserError(f"--max_length must be >= 2, got {self.max_length}")
+        if self.packing and self.max_length is None:
+            raise UserError("--packing needs --max_length (the length of a packed row)")
+
+    @property
+    def assistant_only(self) -> bool:
+        """Whether conversational rows train on assistant turns only."""
+        return self.completion_only_loss if self.assistant_only_loss is None else self.assistant_only_loss
+
+
+def target_token_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities and greedy hits of the target tokens of a batch, in one forward pass.
+
+    Token ``t`` (``t >= 1``) is a target where ``loss_mask[:, t]`` and ``attention_mask[:, t]`` are 1; it is
+    predicted from the logits at position ``t - 1``. Only those positions go through the output projection (a
+    forward pre-hook on the output embeddings selects them, as :func:`alignlab.ops.logprobs.completion_logps`),
+    so prompts and padding cost no vocabulary-sized work.
+
+    Args:
+        model: a causal LM (possibly wrapped by peft or DDP) whose forward returns ``.logits``.
+        input_ids, attention_mask, loss_mask: ``(B, T)`` long tensors, right-padded.
+        position_ids: ``(B, T)`` for packed rows (positions restart at each example); the forward then gets no
+            2-D attention mask and transformers separates the examples from the positions.
+
+    Returns:
+        ``(token_logps, correct)``: ``(N,)`` float32 log-probabilities (nats) of the ``N`` target tokens of the
+        batch, in row-major order, and ``(N,)`` bools, True where the argmax of the logits is the target (TRL's
+        ``mean_token_accuracy`` numerator).
+    """
+    width = input_ids.shape[1]
+    targets = loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # (B, T-1): token t+1 is a target
+    seq_idx, tok_idx = targets.nonzero(as_tuple=True)
+    labels = input_ids[:, 1:][seq_idx, tok_idx]  # (N,)
+    selected = seq_idx * width + tok_idx  # flat index of the predicting position
+    if position_ids is not None:
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": None}
+    else:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is not None:
+
+        def keep_selected(module, args):
+            hidden = args[0]
+            return (hidden.reshape(-1, hidden.shape[-1])[selected].unsqueeze(0),) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(keep_selected)
+        try:
+            logits = model(**inputs, use_cache=False).logits  # (1, N, V)
+        finally:
+            handle.remove()
+    else:
+        full = model(**inputs, use_cache=False).logits
+        logits = full.reshape(-1, full.shape[-1])[selected].unsqueeze(0)
+    token_logps = selective_log_softmax(logits, labels.unsqueeze(0)).squeeze(0)  # (N,)
+    correct = logits.detach().squeeze(0).argmax(dim=-1) == labels
+    return token_logps, correct
+
+
+class SFTTrainer:
+    """Supervised fine-tuning of a causal LM.
+
+    >>> result = SFTTrainer(SFTConfig(dataset_name="data.jsonl", output_dir="runs/sft", max_steps=10)).train()
+
+    The loss of a micro-batch is the mean negative log-likelihood over its target tokens (TRL's ``nll``
+    loss; Radford et al. 2018, "Improving Language Understanding by Generative Pre-Training", eq. 1;
+    Ouyang et al. 2022, InstructGPT, section 3.5 "Supervised fine-tuning").
+
+    Raises:
+        UserError / DataError: bad flags, unreadable data, a bad row (named by file and line or row),
+            ``--packing`` with a model type that cannot keep packed examples apart.
+    """
+
+    def __init__(self, config: SFTConfig):
+        self.config = config
+        self.accelerator = build_accelerator(config)
+        self.tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        self.train_examples, self.eval_examples = self._load_data()
+
+        model = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        model.config.use_cache = False
+        if config.packing:
+            if not supports_packing(model):
+                raise UserError(
+                    f"--packing: model type {model.config.model_type!r} cannot keep packed examples apart "
+                    "(its attention mask ignores position_ids); run without --packing"
+                )
+            self.train_examples = self._pack(self.train_examples, "train")
+            self.eval_examples = self._pack(self.eval_examples, "eval") if self.eval_examples else []
+        if config.disable_dropout:
+            disable_dropout(model)
+        if config.use_peft:
+            model = apply_lora(
+                model,
+                r=config.lora_r,
+                alpha=config.lora_alpha,
+                dropout=config.lora_dropout,
+                target_modules=config.lora_target_modules,
+            )
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model.to(self.accelerator.device)
+
+    # ------------------------------------------------------------------------------------------------------
+    def _load_data(self) -> tuple[list, list]:
+        cfg = self.config
+        rows = read_rows(cfg.dataset_name, config_name=cfg.dataset_config, split=cfg.dataset_train_split)
+        if cfg.eval_dataset_name:
+            eval_rows = read_rows(cfg.eval_dataset_name, config_name=cfg.dataset_config, split=cfg.dataset_test_split)
+        else:
+            rows, eval_rows = split_rows(rows, cfg.eval_split_size, cfg.seed)
+        kwargs = dict(
+            max_length=cfg.max_length,
+            truncation_mode=cfg.truncation_mode,
+            completion_only_loss=cfg.completion_only_loss,
+            assistant_only_loss=cfg.assistant_only,
+            dataset_text_field=cfg.dataset_text_field,
+            prompt_column=cfg.prompt_column,
+            completion_column=cfg.completion_column,
+            messages_column=cfg.messages_column,
+        )
+        train, stats = build_sft_examples(rows, self.tokenizer, **kwargs)
+        self._log(f"train data {cfg.dataset_name}: {stats.describe()}")
+        evals = []
+        if eval_rows:
+            evals, eval_stats = build_sft_examples(eval_rows, self.tokenizer, **kwargs)
+            self._log(f"eval data: {eval_stats.describe()}")
+        return train, evals
+
+    def _pack(self, examples: list[dict], name: str) -> list[dict]:
+        packed = pack_sft_examples(examples, self.config.max_length)
+        limit = self.config.max_length
+        self._log(f"{name} data: {len(examples)} examples packed into {len(packed)} rows of up to {limit} tokens")
+        return packed
+
+    def _log(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            logger.info(message)
+
+    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean NLL over the target tokens of a collated batch, and ``mean_token_accuracy`` (the fraction of
+        target tokens that are the argmax of the logits; TRL's metric)."""
+        token_logps, correct = target_token_logps(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["loss_mask"],
+            position_ids=batch.get("position_ids"),
+        )
+        count = max(token_logps.numel(), 1)  # a batch without targets gives a finite 0
+        loss = -token_logps.sum() / count
+        return loss, {"mean_token_accuracy": correct.float().sum() / count}
+
+    def train(self) -> TrainResult:
+        """Train, evaluate, save; returns where everything went."""
+        cfg = self.config
+        trainer = Trainer(
+            cfg,
+            self.accelerator,
+            self.model,
+            self.tokenizer,
+            self.train_examples,
+            eval_dataset=self.eval_examples,
+            collate_fn=lambda ex: collate_sft(ex, self.tokenizer.pad_token_id),
+            loss_fn=self.compute_loss,
+            plot_panels=SFT_PLOTS,
+            save_model_fn=lambda m, t, d: save_pretrained(m, t, d, merge_lora=cfg.merge_lora),
+        )
+        result = trainer.train()
+        self.model = trainer.model
+        return result
+
+
+def train_sft(config: SFTConfig) -> TrainResult:
+    """Run supervised fine-tuning as configured; the Python twin of ``alignlab sft``."""
+    return SFTTrainer(config).train()

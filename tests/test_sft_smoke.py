@@ -1,0 +1,177 @@
+"""SFT end to end on the tiny model: outputs, parameter updates, the loss against transformers' own, packing,
+LoRA on conversations, one-line errors through the CLI, and the SFT output as the start of DPO."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from alignlab.algorithms.dpo import DPOConfig, train_dpo
+from alignlab.algorithms.sft import SFTConfig, SFTTrainer, train_sft
+from alignlab.cli import main
+from alignlab.data.sft import collate_sft
+from tests.conftest import read_metrics
+
+
+@pytest.fixture
+def sft_file(tmp_path) -> Path:
+    """Twelve prompt-completion rows."""
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(12)]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def chat_file(tmp_path) -> Path:
+    """Eight two-turn conversations."""
+    rows = []
+    for i in range(8):
+        rows.append({"messages": [
+            {"role": "user", "content": f"Count to {i}."},
+            {"role": "assistant", "content": " ".join(str(k) for k in range(i + 1))},
+            {"role": "user", "content": "Thanks."},
+            {"role": "assistant", "content": "You're welcome."},
+        ]})
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _config(model, data, out, **kw):
+    base = dict(
+        model_name_or_path=model,
+        dataset_name=str(data),
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        logging_steps=1,
+        learning_rate=1e-3,
+        save_steps=0,
+        bf16=False,
+        max_length=64,
+    )
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def test_sft_writes_outputs_updates_weights_and_feeds_dpo(tiny_model_dir, sft_file, pairs_file, tmp_path):
+    out = tmp_path / "sft"
+    result = train_sft(_config(tiny_model_dir, sft_file, out, eval_split_size=4, bf16=True))
+    rows = read_metrics(out)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    for name in ("loss", "mean_token_accuracy", "learning_rate", "grad_norm", "tokens_per_second"):
+        assert all(math.isfinite(r[name]) for r in train_rows), name
+    assert all(0.0 <= r["mean_token_accuracy"] <= 1.0 for r in train_rows)
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    eval_row = [r for r in rows if "eval_loss" in r][-1]
+    assert eval_row["step"] == 3 and result.eval_metrics["eval_mean_token_accuracy"] == eval_row["eval_mean_token_accuracy"]
+    before = load_file(Path(tiny_model_dir) / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert yaml.safe_load((out / "config.yaml").read_text())["completion_only_loss"] is True
+    for stem in ("loss", "mean_token_accuracy"):
+        assert (out / "plots" / f"{stem}.png").stat().st_size > 1000
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+
+    # the SFT output is a valid starting point for DPO
+    dpo_out = tmp_path / "dpo"
+    train_dpo(DPOConfig(model_name_or_path=str(out), dataset_name=str(pairs_file), output_dir=str(dpo_out),
+                        per_device_train_batch_size=4, max_steps=1, save_steps=0, bf16=False, max_length=64))
+    assert read_metrics(dpo_out)[0]["loss"] == pytest.approx(math.log(2), rel=1e-4)
+    assert (dpo_out / "model.safetensors").exists()
+
+
+def test_loss_and_accuracy_match_transformers_and_packing(tiny_model_dir, sft_file, tmp_path):
+    trainer = SFTTrainer(_config(tiny_model_dir, sft_file, tmp_path / "x"))
+    model, pad = trainer.model.eval(), trainer.tokenizer.pad_token_id
+    examples = trainer.train_examples[:6]
+    batch = collate_sft(examples, pad)
+    with torch.no_grad():
+        loss, metrics = trainer.compute_loss(model, batch)
+        # transformers' own causal-LM loss: mean cross-entropy over labels != -100, shifted by one
+        labels = batch["input_ids"].masked_fill(batch["loss_mask"] == 0, -100)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+        shift_logits, shift_labels = out.logits[:, :-1], labels[:, 1:]
+        keep = shift_labels != -100
+        accuracy = (shift_logits.argmax(-1)[keep] == shift_labels[keep]).float().mean()
+    assert loss.item() == pytest.approx(out.loss.item(), rel=1e-5)
+    assert metrics["mean_token_accuracy"].item() == pytest.approx(accuracy.item(), abs=1e-6)
+
+    # the same examples packed into rows of 40 tokens: same targets, same numbers (examples do not see each other)
+    from alignlab.data.sft import pack_sft_examples
+
+    packed = pack_sft_examples(examples, 40)
+    assert len(packed) < len(examples)
+    with torch.no_grad():
+        packed_loss, packed_metrics = trainer.compute_loss(model, collate_sft(packed, pad))
+    assert packed_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert packed_metrics["mean_token_accuracy"].item() == pytest.approx(metrics["mean_token_accuracy"].item(), abs=1e-6)
+
+
+def test_packing_run_and_lora_on_conversations(tiny_model_dir, sft_file, chat_file, tmp_path):
+    out = tmp_path / "packed"
+    train_sft(_config(tiny_model_dir, sft_file, out, packing=True, max_length=48, max_steps=2, per_device_train_batch_size=2))
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(out))
+
+    from transformers import AutoModelForCausalLM
+
+    lora = tmp_path / "lora"
+    train_sft(_config(tiny_model_dir, chat_file, lora, use_peft=True, lora_r=4, lora_alpha=8, max_steps=2))
+    assert (lora / "adapter_model.safetensors").exists()
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(lora))
+    assert hasattr(AutoModelForCausalLM.from_pretrained(lora), "peft_config")
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line(err: str) -> str:
+    lines = [l for l in err.strip().splitlines() if l.strip() and not l.startswith(("train data", "eval data"))]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "rows, needle",
+    [
+        ([{"prompt": "Q?", "completion": " A"}, {"prompt": "Q?"}], ":2: missing field 'completion'"),
+        ([{"text": "fine"}, {"text": ""}], ":2: field 'text' is empty"),
+        ([{"messages": [{"role": "user", "content": "Hi"}]}], ":1: no assistant message to train on"),
+        ([{"input": "x"}], ":1: missing field: expected 'messages'"),
+    ],
+)
+def test_bad_rows_give_one_line_through_the_cli(capsys, tmp_path, tiny_model_dir, rows, needle):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = _run(capsys, "sft", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"))
+    assert code == 1
+    line = _one_line(err)
+    assert line.startswith("alignlab sft: error: ") and f"{data}{needle}" in line
+
+
+def test_cli_flags_and_run(capsys, tmp_path, tiny_model_dir, sft_file):
+    code, _, err = _run(capsys, "sft", "--dataset_name", "d.jsonl", "--output_dir", "x", "--packing", "true", "--max_length", "1")
+    assert code != 0 and "--max_length must be >= 2" in _one_line(err)
+    code, _, err = _run(capsys, "sft", "--dataset_name", "d.jsonl", "--output_dir", "x", "--truncation_mode", "drop")
+    assert code != 0 and "--truncation_mode" in _one_line(err)
+    out = tmp_path / "run"
+    code, stdout, err = _run(
+        capsys, "sft", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(sft_file), "--output_dir", str(out),
+        "--max_steps", "1", "--per_device_train_batch_size", "2", "--eval_split_size", "2", "--bf16", "false",
+    )
+    assert code == 0, err
+    assert f"trained model: {out}" in stdout and "eval mean_token_accuracy:" in stdout
+    assert yaml.safe_load((out / "config.yaml").read_text())["learning_rate"] == 2e-5  # TRL's SFT default
