@@ -8,23 +8,20 @@ sequence logps -> (reference logps) -> DPO loss -> optimizer step -> metrics.
 from __future__ import annotations
 
 import copy
-import logging
-import random
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from alignlab.data.io import read_rows
 from alignlab.data.preference import build_pair_examples, collate_pairs
 from alignlab.errors import UserError
 from alignlab.losses.dpo import dpo_loss, dpo_metrics
-from alignlab.models import apply_lora, is_peft_model, load_causal_lm, load_tokenizer, save_pretrained
+from alignlab.models import is_peft_model, load_causal_lm, load_tokenizer, save_pretrained
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
-from alignlab.train.loop import Trainer, TrainResult, autocast, build_accelerator, disable_dropout
+from alignlab.train.loop import Trainer, TrainResult, autocast, build_accelerator
+from alignlab.train.setup import load_train_eval, prepare_model
 
-logger = logging.getLogger(__name__)
 
 DPO_PLOTS = {
     "rewards_accuracies": ["rewards/accuracies"],
@@ -77,24 +74,6 @@ class DPOConfig(TrainConfig):
             raise UserError(f"--max_length must be >= 2, got {self.max_length}")
 
 
-def split_rows(rows: list, eval_split_size: float, seed: int) -> tuple[list, list]:
-    """Random train/eval split of ``rows``: ``eval_split_size`` is a fraction in (0, 1) or a row count.
-
-    Raises:
-        UserError: if the split would leave no training rows.
-    """
-    if not eval_split_size:
-        return rows, []
-    n_eval = round(eval_split_size * len(rows)) if eval_split_size < 1 else int(eval_split_size)
-    n_eval = max(1, n_eval)
-    if n_eval >= len(rows):
-        raise UserError(f"--eval_split_size {eval_split_size} leaves no training rows out of {len(rows)}")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
-
-
 class DPOTrainer:
     """DPO of a causal LM on preference pairs.
 
@@ -113,26 +92,22 @@ class DPOTrainer:
         self.config = config
         self.accelerator = build_accelerator(config)
         self.tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-        self.train_examples, self.eval_examples = self._load_data()
-
+        self.train_examples, self.eval_examples = load_train_eval(
+            config,
+            build_pair_examples,
+            self.tokenizer,
+            is_main_process=self.accelerator.is_main_process,
+            max_length=config.max_length,
+            truncation_mode=config.truncation_mode,
+            prompt_column=config.prompt_column,
+            chosen_column=config.chosen_column,
+            rejected_column=config.rejected_column,
+        )
         policy = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-        policy.config.use_cache = False
-        if config.disable_dropout:
-            disable_dropout(policy)
         self.ref_model = None
-        if not config.use_peft:
+        if not config.use_peft:  # with LoRA the reference is the same network with its adapters disabled
             self.ref_model = copy.deepcopy(policy).to(self.accelerator.device).eval().requires_grad_(False)
-        else:
-            policy = apply_lora(
-                policy,
-                r=config.lora_r,
-                alpha=config.lora_alpha,
-                dropout=config.lora_dropout,
-                target_modules=config.lora_target_modules,
-            )
-        if config.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.policy = policy.to(self.accelerator.device)
+        self.policy = prepare_model(policy, config, self.accelerator.device)
 
         if config.precompute_ref_log_probs:
             for examples in (self.train_examples, self.eval_examples):
@@ -140,32 +115,6 @@ class DPOTrainer:
             self.ref_model = None  # freed: the logps travel with the examples
 
     # ------------------------------------------------------------------------------------------------------
-    def _load_data(self) -> tuple[list, list]:
-        cfg = self.config
-        rows = read_rows(cfg.dataset_name, config_name=cfg.dataset_config, split=cfg.dataset_train_split)
-        if cfg.eval_dataset_name:
-            eval_rows = read_rows(cfg.eval_dataset_name, config_name=cfg.dataset_config, split=cfg.dataset_test_split)
-        else:
-            rows, eval_rows = split_rows(rows, cfg.eval_split_size, cfg.seed)
-        kwargs = dict(
-            max_length=cfg.max_length,
-            truncation_mode=cfg.truncation_mode,
-            prompt_column=cfg.prompt_column,
-            chosen_column=cfg.chosen_column,
-            rejected_column=cfg.rejected_column,
-        )
-        train, stats = build_pair_examples(rows, self.tokenizer, **kwargs)
-        self._log(f"train data {cfg.dataset_name}: {stats.describe()}")
-        evals = []
-        if eval_rows:
-            evals, eval_stats = build_pair_examples(eval_rows, self.tokenizer, **kwargs)
-            self._log(f"eval data: {eval_stats.describe()}")
-        return train, evals
-
-    def _log(self, message: str) -> None:
-        if self.accelerator.is_main_process:
-            logger.info(message)
-
     def _logps(self, model, batch) -> torch.Tensor:
         """``(2B,)`` sequence logps of a collated batch under ``model``."""
         return completion_logps(

@@ -18,14 +18,14 @@ from typing import Any, Literal
 
 import torch
 
-from alignlab.algorithms.dpo import split_rows
 from alignlab.data.io import read_rows
 from alignlab.data.preference import PairStats, build_pair_examples, collate_pairs
 from alignlab.errors import DataError, UserError
 from alignlab.losses.reward import bradley_terry_loss
-from alignlab.models import apply_lora, load_reward_model, load_tokenizer, save_pretrained
+from alignlab.models import load_reward_model, load_tokenizer, save_pretrained
 from alignlab.train.config import TrainConfig
-from alignlab.train.loop import Trainer, TrainResult, autocast, build_accelerator, disable_dropout
+from alignlab.train.loop import Trainer, TrainResult, autocast, build_accelerator
+from alignlab.train.setup import load_train_eval, prepare_model
 
 logger = logging.getLogger(__name__)
 
@@ -213,56 +213,27 @@ class RewardTrainer:
         self.config = config
         self.accelerator = build_accelerator(config)
         self.tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-        self.train_examples, self.eval_examples = self._load_data()
+        self.train_examples, self.eval_examples = load_train_eval(
+            config,
+            build_reward_examples,
+            self.tokenizer,
+            is_main_process=self.accelerator.is_main_process,
+            max_length=config.max_length,
+            truncation_mode=config.truncation_mode,
+            prompt_column=config.prompt_column,
+            chosen_column=config.chosen_column,
+            rejected_column=config.rejected_column,
+            margin_column=config.margin_column,
+        )
 
         model = load_reward_model(
             config.model_name_or_path,
             pad_token_id=self.tokenizer.pad_token_id,
             trust_remote_code=config.trust_remote_code,
         )
-        model.config.use_cache = False
-        if config.disable_dropout:
-            disable_dropout(model)
-        if config.use_peft:
-            model = apply_lora(
-                model,
-                r=config.lora_r,
-                alpha=config.lora_alpha,
-                dropout=config.lora_dropout,
-                target_modules=config.lora_target_modules,
-                task_type="SEQ_CLS",
-                modules_to_save=["score"],
-            )
-        if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = model.to(self.accelerator.device)
-
-    def _load_data(self) -> tuple[list, list]:
-        cfg = self.config
-        rows = read_rows(cfg.dataset_name, config_name=cfg.dataset_config, split=cfg.dataset_train_split)
-        if cfg.eval_dataset_name:
-            eval_rows = read_rows(cfg.eval_dataset_name, config_name=cfg.dataset_config, split=cfg.dataset_test_split)
-        else:
-            rows, eval_rows = split_rows(rows, cfg.eval_split_size, cfg.seed)
-        kwargs = dict(
-            max_length=cfg.max_length,
-            truncation_mode=cfg.truncation_mode,
-            prompt_column=cfg.prompt_column,
-            chosen_column=cfg.chosen_column,
-            rejected_column=cfg.rejected_column,
-            margin_column=cfg.margin_column,
+        self.model = prepare_model(
+            model, config, self.accelerator.device, task_type="SEQ_CLS", modules_to_save=["score"]
         )
-        train, stats = build_reward_examples(rows, self.tokenizer, **kwargs)
-        self._log(f"train data {cfg.dataset_name}: {stats.describe()}")
-        evals = []
-        if eval_rows:
-            evals, eval_stats = build_reward_examples(eval_rows, self.tokenizer, **kwargs)
-            self._log(f"eval data: {eval_stats.describe()}")
-        return train, evals
-
-    def _log(self, message: str) -> None:
-        if self.accelerator.is_main_process:
-            logger.info(message)
 
     def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean Bradley-Terry loss of a collated batch and the per-pair metrics of :func:`bradley_terry_loss`

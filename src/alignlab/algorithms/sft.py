@@ -13,14 +13,13 @@ from typing import Literal
 
 import torch
 
-from alignlab.algorithms.dpo import split_rows
-from alignlab.data.io import read_rows
 from alignlab.data.sft import build_sft_examples, collate_sft, pack_sft_examples
 from alignlab.errors import UserError
-from alignlab.models import apply_lora, load_causal_lm, load_tokenizer, save_pretrained
+from alignlab.models import load_causal_lm, load_tokenizer, save_pretrained
 from alignlab.ops.logprobs import selective_log_softmax, supports_packing
 from alignlab.train.config import TrainConfig
-from alignlab.train.loop import Trainer, TrainResult, build_accelerator, disable_dropout
+from alignlab.train.loop import Trainer, TrainResult, build_accelerator
+from alignlab.train.setup import load_train_eval, prepare_model
 
 logger = logging.getLogger(__name__)
 
@@ -147,10 +146,22 @@ class SFTTrainer:
         self.config = config
         self.accelerator = build_accelerator(config)
         self.tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-        self.train_examples, self.eval_examples = self._load_data()
+        self.train_examples, self.eval_examples = load_train_eval(
+            config,
+            build_sft_examples,
+            self.tokenizer,
+            is_main_process=self.accelerator.is_main_process,
+            max_length=config.max_length,
+            truncation_mode=config.truncation_mode,
+            completion_only_loss=config.completion_only_loss,
+            assistant_only_loss=config.assistant_only,
+            dataset_text_field=config.dataset_text_field,
+            prompt_column=config.prompt_column,
+            completion_column=config.completion_column,
+            messages_column=config.messages_column,
+        )
 
         model = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-        model.config.use_cache = False
         if config.packing:
             if not supports_packing(model):
                 raise UserError(
@@ -159,51 +170,15 @@ class SFTTrainer:
                 )
             self.train_examples = self._pack(self.train_examples, "train")
             self.eval_examples = self._pack(self.eval_examples, "eval") if self.eval_examples else []
-        if config.disable_dropout:
-            disable_dropout(model)
-        if config.use_peft:
-            model = apply_lora(
-                model,
-                r=config.lora_r,
-                alpha=config.lora_alpha,
-                dropout=config.lora_dropout,
-                target_modules=config.lora_target_modules,
-            )
-        if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = model.to(self.accelerator.device)
+        self.model = prepare_model(model, config, self.accelerator.device)
 
     # ------------------------------------------------------------------------------------------------------
-    def _load_data(self) -> tuple[list, list]:
-        cfg = self.config
-        rows = read_rows(cfg.dataset_name, config_name=cfg.dataset_config, split=cfg.dataset_train_split)
-        if cfg.eval_dataset_name:
-            eval_rows = read_rows(cfg.eval_dataset_name, config_name=cfg.dataset_config, split=cfg.dataset_test_split)
-        else:
-            rows, eval_rows = split_rows(rows, cfg.eval_split_size, cfg.seed)
-        kwargs = dict(
-            max_length=cfg.max_length,
-            truncation_mode=cfg.truncation_mode,
-            completion_only_loss=cfg.completion_only_loss,
-            assistant_only_loss=cfg.assistant_only,
-            dataset_text_field=cfg.dataset_text_field,
-            prompt_column=cfg.prompt_column,
-            completion_column=cfg.completion_column,
-            messages_column=cfg.messages_column,
-        )
-        train, stats = build_sft_examples(rows, self.tokenizer, **kwargs)
-        self._log(f"train data {cfg.dataset_name}: {stats.describe()}")
-        evals = []
-        if eval_rows:
-            evals, eval_stats = build_sft_examples(eval_rows, self.tokenizer, **kwargs)
-            self._log(f"eval data: {eval_stats.describe()}")
-        return train, evals
-
     def _pack(self, examples: list[dict], name: str) -> list[dict]:
         packed = pack_sft_examples(examples, self.config.max_length)
         limit = self.config.max_length
         self._log(f"{name} data: {len(examples)} examples packed into {len(packed)} rows of up to {limit} tokens")
         return packed
+
 
     def _log(self, message: str) -> None:
         if self.accelerator.is_main_process:
