@@ -63,3 +63,20 @@ def pairs_file(tmp_path) -> Path:
 def read_metrics(output_dir) -> list[dict]:
     with open(Path(output_dir) / "metrics.jsonl") as handle:
         return [json.loads(line) for line in handle]
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run ``alignlab ARGV`` in-process; returns ``(exit code, stdout, stderr)``."""
+    from alignlab.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line(err: str) -> str:
+    """The single error line of ``err`` (data-summary log lines aside); fails on tracebacks or more lines."""
+    lines = [l for l in err.strip().splitlines() if l.strip() and not l.startswith(("train data", "eval data", "data "))]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]

@@ -6,19 +6,7 @@ import pytest
 
 from alignlab.algorithms.dpo import DPOConfig
 from alignlab.cli import main, parse_config
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _one_line(err: str) -> str:
-    lines = [l for l in err.strip().splitlines() if l.strip() and not l.startswith(("train data", "eval data"))]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
+from tests.conftest import one_line, run_cli
 
 
 @pytest.mark.parametrize(
@@ -33,14 +21,14 @@ def _one_line(err: str) -> str:
         (["--output_dir", "x", "--dataset_name", "d.jsonl", "--bf16", "maybe"], "--bf16"),
     ],
 )
-def test_bad_flags_give_one_line(capsys, argv, needle):
-    code, _, err = _run(capsys, "dpo", *argv)
+def test_bad_flags_giveone_line(capsys, argv, needle):
+    code, _, err = run_cli(capsys, "dpo", *argv)
     assert code != 0
-    assert needle in _one_line(err)
+    assert needle in one_line(err)
 
 
 def test_unknown_command(capsys):
-    code, _, err = _run(capsys, "dance")
+    code, _, err = run_cli(capsys, "dance")
     assert code == 2 and "unknown command 'dance'" in err
 
 
@@ -55,39 +43,39 @@ def test_yaml_config_supplies_flags_and_cli_wins(tmp_path):
 def test_yaml_config_errors(capsys, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("betaa: 0.3\n")
-    code, _, err = _run(capsys, "dpo", "--config", str(cfg))
-    assert code != 0 and "unknown key 'betaa'" in _one_line(err)
+    code, _, err = run_cli(capsys, "dpo", "--config", str(cfg))
+    assert code != 0 and "unknown key 'betaa'" in one_line(err)
     cfg.write_text("beta: [1\n")
-    code, _, err = _run(capsys, "dpo", "--config", str(cfg))
-    assert code != 0 and "invalid YAML" in _one_line(err)
+    code, _, err = run_cli(capsys, "dpo", "--config", str(cfg))
+    assert code != 0 and "invalid YAML" in one_line(err)
 
 
 def test_bad_data_row_names_file_and_line(capsys, tmp_path, tiny_model_dir):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"prompt": "Q?", "chosen": " A", "rejected": " B"}) + "\n" + json.dumps({"prompt": "Q?", "chosen": " A"}) + "\n")
-    code, _, err = _run(capsys, "dpo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"))
+    code, _, err = run_cli(capsys, "dpo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"))
     assert code == 1
-    assert f"{data}:2: missing field 'rejected'" in _one_line(err)
+    assert f"{data}:2: missing field 'rejected'" in one_line(err)
     data.write_text('{"prompt": "Q?", "chosen": " A", "rejected": " B"}\n{oops}\n')
-    code, _, err = _run(capsys, "dpo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"))
-    assert code == 1 and f"{data}:2: malformed JSON" in _one_line(err)
+    code, _, err = run_cli(capsys, "dpo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"))
+    assert code == 1 and f"{data}:2: malformed JSON" in one_line(err)
 
 
 def test_missing_model_path(capsys, pairs_file, tmp_path):
-    code, _, err = _run(capsys, "dpo", "--model_name_or_path", "./no/such/model", "--dataset_name", str(pairs_file), "--output_dir", str(tmp_path / "o"))
-    assert code == 1 and "does not exist" in _one_line(err)
+    code, _, err = run_cli(capsys, "dpo", "--model_name_or_path", "./no/such/model", "--dataset_name", str(pairs_file), "--output_dir", str(tmp_path / "o"))
+    assert code == 1 and "does not exist" in one_line(err)
 
 
 def test_dpo_then_generate(capsys, tiny_model_dir, pairs_file, tmp_path):
     out = tmp_path / "run"
-    code, stdout, err = _run(
+    code, stdout, err = run_cli(
         capsys, "dpo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(pairs_file), "--output_dir", str(out),
         "--max_steps", "2", "--per_device_train_batch_size", "2", "--eval_split_size", "0.25", "--logging_steps", "1",
     )
     assert code == 0, err
     assert f"trained model: {out}" in stdout and "eval rewards/accuracies:" in stdout
     assert (out / "metrics.jsonl").exists() and (out / "config.yaml").exists()
-    code, stdout, err = _run(capsys, "generate", "--model_name_or_path", str(out), "--prompt", "Hello", "--max_new_tokens", "5", "--do_sample", "false")
+    code, stdout, err = run_cli(capsys, "generate", "--model_name_or_path", str(out), "--prompt", "Hello", "--max_new_tokens", "5", "--do_sample", "false")
     assert code == 0, err
     assert stdout.startswith("### prompt: Hello")
 

@@ -12,9 +12,8 @@ import yaml
 from safetensors.torch import load_file
 
 from alignlab.algorithms.reward import RewardConfig, RewardTrainer, collate_reward_pairs, sequence_scores, train_reward
-from alignlab.cli import main
 from alignlab.models import load_reward_model
-from tests.conftest import read_metrics
+from tests.conftest import one_line, read_metrics, run_cli
 
 
 def _config(model, data, out, **kw):
@@ -32,19 +31,6 @@ def _config(model, data, out, **kw):
     )
     base.update(kw)
     return RewardConfig(**base)
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _one_line(err: str) -> str:
-    lines = [l for l in err.strip().splitlines() if l.strip() and not l.startswith(("train data", "eval data", "data "))]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_score_is_read_at_the_last_real_token(tiny_model_dir, tiny_tokenizer):
@@ -99,7 +85,7 @@ def test_reward_writes_outputs_updates_weights_and_scores(capsys, tiny_model_dir
 
     # `alignlab score` on the eval file reproduces the run's final evaluation (same scoring function, same batches)
     listing = sorted(p.name for p in tmp_path.rglob("*"))
-    code, stdout, err = _run(capsys, "score", "--reward_model_path", str(out), "--dataset_name", str(evals), "--bf16", "false")
+    code, stdout, err = run_cli(capsys, "score", "--reward_model_path", str(out), "--dataset_name", str(evals), "--bf16", "false")
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == listing  # writes nothing
     printed = dict(line.split(": ") for line in stdout.strip().splitlines())
@@ -162,21 +148,21 @@ def test_lora_keeps_the_score_head_trainable(tiny_model_dir, pairs_file, tmp_pat
 def test_bad_rows_give_one_line_through_the_cli(capsys, tmp_path, tiny_model_dir, rows, needle):
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, _, err = _run(capsys, "reward", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"))
+    code, _, err = run_cli(capsys, "reward", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"))
     assert code == 1
-    line = _one_line(err)
+    line = one_line(err)
     assert line.startswith("alignlab reward: error: ") and f"{data}{needle}" in line
 
 
 def test_cli_flags_defaults_and_score_errors(capsys, tmp_path, tiny_model_dir, pairs_file):
-    code, _, err = _run(capsys, "reward", "--dataset_name", "d.jsonl", "--output_dir", "x", "--center_rewards_coefficient", "-1")
-    assert code != 0 and "--center_rewards_coefficient must be >= 0" in _one_line(err)
-    code, _, err = _run(capsys, "score", "--dataset_name", str(pairs_file))
-    assert code != 0 and "--reward_model_path is required" in _one_line(err)
-    code, _, err = _run(capsys, "score", "--reward_model_path", "./no/such/rm", "--dataset_name", str(pairs_file))
-    assert code == 1 and "--reward_model_path: ./no/such/rm does not exist" in _one_line(err)
+    code, _, err = run_cli(capsys, "reward", "--dataset_name", "d.jsonl", "--output_dir", "x", "--center_rewards_coefficient", "-1")
+    assert code != 0 and "--center_rewards_coefficient must be >= 0" in one_line(err)
+    code, _, err = run_cli(capsys, "score", "--dataset_name", str(pairs_file))
+    assert code != 0 and "--reward_model_path is required" in one_line(err)
+    code, _, err = run_cli(capsys, "score", "--reward_model_path", "./no/such/rm", "--dataset_name", str(pairs_file))
+    assert code == 1 and "--reward_model_path: ./no/such/rm does not exist" in one_line(err)
     out = tmp_path / "run"
-    code, stdout, err = _run(
+    code, stdout, err = run_cli(
         capsys, "reward", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(pairs_file), "--output_dir", str(out),
         "--max_steps", "1", "--per_device_train_batch_size", "2", "--eval_split_size", "0.25", "--bf16", "false",
     )

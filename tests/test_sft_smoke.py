@@ -12,9 +12,8 @@ from safetensors.torch import load_file
 
 from alignlab.algorithms.dpo import DPOConfig, train_dpo
 from alignlab.algorithms.sft import SFTConfig, SFTTrainer, train_sft
-from alignlab.cli import main
 from alignlab.data.sft import collate_sft
-from tests.conftest import read_metrics
+from tests.conftest import one_line, read_metrics, run_cli
 
 
 @pytest.fixture
@@ -131,19 +130,6 @@ def test_packing_run_and_lora_on_conversations(tiny_model_dir, sft_file, chat_fi
     assert hasattr(AutoModelForCausalLM.from_pretrained(lora), "peft_config")
 
 
-def _run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _one_line(err: str) -> str:
-    lines = [l for l in err.strip().splitlines() if l.strip() and not l.startswith(("train data", "eval data"))]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
-
-
 @pytest.mark.parametrize(
     "rows, needle",
     [
@@ -156,19 +142,19 @@ def _one_line(err: str) -> str:
 def test_bad_rows_give_one_line_through_the_cli(capsys, tmp_path, tiny_model_dir, rows, needle):
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, _, err = _run(capsys, "sft", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"))
+    code, _, err = run_cli(capsys, "sft", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"))
     assert code == 1
-    line = _one_line(err)
+    line = one_line(err)
     assert line.startswith("alignlab sft: error: ") and f"{data}{needle}" in line
 
 
-def test_cli_flags_and_run(capsys, tmp_path, tiny_model_dir, sft_file):
-    code, _, err = _run(capsys, "sft", "--dataset_name", "d.jsonl", "--output_dir", "x", "--packing", "true", "--max_length", "1")
-    assert code != 0 and "--max_length must be >= 2" in _one_line(err)
-    code, _, err = _run(capsys, "sft", "--dataset_name", "d.jsonl", "--output_dir", "x", "--truncation_mode", "drop")
-    assert code != 0 and "--truncation_mode" in _one_line(err)
+def test_cli_flags_andrun_cli(capsys, tmp_path, tiny_model_dir, sft_file):
+    code, _, err = run_cli(capsys, "sft", "--dataset_name", "d.jsonl", "--output_dir", "x", "--packing", "true", "--max_length", "1")
+    assert code != 0 and "--max_length must be >= 2" in one_line(err)
+    code, _, err = run_cli(capsys, "sft", "--dataset_name", "d.jsonl", "--output_dir", "x", "--truncation_mode", "drop")
+    assert code != 0 and "--truncation_mode" in one_line(err)
     out = tmp_path / "run"
-    code, stdout, err = _run(
+    code, stdout, err = run_cli(
         capsys, "sft", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(sft_file), "--output_dir", str(out),
         "--max_steps", "1", "--per_device_train_batch_size", "2", "--eval_split_size", "2", "--bf16", "false",
     )

@@ -16,7 +16,7 @@ import torch
 from alignlab.data.preference import build_pair_examples, collate_pairs
 from alignlab.errors import UserError
 from alignlab.losses.dpo import dpo_loss, dpo_metrics
-from alignlab.models import is_peft_model, load_causal_lm, load_tokenizer, save_pretrained
+from alignlab.models import is_peft_model, load_causal_lm, load_tokenizer
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
 from alignlab.train.loop import Trainer, TrainResult, autocast, build_accelerator
@@ -186,9 +186,8 @@ class DPOTrainer:
 
     def train(self) -> TrainResult:
         """Train, evaluate, save; returns where everything went."""
-        cfg = self.config
         trainer = Trainer(
-            cfg,
+            self.config,
             self.accelerator,
             self.policy,
             self.tokenizer,
@@ -197,7 +196,6 @@ class DPOTrainer:
             collate_fn=lambda ex: collate_pairs(ex, self.tokenizer.pad_token_id),
             loss_fn=self.compute_loss,
             plot_panels=DPO_PLOTS,
-            save_model_fn=lambda m, t, d: save_pretrained(m, t, d, merge_lora=cfg.merge_lora),
         )
         result = trainer.train()
         self.policy = trainer.model

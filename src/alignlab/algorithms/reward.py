@@ -22,7 +22,7 @@ from alignlab.data.io import read_rows
 from alignlab.data.preference import PairStats, build_pair_examples, collate_pairs
 from alignlab.errors import DataError, UserError
 from alignlab.losses.reward import bradley_terry_loss
-from alignlab.models import load_reward_model, load_tokenizer, save_pretrained
+from alignlab.models import load_reward_model, load_tokenizer
 from alignlab.train.config import TrainConfig
 from alignlab.train.loop import Trainer, TrainResult, autocast, build_accelerator
 from alignlab.train.setup import load_train_eval, prepare_model
@@ -249,9 +249,8 @@ class RewardTrainer:
 
     def train(self) -> TrainResult:
         """Train, evaluate, save; returns where everything went."""
-        cfg = self.config
         trainer = Trainer(
-            cfg,
+            self.config,
             self.accelerator,
             self.model,
             self.tokenizer,
@@ -260,7 +259,6 @@ class RewardTrainer:
             collate_fn=lambda ex: collate_reward_pairs(ex, self.tokenizer.pad_token_id),
             loss_fn=self.compute_loss,
             plot_panels=REWARD_PLOTS,
-            save_model_fn=lambda m, t, d: save_pretrained(m, t, d, merge_lora=cfg.merge_lora),
         )
         result = trainer.train()
         self.model = trainer.model

@@ -15,7 +15,7 @@ import torch
 
 from alignlab.data.sft import build_sft_examples, collate_sft, pack_sft_examples
 from alignlab.errors import UserError
-from alignlab.models import load_causal_lm, load_tokenizer, save_pretrained
+from alignlab.models import load_causal_lm, load_tokenizer
 from alignlab.ops.logprobs import selective_log_softmax, supports_packing
 from alignlab.train.config import TrainConfig
 from alignlab.train.loop import Trainer, TrainResult, build_accelerator
@@ -200,9 +200,8 @@ class SFTTrainer:
 
     def train(self) -> TrainResult:
         """Train, evaluate, save; returns where everything went."""
-        cfg = self.config
         trainer = Trainer(
-            cfg,
+            self.config,
             self.accelerator,
             self.model,
             self.tokenizer,
@@ -211,7 +210,6 @@ class SFTTrainer:
             collate_fn=lambda ex: collate_sft(ex, self.tokenizer.pad_token_id),
             loss_fn=self.compute_loss,
             plot_panels=SFT_PLOTS,
-            save_model_fn=lambda m, t, d: save_pretrained(m, t, d, merge_lora=cfg.merge_lora),
         )
         result = trainer.train()
         self.model = trainer.model

@@ -26,6 +26,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from alignlab.errors import UserError
+from alignlab.models import save_pretrained
 from alignlab.train.config import TrainConfig
 from alignlab.train.metrics import MetricsLog, plot_metrics
 
@@ -163,7 +164,6 @@ class Trainer:
         collate_fn: list of examples -> batch dict of tensors (with ``attention_mask`` for token counting).
         loss_fn: see :data:`LossFn`; called under autocast, with the prepared (possibly DDP-wrapped) model.
         plot_panels: file stem -> metric names, for ``plots/*.png``.
-        save_model_fn: ``fn(unwrapped_model, tokenizer, dir)``; writes the final model.
     """
 
     def __init__(
@@ -178,7 +178,6 @@ class Trainer:
         loss_fn: LossFn,
         eval_dataset=None,
         plot_panels: dict[str, list[str]] | None = None,
-        save_model_fn: Callable | None = None,
     ):
         if len(train_dataset) == 0:
             raise UserError("the training set is empty after preprocessing")
@@ -191,7 +190,6 @@ class Trainer:
         self.collate_fn = collate_fn
         self.loss_fn = loss_fn
         self.plot_panels = {"loss": ["loss"], **(plot_panels or {})}
-        self.save_model_fn = save_model_fn
         self.output_dir = Path(config.output_dir)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
         self._eval_loader = None
@@ -396,8 +394,7 @@ class Trainer:
         acc.wait_for_everyone()
         plots: list[Path] = []
         if acc.is_main_process:
-            if self.save_model_fn is not None:
-                self.save_model_fn(acc.unwrap_model(model), self.tokenizer, self.output_dir)
+            save_pretrained(acc.unwrap_model(model), self.tokenizer, self.output_dir, merge_lora=cfg.merge_lora)
             plots = plot_metrics(self.metrics.rows(), self.output_dir / "plots", self.plot_panels)
         acc.wait_for_everyone()
         self.model = acc.unwrap_model(model)
