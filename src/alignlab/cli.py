@@ -19,6 +19,7 @@ COMMANDS = {
     "reward": "train a Bradley-Terry reward model on preference pairs",
     "score": "score preference pairs with a reward model: mean scores and accuracy",
     "dpo": "Direct Preference Optimization on preference pairs",
+    "ppo": "PPO-RLHF: policy, reference, reward and value models; rewards from a reward model and/or functions",
     "generate": "sample completions from a base or trained model",
     "prepare-model": "convert the embedded model to its safetensors cache and print its path",
 }
@@ -98,11 +99,13 @@ def _setup_logging() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # weight-loading and shard-writing bars; training keeps its own bar
     logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
-def _print_result(result, eval_metric: str) -> None:
-    """Where a training run put its outputs (main process only), and its final ``eval_metric``."""
+def _print_result(result, eval_metric: str, final_metrics: tuple[str, ...] = ()) -> None:
+    """Where a training run put its outputs (main process only), its last logged ``final_metrics`` and its
+    final ``eval_metric``."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
     out = Path(result.output_dir)
@@ -111,6 +114,9 @@ def _print_result(result, eval_metric: str) -> None:
     print(f"config: {out / 'config.yaml'}")
     for plot in result.plots:
         print(f"plot: {plot}")
+    for name in final_metrics:
+        if name in result.train_metrics:
+            print(f"last {name}: {result.train_metrics[name]:.4f}")
     if result.eval_metrics:
         value = result.eval_metrics.get(eval_metric)
         name = eval_metric.removeprefix("eval_")
@@ -122,6 +128,13 @@ def _run_dpo(argv: list[str]) -> None:
     from alignlab.algorithms.dpo import DPOConfig, train_dpo
 
     _print_result(train_dpo(parse_config(DPOConfig, argv, "alignlab dpo")), "eval_rewards/accuracies")
+
+
+def _run_ppo(argv: list[str]) -> None:
+    from alignlab.algorithms.ppo import PPOConfig, train_ppo
+
+    result = train_ppo(parse_config(PPOConfig, argv, "alignlab ppo"))
+    _print_result(result, "", final_metrics=("objective/scores", "objective/kl"))
 
 
 def _run_sft(argv: list[str]) -> None:
@@ -184,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "reward": _run_reward,
         "score": _run_score,
         "dpo": _run_dpo,
+        "ppo": _run_ppo,
         "generate": _run_generate,
         "prepare-model": _run_prepare_model,
     }

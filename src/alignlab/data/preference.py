@@ -73,7 +73,12 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
-def _check_text(value: Any, field: str, location: str) -> Text:
+def check_text(value: Any, field: str, location: str) -> Text:
+    """``value`` if it is a non-empty string or a non-empty list of ``{role, content}`` messages.
+
+    Raises:
+        DataError: null, empty or of another type (the message names ``location`` and ``field``).
+    """
     if value is None:
         raise DataError(f"{location}: field {field!r} is null")
     if isinstance(value, str):
@@ -133,13 +138,13 @@ def parse_pair(
     for col in (chosen_column, rejected_column):
         if col not in row:
             raise DataError(f"{location}: missing field {col!r} (fields present: {', '.join(map(str, row))})")
-    chosen = _check_text(row[chosen_column], chosen_column, location)
-    rejected = _check_text(row[rejected_column], rejected_column, location)
+    chosen = check_text(row[chosen_column], chosen_column, location)
+    rejected = check_text(row[rejected_column], rejected_column, location)
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise DataError(f"{location}: {chosen_column!r} and {rejected_column!r} must both be text or both messages")
     prompt = row.get(prompt_column)
     if prompt is not None:
-        prompt = _check_text(prompt, prompt_column, location)
+        prompt = check_text(prompt, prompt_column, location)
         if isinstance(prompt, str) and isinstance(chosen, list):
             prompt = [{"role": "user", "content": prompt}]
         if isinstance(prompt, list) and isinstance(chosen, str):
@@ -169,7 +174,9 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _tokenize(tokenizer, text: Text, *, add_generation_prompt: bool = False) -> list[int]:
+def tokenize_text(tokenizer, text: Text, *, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a string (the tokenizer's own special-token handling) or of a message list rendered with
+    the chat template (``add_generation_prompt`` opens an assistant turn)."""
     if isinstance(text, list):
         out = tokenizer.apply_chat_template(
             text, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
@@ -190,16 +197,16 @@ def tokenize_pair(pair: PreferencePair, tokenizer) -> dict[str, list[int]]:
     """
     try:
         if pair.conversational:
-            prompt_ids = _tokenize(tokenizer, pair.prompt, add_generation_prompt=True)
-            pc = _tokenize(tokenizer, pair.prompt + pair.chosen)
-            pr = _tokenize(tokenizer, pair.prompt + pair.rejected)
+            prompt_ids = tokenize_text(tokenizer, pair.prompt, add_generation_prompt=True)
+            pc = tokenize_text(tokenizer, pair.prompt + pair.chosen)
+            pr = tokenize_text(tokenizer, pair.prompt + pair.rejected)
         else:
             eos = tokenizer.eos_token
             chosen = pair.chosen if pair.chosen.endswith(eos) else pair.chosen + eos
             rejected = pair.rejected if pair.rejected.endswith(eos) else pair.rejected + eos
-            prompt_ids = _tokenize(tokenizer, pair.prompt)
-            pc = _tokenize(tokenizer, pair.prompt + chosen)
-            pr = _tokenize(tokenizer, pair.prompt + rejected)
+            prompt_ids = tokenize_text(tokenizer, pair.prompt)
+            pc = tokenize_text(tokenizer, pair.prompt + chosen)
+            pr = tokenize_text(tokenizer, pair.prompt + rejected)
     except Exception as exc:  # a chat template raising on odd roles, say
         raise DataError(f"{pair.location}: cannot tokenize: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
     n = min(common_prefix_length(prompt_ids, pc), common_prefix_length(prompt_ids, pr))

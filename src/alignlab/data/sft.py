@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from alignlab.data.preference import Message, Text, _check_text, _tokenize, common_prefix_length
+from alignlab.data.preference import Message, Text, check_text, tokenize_text, common_prefix_length
 from alignlab.errors import DataError
 from alignlab.ops.logprobs import pack_rows
 
@@ -91,7 +91,7 @@ def parse_sft_row(
             row mixing a message-list prompt with a text completion (the message names the location).
     """
     if messages_column in row:
-        messages = _check_text(row[messages_column], messages_column, location)
+        messages = check_text(row[messages_column], messages_column, location)
         if isinstance(messages, str):
             raise DataError(f"{location}: field {messages_column!r} must be a list of {{role, content}} messages")
         return SFTSample("messages", location, messages=messages)
@@ -99,15 +99,15 @@ def parse_sft_row(
         for col in (prompt_column, completion_column):
             if col not in row:
                 raise DataError(f"{location}: missing field {col!r} (fields present: {', '.join(map(str, row))})")
-        prompt = _check_text(row[prompt_column], prompt_column, location)
-        completion = _check_text(row[completion_column], completion_column, location)
+        prompt = check_text(row[prompt_column], prompt_column, location)
+        completion = check_text(row[completion_column], completion_column, location)
         if isinstance(prompt, str) and isinstance(completion, list):
             prompt = [{"role": "user", "content": prompt}]
         if isinstance(prompt, list) and isinstance(completion, str):
             raise DataError(f"{location}: the prompt is a message list but the completion is plain text")
         return SFTSample("prompt_completion", location, prompt=prompt, completion=completion)
     if dataset_text_field in row:
-        text = _check_text(row[dataset_text_field], dataset_text_field, location)
+        text = check_text(row[dataset_text_field], dataset_text_field, location)
         if isinstance(text, list):  # some data sets keep conversations in their text column
             return SFTSample("messages", location, messages=text)
         return SFTSample("text", location, text=text)
@@ -150,13 +150,13 @@ def render_with_assistant_mask(tokenizer, messages: list[Message]) -> tuple[list
             messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
         return list(out["input_ids"]), [int(bool(b)) for b in out["assistant_masks"]]
-    ids = _tokenize(tokenizer, messages)
+    ids = tokenize_text(tokenizer, messages)
     mask = [0] * len(ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = common_prefix_length(ids, _tokenize(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-        end = len(ids) if i == len(messages) - 1 else common_prefix_length(ids, _tokenize(tokenizer, messages[: i + 1]))
+        start = common_prefix_length(ids, tokenize_text(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
+        end = len(ids) if i == len(messages) - 1 else common_prefix_length(ids, tokenize_text(tokenizer, messages[: i + 1]))
         for t in range(start, end):
             mask[t] = 1
     return ids, mask
@@ -186,13 +186,13 @@ def tokenize_sft(
     try:
         if sample.kind == "text":
             text = sample.text if sample.text.endswith(eos) else sample.text + eos
-            ids = _tokenize(tokenizer, text)
+            ids = tokenize_text(tokenizer, text)
             mask = [1] * len(ids)
         elif sample.kind == "messages":
             ids, assistant = render_with_assistant_mask(tokenizer, sample.messages)
             mask = assistant if assistant_only_loss else [1] * len(ids)
         elif isinstance(sample.completion, list):
-            prompt_ids = _tokenize(tokenizer, sample.prompt, add_generation_prompt=True)
+            prompt_ids = tokenize_text(tokenizer, sample.prompt, add_generation_prompt=True)
             ids, assistant = render_with_assistant_mask(tokenizer, sample.prompt + sample.completion)
             n = common_prefix_length(prompt_ids, ids)
             mask = [0] * n + [1] * (len(ids) - n) if completion_only_loss else [1] * len(ids)
@@ -200,8 +200,8 @@ def tokenize_sft(
                 mask = [a & b for a, b in zip(mask, assistant)]
         else:
             completion = sample.completion if sample.completion.endswith(eos) else sample.completion + eos
-            prompt_ids = _tokenize(tokenizer, sample.prompt)
-            ids = _tokenize(tokenizer, sample.prompt + completion)
+            prompt_ids = tokenize_text(tokenizer, sample.prompt)
+            ids = tokenize_text(tokenizer, sample.prompt + completion)
             n = common_prefix_length(prompt_ids, ids)
             mask = [0] * n + [1] * (len(ids) - n) if completion_only_loss else [1] * len(ids)
     except DataError:

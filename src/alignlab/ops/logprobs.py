@@ -135,6 +135,7 @@ def completion_logps(
     *,
     padding_free: bool = False,
     pad_token_id: int = 0,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token and summed log-probabilities of the completion tokens, in one forward pass.
 
@@ -147,6 +148,8 @@ def completion_logps(
             run one forward over them with restarting ``position_ids``, so no compute goes to padding.
             Ignored (padded rows are used) for model types not in :data:`PACKING_MODEL_TYPES`.
         pad_token_id: filler for unused packed slots.
+        temperature: divide the logits by this (> 0) before the log-softmax: the log-probs of the sampling
+            distribution ``softmax(logits / temperature)`` (TRL PPO / GRPO; 1 for DPO and SFT).
 
     Returns:
         ``(per_token_logps, logps)``: ``(B, T-1)`` float32 log-probability of token ``t+1`` given tokens
@@ -185,6 +188,8 @@ def completion_logps(
     else:
         full = model(**inputs, use_cache=False).logits
         logits = full.reshape(-1, full.shape[-1])[selected].unsqueeze(0)
+    if temperature != 1.0:
+        logits = logits / temperature
     token_logps = selective_log_softmax(logits, labels.unsqueeze(0)).squeeze(0)  # (N,)
     per_token = torch.zeros((n, width - 1), dtype=token_logps.dtype, device=token_logps.device)
     per_token = per_token.index_put((seq_idx, tok_idx), token_logps)

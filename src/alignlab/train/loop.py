@@ -4,10 +4,20 @@ It owns precision (bf16 autocast), gradient accumulation, the optimizer and sche
 clipping, logging to ``metrics.jsonl``, evaluation, plots, checkpoints (atomic) and resuming, and
 distribution (accelerate: ``torchrun --nproc_per_node N`` runs DDP; gloo on CPU). An algorithm supplies a
 ``loss_fn(model, batch) -> (loss, metrics)`` and its data; nothing else.
+
+Two shapes of step:
+
+* offline (SFT, reward, DPO): each data-loader batch is a micro-batch; ``gradient_accumulation_steps`` of them
+  make one optimizer step, and one optimizer step is one ``global_step``;
+* online (PPO, GRPO, Online DPO): each data-loader batch is a batch of prompts handed to the algorithm's
+  ``rollout_fn``, which samples, scores and returns a :class:`Rollout`: a list of optimizer updates, each a
+  list of micro-batches for ``loss_fn``. One rollout and all its updates are one ``global_step`` (TRL PPO's
+  "update"); the learning-rate schedule advances once per ``global_step``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -36,6 +46,29 @@ LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor
 """``loss_fn(model, batch) -> (scalar loss, {name: (B,) or scalar detached metric})``."""
 
 STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class Rollout:
+    """What an online algorithm's ``rollout_fn(model, prompts, step)`` returns for one ``global_step``.
+
+    Attributes:
+        updates: optimizer updates in order; each is a list of micro-batches (dicts for ``loss_fn``) whose
+            gradients are summed into one optimizer step. Each micro-batch's loss is weighted by
+            ``1 / len(update)``, so an update's gradient is the mean over its micro-batches.
+        metrics: ``{name: (N,) or scalar}`` detached values measured while sampling and scoring
+            (``objective/scores``, ``time/generation``, ...); logged as means over the logging window.
+        samples: rows to append to ``samples.jsonl`` (main process; may be empty).
+    """
+
+    updates: list[list[dict[str, Any]]]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+RolloutFn = Callable[[torch.nn.Module, list, int], Rollout]
+"""``rollout_fn(model, prompts, step) -> Rollout``: called without gradients, ``step`` the 1-based
+``global_step`` being built; ``model`` is the prepared (possibly DDP-wrapped) model."""
 
 
 def build_accelerator(config: TrainConfig):
@@ -163,7 +196,14 @@ class Trainer:
         train_dataset, eval_dataset: sequences of examples for ``collate_fn``.
         collate_fn: list of examples -> batch dict of tensors (with ``attention_mask`` for token counting).
         loss_fn: see :data:`LossFn`; called under autocast, with the prepared (possibly DDP-wrapped) model.
+        eval_dataset: optional held-out examples (offline algorithms).
         plot_panels: file stem -> metric names, for ``plots/*.png``.
+        rollout_fn: see :data:`RolloutFn`; makes the loop online (module docstring). The data loader then
+            yields lists of examples (``collate_fn`` is ignored), drops a last incomplete batch, and each
+            ``global_step`` is one rollout.
+        rollout_batch_size: examples per process per rollout (default ``per_device_train_batch_size``).
+        model_to_save: picks what to save from the trained (unwrapped) model, e.g. the policy out of a
+            policy-and-value module. Default: the model itself.
     """
 
     def __init__(
@@ -178,9 +218,20 @@ class Trainer:
         loss_fn: LossFn,
         eval_dataset=None,
         plot_panels: dict[str, list[str]] | None = None,
+        rollout_fn: RolloutFn | None = None,
+        rollout_batch_size: int | None = None,
+        model_to_save: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     ):
         if len(train_dataset) == 0:
             raise UserError("the training set is empty after preprocessing")
+        self.rollout_fn = rollout_fn
+        self.batch_size = rollout_batch_size or config.per_device_train_batch_size
+        if rollout_fn is not None and len(train_dataset) < self.batch_size:
+            raise UserError(
+                f"one rollout takes {self.batch_size} prompts per process but the training set has only "
+                f"{len(train_dataset)}"
+            )
+        self.model_to_save = model_to_save or (lambda m: m)
         self.config = config
         self.accelerator = accelerator
         self.model = model
@@ -192,18 +243,20 @@ class Trainer:
         self.plot_panels = {"loss": ["loss"], **(plot_panels or {})}
         self.output_dir = Path(config.output_dir)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
+        self.samples_path = self.output_dir / "samples.jsonl"
         self._eval_loader = None
 
     # ------------------------------------------------------------------------------------------------------
-    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, shuffle: bool, online: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(self.config.seed)
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
-            collate_fn=self.collate_fn,
+            collate_fn=list if online else self.collate_fn,
             num_workers=self.config.dataloader_num_workers,
             generator=generator,
+            drop_last=online,
         )
 
     def _gather(self, value: torch.Tensor) -> torch.Tensor:
@@ -264,6 +317,48 @@ class Trainer:
             plot_metrics(self.metrics.rows(), self.output_dir / "plots", self.plot_panels)
         acc.wait_for_everyone()
 
+    def _optimizer_step(self, model, optimizer) -> torch.Tensor:
+        """Clip, step and zero the gradients; returns the global gradient norm before clipping."""
+        cfg, acc = self.config, self.accelerator
+        if cfg.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        else:
+            grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+            grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _online_step(self, model, optimizer, prompts: list, step: int, store) -> tuple[torch.Tensor, int, float]:
+        """One rollout and its updates; returns ``(last grad norm, tokens trained on, seconds spent training)``."""
+        acc = self.accelerator
+        model.eval()
+        with torch.no_grad():
+            rollout = self.rollout_fn(model, prompts, step)
+        model.train()
+        for name, value in rollout.metrics.items():
+            store[name].append(self._gather(torch.as_tensor(value)))
+        if rollout.samples and acc.is_main_process:
+            with open(self.samples_path, "a", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rollout.samples)
+        start = time.perf_counter()
+        tokens = 0
+        grad_norm = torch.tensor(0.0)
+        for micro_batches in rollout.updates:
+            # accelerate's backward divides by gradient_accumulation_steps; weight each micro-batch by
+            # 1 / len(update) instead, and synchronise gradients across processes on the last one only.
+            scale = acc.gradient_accumulation_steps / len(micro_batches)
+            for i, batch in enumerate(micro_batches):
+                sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else acc.no_sync(model)
+                with sync:
+                    with autocast(self.config, acc.device):
+                        loss, metrics = self.loss_fn(model, batch)
+                    acc.backward(loss * scale)
+                self._record(store, loss, metrics)
+                tokens += int(batch["attention_mask"].sum())
+            grad_norm = self._optimizer_step(model, optimizer)
+        return grad_norm, tokens, time.perf_counter() - start
+
     def _prune_checkpoints(self) -> None:
         limit = self.config.save_total_limit
         if limit:
@@ -296,7 +391,8 @@ class Trainer:
             with open(self.output_dir / "config.yaml", "w", encoding="utf-8") as handle:
                 yaml.safe_dump(asdict(cfg), handle, sort_keys=False)
 
-        train_loader = self._loader(self.train_dataset, cfg.per_device_train_batch_size, True)
+        online = self.rollout_fn is not None
+        train_loader = self._loader(self.train_dataset, self.batch_size, True, online=online)
         groups = parameter_groups(self.model, cfg.weight_decay)
         optimizer = torch.optim.AdamW(
             groups,
@@ -306,7 +402,8 @@ class Trainer:
             fused=_fused_adamw_supported([p for g in groups for p in g["params"]]),
         )
         model, optimizer, train_loader = acc.prepare(self.model, optimizer, train_loader)
-        steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.gradient_accumulation_steps))
+        per_step = 1 if online else cfg.gradient_accumulation_steps
+        steps_per_epoch = max(1, math.ceil(len(train_loader) / per_step))
         total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
         scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
@@ -321,11 +418,14 @@ class Trainer:
             if acc.is_main_process:
                 self.metrics.truncate_after(global_step)
             logger.info("resumed from %s at step %d", resume, global_step)
-        elif acc.is_main_process and self.metrics.path.exists():
-            self.metrics.path.unlink()  # a fresh run in an old directory starts a fresh log
+        elif acc.is_main_process:
+            for stale in (self.metrics.path, self.samples_path):  # a fresh run in an old directory starts afresh
+                if stale.exists():
+                    stale.unlink()
 
         store: dict[str, list[torch.Tensor]] = defaultdict(list)
         tokens = 0
+        train_time = 0.0  # online: seconds spent in updates within the logging window
         window_start = time.perf_counter()
         train_start = time.perf_counter()
         last_train: dict[str, float] = {}
@@ -333,60 +433,70 @@ class Trainer:
         bar = tqdm(total=total_steps, initial=global_step, disable=not acc.is_main_process, desc="training", unit="step")
         model.train()
         epoch = start_epoch
-        while global_step < total_steps:
-            train_loader.set_epoch(epoch)
-            loader = train_loader
-            steps_in_epoch = 0
-            if skip_steps:
-                loader = acc.skip_first_batches(train_loader, skip_steps * cfg.gradient_accumulation_steps)
-                steps_in_epoch, skip_steps = skip_steps, 0
-            for batch in loader:
-                with acc.accumulate(model):
-                    with autocast(cfg, acc.device):
-                        loss, metrics = self.loss_fn(model, batch)
-                    acc.backward(loss)
-                    self._record(store, loss, metrics)
-                    tokens += int(self._gather(batch["attention_mask"].sum()).sum())
-                    if not acc.sync_gradients:
-                        continue
-                    if cfg.max_grad_norm > 0:
-                        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        try:
+            while global_step < total_steps:
+                train_loader.set_epoch(epoch)
+                loader = train_loader
+                steps_in_epoch = 0
+                if skip_steps:
+                    loader = acc.skip_first_batches(train_loader, skip_steps * per_step)
+                    steps_in_epoch, skip_steps = skip_steps, 0
+                for batch in loader:
+                    if online:
+                        grad_norm, step_tokens, seconds = self._online_step(model, optimizer, batch, global_step + 1, store)
+                        tokens += step_tokens
+                        train_time += seconds
+                        scheduler.step()
+                        if self.accelerator.device.type == "cpu":
+                            release_free_memory()
                     else:
-                        grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
-                        grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if self.accelerator.device.type == "cpu":
-                        release_free_memory()
-                global_step += 1
-                steps_in_epoch += 1
-                bar.update(1)
-                is_last = global_step >= total_steps
-                if global_step % cfg.logging_steps == 0 or is_last:
-                    elapsed = time.perf_counter() - window_start
-                    row = {"step": global_step, "epoch": round(epoch + steps_in_epoch / steps_per_epoch, 4)}
-                    row.update(self._reduce(store))
-                    row["learning_rate"] = scheduler.get_last_lr()[0]
-                    row["grad_norm"] = float(grad_norm)
-                    row["tokens_per_second"] = tokens / elapsed if elapsed > 0 else 0.0
-                    if acc.is_main_process:
-                        self.metrics.append(row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}")
-                    last_train = row
-                    store.clear()
-                    tokens = 0
-                    window_start = time.perf_counter()
-                if self.eval_dataset is not None and cfg.eval_steps and global_step % cfg.eval_steps == 0 and not is_last:
-                    last_eval = self.evaluate(model, global_step)
-                    window_start = time.perf_counter()
-                if cfg.save_steps and global_step % cfg.save_steps == 0 and not is_last:
-                    self._save_checkpoint(global_step, epoch, steps_in_epoch)
-                    window_start = time.perf_counter()
-                if is_last:
-                    break
-            epoch += 1
-        bar.close()
+                        with acc.accumulate(model):
+                            with autocast(cfg, acc.device):
+                                loss, metrics = self.loss_fn(model, batch)
+                            acc.backward(loss)
+                            self._record(store, loss, metrics)
+                            tokens += int(self._gather(batch["attention_mask"].sum()).sum())
+                            if not acc.sync_gradients:
+                                continue
+                            grad_norm = self._optimizer_step(model, optimizer)
+                            scheduler.step()
+                            if self.accelerator.device.type == "cpu":
+                                release_free_memory()
+                    global_step += 1
+                    steps_in_epoch += 1
+                    bar.update(1)
+                    is_last = global_step >= total_steps
+                    if global_step % cfg.logging_steps == 0 or is_last:
+                        elapsed = time.perf_counter() - window_start
+                        row = {"step": global_step, "epoch": round(epoch + steps_in_epoch / steps_per_epoch, 4)}
+                        row.update(self._reduce(store))
+                        row["learning_rate"] = scheduler.get_last_lr()[0]
+                        row["grad_norm"] = float(grad_norm)
+                        if online:  # tokens of the updates per second spent in them, summed over processes
+                            row["tokens_per_second/train"] = (
+                                float(self._gather(torch.tensor(tokens / train_time if train_time > 0 else 0.0)).sum())
+                            )
+                        else:
+                            row["tokens_per_second"] = tokens / elapsed if elapsed > 0 else 0.0
+                        if acc.is_main_process:
+                            self.metrics.append(row)
+                        bar.set_postfix(loss=f"{row['loss']:.4f}")
+                        last_train = row
+                        store.clear()
+                        tokens = 0
+                        train_time = 0.0
+                        window_start = time.perf_counter()
+                    if self.eval_dataset is not None and cfg.eval_steps and global_step % cfg.eval_steps == 0 and not is_last:
+                        last_eval = self.evaluate(model, global_step)
+                        window_start = time.perf_counter()
+                    if cfg.save_steps and global_step % cfg.save_steps == 0 and not is_last:
+                        self._save_checkpoint(global_step, epoch, steps_in_epoch)
+                        window_start = time.perf_counter()
+                    if is_last:
+                        break
+                epoch += 1
+        finally:
+            bar.close()  # ends the bar's line, so an error message starts on its own
         train_seconds = time.perf_counter() - train_start
 
         if self.eval_dataset is not None:
@@ -394,7 +504,8 @@ class Trainer:
         acc.wait_for_everyone()
         plots: list[Path] = []
         if acc.is_main_process:
-            save_pretrained(acc.unwrap_model(model), self.tokenizer, self.output_dir, merge_lora=cfg.merge_lora)
+            to_save = self.model_to_save(acc.unwrap_model(model))
+            save_pretrained(to_save, self.tokenizer, self.output_dir, merge_lora=cfg.merge_lora)
             plots = plot_metrics(self.metrics.rows(), self.output_dir / "plots", self.plot_panels)
         acc.wait_for_everyone()
         self.model = acc.unwrap_model(model)

@@ -1,0 +1,173 @@
+"""PPO end to end on the tiny model: outputs, metrics, updates of policy and critic, the first update's ratio,
+LoRA with a shared base, a reward model as the reward, resume, and one-line errors through the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignlab.algorithms.ppo import PPOConfig, PPOTrainer, explained_variance, train_ppo
+from tests.conftest import one_line, read_metrics, run_cli
+
+REWARDS = (
+    "def short(prompts, completions, **kw):\n"
+    "    return [-float(len(c[0]['content'] if isinstance(c, list) else c)) / 10 for c in completions]\n"
+)
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": f"Say something about {i}."}], "topic": str(i)} for i in range(6)]
+    rows += [{"prompt": f"Plain text prompt {i}:"} for i in range(2)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def rewards_file(tmp_path):
+    path = tmp_path / "rewards.py"
+    path.write_text(REWARDS)
+    return path
+
+
+def _config(model, data, rewards, out, **kw):
+    base = dict(
+        model_name_or_path=model,
+        dataset_name=str(data),
+        output_dir=str(out),
+        reward_funcs=[f"{rewards}:short"],
+        per_device_train_batch_size=2,
+        num_mini_batches=2,
+        num_ppo_epochs=2,
+        response_length=6,
+        max_steps=2,
+        learning_rate=1e-3,
+        save_steps=0,
+        bf16=False,
+    )
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+PPO_METRICS = (
+    "objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward", "objective/non_score_reward",
+    "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac", "val/explained_variance",
+    "completions/mean_length", "completions/clipped_ratio", "time/generation", "time/scoring",
+    "tokens_per_second/generation", "tokens_per_second/train", "learning_rate", "grad_norm",
+)
+
+
+def test_ppo_writes_outputs_and_updates_policy_and_critic(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    out = tmp_path / "run"
+    cfg = _config(tiny_model_dir, prompts_file, rewards_file, out, sample_steps=2)
+    trainer = PPOTrainer(cfg)
+    policy_before = {k: v.clone() for k, v in trainer.model.policy.state_dict().items()}
+    critic_before = {k: v.clone() for k, v in trainer.model.value_model.state_dict().items()}
+    result = trainer.train()
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and result.global_step == 2
+    for name in PPO_METRICS:
+        assert all(math.isfinite(r[name]) for r in rows), name
+    assert rows[0]["objective/kl"] == 0.0  # policy == reference while sampling the first batch
+    assert rows[0]["objective/entropy"] > 0
+    assert rows[1]["learning_rate"] < rows[0]["learning_rate"]  # linear decay, one scheduler step per rollout
+    # both models were trained
+    assert any(not torch.equal(policy_before[k], v) for k, v in trainer.model.policy.state_dict().items())
+    critic_after = trainer.model.value_model.state_dict()
+    assert not torch.equal(critic_before["score.weight"], critic_after["score.weight"])
+    # the policy alone is saved, in HF format
+    saved = load_file(out / "model.safetensors")
+    assert "model.embed_tokens.weight" in saved and not any(k.startswith("score") for k in saved)
+    assert (out / "config.yaml").exists() and (out / "plots" / "reward.png").exists() and (out / "plots" / "kl.png").exists()
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted({s["step"] for s in samples}) == [1, 2] and len(samples) == 2 * 4
+    assert {"prompt", "completion", "score", "rewards/short"} <= set(samples[0])
+
+
+def test_first_update_starts_at_ratio_one(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    """The training forward of the first micro-batch reproduces the rollout's log-probs and values, so the
+    ratio is 1 and nothing is clipped (a misaligned index or a different forward would show here)."""
+    cfg = _config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "r", padding_free=True)
+    trainer = PPOTrainer(cfg)
+    with torch.no_grad():
+        rollout = trainer.rollout(trainer.model, trainer.prompts[:4], 1)
+        assert len(rollout.updates) == cfg.num_ppo_epochs * cfg.num_mini_batches
+        assert all(len(u) == 1 for u in rollout.updates)  # mini-batch 2 == micro-batch 2
+        batch = rollout.updates[0][0]
+        loss, metrics = trainer.compute_loss(trainer.model, batch)
+        logps, values = trainer.model(batch)
+    assert metrics["policy/approxkl"] < 1e-10 and metrics["policy/clipfrac"] == 0
+    assert torch.allclose(logps, batch["old_logps"], atol=1e-5) and torch.allclose(values, batch["old_values"], atol=1e-5)
+    # advantages are whitened over the whole rollout and zero on padding
+    assert math.isfinite(float(loss))
+    assert (batch["advantages"][batch["response_mask"] == 0] == 0).all()
+
+
+def test_lora_shares_the_base_and_a_reward_model_scores(tiny_model_dir, tiny_tokenizer, prompts_file, tmp_path):
+    from alignlab.models import load_reward_model
+
+    rm_dir = tmp_path / "rm"
+    torch.manual_seed(1)
+    load_reward_model(tiny_model_dir, pad_token_id=tiny_tokenizer.pad_token_id).save_pretrained(rm_dir)
+    tiny_tokenizer.save_pretrained(rm_dir)
+    out = tmp_path / "lora"
+    cfg = _config(tiny_model_dir, prompts_file, None, out, reward_funcs=None, reward_model_path=str(rm_dir),
+                  use_peft=True, lora_r=4, lora_alpha=8, missing_eos_penalty=1.0, kl_estimator="k3")
+    trainer = PPOTrainer(cfg)
+    assert trainer.ref_model is None  # the reference is the policy with its adapters disabled
+    # the value model starts from the reward model: same score head
+    rm_head = load_file(rm_dir / "model.safetensors")["score.weight"]
+    assert torch.equal(trainer.model.value_model.base_model.model.score.original_module.weight, rm_head)
+    trainer.train()
+    rows = read_metrics(out)
+    assert rows[0]["objective/kl"] == 0.0 and all(math.isfinite(r["loss"]) for r in rows)
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_resume_continues_from_the_checkpoint(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    out = tmp_path / "res"
+    train_ppo(_config(tiny_model_dir, prompts_file, rewards_file, out, max_steps=2, save_steps=1))
+    assert (out / "checkpoint-1").exists()  # the last step writes the final model, not a checkpoint
+    train_ppo(_config(tiny_model_dir, prompts_file, rewards_file, out, max_steps=3, save_steps=1,
+                      resume_from_checkpoint="true"))
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_explained_variance_by_hand():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0]]).bool()
+    # perfect critic -> 1; constant critic at the mean -> 0 (Var(returns - 2) == Var(returns))
+    assert explained_variance(returns.clone(), returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0)
+    # values 0: Var(returns) / Var(returns) -> 0 as well; values = -returns: 1 - 4 = -3
+    assert explained_variance(-returns, returns, mask) == pytest.approx(-3.0)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "give --reward_model_path and/or --reward_funcs"),
+        (["--reward_funcs", "nope.py:f"], "--reward_funcs 'nope.py:f': file not found"),
+        (["--reward_funcs", "{rewards}:short", "--reward_weights", "1", "2"], "--reward_weights has 2 values for 1"),
+        (["--reward_funcs", "{rewards}:short", "--per_device_train_batch_size", "16"], "one rollout takes 16 prompts"),
+        (["--reward_funcs", "{rewards}:short", "--eval_split_size", "0.2"], "no evaluation pass"),
+        (["--reward_funcs", "{rewards}:short", "--kl_estimator", "k2"], "invalid choice: 'k2'"),
+    ],
+)
+def test_cli_errors_are_one_line(capsys, tiny_model_dir, prompts_file, rewards_file, tmp_path, extra, message):
+    extra = [e.format(rewards=rewards_file) for e in extra]
+    code, _, err = run_cli(capsys, "ppo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(prompts_file),
+                           "--output_dir", str(tmp_path / "x"), "--bf16", "false", *extra)
+    assert code != 0 and message in one_line(err)
+
+
+def test_cli_reports_a_failing_reward_function(capsys, tiny_model_dir, prompts_file, tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f(prompts, completions, **kw):\n    return [1.0]\n")
+    code, _, err = run_cli(capsys, "ppo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(prompts_file),
+                           "--output_dir", str(tmp_path / "x"), "--reward_funcs", f"{bad}:f", "--bf16", "false",
+                           "--per_device_train_batch_size", "2", "--response_length", "3", "--max_steps", "1")
+    assert code == 1 and "reward function 'f' must return a list of 2 numbers, got 1 values" in one_line(err)

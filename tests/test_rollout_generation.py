@@ -1,0 +1,85 @@
+"""Sampling with generate, the layout of prompt+completion rows, and the alignment of per-token log-probs and
+values with the completion tokens."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignlab.models import load_causal_lm, load_reward_model
+from alignlab.rollout.generation import (
+    build_sequences,
+    completion_token_logps,
+    sample_completions,
+    slice_rows,
+    token_values,
+)
+
+
+def test_build_sequences_layout_by_hand():
+    seq = build_sequences([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_token_id=0)
+    assert seq["input_ids"].tolist() == [[1, 2, 3, 5, 6], [4, 7, 8, 9, 0]]
+    assert seq["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert seq["completion_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]
+    # completion token j of row i is predicted at shifted position len(prompt_i) - 1 + j
+    # row 0: 2, 3, (4 -> padding, clamped to T - 2 = 3); row 1: 0, 1, 2
+    assert seq["completion_index"].tolist() == [[2, 3, 3], [0, 1, 2]]
+    assert seq["response_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_slice_rows_trims_to_the_longest_selected_row():
+    seq = build_sequences([[1, 2, 3], [4]], [[5, 6], [7]], pad_token_id=0)
+    one = slice_rows(seq, torch.tensor([1]))
+    assert one["input_ids"].tolist() == [[4, 7]]
+    assert one["completion_index"].tolist() == [[0, 0]] and one["response_mask"].tolist() == [[1, 0]]
+
+
+def test_logps_and_values_line_up_with_the_completion_tokens(tiny_model_dir, tiny_tokenizer):
+    torch.manual_seed(0)
+    policy = load_causal_lm(tiny_model_dir).eval()
+    critic = load_reward_model(tiny_model_dir, pad_token_id=tiny_tokenizer.pad_token_id).eval()
+    prompts, completions = [[11, 12, 13], [21]], [[31, 32], [41, 42, 43]]
+    seq = build_sequences(prompts, completions, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        for padding_free in (False, True):
+            logps = completion_token_logps(policy, seq, temperature=0.7, padding_free=padding_free, pad_token_id=0)
+            for i, (p, c) in enumerate(zip(prompts, completions)):
+                logits = policy(torch.tensor([p + c])).logits[0] / 0.7
+                expected = [F.log_softmax(logits[len(p) - 1 + j], -1)[tok] for j, tok in enumerate(c)]
+                assert torch.allclose(logps[i, : len(c)], torch.stack(expected), atol=1e-4)
+                assert (logps[i, len(c):] == 0).all()
+        values = token_values(critic, seq)
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            hidden = critic.model(torch.tensor([p + c])).last_hidden_state[0]
+            expected = critic.score(hidden)[len(p) - 1 : len(p) - 1 + len(c), 0]
+            assert torch.allclose(values[i, : len(c)], expected, atol=1e-4)
+
+
+def test_sampling_cuts_after_the_first_eos(tiny_model_dir, tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id
+    model = load_causal_lm(tiny_model_dir).eval()
+    torch.manual_seed(0)
+    prompts = [[1, 2, 3], [4, 5]]
+    out = sample_completions(
+        model, prompts, max_new_tokens=6, eos_token_id=eos, pad_token_id=tiny_tokenizer.pad_token_id,
+        temperature=1.0, num_generations=3, batch_size=1,
+    )
+    assert len(out.ids) == 6 and out.prompt_index == [0, 0, 0, 1, 1, 1]
+    for ids, has_eos in zip(out.ids, out.has_eos):
+        assert 1 <= len(ids) <= 6
+        assert has_eos == (eos in ids)
+        if has_eos:
+            assert ids.index(eos) == len(ids) - 1
+    # force EOS with a large logit bias on it: every completion then is exactly [eos]
+    bias = torch.zeros(model.config.vocab_size)
+    bias[eos] = 1e4
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + bias)
+    forced = sample_completions(model, prompts, max_new_tokens=4, eos_token_id=eos, pad_token_id=0, temperature=0.01)
+    assert forced.ids == [[eos], [eos]] and forced.has_eos == [True, True]
+
+
+@pytest.mark.parametrize("kw, message", [({"temperature": 0}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_new_tokens": 0}, "max_new_tokens")])
+def test_bad_sampling_settings(tiny_model_dir, kw, message):
+    args = dict(max_new_tokens=2, eos_token_id=2, pad_token_id=2)
+    args.update(kw)
+    with pytest.raises(ValueError, match=message):
+        sample_completions(torch.nn.Linear(1, 1), [[1]], **args)
