@@ -55,7 +55,7 @@ def _config(model, data, rewards, out, **kw):
 PPO_METRICS = (
     "objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward", "objective/non_score_reward",
     "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac", "val/explained_variance",
-    "completions/mean_length", "completions/clipped_ratio", "time/generation", "time/scoring",
+    "completions/mean_length", "completions/clipped_ratio", "time/generation", "time/scoring", "time/training",
     "tokens_per_second/generation", "tokens_per_second/train", "learning_rate", "grad_norm",
 )
 

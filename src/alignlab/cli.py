@@ -20,6 +20,7 @@ COMMANDS = {
     "score": "score preference pairs with a reward model: mean scores and accuracy",
     "dpo": "Direct Preference Optimization on preference pairs",
     "ppo": "PPO-RLHF: policy, reference, reward and value models; rewards from a reward model and/or functions",
+    "grpo": "GRPO: group-relative advantages over several completions per prompt, no value model",
     "generate": "sample completions from a base or trained model",
     "prepare-model": "convert the embedded model to its safetensors cache and print its path",
 }
@@ -137,6 +138,13 @@ def _run_ppo(argv: list[str]) -> None:
     _print_result(result, "", final_metrics=("objective/scores", "objective/kl"))
 
 
+def _run_grpo(argv: list[str]) -> None:
+    from alignlab.algorithms.grpo import GRPOConfig, train_grpo
+
+    result = train_grpo(parse_config(GRPOConfig, argv, "alignlab grpo"))
+    _print_result(result, "", final_metrics=("reward", "kl"))
+
+
 def _run_sft(argv: list[str]) -> None:
     from alignlab.algorithms.sft import SFTConfig, train_sft
 
@@ -198,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "score": _run_score,
         "dpo": _run_dpo,
         "ppo": _run_ppo,
+        "grpo": _run_grpo,
         "generate": _run_generate,
         "prepare-model": _run_prepare_model,
     }

@@ -15,7 +15,6 @@ trained together by one optimizer, as TRL's ``PolicyAndValueWrapper``.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -25,24 +24,14 @@ from typing import Literal
 import torch
 
 from alignlab.advantages.gae import compute_gae, kl_penalized_rewards
-from alignlab.data.io import read_rows
-from alignlab.data.preference import tokenize_text
-from alignlab.data.prompts import build_prompt_examples
+from alignlab.algorithms.online import OnlineConfig, OnlineSetup
 from alignlab.errors import UserError
 from alignlab.losses.ppo import clipped_policy_loss, clipped_value_loss
-from alignlab.models import is_peft_model, load_causal_lm, load_reward_model, load_tokenizer
+from alignlab.models import load_reward_model
 from alignlab.ops.kl import KL_ESTIMATORS
 from alignlab.ops.masked import masked_mean, masked_var, masked_whiten
-from alignlab.rollout.generation import (
-    build_sequences,
-    completion_token_logps,
-    sample_completions,
-    slice_rows,
-    token_values,
-)
-from alignlab.rollout.rewards import build_reward_sources, compute_rewards
-from alignlab.train.config import TrainConfig
-from alignlab.train.loop import Rollout, Trainer, TrainResult, autocast, build_accelerator
+from alignlab.rollout.generation import completion_token_logps, slice_rows, token_values
+from alignlab.train.loop import Rollout, Trainer, TrainResult, autocast
 from alignlab.train.setup import prepare_model
 
 logger = logging.getLogger(__name__)
@@ -58,36 +47,20 @@ PPO_PLOTS = {
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(OnlineConfig):
     """Settings of ``alignlab ppo``; names and defaults follow TRL's ``PPOConfig`` (trl 0.24) unless a field's
     docstring says otherwise. One step = one rollout of ``per_device_train_batch_size *
     gradient_accumulation_steps * num_mini_batches`` prompts per process and its updates."""
 
     learning_rate: float = 3e-6
     """Peak AdamW learning rate (TRL's PPO default)."""
-    logging_steps: int = 1
-    """Write a row to ``metrics.jsonl`` every this many steps (each step is a whole rollout)."""
-    reward_model_path: str | None = None
-    """A trained reward model (an ``alignlab reward`` output_dir or hub id); its score of the prompt+completion,
-    read at the last token, is the reward. Needs the policy's tokenizer vocabulary or its own (re-tokenized)."""
-    reward_funcs: list[str] | None = None
-    """Python reward functions, ``path/to/file.py:name`` or ``module:name`` (TRL signature
-    ``fn(prompts, completions, **columns) -> list[float]``); several allowed."""
-    reward_weights: list[float] | None = None
-    """One weight per reward source: the reward functions in order, then the reward model. Default: all 1."""
     value_model_path: str | None = None
     """Initialise the value model from this checkpoint instead (default: the reward model, else the policy
     with a fresh scalar head)."""
     response_length: int = 53
     """Most tokens sampled per completion (TRL's default 53)."""
     temperature: float = 0.7
-    """Sampling temperature; log-probs are computed at the same temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold (1: off, as TRL PPO; then the log-probs are exact)."""
-    max_prompt_length: int | None = 512
-    """Keep at most the last this many prompt tokens (alignlab; TRL PPO does not truncate)."""
-    missing_eos_penalty: float | None = None
-    """Subtract this from the score of completions that reach ``response_length`` without EOS (TRL)."""
+    """Sampling temperature (TRL PPO's default); log-probs are computed at the same temperature."""
     kl_coef: float = 0.05
     """Per-token KL penalty coefficient (reward units per nat)."""
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -109,27 +82,12 @@ class PPOConfig(TrainConfig):
     num_mini_batches: int = 1
     """Mini-batches per pass; each is one optimizer step of ``per_device_train_batch_size *
     gradient_accumulation_steps`` completions per process."""
-    sample_steps: int = 10
-    """Append the step's prompts, completions and rewards to ``samples.jsonl`` at step 1 and every this many
-    steps (0: never)."""
-    padding_free: bool = True
-    """Pack sequences without padding for the policy's log-prob passes (as ``alignlab dpo``)."""
-    prompt_column: str = "prompt"
-    """Column holding the prompt (text or messages); rows without it may be preference pairs."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.reward_model_path and not self.reward_funcs:
-            raise UserError("give --reward_model_path and/or --reward_funcs")
         for name in ("response_length", "num_ppo_epochs", "num_mini_batches"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise UserError(f"--max_prompt_length must be >= 1, got {self.max_prompt_length}")
-        if not self.temperature > 0:
-            raise UserError(f"--temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
         if not self.kl_coef >= 0:
             raise UserError(f"--kl_coef must be >= 0, got {self.kl_coef}")
         for name in ("gamma", "lam"):
@@ -141,12 +99,6 @@ class PPOConfig(TrainConfig):
             raise UserError(f"--cliprange_value must be > 0, got {self.cliprange_value}")
         if not self.vf_coef >= 0:
             raise UserError(f"--vf_coef must be >= 0, got {self.vf_coef}")
-        if self.sample_steps < 0:
-            raise UserError(f"--sample_steps must be >= 0, got {self.sample_steps}")
-        if self.eval_dataset_name or self.eval_split_size:
-            raise UserError("alignlab ppo has no evaluation pass: drop --eval_dataset_name / --eval_split_size")
-        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
-            raise UserError(f"--missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
 
     @property
     def rollout_batch_size(self) -> int:
@@ -198,123 +150,47 @@ class PPOTrainer:
 
     def __init__(self, config: PPOConfig):
         self.config = cfg = config
-        self.accelerator = acc = build_accelerator(config)
-        device = acc.device
-        self.tokenizer = tok = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-        rows = read_rows(config.dataset_name, config_name=config.dataset_config, split=config.dataset_train_split)
-        self.prompts, stats = build_prompt_examples(
-            rows, tok, max_prompt_length=config.max_prompt_length, prompt_column=config.prompt_column
+        self.setup = setup = OnlineSetup(
+            config,
+            prompts_per_step=config.rollout_batch_size,
+            batch_hint="per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches",
         )
-        if acc.is_main_process:
-            logger.info("prompts %s: %s", config.dataset_name, stats.describe())
-        if len(self.prompts) < config.rollout_batch_size:
-            raise UserError(
-                f"one rollout takes {config.rollout_batch_size} prompts per process (per_device_train_batch_size x "
-                f"gradient_accumulation_steps x num_mini_batches) but {config.dataset_name} has {len(self.prompts)}"
-            )
-        self.sources = build_reward_sources(
-            config.reward_funcs, config.reward_weights, with_reward_model=bool(config.reward_model_path)
-        )
-
-        policy = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-        self.ref_model = None
-        if not config.use_peft:  # with LoRA the reference is the policy with its adapters disabled
-            self.ref_model = copy.deepcopy(policy).to(device).eval().requires_grad_(False)
-        policy = prepare_model(policy, config, device)
-
-        self.reward_model, self.reward_tokenizer = None, None
-        if config.reward_model_path:
-            self.reward_tokenizer = load_tokenizer(config.reward_model_path, trust_remote_code=config.trust_remote_code)
-            self.reward_model = load_reward_model(
-                config.reward_model_path,
-                pad_token_id=self.reward_tokenizer.pad_token_id,
-                trust_remote_code=config.trust_remote_code,
-            ).to(device).eval().requires_grad_(False)
-            self.sources[-1].model = self.reward_model
-        self.same_vocab = self.reward_tokenizer is None or self.reward_tokenizer.get_vocab() == tok.get_vocab()
-
+        self.accelerator, self.tokenizer, self.prompts = setup.accelerator, setup.tokenizer, setup.prompts
+        tok, device = self.tokenizer, self.accelerator.device
         value_path = config.value_model_path or config.reward_model_path or config.model_name_or_path
         value_model = load_reward_model(value_path, pad_token_id=tok.pad_token_id, trust_remote_code=config.trust_remote_code)
         value_model = prepare_model(value_model, config, device, task_type="SEQ_CLS", modules_to_save=["score"])
         self.model = PolicyAndValue(
-            policy, value_model, temperature=cfg.temperature, padding_free=cfg.padding_free, pad_token_id=tok.pad_token_id
+            setup.policy, value_model, temperature=cfg.temperature, padding_free=cfg.padding_free,
+            pad_token_id=tok.pad_token_id,
         )
         self.shuffle = torch.Generator().manual_seed(config.seed)
 
+    @property
+    def ref_model(self):
+        return self.setup.ref_model
+
     # ------------------------------------------------------------------------------------------------------
-    def _reference_logps(self, policy: torch.nn.Module, sequences: dict[str, torch.Tensor]) -> torch.Tensor:
-        kwargs = dict(temperature=self.config.temperature, padding_free=self.config.padding_free,
-                      pad_token_id=self.tokenizer.pad_token_id)
-        if self.ref_model is not None:
-            return completion_token_logps(self.ref_model, sequences, **kwargs)
-        if not is_peft_model(policy):
-            raise RuntimeError("no reference model and no adapters to disable")
-        with policy.disable_adapter():
-            return completion_token_logps(policy, sequences, **kwargs)
-
-    def _reward_inputs(self, examples: list[dict], completion_ids: list[list[int]], texts: list[str],
-                       sequences: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """The reward model's input: the policy's own token ids when the vocabularies match, else the prompt
-        and completion text re-tokenized with the reward model's tokenizer (chat template for messages)."""
-        if self.reward_model is None:
-            return None
-        if self.same_vocab:
-            return sequences
-        rtok = self.reward_tokenizer
-        ids = []
-        for ex, text in zip(examples, texts):
-            prompt = ex["prompt"]
-            if isinstance(prompt, list):
-                ids.append(tokenize_text(rtok, prompt + [{"role": "assistant", "content": text}]))
-            else:
-                ids.append(tokenize_text(rtok, prompt + text + (rtok.eos_token or "")))
-        seq = build_sequences([i[:1] for i in ids], [i[1:] for i in ids], rtok.pad_token_id)
-        return {k: seq[k] for k in ("input_ids", "attention_mask")}
-
     def rollout(self, model, examples: list[dict], step: int) -> Rollout:
         """Sample, score and compute advantages for one batch of prompts; returns the step's updates.
 
         Called by the loop without gradients, the models in eval mode.
         """
-        cfg, acc, tok = self.config, self.accelerator, self.tokenizer
-        device = acc.device
-        wrapper = acc.unwrap_model(model)
+        cfg, setup = self.config, self.setup
+        device = self.accelerator.device
+        wrapper = self.accelerator.unwrap_model(model)
         policy = wrapper.policy
-        prompt_ids = [ex["prompt_ids"] for ex in examples]
-
+        scored = setup.sample(policy, examples, max_new_tokens=cfg.response_length)
+        seq, scores = scored.sequences, scored.scores.to(device)
         start = time.perf_counter()
         with autocast(cfg, device):
-            completions = sample_completions(
-                policy, prompt_ids, max_new_tokens=cfg.response_length, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
-            )
-        generation_seconds = time.perf_counter() - start
-
-        start = time.perf_counter()
-        seq = {k: v.to(device) for k, v in build_sequences(prompt_ids, completions.ids, tok.pad_token_id).items()}
-        texts = tok.batch_decode(completions.ids, skip_special_tokens=True)
-        prompts = [ex["prompt"] for ex in examples]
-        shown = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
-        columns = {k: [ex["columns"].get(k) for ex in examples] for k in examples[0]["columns"]}
-        with autocast(cfg, device):
-            old_logps = completion_token_logps(
-                policy, seq, temperature=cfg.temperature, padding_free=cfg.padding_free, pad_token_id=tok.pad_token_id
-            )
-            ref_logps = self._reference_logps(policy, seq)
+            old_logps = setup.logps(policy, seq)
+            ref_logps = setup.reference_logps(policy, seq)
             old_values = token_values(wrapper.value_model, seq)
-            scores, per_source = compute_rewards(
-                self.sources, prompts=prompts, completions=shown, completion_ids=completions.ids, columns=columns,
-                reward_inputs=self._reward_inputs(examples, completions.ids, texts, seq),
-            )
-        has_eos = torch.tensor(completions.has_eos)
-        if cfg.missing_eos_penalty is not None:
-            scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
-        scoring_seconds = time.perf_counter() - start
+        forward_seconds = time.perf_counter() - start
 
         mask = seq["response_mask"].bool()
-        rewards = kl_penalized_rewards(
-            scores.to(device), old_logps, ref_logps, mask, kl_coef=cfg.kl_coef, estimator=cfg.kl_estimator
-        )
+        rewards = kl_penalized_rewards(scores, old_logps, ref_logps, mask, kl_coef=cfg.kl_coef, estimator=cfg.kl_estimator)
         if cfg.whiten_rewards:
             rewards = torch.where(mask, masked_whiten(rewards, mask, shift_mean=False), 0)
         advantages, returns = compute_gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
@@ -322,23 +198,18 @@ class PPOTrainer:
 
         kl = torch.where(mask, KL_ESTIMATORS[cfg.kl_estimator](old_logps, ref_logps), 0).sum(1)
         non_score = -cfg.kl_coef * kl
-        lengths = torch.tensor(completions.lengths, dtype=torch.float32)
-        metrics = {
+        metrics = scored.metrics()
+        metrics.update({
             "objective/scores": scores,
             "objective/kl": kl,
             "objective/entropy": -old_logps.sum(1),
             "objective/non_score_reward": non_score,
-            "objective/rlhf_reward": scores.to(device) + non_score,
+            "objective/rlhf_reward": scores + non_score,
             "val/explained_variance": explained_variance(old_values, returns, mask),
-            "completions/mean_length": lengths,
-            "completions/clipped_ratio": (~has_eos).float(),
-            "time/generation": generation_seconds,
-            "time/scoring": scoring_seconds,
-            "tokens_per_second/generation": float(lengths.sum()) / max(generation_seconds, 1e-9),
-        }
-        if len(self.sources) > 1:
-            for name, values in per_source.items():
-                metrics[f"rewards/{name}/mean"] = torch.nanmean(values)
+            "time/scoring": scored.scoring_seconds + forward_seconds,
+        })
+        if len(setup.sources) == 1:
+            metrics.pop(f"rewards/{setup.sources[0].name}/mean")  # the same number as objective/scores
 
         data = dict(seq, old_logps=old_logps, old_values=old_values, advantages=advantages, returns=returns)
         n, micro = len(examples), cfg.per_device_train_batch_size
@@ -349,13 +220,7 @@ class PPOTrainer:
             for m in range(cfg.num_mini_batches):
                 rows = order[m * mini : (m + 1) * mini]
                 updates.append([slice_rows(data, rows[i : i + micro].to(device)) for i in range(0, mini, micro)])
-
-        samples = []
-        if cfg.sample_steps and (step == 1 or step % cfg.sample_steps == 0):
-            for i, (prompt, text) in enumerate(zip(prompts, texts)):
-                row = {"step": step, "prompt": prompt, "completion": text, "score": float(scores[i])}
-                row.update({f"rewards/{name}": float(v[i]) for name, v in per_source.items()})
-                samples.append(row)
+        samples = scored.sample_rows(step) if cfg.writes_samples(step) else []
         return Rollout(updates=updates, metrics=metrics, samples=samples)
 
     def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -446,6 +446,7 @@ class Trainer:
                         grad_norm, step_tokens, seconds = self._online_step(model, optimizer, batch, global_step + 1, store)
                         tokens += step_tokens
                         train_time += seconds
+                        store["time/training"].append(self._gather(torch.tensor(seconds)))
                         scheduler.step()
                         if self.accelerator.device.type == "cpu":
                             release_free_memory()
@@ -472,10 +473,12 @@ class Trainer:
                         row.update(self._reduce(store))
                         row["learning_rate"] = scheduler.get_last_lr()[0]
                         row["grad_norm"] = float(grad_norm)
-                        if online:  # tokens of the updates per second spent in them, summed over processes
-                            row["tokens_per_second/train"] = (
-                                float(self._gather(torch.tensor(tokens / train_time if train_time > 0 else 0.0)).sum())
-                            )
+                        if online:  # tokens through the updates, summed over processes: per second of the
+                            # whole window (sampling included), and per second spent in the updates
+                            rates = torch.tensor([tokens / elapsed if elapsed > 0 else 0.0,
+                                                  tokens / train_time if train_time > 0 else 0.0])
+                            total = self.accelerator.gather(rates.to(acc.device).unsqueeze(0)).sum(0).tolist()
+                            row["tokens_per_second"], row["tokens_per_second/train"] = total
                         else:
                             row["tokens_per_second"] = tokens / elapsed if elapsed > 0 else 0.0
                         if acc.is_main_process:

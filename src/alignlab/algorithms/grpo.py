@@ -1,0 +1,191 @@
+"""GRPO (Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300): glue between rollout, rewards,
+:mod:`alignlab.advantages.group`, :mod:`alignlab.losses.ppo` and the shared loop.
+
+Flow of one step (TRL 1.16 ``GRPOTrainer``): prompts -> ``num_generations`` completions each (KV cache) ->
+rewards (reward functions and/or a reward model) -> group-relative advantages -> (old log-probs when
+``num_iterations`` > 1; reference log-probs when ``beta`` > 0) -> ``num_iterations`` optimizer steps on the
+clipped surrogate (+ ``beta * k3`` KL), per-token losses reduced as ``loss_type`` says. No value model: the
+group mean is the baseline. PPO and GRPO share the clipped objective and differ in the advantages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from alignlab.advantages.group import group_advantages
+from alignlab.algorithms.online import OnlineConfig, OnlineSetup
+from alignlab.errors import UserError
+from alignlab.losses.ppo import aggregate_token_loss, clipped_policy_loss
+from alignlab.ops.kl import kl_k3
+from alignlab.ops.masked import masked_mean
+from alignlab.rollout.generation import slice_rows
+from alignlab.train.loop import Rollout, Trainer, TrainResult, autocast
+
+logger = logging.getLogger(__name__)
+
+GRPO_PLOTS = {
+    "reward": ["reward"],
+    "reward_std": ["reward_std"],
+    "kl": ["kl"],
+    "clip_ratio": ["clip_ratio"],
+    "completion_length": ["completions/mean_length"],
+}
+
+
+@dataclass
+class GRPOConfig(OnlineConfig):
+    """Settings of ``alignlab grpo``; names and defaults follow TRL 1.16's ``GRPOConfig`` unless a field's
+    docstring says otherwise. ``per_device_train_batch_size`` counts completions, as in TRL: one step samples
+    ``per_device_train_batch_size * gradient_accumulation_steps`` completions per process, ``num_generations``
+    for each of ``(per_device_train_batch_size * gradient_accumulation_steps) / num_generations`` prompts."""
+
+    learning_rate: float = 1e-6
+    """Peak AdamW learning rate (TRL's GRPO default)."""
+    num_generations: int = 8
+    """Completions per prompt (the group). The completions per step must be a multiple of it."""
+    max_completion_length: int = 256
+    """Most tokens sampled per completion."""
+    beta: float = 0.0
+    """Weight of the per-token k3 KL to the reference (TRL 1.16's default 0: no reference model is loaded)."""
+    epsilon: float = 0.2
+    """Lower clip range of the ratio (and the upper one unless ``epsilon_high`` is set)."""
+    epsilon_high: float | None = None
+    """Upper clip range ("clip-higher", DAPO uses 0.28). Unset: ``epsilon``."""
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
+    """How per-token losses are averaged: grpo (per sequence, then over sequences; the paper's eq. 3), dapo
+    (over all tokens of the step; TRL 1.16's default, Yu et al. 2025) or dr_grpo (by a constant, Liu et al.
+    2025). See docs/grpo.md."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide the group-centred rewards by the group's std (the paper), the batch's std, or nothing (Dr. GRPO)."""
+    num_iterations: int = 1
+    """Optimizer steps per sampled batch (the paper's mu). Above 1 the old log-probs are computed once."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("num_generations", "max_completion_length", "num_iterations"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if per_step % self.num_generations:
+            raise UserError(
+                f"per_device_train_batch_size x gradient_accumulation_steps = {per_step} completions per step is not "
+                f"a multiple of --num_generations {self.num_generations}"
+            )
+        if not self.beta >= 0:
+            raise UserError(f"--beta must be >= 0, got {self.beta}")
+        if not 0 < self.epsilon < 1:
+            raise UserError(f"--epsilon must be in (0, 1), got {self.epsilon}")
+        if self.epsilon_high is not None and not self.epsilon_high > 0:
+            raise UserError(f"--epsilon_high must be > 0, got {self.epsilon_high}")
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts per process per step."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps // self.num_generations
+
+
+class GRPOTrainer:
+    """GRPO of a causal LM against reward functions and/or a reward model.
+
+    Raises:
+        UserError / DataError: bad flags, unreadable data or models, a bad row, a failing reward function.
+    """
+
+    def __init__(self, config: GRPOConfig):
+        self.config = config
+        self.setup = setup = OnlineSetup(
+            config,
+            prompts_per_step=config.prompts_per_step,
+            batch_hint="per_device_train_batch_size x gradient_accumulation_steps / num_generations",
+            need_reference=config.beta > 0,
+        )
+        self.accelerator, self.tokenizer, self.prompts = setup.accelerator, setup.tokenizer, setup.prompts
+        self.policy = setup.policy
+        self.shuffle = torch.Generator().manual_seed(config.seed)
+
+    def rollout(self, model, examples: list[dict], step: int) -> Rollout:
+        """Sample a group per prompt, score, compute group advantages; returns ``num_iterations`` updates."""
+        cfg, setup = self.config, self.setup
+        device = self.accelerator.device
+        policy = self.accelerator.unwrap_model(model)
+        scored = setup.sample(policy, examples, max_new_tokens=cfg.max_completion_length,
+                              num_generations=cfg.num_generations)
+        advantages, group_metrics = group_advantages(scored.scores, cfg.num_generations, scale_rewards=cfg.scale_rewards)
+        data = dict(scored.sequences, advantages=advantages.to(device))
+        start = time.perf_counter()
+        with autocast(cfg, device):
+            if cfg.num_iterations > 1:  # with one iteration the old policy is the current one (ratio 1)
+                data["old_logps"] = setup.logps(policy, data)
+            if cfg.beta > 0:
+                data["ref_logps"] = setup.reference_logps(policy, data)
+        forward_seconds = time.perf_counter() - start
+
+        n, micro = advantages.numel(), cfg.per_device_train_batch_size
+        mask = data["response_mask"]
+        # dapo: every token of the step weighs the same. The loop weights each micro-batch's loss by 1 / (number
+        # of micro-batches), so each divides its token sum by (step tokens / number of micro-batches).
+        n_micro = -(-n // micro)
+        data["num_items"] = torch.full((n,), float(mask.sum()) / n_micro, device=device)
+        updates = []
+        for _ in range(cfg.num_iterations):
+            order = torch.randperm(n, generator=self.shuffle).to(device)
+            updates.append([slice_rows(data, order[i : i + micro]) for i in range(0, n, micro)])
+
+        metrics = scored.metrics()
+        metrics.update(group_metrics)
+        metrics.pop("reward_std_within_group", None)
+        metrics["time/scoring"] = scored.scoring_seconds + forward_seconds
+        for name, values in scored.per_source.items():
+            metrics[f"rewards/{name}/std"] = values[~values.isnan()].std() if (~values.isnan()).sum() > 1 else 0.0
+        samples = scored.sample_rows(step) if cfg.writes_samples(step) else []
+        for row, adv in zip(samples, advantages.tolist()):
+            row["advantage"] = adv
+        return Rollout(updates=updates, metrics=metrics, samples=samples)
+
+    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clipped surrogate (+ ``beta`` k3 KL) per token, reduced by ``loss_type``, on one micro-batch."""
+        cfg = self.config
+        mask = batch["response_mask"].bool()
+        logps = self.setup.logps(model, batch)
+        old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
+        per_token, policy_metrics = clipped_policy_loss(
+            logps, old_logps, batch["advantages"], mask, cliprange=cfg.epsilon, cliprange_high=cfg.epsilon_high
+        )
+        metrics = {"clip_ratio": policy_metrics["policy/clipfrac"]}
+        if cfg.beta > 0:
+            kl = kl_k3(logps, batch["ref_logps"])
+            per_token = per_token + cfg.beta * kl
+            metrics["kl"] = masked_mean(kl.detach(), mask)
+        loss = aggregate_token_loss(
+            per_token, mask, loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
+            num_items_in_batch=batch["num_items"][0],
+        )
+        return loss, metrics
+
+    def train(self) -> TrainResult:
+        """Train, save the policy; returns where everything went."""
+        trainer = Trainer(
+            self.config,
+            self.accelerator,
+            self.policy,
+            self.tokenizer,
+            self.prompts,
+            collate_fn=list,
+            loss_fn=self.compute_loss,
+            plot_panels=GRPO_PLOTS,
+            rollout_fn=self.rollout,
+            rollout_batch_size=self.config.prompts_per_step,
+        )
+        result = trainer.train()
+        self.policy = trainer.model
+        return result
+
+
+def train_grpo(config: GRPOConfig) -> TrainResult:
+    """Run GRPO as configured; the Python twin of ``alignlab grpo``."""
+    return GRPOTrainer(config).train()

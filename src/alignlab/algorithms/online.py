@@ -1,0 +1,163 @@
+"""What the online algorithms (PPO, GRPO, Online DPO) share: the reward and sampling flags, and the set-up of
+prompts, policy, reference and reward sources. Each algorithm adds its own rollout and loss."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from alignlab.data.io import read_rows
+from alignlab.data.prompts import build_prompt_examples
+from alignlab.errors import UserError
+from alignlab.models import is_peft_model, load_causal_lm, load_reward_model, load_tokenizer
+from alignlab.rollout.experience import ScoredCompletions, sample_and_score
+from alignlab.rollout.generation import completion_token_logps
+from alignlab.rollout.rewards import build_reward_sources
+from alignlab.train.config import TrainConfig
+from alignlab.train.loop import autocast, build_accelerator
+from alignlab.train.setup import prepare_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OnlineConfig(TrainConfig):
+    """Flags every online algorithm shares (TRL names). Each step samples from the current policy."""
+
+    logging_steps: int = 1
+    """Write a row to ``metrics.jsonl`` every this many steps (each step is a whole rollout)."""
+    reward_model_path: str | None = None
+    """A trained reward model (an ``alignlab reward`` output_dir or hub id); its score of the prompt+completion,
+    read at the last token, is a reward. Scored on the policy's token ids when the vocabularies match, else
+    on the text re-tokenized with its own tokenizer."""
+    reward_funcs: list[str] | None = None
+    """Python reward functions, ``path/to/file.py:name`` or ``module:name`` (TRL signature
+    ``fn(prompts, completions, **columns) -> list[float]``); several allowed."""
+    reward_weights: list[float] | None = None
+    """One weight per reward source: the reward functions in order, then the reward model. Default: all 1."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1: off; then the log-probs are those of the sampling distribution)."""
+    max_prompt_length: int | None = 512
+    """Keep at most the last this many prompt tokens."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of completions that reach the length limit without EOS (TRL)."""
+    sample_steps: int = 10
+    """Append the step's prompts, completions and rewards to ``samples.jsonl`` at step 1 and every this many
+    steps (0: never)."""
+    padding_free: bool = True
+    """Pack sequences without padding for the policy's log-prob passes (as ``alignlab dpo``)."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt (text or messages); rows without it may be preference pairs."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.reward_model_path and not self.reward_funcs:
+            raise UserError("give --reward_model_path and/or --reward_funcs")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise UserError(f"--max_prompt_length must be >= 1, got {self.max_prompt_length}")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.sample_steps < 0:
+            raise UserError(f"--sample_steps must be >= 0, got {self.sample_steps}")
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            raise UserError(f"--missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
+        if self.eval_dataset_name or self.eval_split_size:
+            raise UserError("online training has no evaluation pass: drop --eval_dataset_name / --eval_split_size")
+
+    def writes_samples(self, step: int) -> bool:
+        """Whether ``step`` appends to ``samples.jsonl``."""
+        return bool(self.sample_steps) and (step == 1 or step % self.sample_steps == 0)
+
+
+class OnlineSetup:
+    """Prompts, policy, reference and reward sources, loaded for an online algorithm.
+
+    Args:
+        config: the algorithm's config.
+        prompts_per_step: prompts each process needs for one rollout (a clear error if the data has fewer).
+        batch_hint: how that number is made up, for the error message.
+        need_reference: load a reference (a frozen copy of the policy, or the policy's disabled adapters with
+            ``use_peft``); GRPO with ``beta = 0`` needs none.
+
+    Attributes: ``accelerator``, ``tokenizer``, ``prompts`` (examples), ``sources`` (reward sources, models
+    attached), ``policy`` (prepared for training, on the device), ``ref_model`` (``None`` with LoRA or
+    without a reference), ``reward_tokenizer`` (``None`` unless the reward model's vocabulary differs).
+
+    Raises:
+        UserError / DataError: bad flags, unreadable data or models, a bad row.
+    """
+
+    def __init__(self, config: OnlineConfig, *, prompts_per_step: int, batch_hint: str, need_reference: bool = True):
+        self.config = config
+        self.accelerator = acc = build_accelerator(config)
+        device = acc.device
+        self.tokenizer = tok = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        rows = read_rows(config.dataset_name, config_name=config.dataset_config, split=config.dataset_train_split)
+        self.prompts, stats = build_prompt_examples(
+            rows, tok, max_prompt_length=config.max_prompt_length, prompt_column=config.prompt_column
+        )
+        if acc.is_main_process:
+            logger.info("prompts %s: %s", config.dataset_name, stats.describe())
+        if len(self.prompts) < prompts_per_step:
+            raise UserError(
+                f"one rollout takes {prompts_per_step} prompts per process ({batch_hint}) but "
+                f"{config.dataset_name} has {len(self.prompts)}"
+            )
+        self.sources = build_reward_sources(
+            config.reward_funcs, config.reward_weights, with_reward_model=bool(config.reward_model_path)
+        )
+
+        policy = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        self.has_reference = need_reference
+        self.ref_model = None
+        if need_reference and not config.use_peft:  # with LoRA the reference is the policy, adapters disabled
+            self.ref_model = copy.deepcopy(policy).to(device).eval().requires_grad_(False)
+        self.policy = prepare_model(policy, config, device)
+
+        self.reward_tokenizer = None
+        if config.reward_model_path:
+            rtok = load_tokenizer(config.reward_model_path, trust_remote_code=config.trust_remote_code)
+            model = load_reward_model(
+                config.reward_model_path, pad_token_id=rtok.pad_token_id, trust_remote_code=config.trust_remote_code
+            )
+            self.sources[-1].model = model.to(device).eval().requires_grad_(False)
+            if rtok.get_vocab() != tok.get_vocab():
+                self.reward_tokenizer = rtok
+
+    def logps(self, model: torch.nn.Module, sequences: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(N, L)`` completion-token log-probs under ``model`` at the sampling temperature."""
+        cfg = self.config
+        return completion_token_logps(
+            model, sequences, temperature=cfg.temperature, padding_free=cfg.padding_free,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+
+    def reference_logps(self, policy: torch.nn.Module, sequences: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(N, L)`` reference log-probs, without gradients; ``policy`` is the unwrapped policy."""
+        if not self.has_reference:
+            raise RuntimeError("this run was set up without a reference model")
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return self.logps(self.ref_model, sequences)
+            if not is_peft_model(policy):
+                raise RuntimeError("no reference model and no adapters to disable")
+            with policy.disable_adapter():
+                return self.logps(policy, sequences)
+
+    def sample(self, policy: torch.nn.Module, examples: list[dict], *, max_new_tokens: int,
+               num_generations: int = 1) -> ScoredCompletions:
+        """Sample and score completions for ``examples`` with the (unwrapped) ``policy``."""
+        cfg, device = self.config, self.accelerator.device
+        return sample_and_score(
+            policy, self.tokenizer, examples, self.sources, device=device, precision=autocast(cfg, device),
+            max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+            num_generations=num_generations, missing_eos_penalty=cfg.missing_eos_penalty,
+            reward_tokenizer=self.reward_tokenizer,
+        )

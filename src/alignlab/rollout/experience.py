@@ -1,0 +1,162 @@
+"""The part of a rollout every online algorithm shares: sample completions for a batch of prompts, lay them
+out as token sequences, and score them with the reward sources. PPO, GRPO and Online DPO add their own
+log-prob, value and advantage computations on top."""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from alignlab.data.preference import tokenize_text
+from alignlab.rollout.generation import Completions, build_sequences, sample_completions
+from alignlab.rollout.rewards import RewardSource, compute_rewards
+
+
+@dataclass
+class ScoredCompletions:
+    """``N = len(prompts) * num_generations`` sampled completions with their rewards (prompt-major order).
+
+    Attributes:
+        examples: the prompt example of each completion (repeated ``num_generations`` times).
+        completions: token ids, EOS flags.
+        sequences: :func:`~alignlab.rollout.generation.build_sequences` of prompt+completion, on the device.
+        texts: decoded completions (special tokens dropped).
+        scores: ``(N,)`` float32 weighted reward, ``missing_eos_penalty`` applied.
+        per_source: ``{name: (N,)}`` unweighted rewards per source, NaN where not applicable.
+        generation_seconds, scoring_seconds: wall time of sampling and of computing rewards.
+    """
+
+    examples: list[dict[str, Any]]
+    completions: Completions
+    sequences: dict[str, torch.Tensor]
+    texts: list[str]
+    scores: torch.Tensor
+    per_source: dict[str, torch.Tensor]
+    generation_seconds: float
+    scoring_seconds: float
+
+    @property
+    def has_eos(self) -> torch.Tensor:
+        return torch.tensor(self.completions.has_eos)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor(self.completions.lengths, dtype=torch.float32)
+
+    def metrics(self) -> dict[str, Any]:
+        """Metrics every online algorithm logs (TRL GRPO names for the completion statistics)."""
+        lengths = self.lengths
+        out = {
+            "completions/mean_length": lengths,
+            "completions/clipped_ratio": (~self.has_eos).float(),
+            "time/generation": self.generation_seconds,
+            "time/scoring": self.scoring_seconds,
+            "tokens_per_second/generation": float(lengths.sum()) / max(self.generation_seconds, 1e-9),
+        }
+        for name, values in self.per_source.items():
+            out[f"rewards/{name}/mean"] = torch.nanmean(values)
+        return out
+
+    def sample_rows(self, step: int) -> list[dict[str, Any]]:
+        """``samples.jsonl`` rows: step, prompt, completion, score and each source's reward."""
+        rows = []
+        for i, (ex, text) in enumerate(zip(self.examples, self.texts)):
+            row = {"step": step, "prompt": ex["prompt"], "completion": text, "score": float(self.scores[i])}
+            row.update({f"rewards/{name}": float(v[i]) for name, v in self.per_source.items()})
+            rows.append(row)
+        return rows
+
+
+def reward_model_inputs(reward_tokenizer, examples: list[dict], texts: list[str]) -> dict[str, torch.Tensor]:
+    """Prompt+completion re-tokenized with a reward model's own tokenizer (when its vocabulary differs from
+    the policy's): the chat template for message prompts (the completion as an assistant turn), else
+    ``prompt + completion + EOS`` as for training a reward model on text pairs."""
+    ids = []
+    for ex, text in zip(examples, texts):
+        prompt = ex["prompt"]
+        if isinstance(prompt, list):
+            ids.append(tokenize_text(reward_tokenizer, prompt + [{"role": "assistant", "content": text}]))
+        else:
+            ids.append(tokenize_text(reward_tokenizer, prompt + text + (reward_tokenizer.eos_token or "")))
+    seq = build_sequences([i[:1] for i in ids], [i[1:] for i in ids], reward_tokenizer.pad_token_id)
+    return {"input_ids": seq["input_ids"], "attention_mask": seq["attention_mask"]}
+
+
+def sample_and_score(
+    policy: torch.nn.Module,
+    tokenizer,
+    examples: list[dict[str, Any]],
+    sources: list[RewardSource],
+    *,
+    device: torch.device,
+    precision: AbstractContextManager,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    num_generations: int = 1,
+    missing_eos_penalty: float | None = None,
+    reward_tokenizer=None,
+) -> ScoredCompletions:
+    """Sample ``num_generations`` completions per prompt example and score them.
+
+    Args:
+        policy: the (unwrapped) policy, eval mode.
+        tokenizer: the policy's tokenizer.
+        examples: from :func:`alignlab.data.prompts.build_prompt_examples`.
+        sources: from :func:`alignlab.rollout.rewards.build_reward_sources`, models attached.
+        device: where the sequences go.
+        precision: a fresh autocast context (entered once) for sampling and the reward models, e.g.
+            ``alignlab.train.loop.autocast(config, device)``.
+        max_new_tokens, temperature, top_p, num_generations: sampling settings
+            (:func:`~alignlab.rollout.generation.sample_completions`).
+        missing_eos_penalty: subtracted from the score of completions without EOS (TRL); ``None``: none.
+        reward_tokenizer: the reward model's tokenizer when its vocabulary differs from the policy's
+            (the text is then re-tokenized); ``None``: the policy's token ids are scored as they are.
+
+    Raises:
+        UserError: a reward function failed or returned bad values.
+    """
+    prompt_ids = [ex["prompt_ids"] for ex in examples]
+    start = time.perf_counter()
+    with precision:
+        completions = sample_completions(
+            policy, prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
+            num_generations=num_generations,
+        )
+        generation_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        per_completion = [examples[i] for i in completions.prompt_index]
+        sequences = build_sequences(
+            [ex["prompt_ids"] for ex in per_completion], completions.ids, tokenizer.pad_token_id
+        )
+        sequences = {k: v.to(device) for k, v in sequences.items()}
+        texts = tokenizer.batch_decode(completions.ids, skip_special_tokens=True)
+        prompts = [ex["prompt"] for ex in per_completion]
+        shown = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+        columns = {k: [ex["columns"].get(k) for ex in per_completion] for k in per_completion[0]["columns"]}
+        needs_model = any(s.model is not None for s in sources)
+        inputs = None
+        if needs_model:
+            inputs = sequences if reward_tokenizer is None else reward_model_inputs(reward_tokenizer, per_completion, texts)
+        scores, per_source = compute_rewards(
+            sources, prompts=prompts, completions=shown, completion_ids=completions.ids, columns=columns,
+            reward_inputs=inputs,
+        )
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (~torch.tensor(completions.has_eos)).float()
+    return ScoredCompletions(
+        examples=per_completion,
+        completions=completions,
+        sequences=sequences,
+        texts=texts,
+        scores=scores,
+        per_source=per_source,
+        generation_seconds=generation_seconds,
+        scoring_seconds=time.perf_counter() - start,
+    )

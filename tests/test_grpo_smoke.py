@@ -1,0 +1,104 @@
+"""GRPO end to end on the tiny model: outputs and TRL's metric names, groups and advantages, the dapo
+normalisation across micro-batches, the reference only when beta > 0, and one-line errors."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from alignlab.algorithms.grpo import GRPOConfig, GRPOTrainer
+from alignlab.losses.ppo import aggregate_token_loss, clipped_policy_loss
+from tests.conftest import one_line, read_metrics, run_cli
+
+REWARDS = (
+    "def short(prompts, completions, **kw):\n"
+    "    return [-float(len(c[0]['content'] if isinstance(c, list) else c)) / 10 for c in completions]\n"
+)
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": f"Say something about {i}."}]} for i in range(6)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def rewards_file(tmp_path):
+    path = tmp_path / "rewards.py"
+    path.write_text(REWARDS)
+    return path
+
+
+def _config(model, data, rewards, out, **kw):
+    base = dict(
+        model_name_or_path=model, dataset_name=str(data), output_dir=str(out), reward_funcs=[f"{rewards}:short"],
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4, max_completion_length=6,
+        max_steps=2, learning_rate=1e-3, save_steps=0, bf16=False,
+    )
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def test_grpo_writes_outputs_with_trl_metric_names(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    out = tmp_path / "run"
+    trainer = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, out, beta=0.1, sample_steps=1))
+    assert trainer.setup.ref_model is not None
+    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    trainer.train()
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for name in ("reward", "reward_std", "kl", "clip_ratio", "completions/mean_length", "completions/clipped_ratio",
+                 "frac_reward_zero_std", "rewards/short/mean", "tokens_per_second", "loss", "learning_rate"):
+        assert all(math.isfinite(r[name]) for r in rows), name
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference on the first step
+    assert any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 8 and "advantage" in samples[0]
+    # 2 prompts x 4 generations per step: completions of one prompt are adjacent and share its prompt
+    assert all(samples[i]["prompt"] == samples[i - i % 4]["prompt"] for i in range(8))
+    assert (out / "plots" / "reward.png").exists() and (out / "model.safetensors").exists()
+
+
+def test_no_reference_without_beta_and_dapo_normalises_over_the_whole_step(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    cfg = _config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "r", beta=0.0)
+    trainer = GRPOTrainer(cfg)
+    assert trainer.setup.ref_model is None and not trainer.setup.has_reference
+    with torch.no_grad():
+        rollout = trainer.rollout(trainer.policy, trainer.prompts[:2], 1)
+        (update,) = rollout.updates  # num_iterations 1: one optimizer step of 2 micro-batches of 4
+        assert [len(mb["advantages"]) for mb in update] == [4, 4]
+        # group advantages: each prompt's 4 completions are centred
+        per_micro = [trainer.compute_loss(trainer.policy, mb)[0] for mb in update]
+        # the loop weights each micro-batch by 1/2: the sum must be the dapo loss of all 8 completions at once
+        logps = [trainer.setup.logps(trainer.policy, mb) for mb in update]
+        losses = [clipped_policy_loss(lp, lp, mb["advantages"], mb["response_mask"].bool())[0] for lp, mb in zip(logps, update)]
+        width = max(l.shape[1] for l in losses)
+        stacked = torch.cat([torch.nn.functional.pad(l, (0, width - l.shape[1])) for l in losses])
+        masks = torch.cat([torch.nn.functional.pad(mb["response_mask"], (0, width - mb["response_mask"].shape[1])) for mb in update])
+        whole = aggregate_token_loss(stacked, masks, loss_type="dapo")
+    assert sum(per_micro) / 2 == pytest.approx(float(whole), abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
+def test_other_loss_types_and_iterations_run(tiny_model_dir, prompts_file, rewards_file, tmp_path, loss_type):
+    out = tmp_path / loss_type
+    GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, out, loss_type=loss_type, num_iterations=2,
+                        epsilon_high=0.28, max_steps=1)).train()
+    assert math.isfinite(read_metrics(out)[0]["loss"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--per_device_train_batch_size", "3", "--num_generations", "2"], "3 completions per step is not a multiple of --num_generations 2"),
+        (["--per_device_train_batch_size", "8", "--num_generations", "1", "--gradient_accumulation_steps", "1"], "one rollout takes 8 prompts"),
+        (["--loss_type", "bnpo"], "invalid choice: 'bnpo'"),
+    ],
+)
+def test_cli_errors_are_one_line(capsys, tiny_model_dir, prompts_file, rewards_file, tmp_path, extra, message):
+    code, _, err = run_cli(capsys, "grpo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(prompts_file),
+                           "--output_dir", str(tmp_path / "x"), "--reward_funcs", f"{rewards_file}:short", *extra)
+    assert code != 0 and message in one_line(err)
