@@ -21,6 +21,7 @@ COMMANDS = {
     "dpo": "Direct Preference Optimization on preference pairs",
     "ppo": "PPO-RLHF: policy, reference, reward and value models; rewards from a reward model and/or functions",
     "grpo": "GRPO: group-relative advantages over several completions per prompt, no value model",
+    "online-dpo": "Online DPO: DPO on pairs of the policy's own completions, ranked by a reward",
     "generate": "sample completions from a base or trained model",
     "prepare-model": "convert the embedded model to its safetensors cache and print its path",
 }
@@ -145,6 +146,13 @@ def _run_grpo(argv: list[str]) -> None:
     _print_result(result, "", final_metrics=("reward", "kl"))
 
 
+def _run_online_dpo(argv: list[str]) -> None:
+    from alignlab.algorithms.online_dpo import OnlineDPOConfig, train_online_dpo
+
+    result = train_online_dpo(parse_config(OnlineDPOConfig, argv, "alignlab online-dpo"))
+    _print_result(result, "", final_metrics=("objective/scores", "objective/kl", "rewards/accuracies"))
+
+
 def _run_sft(argv: list[str]) -> None:
     from alignlab.algorithms.sft import SFTConfig, train_sft
 
@@ -207,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "dpo": _run_dpo,
         "ppo": _run_ppo,
         "grpo": _run_grpo,
+        "online-dpo": _run_online_dpo,
         "generate": _run_generate,
         "prepare-model": _run_prepare_model,
     }

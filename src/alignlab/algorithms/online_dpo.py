@@ -1,0 +1,171 @@
+"""Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback", arXiv 2402.04792):
+glue between rollout, rewards, :mod:`alignlab.losses.dpo` and the shared loop.
+
+Flow of one step (TRL 1.16's experimental ``OnlineDPOTrainer``): prompts -> two completions each from the
+current policy -> rewards (reward model and/or functions; ``missing_eos_penalty``) -> the better one is
+chosen (ties: the first) -> reference log-probs -> one optimizer step on the DPO loss of those pairs. The
+preference pairs are fresh every step, so the data stays on-policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from alignlab.algorithms.online import OnlineConfig, OnlineSetup
+from alignlab.errors import UserError
+from alignlab.losses.dpo import dpo_loss, dpo_metrics
+from alignlab.rollout.generation import completion_token_logps, slice_rows
+from alignlab.train.loop import Rollout, Trainer, TrainResult, autocast
+
+logger = logging.getLogger(__name__)
+
+ONLINE_DPO_PLOTS = {
+    "scores": ["objective/scores"],
+    "kl": ["objective/kl"],
+    "rewards_margins": ["rewards/margins"],
+    "rewards_accuracies": ["rewards/accuracies"],
+    "rewards": ["rewards/chosen", "rewards/rejected"],
+}
+
+
+@dataclass
+class OnlineDPOConfig(OnlineConfig):
+    """Settings of ``alignlab online-dpo``; names and defaults follow TRL 1.16's ``OnlineDPOConfig``. One step
+    samples two completions for each of ``per_device_train_batch_size * gradient_accumulation_steps`` prompts
+    per process and makes one optimizer step."""
+
+    learning_rate: float = 5e-7
+    """Peak AdamW learning rate (TRL's Online DPO default)."""
+    max_new_tokens: int = 64
+    """Most tokens sampled per completion."""
+    temperature: float = 0.9
+    """Sampling temperature (TRL's default). The DPO log-probs are the policy's own (temperature 1), as TRL."""
+    beta: float = 0.1
+    """DPO's beta: strength of the implicit KL penalty to the reference."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: DPO; ipo: IPO on length-averaged log-ratios (as ``alignlab dpo``; TRL's online IPO uses sums)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.beta > 0:
+            raise UserError(f"--beta must be > 0, got {self.beta}")
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts per process per step."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+
+def pick_chosen(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the chosen and rejected completion of each prompt, from ``(P * 2,)`` scores laid out prompt
+    by prompt (``[p0 first, p0 second, p1 first, ...]``): the higher score wins, a tie goes to the first (TRL:
+    ``first_half >= second_half``). Returns two ``(P,)`` long tensors."""
+    pairs = scores.view(-1, 2)
+    first_wins = pairs[:, 0] >= pairs[:, 1]
+    base = torch.arange(pairs.shape[0], device=scores.device) * 2
+    return base + (~first_wins).long(), base + first_wins.long()
+
+
+class OnlineDPOTrainer:
+    """Online DPO of a causal LM against a reward model and/or reward functions.
+
+    Raises:
+        UserError / DataError: bad flags, unreadable data or models, a bad row, a failing reward function.
+    """
+
+    def __init__(self, config: OnlineDPOConfig):
+        self.config = config
+        self.setup = setup = OnlineSetup(
+            config, prompts_per_step=config.prompts_per_step,
+            batch_hint="per_device_train_batch_size x gradient_accumulation_steps",
+        )
+        self.accelerator, self.tokenizer, self.prompts = setup.accelerator, setup.tokenizer, setup.prompts
+        self.policy = setup.policy
+
+    def _logps(self, model, sequences: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(N,)`` summed completion log-probs at temperature 1."""
+        return completion_token_logps(
+            model, sequences, temperature=1.0, padding_free=self.config.padding_free,
+            pad_token_id=self.tokenizer.pad_token_id,
+        ).sum(1)
+
+    def rollout(self, model, examples: list[dict], step: int) -> Rollout:
+        """Two completions per prompt, ranked by reward; returns one update over the step's pairs."""
+        cfg, setup = self.config, self.setup
+        device = self.accelerator.device
+        policy = self.accelerator.unwrap_model(model)
+        scored = setup.sample(policy, examples, max_new_tokens=cfg.max_new_tokens, num_generations=2)
+        chosen, rejected = pick_chosen(scored.scores)
+        start = time.perf_counter()
+        with autocast(cfg, device):
+            if setup.ref_model is not None:
+                ref = self._logps(setup.ref_model, scored.sequences)
+            else:
+                with policy.disable_adapter():
+                    ref = self._logps(policy, scored.sequences)
+            policy_logps = self._logps(policy, scored.sequences)
+        forward_seconds = time.perf_counter() - start
+
+        data = dict(scored.sequences, ref_logps=ref)
+        micro = cfg.per_device_train_batch_size
+        update = []
+        for i in range(0, chosen.numel(), micro):
+            rows = torch.cat([chosen[i : i + micro], rejected[i : i + micro]]).to(device)  # [chosen; rejected]
+            update.append(slice_rows(data, rows))
+
+        metrics = scored.metrics()
+        metrics.update({
+            "objective/scores": scored.scores,
+            "objective/scores_margin": scored.scores[chosen] - scored.scores[rejected],
+            "objective/kl": policy_logps - ref,
+            "time/scoring": scored.scoring_seconds + forward_seconds,
+        })
+        if len(setup.sources) == 1:
+            metrics.pop(f"rewards/{setup.sources[0].name}/mean")
+        samples = []
+        if cfg.writes_samples(step):
+            samples = scored.sample_rows(step)
+            for row, is_chosen in zip(samples, torch.isin(torch.arange(len(samples)), chosen.cpu()).tolist()):
+                row["chosen"] = is_chosen
+        return Rollout(updates=[update], metrics=metrics, samples=samples)
+
+    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """DPO loss on a micro-batch of pairs (rows ``[chosen; rejected]``), TRL's ``rewards/*`` metrics."""
+        cfg = self.config
+        logps = self._logps(model, batch)
+        chosen_logps, rejected_logps = logps.chunk(2)
+        ref_chosen, ref_rejected = batch["ref_logps"].chunk(2)
+        lengths = batch["response_mask"].sum(1).float()
+        chosen_lengths, rejected_lengths = lengths.chunk(2)
+        chosen_logratios, rejected_logratios = chosen_logps - ref_chosen, rejected_logps - ref_rejected
+        losses = dpo_loss(
+            cfg.loss_type, chosen_logratios, rejected_logratios, beta=cfg.beta,
+            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+        )
+        metrics = dpo_metrics(chosen_logratios, rejected_logratios, beta=cfg.beta)
+        metrics["logps/chosen"] = chosen_logps.detach()
+        metrics["logps/rejected"] = rejected_logps.detach()
+        return losses.mean(), metrics
+
+    def train(self) -> TrainResult:
+        """Train, save the policy; returns where everything went."""
+        trainer = Trainer(
+            self.config, self.accelerator, self.policy, self.tokenizer, self.prompts,
+            collate_fn=list, loss_fn=self.compute_loss, plot_panels=ONLINE_DPO_PLOTS,
+            rollout_fn=self.rollout, rollout_batch_size=self.config.prompts_per_step,
+        )
+        result = trainer.train()
+        self.policy = trainer.model
+        return result
+
+
+def train_online_dpo(config: OnlineDPOConfig) -> TrainResult:
+    """Run Online DPO as configured; the Python twin of ``alignlab online-dpo``."""
+    return OnlineDPOTrainer(config).train()
