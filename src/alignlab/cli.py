@@ -22,6 +22,7 @@ COMMANDS = {
     "ppo": "PPO-RLHF: policy, reference, reward and value models; rewards from a reward model and/or functions",
     "grpo": "GRPO: group-relative advantages over several completions per prompt, no value model",
     "online-dpo": "Online DPO: DPO on pairs of the policy's own completions, ranked by a reward",
+    "iterative-dpo": "rounds of sampling, best-vs-worst pairs by reward, and DPO (Llama 3 / Tulu 3 recipe)",
     "generate": "sample completions from a base or trained model",
     "prepare-model": "convert the embedded model to its safetensors cache and print its path",
 }
@@ -153,6 +154,17 @@ def _run_online_dpo(argv: list[str]) -> None:
     _print_result(result, "", final_metrics=("objective/scores", "objective/kl", "rewards/accuracies"))
 
 
+def _run_iterative_dpo(argv: list[str]) -> None:
+    from alignlab.algorithms.iterative_dpo import IterativeDPOConfig, train_iterative_dpo
+
+    config = parse_config(IterativeDPOConfig, argv, "alignlab iterative-dpo")
+    for record in train_iterative_dpo(config):
+        before, after = record["held_out_reward_before"], record["held_out_reward_after"]
+        change = f", held-out mean reward {before:.4f} -> {after:.4f}" if after is not None else ""
+        print(f"round {record['round']}: {record['pairs']} pairs{change}")
+    print(f"final model: {config.output_dir}")
+
+
 def _run_sft(argv: list[str]) -> None:
     from alignlab.algorithms.sft import SFTConfig, train_sft
 
@@ -216,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "ppo": _run_ppo,
         "grpo": _run_grpo,
         "online-dpo": _run_online_dpo,
+        "iterative-dpo": _run_iterative_dpo,
         "generate": _run_generate,
         "prepare-model": _run_prepare_model,
     }

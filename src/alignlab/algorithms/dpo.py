@@ -53,6 +53,9 @@ class DPOConfig(TrainConfig):
     """Pack the chosen and rejected sequences of a batch into as few rows as fit, with restarting position ids,
     so no compute goes to padding (the same numbers as padded rows; TRL's ``padding_free``, off there by
     default). Used for model types whose masks support it (Llama, Mistral, Qwen, Gemma, Phi-3, ...)."""
+    ref_model_name_or_path: str | None = None
+    """The reference model, when it is not the initial policy (e.g. the first round's start in iterative DPO).
+    Unset: a frozen copy of the policy, or with ``use_peft`` the policy with its adapters disabled."""
     precompute_ref_log_probs: bool = False
     """Compute the reference log-probs once before training and free the reference model."""
     prompt_column: str = "prompt"
@@ -105,7 +108,10 @@ class DPOTrainer:
         )
         policy = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
         self.ref_model = None
-        if not config.use_peft:  # with LoRA the reference is the same network with its adapters disabled
+        if config.ref_model_name_or_path:
+            ref = load_causal_lm(config.ref_model_name_or_path, trust_remote_code=config.trust_remote_code)
+            self.ref_model = ref.to(self.accelerator.device).eval().requires_grad_(False)
+        elif not config.use_peft:  # with LoRA the reference is the same network with its adapters disabled
             self.ref_model = copy.deepcopy(policy).to(self.accelerator.device).eval().requires_grad_(False)
         self.policy = prepare_model(policy, config, self.accelerator.device)
 

@@ -76,6 +76,19 @@ class OnlineConfig(TrainConfig):
         return bool(self.sample_steps) and (step == 1 or step % self.sample_steps == 0)
 
 
+def attach_reward_model(sources: list, config, tokenizer, device: torch.device):
+    """Load ``config.reward_model_path`` (if set) frozen onto ``device`` into the ``reward_model`` source (the
+    last of ``sources``). Returns the reward model's tokenizer when its vocabulary differs from ``tokenizer``'s
+    (the completions are then re-tokenized for it), else ``None``."""
+    if not config.reward_model_path:
+        return None
+    rtok = load_tokenizer(config.reward_model_path, trust_remote_code=config.trust_remote_code)
+    model = load_reward_model(config.reward_model_path, pad_token_id=rtok.pad_token_id,
+                              trust_remote_code=config.trust_remote_code)
+    sources[-1].model = model.to(device).eval().requires_grad_(False)
+    return rtok if rtok.get_vocab() != tokenizer.get_vocab() else None
+
+
 class OnlineSetup:
     """Prompts, policy, reference and reward sources, loaded for an online algorithm.
 
@@ -121,15 +134,7 @@ class OnlineSetup:
             self.ref_model = copy.deepcopy(policy).to(device).eval().requires_grad_(False)
         self.policy = prepare_model(policy, config, device)
 
-        self.reward_tokenizer = None
-        if config.reward_model_path:
-            rtok = load_tokenizer(config.reward_model_path, trust_remote_code=config.trust_remote_code)
-            model = load_reward_model(
-                config.reward_model_path, pad_token_id=rtok.pad_token_id, trust_remote_code=config.trust_remote_code
-            )
-            self.sources[-1].model = model.to(device).eval().requires_grad_(False)
-            if rtok.get_vocab() != tok.get_vocab():
-                self.reward_tokenizer = rtok
+        self.reward_tokenizer = attach_reward_model(self.sources, config, tok, device)
 
     def logps(self, model: torch.nn.Module, sequences: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(N, L)`` completion-token log-probs under ``model`` at the sampling temperature."""
