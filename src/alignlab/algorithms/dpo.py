@@ -8,7 +8,9 @@ sequence logps -> (reference logps) -> DPO loss -> optimizer step -> metrics.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -32,9 +34,77 @@ DPO_PLOTS = {
 
 
 @dataclass
+class Objective:
+    """One weighted preference set of multi-objective DPO."""
+
+    path: str
+    weight: float | None
+    name: str
+
+
+def parse_objectives(spec) -> list[Objective]:
+    """``dataset_name`` as given (a string, or a list of ``"path[:weight]"`` strings or ``{path, weight, name}``
+    dicts) -> objectives. A trailing ``:number`` is a weight (``builtin:concise`` has none); names are the file
+    stems, made unique.
+
+    Raises:
+        UserError: a bad entry, a weight that is not a positive number, or weights on some entries only.
+    """
+    if spec is None:
+        return []
+    items = [spec] if isinstance(spec, (str, dict)) else list(spec)
+    objectives = []
+    for item in items:
+        if isinstance(item, dict):
+            if "path" not in item:
+                raise UserError(f"--dataset_name entry {item!r} has no 'path'")
+            path, weight, name = str(item["path"]), item.get("weight"), item.get("name")
+        elif isinstance(item, str):
+            head, sep, tail = item.rpartition(":")
+            try:
+                path, weight = (head, float(tail)) if sep and head else (item, None)
+            except ValueError:
+                path, weight = item, None
+            name = None
+        else:
+            raise UserError(f"--dataset_name entry {item!r} is neither a path nor a {{path, weight}} mapping")
+        if weight is not None and not (isinstance(weight, (int, float)) and weight > 0):
+            raise UserError(f"--dataset_name {path}: weight must be a positive number, got {weight!r}")
+        stem = name or Path(path.split(":")[-1]).name.split(".")[0] or "objective"
+        objectives.append(Objective(path, None if weight is None else float(weight), stem))
+    if len(objectives) > 1 and any(o.weight is None for o in objectives):
+        raise UserError("--dataset_name: give every data set a weight (a.jsonl:0.5 b.jsonl:0.5) or use one data set")
+    seen: dict[str, int] = {}
+    for o in objectives:
+        seen[o.name] = seen.get(o.name, 0) + 1
+        if seen[o.name] > 1:
+            o.name = f"{o.name}_{seen[o.name]}"
+    return objectives
+
+
+class ObjectiveZip(torch.utils.data.Dataset):
+    """Item ``k`` is ``[set_0[k % len_0], set_1[k % len_1], ...]``: every batch holds the same number of pairs
+    from each set; an epoch is a pass over the largest set (the others repeat)."""
+
+    def __init__(self, sets: list[list[dict]]):
+        self.sets = sets
+
+    def __len__(self) -> int:
+        return max(len(s) for s in self.sets)
+
+    def __getitem__(self, k: int) -> list[dict]:
+        return [s[k % len(s)] for s in self.sets]
+
+
+@dataclass
 class DPOConfig(TrainConfig):
     """Settings of ``alignlab dpo``; names and defaults follow TRL's ``DPOConfig`` (TRL 1.16)."""
 
+    dataset_name: list[str] | None = None
+    """Preference pairs (the forms of every command). Several weighted objectives: ``a.jsonl:0.5
+    b.jsonl:0.5`` (or, in a YAML config, a list of such strings or of ``{path, weight, name}``): the loss is
+    the weighted sum of each set's DPO loss, every batch holding ``per_device_train_batch_size`` pairs of each
+    set, and each set's metrics are logged under its name (the file stem)."""
     learning_rate: float = 1e-6
     """Peak AdamW learning rate (TRL's DPO default)."""
     beta: float = 0.1
@@ -58,6 +128,10 @@ class DPOConfig(TrainConfig):
     Unset: a frozen copy of the policy, or with ``use_peft`` the policy with its adapters disabled."""
     precompute_ref_log_probs: bool = False
     """Compute the reference log-probs once before training and free the reference model."""
+    contrastive_weight: float = 0.0
+    """Contrastive DPO: add ``w`` times the mean, over ordered pairs (i, j) of batch pairs with different
+    prompts, of a DPO term under prompt i preferring i's chosen answer to j's chosen answer (an answer must
+    fit its prompt). 0: off."""
     prompt_column: str = "prompt"
     """Column holding the prompt (explicit-prompt data)."""
     chosen_column: str = "chosen"
@@ -66,9 +140,18 @@ class DPOConfig(TrainConfig):
     """Column holding the dispreferred completion (or full transcript)."""
 
     def __post_init__(self) -> None:
+        self.objectives = parse_objectives(self.dataset_name)
+        if len(self.objectives) == 1 and self.objectives[0].weight is None:
+            self.dataset_name = self.objectives[0].path  # one plain data set: as every other command
         super().__post_init__()
         if not self.beta > 0:
             raise UserError(f"--beta must be > 0, got {self.beta}")
+        if self.contrastive_weight < 0:
+            raise UserError(f"--contrastive_weight must be >= 0, got {self.contrastive_weight}")
+        if self.contrastive_weight and self.precompute_ref_log_probs:
+            raise UserError("--contrastive_weight needs the reference model during training: drop --precompute_ref_log_probs")
+        if len(self.objectives) > 1 and self.eval_dataset_name:
+            raise UserError("with several weighted data sets use --eval_split_size (held out per set), not --eval_dataset_name")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise UserError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
@@ -95,10 +178,7 @@ class DPOTrainer:
         self.config = config
         self.accelerator = build_accelerator(config)
         self.tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-        self.train_examples, self.eval_examples = load_train_eval(
-            config,
-            build_pair_examples,
-            self.tokenizer,
+        build_kwargs = dict(
             is_main_process=self.accelerator.is_main_process,
             max_length=config.max_length,
             truncation_mode=config.truncation_mode,
@@ -106,6 +186,22 @@ class DPOTrainer:
             chosen_column=config.chosen_column,
             rejected_column=config.rejected_column,
         )
+        if len(config.objectives) > 1 or config.objectives[0].weight is not None:
+            sets, self.eval_examples = [], []
+            for k, objective in enumerate(config.objectives):
+                one = dataclasses.replace(config, dataset_name=objective.path)
+                train, evals = load_train_eval(one, build_pair_examples, self.tokenizer, **build_kwargs)
+                if not train:
+                    raise UserError(f"--dataset_name {objective.path}: no training pairs after preprocessing")
+                for example in train + evals:
+                    example["objective"] = k
+                sets.append(train)
+                self.eval_examples += evals
+            self.train_examples = ObjectiveZip(sets)
+        else:
+            self.train_examples, self.eval_examples = load_train_eval(
+                config, build_pair_examples, self.tokenizer, **build_kwargs
+            )
         policy = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
         self.ref_model = None
         if config.ref_model_name_or_path:
@@ -116,13 +212,14 @@ class DPOTrainer:
         self.policy = prepare_model(policy, config, self.accelerator.device)
 
         if config.precompute_ref_log_probs:
-            for examples in (self.train_examples, self.eval_examples):
+            sets = getattr(self.train_examples, "sets", [self.train_examples])
+            for examples in [*sets, self.eval_examples]:
                 self._precompute_ref_logps(examples)
             self.ref_model = None  # freed: the logps travel with the examples
 
     # ------------------------------------------------------------------------------------------------------
     def _logps(self, model, batch) -> torch.Tensor:
-        """``(2B,)`` sequence logps of a collated batch under ``model``."""
+        """``(2B + M,)`` sequence logps of a collated batch under ``model`` (``M`` contrastive rows)."""
         return completion_logps(
             model,
             batch["input_ids"],
@@ -133,7 +230,7 @@ class DPOTrainer:
         )[1]
 
     def _reference_logps(self, model, batch) -> torch.Tensor:
-        """``(2B,)`` reference sequence logps for a collated batch, without gradients."""
+        """``(2B + M,)`` reference sequence logps for a collated batch, without gradients."""
         with torch.no_grad():
             if self.ref_model is not None:
                 return self._logps(self.ref_model, batch)
@@ -160,38 +257,65 @@ class DPOTrainer:
         self.policy.train()
 
     def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """DPO loss and metrics on a collated batch (rows ``[chosen; rejected]``).
+        """DPO loss and metrics on a collated batch (rows ``[chosen; rejected; contrastive]``).
 
-        Chosen and rejected go through the policy in one forward pass. Metrics (per pair): TRL's
-        ``rewards/*`` and ``logps/*``.
+        All rows go through the policy in one forward pass. Metrics (per pair): TRL's ``rewards/*`` and
+        ``logps/*``; with several objectives also ``<name>/rewards/*`` and ``<name>/loss`` per objective; with
+        ``contrastive_weight`` also ``contrastive/loss`` and ``contrastive/accuracies``.
         """
         cfg = self.config
         logps = self._logps(model, batch)
-        chosen_logps, rejected_logps = logps.chunk(2)
+        n_cross = batch["contrastive_index"].shape[0] if "contrastive_index" in batch else 0
+        n = (logps.shape[0] - n_cross) // 2
+        chosen_logps, rejected_logps = logps[:n], logps[n : 2 * n]
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+            ref = None
         else:
-            ref_chosen, ref_rejected = self._reference_logps(model, batch).chunk(2)
+            ref = self._reference_logps(model, batch)
+            ref_chosen, ref_rejected = ref[:n], ref[n : 2 * n]
         chosen_logratios = chosen_logps - ref_chosen
         rejected_logratios = rejected_logps - ref_rejected
         lengths = batch["completion_mask"][:, 1:].sum(dim=1).float()
-        chosen_lengths, rejected_lengths = lengths.chunk(2)
-        losses = dpo_loss(
-            cfg.loss_type,
-            chosen_logratios,
-            rejected_logratios,
-            beta=cfg.beta,
-            label_smoothing=cfg.label_smoothing,
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
-        )
+        chosen_lengths, rejected_lengths = lengths[:n], lengths[n : 2 * n]
+        kwargs = dict(beta=cfg.beta, label_smoothing=cfg.label_smoothing)
+        losses = dpo_loss(cfg.loss_type, chosen_logratios, rejected_logratios,
+                          chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **kwargs)
         metrics = dpo_metrics(chosen_logratios, rejected_logratios, beta=cfg.beta)
         metrics["logps/chosen"] = chosen_logps.detach()
         metrics["logps/rejected"] = rejected_logps.detach()
-        return losses.mean(), metrics
+        if "objective" in batch:
+            loss = losses.new_zeros(())
+            for k, objective in enumerate(cfg.objectives):
+                selected = batch["objective"] == k
+                if not selected.any():
+                    continue
+                loss = loss + objective.weight * losses[selected].mean()
+                metrics[f"{objective.name}/loss"] = losses[selected].detach()
+                for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+                    metrics[f"{objective.name}/{key}"] = metrics[key][selected]
+        else:
+            loss = losses.mean()
+        if n_cross:
+            i, j = batch["contrastive_index"].unbind(1)
+            cross_logratios = logps[2 * n :] - ref[2 * n :]
+            cross = dpo_loss(cfg.loss_type, chosen_logratios[i], cross_logratios,
+                             chosen_lengths=chosen_lengths[i], rejected_lengths=lengths[2 * n :], **kwargs)
+            loss = loss + cfg.contrastive_weight * cross.mean()
+            metrics["contrastive/loss"] = cross.detach()
+            metrics["contrastive/accuracies"] = (chosen_logratios[i] > cross_logratios).float().detach()
+        return loss, metrics
 
     def train(self) -> TrainResult:
         """Train, evaluate, save; returns where everything went."""
+        contrastive = self.config.contrastive_weight > 0
+        plots = dict(DPO_PLOTS)
+        if len(self.config.objectives) > 1:
+            names = [o.name for o in self.config.objectives]
+            plots["objectives_accuracies"] = [f"{name}/rewards/accuracies" for name in names]
+            plots["objectives_margins"] = [f"{name}/rewards/margins" for name in names]
+        if contrastive:
+            plots["contrastive"] = ["contrastive/loss", "contrastive/accuracies"]
         trainer = Trainer(
             self.config,
             self.accelerator,
@@ -199,9 +323,9 @@ class DPOTrainer:
             self.tokenizer,
             self.train_examples,
             eval_dataset=self.eval_examples,
-            collate_fn=lambda ex: collate_pairs(ex, self.tokenizer.pad_token_id),
+            collate_fn=lambda ex: collate_pairs(ex, self.tokenizer.pad_token_id, contrastive=contrastive),
             loss_fn=self.compute_loss,
-            plot_panels=DPO_PLOTS,
+            plot_panels=plots,
         )
         result = trainer.train()
         self.policy = trainer.model

@@ -77,6 +77,8 @@ class IterativeDPOConfig(DPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if len(self.objectives) > 1 or self.objectives[0].weight is not None:
+            raise UserError("iterative-dpo takes one prompt set in --dataset_name (no weights)")
         if self.rounds < 1:
             raise UserError(f"--rounds must be >= 1, got {self.rounds}")
         if self.samples_per_prompt < 2:

@@ -285,16 +285,52 @@ def build_pair_examples(
     return examples, stats
 
 
-def collate_pairs(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def _split_prompt(input_ids: list[int], completion_mask: list[int]) -> tuple[list[int], list[int]]:
+    """``(prompt ids, completion ids)`` of one tokenized sequence (the completion starts at the first 1)."""
+    start = completion_mask.index(1) if 1 in completion_mask else len(input_ids)
+    return input_ids[:start], input_ids[start:]
+
+
+def contrastive_rows(examples: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int]]]:
+    """For every ordered pair ``(i, j)`` of examples with different prompts, the sequence "prompt i + chosen
+    completion j" (token-level concatenation) and its completion mask; returns ``(ids, masks, pairs)``."""
+    parts = [_split_prompt(e["chosen_input_ids"], e["chosen_completion_mask"]) for e in examples]
+    ids, masks, pairs = [], [], []
+    for i, (prompt_i, _) in enumerate(parts):
+        for j, (prompt_j, completion_j) in enumerate(parts):
+            if i == j or prompt_i == prompt_j or not completion_j:
+                continue
+            ids.append(prompt_i + completion_j)
+            masks.append([0] * len(prompt_i) + [1] * len(completion_j))
+            pairs.append((i, j))
+    return ids, masks, pairs
+
+
+def collate_pairs(examples: list[Any], pad_token_id: int, *, contrastive: bool = False) -> dict[str, torch.Tensor]:
     """Stack pairs into one right-padded batch with all chosen sequences first, then all rejected.
 
+    Args:
+        examples: from :func:`build_pair_examples`; items that are lists (one example per objective, from a
+            multi-objective data set) are flattened in order.
+        pad_token_id: filler.
+        contrastive: append, after the rejected rows, one row per ordered pair ``(i, j)`` of examples with
+            different prompts: prompt ``i`` followed by chosen completion ``j`` (contrastive DPO).
+
     Returns:
-        ``input_ids``, ``attention_mask``, ``completion_mask``: ``(2B, T)`` long tensors, ``T`` the longest
-        sequence in the batch; rows ``0..B-1`` are chosen, ``B..2B-1`` rejected (TRL's ``DataCollatorForPreference``
-        layout). Precomputed ``ref_chosen_logps`` / ``ref_rejected_logps`` ``(B,)`` float tensors pass through.
+        ``input_ids``, ``attention_mask``, ``completion_mask``: ``(2B + M, T)`` long tensors, ``T`` the longest
+        sequence in the batch; rows ``0..B-1`` are chosen, ``B..2B-1`` rejected (TRL's
+        ``DataCollatorForPreference`` layout), then the ``M`` contrastive rows, whose ``(i, j)`` are in
+        ``contrastive_index`` ``(M, 2)`` when ``contrastive``. ``objective`` ``(B,)`` holds each pair's objective
+        index when the examples carry one. Precomputed ``ref_chosen_logps`` / ``ref_rejected_logps`` ``(B,)``
+        float tensors pass through.
     """
+    examples = [e for item in examples for e in (item if isinstance(item, list) else [item])]
     seqs = [e["chosen_input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
     masks = [e["chosen_completion_mask"] for e in examples] + [e["rejected_completion_mask"] for e in examples]
+    pairs: list[tuple[int, int]] = []
+    if contrastive:
+        extra_ids, extra_masks, pairs = contrastive_rows(examples)
+        seqs, masks = seqs + extra_ids, masks + extra_masks
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -304,6 +340,10 @@ def collate_pairs(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str
         attention_mask[i, : len(s)] = 1
         completion_mask[i, : len(m)] = torch.tensor(m)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    if contrastive:
+        batch["contrastive_index"] = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+    if "objective" in examples[0]:
+        batch["objective"] = torch.tensor([e["objective"] for e in examples], dtype=torch.long)
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if key in examples[0]:
             batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
