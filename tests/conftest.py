@@ -82,3 +82,26 @@ def one_line(err: str) -> str:
     assert len(lines) == 1, err
     assert "Traceback" not in err
     return lines[0]
+
+
+SHORT_REWARD = (
+    "def short(prompts, completions, **kw):\n"
+    "    return [-float(len(c[0]['content'] if isinstance(c, list) else c)) / 10 for c in completions]\n"
+)
+
+
+@pytest.fixture
+def rewards_file(tmp_path) -> Path:
+    """A reward-function file with ``short``: minus a tenth of the completion's character count."""
+    path = tmp_path / "rewards.py"
+    path.write_text(SHORT_REWARD)
+    return path
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    """Six conversational prompts in a JSONL file (the online algorithms' tests; PPO's tests use their own)."""
+    rows = [{"prompt": [{"role": "user", "content": f"Say something about {i}."}]} for i in range(6)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

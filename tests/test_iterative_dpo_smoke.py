@@ -3,33 +3,11 @@ finished rounds and hand-edited pairs, and the reference choice."""
 
 import json
 
-import pytest
 import torch
 import yaml
 
 from alignlab.algorithms.iterative_dpo import IterativeDPOConfig, best_and_worst, train_iterative_dpo
 from tests.conftest import one_line, run_cli
-
-REWARDS = (
-    "def short(prompts, completions, **kw):\n"
-    "    return [-float(len(c[0]['content'] if isinstance(c, list) else c)) / 10 for c in completions]\n"
-)
-
-
-@pytest.fixture
-def prompts_file(tmp_path):
-    rows = [{"prompt": [{"role": "user", "content": f"Say something about {i}."}]} for i in range(6)]
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture
-def rewards_file(tmp_path):
-    path = tmp_path / "rewards.py"
-    path.write_text(REWARDS)
-    return path
-
 
 def _config(model, data, rewards, out, **kw):
     base = dict(

@@ -10,27 +10,6 @@ import torch
 from alignlab.algorithms.online_dpo import OnlineDPOConfig, OnlineDPOTrainer, pick_chosen
 from tests.conftest import one_line, read_metrics, run_cli
 
-REWARDS = (
-    "def short(prompts, completions, **kw):\n"
-    "    return [-float(len(c[0]['content'] if isinstance(c, list) else c)) / 10 for c in completions]\n"
-)
-
-
-@pytest.fixture
-def prompts_file(tmp_path):
-    rows = [{"prompt": [{"role": "user", "content": f"Say something about {i}."}]} for i in range(6)]
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture
-def rewards_file(tmp_path):
-    path = tmp_path / "rewards.py"
-    path.write_text(REWARDS)
-    return path
-
-
 def _config(model, data, rewards, out, **kw):
     base = dict(
         model_name_or_path=model, dataset_name=str(data), output_dir=str(out), reward_funcs=[f"{rewards}:short"],

@@ -11,25 +11,12 @@ from safetensors.torch import load_file
 from alignlab.algorithms.ppo import PPOConfig, PPOTrainer, explained_variance, train_ppo
 from tests.conftest import one_line, read_metrics, run_cli
 
-REWARDS = (
-    "def short(prompts, completions, **kw):\n"
-    "    return [-float(len(c[0]['content'] if isinstance(c, list) else c)) / 10 for c in completions]\n"
-)
-
-
 @pytest.fixture
 def prompts_file(tmp_path):
     rows = [{"prompt": [{"role": "user", "content": f"Say something about {i}."}], "topic": str(i)} for i in range(6)]
     rows += [{"prompt": f"Plain text prompt {i}:"} for i in range(2)]
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture
-def rewards_file(tmp_path):
-    path = tmp_path / "rewards.py"
-    path.write_text(REWARDS)
     return path
 
 

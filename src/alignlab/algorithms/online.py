@@ -136,25 +136,32 @@ class OnlineSetup:
 
         self.reward_tokenizer = attach_reward_model(self.sources, config, tok, device)
 
-    def logps(self, model: torch.nn.Module, sequences: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(N, L)`` completion-token log-probs under ``model`` at the sampling temperature."""
+    def logps(self, model: torch.nn.Module, sequences: dict[str, torch.Tensor], *,
+              temperature: float | None = None) -> torch.Tensor:
+        """``(N, L)`` completion-token log-probs under ``model`` at ``temperature`` (default: the sampling
+        temperature)."""
         cfg = self.config
         return completion_token_logps(
-            model, sequences, temperature=cfg.temperature, padding_free=cfg.padding_free,
-            pad_token_id=self.tokenizer.pad_token_id,
+            model, sequences, temperature=cfg.temperature if temperature is None else temperature,
+            padding_free=cfg.padding_free, pad_token_id=self.tokenizer.pad_token_id,
         )
 
-    def reference_logps(self, policy: torch.nn.Module, sequences: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(N, L)`` reference log-probs, without gradients; ``policy`` is the unwrapped policy."""
+    def reference_logps(self, policy: torch.nn.Module, sequences: dict[str, torch.Tensor], *,
+                        temperature: float | None = None) -> torch.Tensor:
+        """``(N, L)`` reference log-probs, without gradients; ``policy`` is the unwrapped policy.
+
+        Raises:
+            RuntimeError: the set-up has no reference (``need_reference=False``).
+        """
         if not self.has_reference:
             raise RuntimeError("this run was set up without a reference model")
         with torch.no_grad():
             if self.ref_model is not None:
-                return self.logps(self.ref_model, sequences)
+                return self.logps(self.ref_model, sequences, temperature=temperature)
             if not is_peft_model(policy):
                 raise RuntimeError("no reference model and no adapters to disable")
             with policy.disable_adapter():
-                return self.logps(policy, sequences)
+                return self.logps(policy, sequences, temperature=temperature)
 
     def sample(self, policy: torch.nn.Module, examples: list[dict], *, max_new_tokens: int,
                num_generations: int = 1) -> ScoredCompletions:

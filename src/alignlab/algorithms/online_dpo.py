@@ -19,7 +19,7 @@ import torch
 from alignlab.algorithms.online import OnlineConfig, OnlineSetup
 from alignlab.errors import UserError
 from alignlab.losses.dpo import dpo_loss, dpo_metrics
-from alignlab.rollout.generation import completion_token_logps, slice_rows
+from alignlab.rollout.generation import slice_rows
 from alignlab.train.loop import Rollout, Trainer, TrainResult, autocast
 
 logger = logging.getLogger(__name__)
@@ -91,10 +91,7 @@ class OnlineDPOTrainer:
 
     def _logps(self, model, sequences: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(N,)`` summed completion log-probs at temperature 1."""
-        return completion_token_logps(
-            model, sequences, temperature=1.0, padding_free=self.config.padding_free,
-            pad_token_id=self.tokenizer.pad_token_id,
-        ).sum(1)
+        return self.setup.logps(model, sequences, temperature=1.0).sum(1)
 
     def rollout(self, model, examples: list[dict], step: int) -> Rollout:
         """Two completions per prompt, ranked by reward; returns one update over the step's pairs."""
@@ -105,11 +102,7 @@ class OnlineDPOTrainer:
         chosen, rejected = pick_chosen(scored.scores)
         start = time.perf_counter()
         with autocast(cfg, device):
-            if setup.ref_model is not None:
-                ref = self._logps(setup.ref_model, scored.sequences)
-            else:
-                with policy.disable_adapter():
-                    ref = self._logps(policy, scored.sequences)
+            ref = setup.reference_logps(policy, scored.sequences, temperature=1.0).sum(1)
             policy_logps = self._logps(policy, scored.sequences)
         forward_seconds = time.perf_counter() - start
 
