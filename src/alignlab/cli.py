@@ -23,6 +23,8 @@ COMMANDS = {
     "grpo": "GRPO: group-relative advantages over several completions per prompt, no value model",
     "online-dpo": "Online DPO: DPO on pairs of the policy's own completions, ranked by a reward",
     "iterative-dpo": "rounds of sampling, best-vs-worst pairs by reward, and DPO (Llama 3 / Tulu 3 recipe)",
+    "compare": "train several methods side by side on a task and write a report of which won, at what KL and cost",
+    "evaluate": "held-out reward, win rate and KL to the base model for any models, on a task or prompts",
     "generate": "sample completions from a base or trained model",
     "prepare-model": "convert the embedded model to its safetensors cache and print its path",
 }
@@ -45,8 +47,11 @@ def _parser(prog: str, config_cls):
 
     parser = Parser(config_cls, prog=prog, description=COMMANDS.get(prog.split()[-1]))
     docs = field_docs(config_cls)
+    optional_bools = {f.name for f in dataclasses.fields(config_cls) if str(f.type).replace(" ", "") == "bool|None"}
     for action in parser._actions:
         name = action.dest
+        if name in optional_bools:  # unset means "decide for me"; a bare --flag means true, as for plain bools
+            action.nargs, action.const = "?", True
         if name in docs and not action.help:
             # argparse %-formats help strings; HfArgumentParser's formatter appends "(default: ...)" itself
             action.help = docs[name].replace("%", "%%")
@@ -187,6 +192,28 @@ def _run_score(argv: list[str]) -> None:
     print(f"accuracy: {result.accuracy:.4f}")
 
 
+def _run_evaluate(argv: list[str]) -> None:
+    from alignlab.evaluate import EvaluateConfig, evaluate, format_table
+
+    config = parse_config(EvaluateConfig, argv, "alignlab evaluate")
+    print(format_table(evaluate(config)))
+    if config.output_file:
+        print(f"results: {config.output_file}")
+
+
+def _run_compare(argv: list[str]) -> None:
+    from alignlab.compare import CompareConfig, compare
+    from alignlab.evaluate import format_table
+
+    config = parse_config(CompareConfig, argv, "alignlab compare")
+    results = compare(config)
+    print(format_table(results["methods"]))
+    out = Path(config.output_dir)
+    print(f"results: {out / 'results.json'}")
+    print(f"report: {out / 'report.html'}")
+    print(f"whole run: {results['wall_seconds']:.0f} s")
+
+
 def _run_generate(argv: list[str]) -> None:
     from alignlab.generate import GenerateConfig, generate
 
@@ -229,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         "grpo": _run_grpo,
         "online-dpo": _run_online_dpo,
         "iterative-dpo": _run_iterative_dpo,
+        "compare": _run_compare,
+        "evaluate": _run_evaluate,
         "generate": _run_generate,
         "prepare-model": _run_prepare_model,
     }

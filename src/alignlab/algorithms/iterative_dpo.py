@@ -35,7 +35,7 @@ from alignlab.data.io import read_rows
 from alignlab.data.prompts import build_prompt_examples
 from alignlab.errors import UserError
 from alignlab.models import load_causal_lm, load_tokenizer
-from alignlab.rollout.experience import sample_and_score
+from alignlab.rollout.experience import ScoredCompletions, sample_and_score
 from alignlab.rollout.rewards import build_reward_sources
 from alignlab.train.loop import autocast, build_accelerator
 from alignlab.train.setup import split_rows
@@ -102,6 +102,42 @@ def best_and_worst(scores: torch.Tensor, k: int) -> list[tuple[int, int] | None]
     return out
 
 
+def preference_rows(parts: list[ScoredCompletions], k: int) -> list[dict]:
+    """Best-vs-worst preference pairs from completions sampled ``k`` per prompt (prompt-major, as
+    :func:`~alignlab.rollout.experience.sample_and_score` lays them out): one row per prompt whose ``k`` scores
+    are not all equal, ``{"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}``; for message
+    prompts, chosen and rejected are assistant-message lists (the conversational pair format)."""
+    rows = []
+    for part in parts:
+        for pick in best_and_worst(part.scores, k):
+            if pick is None:
+                continue
+            best, worst = pick
+            prompt = part.examples[best]["prompt"]
+            chosen, rejected = part.texts[best], part.texts[worst]
+            if isinstance(prompt, list):
+                chosen = [{"role": "assistant", "content": chosen}]
+                rejected = [{"role": "assistant", "content": rejected}]
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                         "score_chosen": float(part.scores[best]), "score_rejected": float(part.scores[worst])})
+    return rows
+
+
+def write_pairs(parts: list[ScoredCompletions], k: int, path: Path) -> int:
+    """Write :func:`preference_rows` to ``path`` as JSON lines, atomically; returns the number of pairs.
+
+    Raises:
+        UserError: no prompt had completions with different scores (nothing to train on).
+    """
+    rows = preference_rows(parts, k)
+    if not rows:
+        raise UserError(f"{path}: every prompt's {k} completions scored the same: no preference pairs to train on")
+    tmp = path.with_suffix(".jsonl.partial")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(rows)
+
+
 class IterativeDPO:
     """Runs the rounds; see the module docstring.
 
@@ -155,26 +191,8 @@ class IterativeDPO:
     def _write_pairs(self, model_path: str | None, path: Path) -> int:
         k = self.config.samples_per_prompt
         policy = load_causal_lm(model_path, trust_remote_code=self.config.trust_remote_code).to(self.device).eval()
-        rows = []
         with torch.no_grad():
-            for part in self._sample(policy, self.prompts, k):
-                for pick in best_and_worst(part.scores, k):
-                    if pick is None:
-                        continue
-                    best, worst = pick
-                    prompt = part.examples[best]["prompt"]
-                    chosen, rejected = part.texts[best], part.texts[worst]
-                    if isinstance(prompt, list):
-                        chosen = [{"role": "assistant", "content": chosen}]
-                        rejected = [{"role": "assistant", "content": rejected}]
-                    rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                                 "score_chosen": float(part.scores[best]), "score_rejected": float(part.scores[worst])})
-        if not rows:
-            raise UserError(f"{path}: every prompt's {k} completions scored the same: no preference pairs to train on")
-        tmp = path.with_suffix(".jsonl.partial")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, path)
-        return len(rows)
+            return write_pairs(self._sample(policy, self.prompts, k), k, path)
 
     def run(self) -> list[dict]:
         """All rounds; returns the ``rounds.json`` records."""

@@ -24,7 +24,7 @@ from alignlab.errors import DataError, UserError
 from alignlab.losses.reward import bradley_terry_loss
 from alignlab.models import load_reward_model, load_tokenizer
 from alignlab.rollout.scoring import sequence_scores
-from alignlab.train.config import TrainConfig
+from alignlab.train.config import TrainConfig, resolve_bf16
 from alignlab.train.loop import Trainer, TrainResult, autocast, build_accelerator
 from alignlab.train.setup import load_train_eval, prepare_model
 
@@ -238,14 +238,15 @@ class ScoreConfig:
     """As for ``alignlab reward``: drop (default), keep_start or keep_end."""
     per_device_eval_batch_size: int = 8
     """Pairs per forward pass."""
-    bf16: bool = True
-    """bfloat16 autocast, as in training and evaluation."""
+    bf16: bool | None = None
+    """bf16 autocast; unset: on where bf16 matrix products are fast (``alignlab.train.config.fast_bf16_available``)."""
     prompt_column: str = "prompt"
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        self.bf16 = resolve_bf16(self.bf16)
         if not self.reward_model_path:
             raise UserError("--reward_model_path is required")
         if not self.dataset_name:

@@ -427,6 +427,9 @@ class Trainer:
 
         store: dict[str, list[torch.Tensor]] = defaultdict(list)
         tokens = 0
+        # num_tokens (TRL's name): tokens through the forward/backward passes since the start, all processes
+        done_rows = self.metrics.rows() if acc.is_main_process and global_step else []
+        num_tokens = int(done_rows[-1].get("num_tokens", 0)) if done_rows else 0
         train_time = 0.0  # online: seconds spent in updates within the logging window
         window_start = time.perf_counter()
         train_start = time.perf_counter()
@@ -483,6 +486,8 @@ class Trainer:
                             row["tokens_per_second"], row["tokens_per_second/train"] = total
                         else:
                             row["tokens_per_second"] = tokens / elapsed if elapsed > 0 else 0.0
+                        num_tokens += int(self._gather(torch.tensor(tokens)).sum()) if online else tokens
+                        row["num_tokens"] = num_tokens
                         if acc.is_main_process:
                             self.metrics.append(row)
                         bar.set_postfix(loss=f"{row['loss']:.4f}")

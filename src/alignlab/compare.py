@@ -1,0 +1,461 @@
+"""``alignlab compare``: several alignment methods trained side by side from the same base model, on the same
+prompts, the same reward and the same budget, evaluated the same way, with a report.
+
+Stages (each writes into ``output_dir``)::
+
+    train.jsonl, eval.jsonl     the task's training and held-out prompts
+    pairs.jsonl                 offline preference pairs: K completions per training prompt sampled from the
+                                base model, scored, best against worst (the data of dpo and of ppo's reward model)
+    <method>/args.yaml          the flags the method was run with (``alignlab <command> --config`` this file)
+    <method>/model/             its output_dir (model, metrics.jsonl, plots/)
+    <method>/log.txt            its stdout and stderr
+    <method>/result.json        status, error, wall time, peak RSS, tokens processed
+    <method>/eval.json          its held-out figures (base/eval.json for the base model)
+    results.json                {"task", "preset", "budget", "methods": {"base": {...}, "dpo": {...}, ...}}
+    report.html, *.png          the report (self-contained: images embedded) and its plots
+
+Each method runs as its own process (``python -m alignlab.cli <command> --config <method>/args.yaml``), so its
+wall time and peak resident memory are its own (``os.wait4``'s ``ru_maxrss``) and a failure stays its own: it is
+marked failed with the last line it printed, and the other methods' results stand. ``--resume`` reuses every
+stage that finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from alignlab.errors import UserError
+from alignlab.train.config import resolve_bf16
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("dpo", "ppo", "ppo-rule", "grpo", "online-dpo", "iterative-dpo")
+"""Methods ``compare`` can train. ``ppo`` trains a reward model on the pairs first; ``ppo-rule`` is PPO on the
+task's reward function itself."""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # about three minutes on 2 CPU cores with a tiny model (the CI test); numbers are not meaningful
+    "smoke": dict(num_train_prompts=16, num_eval_prompts=8, samples_per_prompt=2, eval_samples_per_prompt=1,
+                  max_steps=2, prompts_per_step=4, num_generations=2, max_new_tokens=16, num_ppo_epochs=1,
+                  methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo")),
+    # the embedded 135M model on 2 CPU cores, within 20 minutes
+    "default": dict(num_train_prompts=64, num_eval_prompts=32, samples_per_prompt=4, eval_samples_per_prompt=2,
+                    max_steps=8, prompts_per_step=8, num_generations=4, max_new_tokens=None, num_ppo_epochs=2,
+                    methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo")),
+    # a GPU: the whole task
+    "full": dict(num_train_prompts=None, num_eval_prompts=None, samples_per_prompt=8, eval_samples_per_prompt=4,
+                 max_steps=200, prompts_per_step=16, num_generations=8, max_new_tokens=None, num_ppo_epochs=4,
+                 methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo", "iterative-dpo")),
+}
+
+COMMAND = {"dpo": "dpo", "ppo": "ppo", "ppo-rule": "ppo", "grpo": "grpo", "online-dpo": "online-dpo",
+           "iterative-dpo": "iterative-dpo", "reward-model": "reward"}
+
+
+@dataclass
+class CompareConfig:
+    """Settings of ``alignlab compare``. Unset sizes come from ``--preset``."""
+
+    output_dir: str | None = None
+    """Where the pairs, the trained models, results.json and report.html go."""
+    task: str = "kid-stories"
+    """A built-in task (kid-stories, arithmetic) or a prompts file (rows with a ``prompt``; give --reward_funcs)."""
+    preset: Literal["smoke", "default", "full"] = "default"
+    """Sizes: smoke (a tiny model, about three minutes on 2 CPU cores), default (the embedded model, within 20
+    minutes on 2 CPU cores), full (for a GPU)."""
+    methods: list[str] | None = None
+    """Methods to train, from dpo, ppo, ppo-rule, grpo, online-dpo, iterative-dpo (default: the preset's)."""
+    model_name_or_path: str | None = None
+    """The base model every method starts from (default: the embedded SmolLM2-135M-Instruct)."""
+    reward_funcs: list[str] | None = None
+    """Reward functions (``path/to/file.py:name`` or ``module:name``): required with a prompts file, and
+    replace a built-in task's reward when given."""
+    reward_weights: list[float] | None = None
+    """One weight per reward function."""
+    num_train_prompts: int | None = None
+    """Training prompts (default: the preset's; all of the task's with ``full``)."""
+    num_eval_prompts: int | None = None
+    """Held-out prompts for the evaluation."""
+    samples_per_prompt: int | None = None
+    """K: completions sampled per training prompt from the base model to build the pairs."""
+    eval_samples_per_prompt: int | None = None
+    """Completions per held-out prompt and model in the evaluation."""
+    max_steps: int | None = None
+    """Optimizer steps per method (iterative-dpo: split over its 2 rounds)."""
+    prompts_per_step: int | None = None
+    """Prompts (dpo: pairs) per step for every method: the shared budget."""
+    num_generations: int | None = None
+    """GRPO's completions per prompt."""
+    max_new_tokens: int | None = None
+    """Completion budget in tokens, for sampling in every stage (default: the task's)."""
+    learning_rate: float | None = None
+    """One learning rate for every method (default: 5e-6 for the DPO family, 1e-5 for PPO and GRPO)."""
+    temperature: float = 1.0
+    """Sampling temperature of every stage (pairs, online training, evaluation)."""
+    eval_split_size: float = 0.2
+    """With a prompts file: the fraction held out for the evaluation."""
+    resume: bool = False
+    """Reuse the stages a previous run in ``output_dir`` finished (pairs, each method, each evaluation)."""
+    seed: int = 42
+    bf16: bool | None = None
+    """bf16 autocast; unset: on where bf16 matrix products are fast (``alignlab.train.config.fast_bf16_available``)."""
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        self.bf16 = resolve_bf16(self.bf16)
+        if not self.output_dir:
+            raise UserError("--output_dir is required")
+        preset = PRESETS[self.preset]
+        for name, value in preset.items():
+            if name != "methods" and getattr(self, name, None) is None:
+                setattr(self, name, value)
+        self.methods = list(self.methods or preset["methods"])
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise UserError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise UserError("--methods: a method is listed twice")
+        for name in ("samples_per_prompt", "num_generations"):
+            if getattr(self, name) < 2:
+                raise UserError(f"--{name} must be >= 2, got {getattr(self, name)}")
+        for name in ("max_steps", "prompts_per_step", "eval_samples_per_prompt"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_train_prompts", "num_eval_prompts", "max_new_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if "iterative-dpo" in self.methods and self.max_steps < 2:
+            raise UserError("iterative-dpo splits --max_steps over 2 rounds: give --max_steps >= 2")
+        if not 0 < self.eval_split_size < 1:
+            raise UserError(f"--eval_split_size must be in (0, 1), got {self.eval_split_size}")
+
+
+def _write_jsonl(rows: list[dict], path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_json(data: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of a process's output (progress-bar carriage returns count as line breaks):
+    alignlab's one-line error when it failed."""
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_process(argv: list[str], log_path: Path) -> dict[str, Any]:
+    """Run ``argv`` with its stdout and stderr in ``log_path``; returns ``{"returncode", "wall_seconds",
+    "peak_rss_bytes"}`` (peak resident set of the process and the children it waited for, ``os.wait4``'s
+    ``ru_maxrss``, KiB on Linux)."""
+    start = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
+    return {"returncode": proc.returncode, "wall_seconds": time.perf_counter() - start,
+            "peak_rss_bytes": int(usage.ru_maxrss) * 1024}
+
+
+def _abs_reward_specs(specs: list[str] | None) -> list[str] | None:
+    """``file.py:name`` specs made absolute (the method processes may run elsewhere); module specs as they are."""
+    out = []
+    for spec in specs or []:
+        target, _, name = spec.rpartition(":")
+        out.append(f"{os.path.abspath(os.path.expanduser(target))}:{name}" if target.endswith(".py") else spec)
+    return out or None
+
+
+class Compare:
+    """Runs the stages of ``alignlab compare``; see the module docstring.
+
+    Raises:
+        UserError / DataError: bad flags, an unreadable task or model, a failing reward function while the
+            pairs are built (a method's own failure is recorded, not raised).
+    """
+
+    def __init__(self, config: CompareConfig):
+        from alignlab.evaluate import resolve_task
+
+        self.config = cfg = config
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        train = resolve_task(cfg.task, "train", reward_funcs=cfg.reward_funcs, reward_weights=cfg.reward_weights,
+                             seed=cfg.seed)
+        if not train.reward_funcs:
+            raise UserError(f"--task {cfg.task}: a prompts file needs --reward_funcs")
+        self.description = train.description
+        self.reward_funcs = _abs_reward_specs(train.reward_funcs)
+        self.reward_weights = train.reward_weights
+        self.max_new_tokens = cfg.max_new_tokens or train.max_new_tokens
+        from alignlab.tasks import TASKS
+
+        if cfg.task in TASKS:
+            train_rows = train.rows
+            eval_rows = resolve_task(cfg.task, "test", seed=cfg.seed).rows
+        else:
+            from alignlab.train.setup import split_rows
+
+            train_rows, eval_rows = split_rows(train.rows, cfg.eval_split_size, cfg.seed)
+        self.train_rows = train_rows[: cfg.num_train_prompts] if cfg.num_train_prompts else train_rows
+        self.eval_rows = eval_rows[: cfg.num_eval_prompts] if cfg.num_eval_prompts else eval_rows
+        if len(self.train_rows) < cfg.prompts_per_step:
+            raise UserError(f"--prompts_per_step {cfg.prompts_per_step} is more than the {len(self.train_rows)} "
+                            "training prompts")
+        self.lr = {m: cfg.learning_rate or (5e-6 if "dpo" in m else 1e-5) for m in METHODS}
+
+    # ---------------------------------------------------------------- stage 1: prompts and pairs
+    def _write_prompts(self) -> None:
+        _write_jsonl([row for _, row in self.train_rows], self.out / "train.jsonl")
+        _write_jsonl([row for _, row in self.eval_rows], self.out / "eval.jsonl")
+
+    def _pairs(self) -> dict[str, Any]:
+        """Sample K completions per training prompt from the base model and write best-vs-worst pairs."""
+        from alignlab.algorithms.iterative_dpo import write_pairs
+        from alignlab.data.prompts import build_prompt_examples
+        from alignlab.models import load_causal_lm, load_tokenizer
+        from alignlab.rollout.experience import sample_and_score
+        from alignlab.rollout.rewards import build_reward_sources
+
+        cfg = self.config
+        path, info_path = self.out / "pairs.jsonl", self.out / "pairs.json"
+        info = _read_json(info_path)
+        if cfg.resume and path.exists() and info:
+            logger.info("pairs: reusing %s (%d pairs)", path, info["pairs"])
+            return info
+        start = time.perf_counter()
+        tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        examples, _ = build_prompt_examples(self.train_rows, tokenizer, max_prompt_length=512)
+        sources = build_reward_sources(self.reward_funcs, self.reward_weights, with_reward_model=False)
+        model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code).eval()
+        torch.manual_seed(cfg.seed)
+        k, parts = cfg.samples_per_prompt, []
+        batch = 16
+        from tqdm.auto import tqdm
+
+        with torch.no_grad():
+            for i in tqdm(range(0, len(examples), batch), desc="sampling pairs", unit="batch"):
+                parts.append(sample_and_score(
+                    model, tokenizer, examples[i : i + batch], sources, device=torch.device("cpu"),
+                    precision=torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16),
+                    max_new_tokens=self.max_new_tokens, temperature=cfg.temperature, num_generations=k,
+                ))
+        n = write_pairs(parts, k, path)
+        scores = torch.cat([p.scores for p in parts])
+        info = {"pairs": n, "prompts": len(examples), "samples_per_prompt": k,
+                "base_mean_reward": float(scores.mean()), "wall_seconds": time.perf_counter() - start}
+        _write_json(info, info_path)
+        return info
+
+    # ---------------------------------------------------------------- stage 2: training
+    def method_args(self, method: str) -> dict[str, Any]:
+        """The flags of one method's run (written to ``<method>/args.yaml``)."""
+        cfg, out = self.config, self.out
+        steps, per_step, tokens = cfg.max_steps, cfg.prompts_per_step, self.max_new_tokens
+        args: dict[str, Any] = {
+            "model_name_or_path": cfg.model_name_or_path, "output_dir": str(out / method / "model"),
+            "seed": cfg.seed, "bf16": cfg.bf16, "max_steps": steps, "save_steps": 0, "logging_steps": 1,
+            "learning_rate": self.lr.get(method, 1e-5), "trust_remote_code": cfg.trust_remote_code,
+        }
+        rule = {"reward_funcs": self.reward_funcs, "reward_weights": self.reward_weights}
+        prompts = str(out / "train.jsonl")
+        if method == "dpo":
+            args.update(dataset_name=[str(out / "pairs.jsonl")], per_device_train_batch_size=per_step)
+        elif method == "reward-model":
+            args.update(dataset_name=str(out / "pairs.jsonl"), per_device_train_batch_size=per_step,
+                        learning_rate=cfg.learning_rate or 1e-5, logging_steps=1)
+        elif method in ("ppo", "ppo-rule"):
+            args.update(dataset_name=prompts, per_device_train_batch_size=per_step, response_length=tokens,
+                        temperature=cfg.temperature, num_ppo_epochs=cfg.num_ppo_epochs)
+            if method == "ppo":
+                args["reward_model_path"] = str(out / "reward-model" / "model")
+            else:
+                args.update(rule)
+        elif method == "grpo":
+            args.update(dataset_name=prompts, per_device_train_batch_size=per_step * cfg.num_generations,
+                        num_generations=cfg.num_generations, max_completion_length=tokens,
+                        temperature=cfg.temperature, **rule)
+        elif method == "online-dpo":
+            args.update(dataset_name=prompts, per_device_train_batch_size=per_step, max_new_tokens=tokens,
+                        temperature=cfg.temperature, **rule)
+        elif method == "iterative-dpo":
+            args.update(dataset_name=[prompts], per_device_train_batch_size=per_step, max_new_tokens=tokens,
+                        temperature=cfg.temperature, rounds=2, samples_per_prompt=cfg.samples_per_prompt,
+                        max_steps=steps // 2, **rule)
+        return {k: v for k, v in args.items() if v is not None}
+
+    def _run_stage(self, method: str) -> dict[str, Any]:
+        """Train one stage in its own process (or reuse it with ``--resume``); returns its ``result.json``."""
+        folder = self.out / method
+        result_path = folder / "result.json"
+        done = _read_json(result_path)
+        if self.config.resume and done and done.get("status") == "ok":
+            logger.info("%s: finished before, reusing %s", method, folder / "model")
+            return done
+        folder.mkdir(parents=True, exist_ok=True)
+        args = self.method_args(method)
+        (folder / "args.yaml").write_text(yaml.safe_dump(args, sort_keys=False), encoding="utf-8")
+        argv = [sys.executable, "-m", "alignlab.cli", COMMAND[method], "--config", str(folder / "args.yaml")]
+        logger.info("%s: training (alignlab %s --config %s; log %s)", method, COMMAND[method],
+                    folder / "args.yaml", folder / "log.txt")
+        run = run_process(argv, folder / "log.txt")
+        result: dict[str, Any] = {"status": "ok" if run["returncode"] == 0 else "failed",
+                                  "command": f"alignlab {COMMAND[method]} --config {folder / 'args.yaml'}",
+                                  "wall_seconds": run["wall_seconds"], "peak_rss_bytes": run["peak_rss_bytes"],
+                                  "model_dir": str(folder / "model")}
+        if run["returncode"] != 0:
+            result["error"] = last_line((folder / "log.txt").read_text(encoding="utf-8", errors="replace")) \
+                or f"exit status {run['returncode']}"
+            logger.info("%s: FAILED after %.0f s: %s", method, run["wall_seconds"], result["error"])
+        else:
+            result["num_tokens"] = self._num_tokens(folder / "model")
+            logger.info("%s: done in %.0f s, peak RSS %.2f GiB", method, run["wall_seconds"],
+                        run["peak_rss_bytes"] / 2**30)
+        _write_json(result, result_path)
+        return result
+
+    @staticmethod
+    def _num_tokens(model_dir: Path) -> int | None:
+        """Tokens through the training passes: the last ``num_tokens`` of the run's metrics (summed over the
+        rounds of iterative DPO)."""
+        files = [model_dir / "metrics.jsonl"] if (model_dir / "metrics.jsonl").exists() else \
+            sorted(model_dir.glob("round-*/model/metrics.jsonl"))
+        total = None
+        for path in files:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if rows and "num_tokens" in rows[-1]:
+                total = (total or 0) + int(rows[-1]["num_tokens"])
+        return total
+
+    def train(self, method: str) -> dict[str, Any]:
+        """One method's training; ``ppo`` trains its reward model on the pairs first (time and memory: the
+        reward model's and PPO's wall times added, the larger peak)."""
+        if method != "ppo":
+            return self._run_stage(method)
+        rm = self._run_stage("reward-model")
+        if rm["status"] != "ok":
+            return {**rm, "error": f"reward model: {rm['error']}", "model_dir": str(self.out / "ppo" / "model")}
+        ppo = self._run_stage("ppo")
+        ppo = dict(ppo)
+        ppo["wall_seconds"] = ppo["wall_seconds"] + rm["wall_seconds"]
+        ppo["peak_rss_bytes"] = max(ppo["peak_rss_bytes"], rm["peak_rss_bytes"])
+        ppo["reward_model_seconds"] = rm["wall_seconds"]
+        if ppo.get("num_tokens") is not None and rm.get("num_tokens") is not None:
+            ppo["num_tokens"] += rm["num_tokens"]
+        return ppo
+
+    # ---------------------------------------------------------------- stage 3: evaluation
+    def _evaluate(self, trained: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from alignlab.evaluate import EvaluateConfig, Evaluator
+
+        cfg = self.config
+        todo = {"base": cfg.model_name_or_path}
+        todo.update({m: r["model_dir"] for m, r in trained.items() if r["status"] == "ok"})
+        cached = {}
+        if cfg.resume:
+            for name in todo:
+                data = _read_json(self.out / name / "eval.json")
+                if data is not None:
+                    cached[name] = data
+        results: dict[str, dict[str, Any]] = {}
+        if all(name in cached for name in todo):
+            return cached
+        ecfg = EvaluateConfig(
+            model_name_or_path=[todo["base"] or "embedded:smollm2-135m-instruct"], dataset_name=str(self.out / "eval.jsonl"),
+            reward_funcs=self.reward_funcs, reward_weights=self.reward_weights,
+            samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=self.max_new_tokens,
+            temperature=cfg.temperature, seed=cfg.seed, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code,
+        )
+        evaluator = Evaluator(ecfg)
+        for name, path in todo.items():  # base first: the others are measured against it
+            if name in cached and name != "base":
+                results[name] = cached[name]
+                continue
+            logger.info("evaluating %s on %d held-out prompts", name, len(self.eval_rows))
+            try:
+                results[name] = evaluator.evaluate(name, path)
+            except UserError as exc:
+                if name == "base":
+                    raise
+                results[name] = {"status": "failed", "error": f"evaluation: {exc}"}
+                continue
+            (self.out / name).mkdir(parents=True, exist_ok=True)
+            _write_json(results[name], self.out / name / "eval.json")
+        return results
+
+    # ---------------------------------------------------------------- all stages
+    def budget(self) -> dict[str, Any]:
+        """The shared budget, as stated in the report."""
+        cfg = self.config
+        return {
+            "base_model": cfg.model_name_or_path or "embedded SmolLM2-135M-Instruct",
+            "train_prompts": len(self.train_rows), "eval_prompts": len(self.eval_rows),
+            "samples_per_prompt_for_pairs": cfg.samples_per_prompt,
+            "eval_samples_per_prompt": cfg.eval_samples_per_prompt,
+            "max_steps": cfg.max_steps, "prompts_per_step": cfg.prompts_per_step,
+            "grpo_num_generations": cfg.num_generations, "max_new_tokens": self.max_new_tokens,
+            "temperature": cfg.temperature, "ppo_epochs": cfg.num_ppo_epochs,
+            "learning_rate": {m: self.lr[m] for m in cfg.methods}, "seed": cfg.seed, "bf16": cfg.bf16,
+        }
+
+    def run(self) -> dict[str, Any]:
+        """All stages; returns the ``results.json`` content."""
+        from alignlab.report import write_report
+
+        cfg = self.config
+        start = time.perf_counter()
+        self._write_prompts()
+        pairs = self._pairs()
+        logger.info("pairs: %d from %d prompts x %d samples (base mean reward %.4f)", pairs["pairs"],
+                    pairs["prompts"], pairs["samples_per_prompt"], pairs["base_mean_reward"])
+        trained = {}
+        for i, method in enumerate(cfg.methods, 1):
+            logger.info("[%d/%d] %s", i, len(cfg.methods), method)
+            trained[method] = self.train(method)
+        evaluated = self._evaluate(trained)
+        methods: dict[str, dict[str, Any]] = {"base": {"status": "ok", **evaluated["base"]}}
+        for method, run in trained.items():
+            entry = {k: v for k, v in run.items() if k != "status"}
+            figures = evaluated.get(method, {})
+            status = "ok" if run["status"] == "ok" and figures.get("status") != "failed" else "failed"
+            entry.update(figures)
+            entry["status"] = status
+            methods[method] = entry
+        results = {"task": cfg.task, "description": self.description, "preset": cfg.preset,
+                   "budget": self.budget(), "pairs": pairs, "methods": methods,
+                   "wall_seconds": time.perf_counter() - start,
+                   "config": dataclasses.asdict(cfg)}
+        _write_json(results, self.out / "results.json")
+        write_report(results, self.out)
+        return results
+
+
+def compare(config: CompareConfig) -> dict[str, Any]:
+    """Run ``alignlab compare`` as configured; the Python twin of the command."""
+    return Compare(config).run()

@@ -1,0 +1,310 @@
+"""``alignlab evaluate``: held-out figures for a base model and any number of trained policies, measured the
+same way for all of them (the evaluation step of ``alignlab compare``).
+
+For every model, one or more completions per held-out prompt are sampled with the same settings and the same
+random seed, scored with the task's reward (or the user's reward functions / reward model), and compared with
+the base model (the first model given):
+
+* ``mean_reward`` and ``reward_ci95``: the mean over completions and its 95% confidence interval, normal
+  approximation ``mean +- 1.96 * std / sqrt(n)`` (std with Bessel's correction);
+* ``win_rate_vs_base``: the fraction of prompts (and sample indices) on which the model's completion scores
+  higher than the base model's, ties counted half (AlpacaEval's convention for ties);
+* ``kl_to_base``: the sampled (k1) estimate of the sequence-level ``KL(pi || pi_base)`` in nats per completion,
+  ``mean_i sum_t [log pi(y_it) - log pi_base(y_it)]`` over completions ``y_i ~ pi`` (Schulman, "Approximating
+  KL divergence", 2020; the ``objective/kl`` of TRL's PPO), both log-probs at the sampling temperature;
+* ``mean_length`` (completion tokens), ``eos_rate``, each reward source's mean, generated tokens and wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignlab.data.io import read_rows
+from alignlab.data.prompts import build_prompt_examples
+from alignlab.errors import UserError
+from alignlab.train.config import resolve_bf16
+from alignlab.models import load_causal_lm, load_tokenizer
+from alignlab.rollout.experience import ScoredCompletions, sample_and_score
+from alignlab.rollout.generation import completion_token_logps
+from alignlab.rollout.rewards import build_reward_sources
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateConfig:
+    """Settings of ``alignlab evaluate``."""
+
+    model_name_or_path: list[str] | None = None
+    """Models to evaluate, the base model first (win rate and KL are measured against it): Hugging Face ids or
+    local directories (any alignlab output_dir). Unset: the embedded SmolLM2-135M-Instruct alone."""
+    model_names: list[str] | None = None
+    """Labels for the models in the printed table and results (default: the paths)."""
+    task: str | None = None
+    """A built-in task (its held-out split and its reward), or a prompts file (then give --reward_funcs)."""
+    dataset_name: str | None = None
+    """Prompts file or dataset instead of --task (rows with a ``prompt``, text or messages)."""
+    dataset_config: str | None = None
+    dataset_split: str = "test"
+    """Split of a hub dataset or saved DatasetDict (local files are read whole)."""
+    prompt_column: str = "prompt"
+    reward_funcs: list[str] | None = None
+    """Python reward functions, ``path/to/file.py:name`` or ``module:name`` (default with --task: the task's)."""
+    reward_weights: list[float] | None = None
+    """One weight per reward source: the reward functions in order, then the reward model."""
+    reward_model_path: str | None = None
+    """A trained reward model (an ``alignlab reward`` output_dir)."""
+    num_prompts: int | None = None
+    """Evaluate on the first this many prompts (default: all)."""
+    samples_per_prompt: int = 1
+    """Completions sampled per prompt and model."""
+    max_new_tokens: int | None = None
+    """Most tokens per completion (default: the task's budget, else 64)."""
+    temperature: float = 1.0
+    """Sampling temperature (also the temperature of the KL's log-probs)."""
+    top_p: float = 1.0
+    max_prompt_length: int | None = 512
+    generation_batch_size: int = 16
+    """Prompts per ``generate`` call."""
+    seed: int = 42
+    """Seed of the sampling noise, reset before every model so all models see the same draws."""
+    bf16: bool | None = None
+    """bf16 autocast; unset: on where bf16 matrix products are fast (``alignlab.train.config.fast_bf16_available``)."""
+    samples_to_keep: int = 8
+    """Completions per model kept in the results (first sample of the first prompts) for side-by-side reading."""
+    output_file: str | None = None
+    """Write the results as JSON here."""
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        self.bf16 = resolve_bf16(self.bf16)
+        if not self.task and not self.dataset_name:
+            raise UserError("give --task (a built-in task or a prompts file) or --dataset_name")
+        if self.task and self.dataset_name:
+            raise UserError("give --task or --dataset_name, not both")
+        if self.model_names and len(self.model_names) != len(self.model_name_or_path or [None]):
+            raise UserError(f"--model_names has {len(self.model_names)} labels for "
+                            f"{len(self.model_name_or_path or [None])} models")
+        for name in ("samples_per_prompt", "generation_batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise UserError(f"--num_prompts must be >= 1, got {self.num_prompts}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise UserError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class PromptSet:
+    """Prompt rows with the reward that goes with them."""
+
+    rows: list[tuple[str, dict[str, Any]]]
+    """``(location, row)`` pairs, as :func:`alignlab.data.io.read_rows` gives them."""
+    reward_funcs: list[str] | None
+    reward_weights: list[float] | None
+    max_new_tokens: int
+    description: str
+
+
+def resolve_task(task: str, split: str, *, reward_funcs: list[str] | None = None,
+                 reward_weights: list[float] | None = None, seed: int = 0) -> PromptSet:
+    """The ``split`` ("train" or "test") rows of a built-in task with its reward functions (the user's
+    ``reward_funcs`` win when given), or, when ``task`` is a file, all its rows with the user's reward functions.
+
+    Raises:
+        UserError: neither a built-in task nor an existing file, or a file without ``reward_funcs`` /
+            reward model.
+    """
+    from alignlab.tasks import TASKS, get_task
+
+    if task in TASKS:
+        t = get_task(task)
+        rows = [(f"task {task}, {split} split, row {i + 1}", row) for i, row in enumerate(t.rows(split, seed=seed))]
+        return PromptSet(rows, list(reward_funcs or t.reward_funcs),
+                         list(reward_weights) if reward_funcs else (list(t.reward_weights) if t.reward_weights else None),
+                         t.max_new_tokens, t.description)
+    if not os.path.exists(os.path.expanduser(task)):
+        raise UserError(f"--task: {task!r} is neither a built-in task ({', '.join(sorted(TASKS))}) nor a file")
+    return PromptSet(read_rows(os.path.expanduser(task)), reward_funcs, reward_weights, 64,
+                     f"prompts from {task}")
+
+
+def confidence_interval(values: torch.Tensor) -> tuple[float, float]:
+    """95% normal-approximation interval ``mean +- 1.96 * std / sqrt(n)`` of ``(n,)`` values (std with Bessel's
+    correction; the interval is the mean itself when ``n == 1``)."""
+    mean = float(values.mean())
+    if values.numel() < 2:
+        return mean, mean
+    half = 1.96 * float(values.std()) / math.sqrt(values.numel())
+    return mean - half, mean + half
+
+
+def win_rate(scores: torch.Tensor, base_scores: torch.Tensor) -> float:
+    """Fraction of paired entries where ``scores > base_scores``, ties counted half; both ``(n,)``.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if scores.shape != base_scores.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and base scores {tuple(base_scores.shape)} differ in shape")
+    return float(((scores > base_scores).float() + 0.5 * (scores == base_scores).float()).mean())
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as one line of text: the last user message of a conversation, else the string."""
+    if isinstance(prompt, list):
+        users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+        return users[-1] if users else str(prompt[-1].get("content", ""))
+    return prompt
+
+
+class Evaluator:
+    """Samples, scores and compares models on one prompt set; see the module docstring.
+
+    Raises:
+        UserError / DataError: unreadable prompts or models, a failing reward function, models whose tokenizer
+            differs from the base model's (the KL needs the same tokens under both).
+    """
+
+    def __init__(self, config: EvaluateConfig):
+        from alignlab.algorithms.online import attach_reward_model
+
+        self.config = config
+        self.paths = list(config.model_name_or_path or [None])
+        self.names = list(config.model_names or [p or "embedded" for p in self.paths])
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if config.task:
+            prompt_set = resolve_task(config.task, "test", reward_funcs=config.reward_funcs,
+                                      reward_weights=config.reward_weights, seed=0)
+        else:
+            rows = read_rows(config.dataset_name, config_name=config.dataset_config, split=config.dataset_split)
+            prompt_set = PromptSet(rows, config.reward_funcs, config.reward_weights, 64, config.dataset_name)
+        self.max_new_tokens = config.max_new_tokens or prompt_set.max_new_tokens
+        rows = prompt_set.rows[: config.num_prompts] if config.num_prompts else prompt_set.rows
+        self.tokenizer = load_tokenizer(self.paths[0], trust_remote_code=config.trust_remote_code)
+        self.prompts, _ = build_prompt_examples(rows, self.tokenizer, max_prompt_length=config.max_prompt_length,
+                                                prompt_column=config.prompt_column)
+        self.sources = build_reward_sources(prompt_set.reward_funcs, prompt_set.reward_weights,
+                                            with_reward_model=bool(config.reward_model_path))
+        self.reward_tokenizer = attach_reward_model(self.sources, config, self.tokenizer, self.device)
+        self.base_model = None
+        self.base_scores = None
+
+    def _precision(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def _sample(self, model) -> list[ScoredCompletions]:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        parts = []
+        for start in range(0, len(self.prompts), cfg.generation_batch_size):
+            parts.append(sample_and_score(
+                model, self.tokenizer, self.prompts[start : start + cfg.generation_batch_size], self.sources,
+                device=self.device, precision=self._precision(), max_new_tokens=self.max_new_tokens,
+                temperature=cfg.temperature, top_p=cfg.top_p, num_generations=cfg.samples_per_prompt,
+                reward_tokenizer=self.reward_tokenizer,
+            ))
+        return parts
+
+    def _kl(self, model, parts: list[ScoredCompletions]) -> torch.Tensor:
+        """``(N,)`` per-completion ``sum_t log pi - log pi_base`` over the sampled completions."""
+        out = []
+        pad = self.tokenizer.pad_token_id
+        for part in parts:
+            with self._precision():
+                logps = completion_token_logps(model, part.sequences, temperature=self.config.temperature,
+                                               pad_token_id=pad)
+                base = completion_token_logps(self.base_model, part.sequences, temperature=self.config.temperature,
+                                              pad_token_id=pad)
+            out.append((logps - base).sum(dim=1))
+        return torch.cat(out)
+
+    def evaluate(self, name: str, path: str | None) -> dict[str, Any]:
+        """The figures of one model; the first model evaluated is the base."""
+        cfg = self.config
+        start = time.perf_counter()
+        if path is not None and self.base_model is not None:
+            tok = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+            if tok.get_vocab() != self.tokenizer.get_vocab():
+                raise UserError(f"{path}: its tokenizer differs from the base model's; the KL to the base needs the same tokens")
+        model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
+        with torch.no_grad():
+            parts = self._sample(model)
+            scores = torch.cat([p.scores for p in parts])
+            if self.base_model is None:
+                self.base_model, self.base_scores = model, scores
+                kl = torch.zeros_like(scores)
+            else:
+                kl = self._kl(model, parts)
+        lengths = torch.cat([p.lengths for p in parts])
+        low, high = confidence_interval(scores)
+        result: dict[str, Any] = {
+            "model": path or "embedded",
+            "mean_reward": float(scores.mean()),
+            "reward_ci95": [low, high],
+            "reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+            "win_rate_vs_base": win_rate(scores, self.base_scores),
+            "kl_to_base": float(kl.mean()),
+            "mean_length": float(lengths.mean()),
+            "eos_rate": float(torch.cat([p.has_eos for p in parts]).float().mean()),
+            "completions": int(scores.numel()),
+            "generated_tokens": int(lengths.sum()),
+        }
+        for source in self.sources:
+            values = torch.cat([p.per_source[source.name] for p in parts])
+            result[f"rewards/{source.name}"] = float(torch.nanmean(values))
+        keep = []
+        k = cfg.samples_per_prompt
+        flat = [(p.examples[i]["prompt"], p.texts[i], float(p.scores[i])) for p in parts for i in range(len(p.texts))]
+        for prompt, text, score in flat[:: k][: cfg.samples_to_keep]:
+            keep.append({"prompt": prompt_text(prompt), "completion": text, "reward": score})
+        result["samples"] = keep
+        result["eval_seconds"] = time.perf_counter() - start
+        if model is not self.base_model:
+            del model
+        logger.info("%s: mean reward %.4f [%.4f, %.4f], win rate %.3f, KL %.3f, length %.1f", name,
+                    result["mean_reward"], low, high, result["win_rate_vs_base"], result["kl_to_base"],
+                    result["mean_length"])
+        return result
+
+    def run(self) -> dict[str, dict[str, Any]]:
+        """All models, base first: ``{name: figures}``."""
+        return {name: self.evaluate(name, path) for name, path in zip(self.names, self.paths)}
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """The results as a fixed-width text table (one row per model)."""
+    head = f"{'model':<16} {'mean reward':>11} {'95% CI':>19} {'win vs base':>11} {'KL to base':>10} {'length':>7}"
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        if "mean_reward" not in r:
+            lines.append(f"{name:<16} {'failed: ' + str(r.get('error', ''))[:60]}")
+            continue
+        low, high = r["reward_ci95"]
+        lines.append(f"{name:<16} {r['mean_reward']:>11.4f} {f'[{low:.3f}, {high:.3f}]':>19} "
+                     f"{r['win_rate_vs_base']:>11.3f} {r['kl_to_base']:>10.3f} {r['mean_length']:>7.1f}")
+    return "\n".join(lines)
+
+
+def evaluate(config: EvaluateConfig) -> dict[str, dict[str, Any]]:
+    """Evaluate the configured models; writes ``config.output_file`` when set. The Python twin of
+    ``alignlab evaluate``."""
+    results = Evaluator(config).run()
+    if config.output_file:
+        path = Path(config.output_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps({"methods": results}, indent=2, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)
+    return results

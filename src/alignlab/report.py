@@ -1,0 +1,236 @@
+"""The ``alignlab compare`` report: plots (matplotlib, PNG) and one self-contained HTML page with the plots
+embedded as base64 images."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# The training metric plotted for each method: what it optimises, as it logs it.
+CURVE_METRICS = {
+    "dpo": ("rewards/margins", "DPO implicit reward margin"),
+    "ppo": ("objective/scores", "reward-model score"),
+    "ppo-rule": ("objective/scores", "task reward"),
+    "grpo": ("reward", "task reward"),
+    "online-dpo": ("objective/scores", "task reward"),
+    "iterative-dpo": ("rewards/margins", "DPO implicit reward margin (rounds one after another)"),
+}
+
+
+def _metrics_rows(model_dir: Path) -> list[dict]:
+    """A method's ``metrics.jsonl`` rows; for iterative DPO the rounds' rows, steps numbered on."""
+    if (model_dir / "metrics.jsonl").exists():
+        files = [model_dir / "metrics.jsonl"]
+    else:
+        files = sorted(model_dir.glob("round-*/model/metrics.jsonl"))
+    rows, offset = [], 0
+    for path in files:
+        part = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows += [{**r, "step": r["step"] + offset} for r in part]
+        offset = rows[-1]["step"] if rows else offset
+    return rows
+
+
+def _ok(entry: dict[str, Any]) -> bool:
+    return entry.get("status") == "ok" and "mean_reward" in entry
+
+
+def plot_training_curves(results: dict[str, Any], out: Path) -> Path | None:
+    """One panel per trained method: its training metric (:data:`CURVE_METRICS`) against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = []
+    for method, entry in results["methods"].items():
+        if method == "base" or method not in CURVE_METRICS or not entry.get("model_dir"):
+            continue
+        key, label = CURVE_METRICS[method]
+        pts = [(r["step"], r[key]) for r in _metrics_rows(Path(entry["model_dir"]))
+               if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if pts:
+            curves.append((method, label, pts))
+    if not curves:
+        return None
+    cols = min(3, len(curves))
+    rows = math.ceil(len(curves) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat[len(curves):]:
+        ax.set_visible(False)
+    for ax, (method, label, pts) in zip(axes.flat, curves):
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, "-o", markersize=3, linewidth=1.5)
+        ax.set_title(method, fontsize=11)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("training curves", fontsize=12)
+    fig.tight_layout()
+    path = out / "training_curves.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_reward_vs_kl(results: dict[str, Any], out: Path) -> Path | None:
+    """Held-out mean reward against KL to the base model, one point per model (base at KL 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(m, e["kl_to_base"], e["mean_reward"], e["reward_ci95"]) for m, e in results["methods"].items() if _ok(e)]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=100)
+    for i, (method, kl, reward, (low, high)) in enumerate(points):
+        ax.errorbar([kl], [reward], yerr=[[reward - low], [high - reward]], fmt="o", color=f"C{i}", capsize=3,
+                    label=method)
+        ax.annotate(method, (kl, reward), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    ax.set_xlabel("KL to base (nats per completion, sampled estimate)")
+    ax.set_ylabel("held-out mean reward (95% CI)")
+    ax.set_title("reward against KL")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "reward_vs_kl.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_reward_bars(results: dict[str, Any], out: Path) -> Path | None:
+    """Held-out mean reward per model with its 95% confidence interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [(m, e) for m, e in results["methods"].items() if _ok(e)]
+    if not entries:
+        return None
+    fig, ax = plt.subplots(figsize=(1.1 * len(entries) + 2.5, 4), dpi=100)
+    names = [m for m, _ in entries]
+    means = [e["mean_reward"] for _, e in entries]
+    errs = [[e["mean_reward"] - e["reward_ci95"][0] for _, e in entries],
+            [e["reward_ci95"][1] - e["mean_reward"] for _, e in entries]]
+    ax.bar(names, means, yerr=errs, capsize=4, color=[f"C{i}" for i in range(len(names))])
+    ax.axhline(means[0], color="gray", linestyle="--", linewidth=1)
+    ax.set_ylabel("held-out mean reward (95% CI)")
+    ax.set_title("held-out reward")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out / "reward_bars.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def results_rows(results: dict[str, Any]) -> list[list[str]]:
+    """The results table as strings: method, status, mean reward [95% CI], win rate, KL, length, wall time,
+    peak RSS, tokens. Used by the HTML report and the README table."""
+    rows = []
+    for method, e in results["methods"].items():
+        if not _ok(e):
+            rows.append([method, f"failed: {e.get('error', '')}"] + [""] * 7)
+            continue
+        low, high = e["reward_ci95"]
+        wall = e.get("wall_seconds")
+        rss = e.get("peak_rss_bytes")
+        rows.append([
+            method, "ok", f"{e['mean_reward']:.3f} [{low:.3f}, {high:.3f}]", f"{e['win_rate_vs_base']:.2f}",
+            f"{e['kl_to_base']:.2f}", f"{e['mean_length']:.1f}",
+            "–" if method == "base" else f"{wall:.0f} s" if wall is not None else "–",
+            "–" if rss is None else f"{rss / 2**30:.2f} GiB",
+            _fmt(e.get("num_tokens")) if method != "base" else "–",
+        ])
+    return rows
+
+
+RESULT_HEADERS = ["method", "status", "held-out mean reward [95% CI]", "win rate vs base", "KL to base",
+                  "mean length (tokens)", "training wall time", "peak RSS", "tokens trained on"]
+
+
+def _img(path: Path | None) -> str:
+    if path is None:
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def write_report(results: dict[str, Any], out: Path) -> Path:
+    """Write the plots and ``report.html`` (images embedded) into ``out``; returns the HTML path."""
+    out = Path(out)
+    curves, scatter, bars = plot_training_curves(results, out), plot_reward_vs_kl(results, out), \
+        plot_reward_bars(results, out)
+    esc = html.escape
+    table = "".join(
+        "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in results_rows(results))
+    budget = "".join(f"<tr><th>{esc(k)}</th><td>{esc(json.dumps(v) if isinstance(v, dict) else str(v))}</td></tr>"
+                     for k, v in results["budget"].items())
+    ok = [(m, e) for m, e in results["methods"].items() if _ok(e)]
+    samples_html = ""
+    if ok:
+        n = min(len(e.get("samples", [])) for _, e in ok)
+        head = "<tr><th>prompt</th>" + "".join(f"<th>{esc(m)}</th>" for m, _ in ok) + "</tr>"
+        body = ""
+        for i in range(n):
+            prompt = ok[0][1]["samples"][i]["prompt"]
+            cells = "".join(
+                f"<td><div class=c>{esc(e['samples'][i]['completion'])}</div>"
+                f"<div class=r>reward {e['samples'][i]['reward']:.3f}</div></td>" for _, e in ok)
+            body += f"<tr><td class=p>{esc(prompt)}</td>{cells}</tr>"
+        samples_html = f"<table class=samples>{head}{body}</table>"
+    best = max((e["mean_reward"], m) for m, e in ok if m != "base") if len(ok) > 1 else None
+    verdict = (f"<p class=verdict>Highest held-out reward: <b>{esc(best[1])}</b> ({best[0]:.3f}; base "
+               f"{results['methods']['base']['mean_reward']:.3f}). Overlapping intervals mean the difference is "
+               "within sampling noise.</p>") if best else ""
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>alignlab compare: {esc(results['task'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; font-size: 14px; }}
+th {{ background: #f3f3f3; }}
+img {{ max-width: 100%; margin: 0.5em 0; }}
+.samples td {{ max-width: 260px; }} .c {{ white-space: pre-wrap; }} .r {{ color: #666; font-size: 12px; }}
+.p {{ font-style: italic; }} .verdict {{ font-size: 16px; }}
+</style></head><body>
+<h1>alignlab compare: {esc(results['task'])} ({esc(results['preset'])} preset)</h1>
+<p>{esc(results['description'])}</p>
+{verdict}
+<h2>Held-out results</h2>
+<table><tr>{''.join(f'<th>{esc(h)}</th>' for h in RESULT_HEADERS)}</tr>{table}</table>
+<p>Mean reward over sampled completions of the held-out prompts with a 95% normal-approximation interval; win rate
+against the base model by reward, ties counted half; KL to the base model as the sampled estimate
+mean(sum_t log pi - log pi_base) in nats per completion; wall time and peak resident memory of each method's
+training process (ppo: its reward model's training added).</p>
+{_img(bars)}{_img(scatter)}
+<h2>Training curves</h2>
+{_img(curves)}
+<h2>Budget (the same for every method)</h2>
+<table>{budget}</table>
+<p>Offline pairs: {results['pairs']['pairs']} best-vs-worst pairs from {results['pairs']['prompts']} prompts x
+{results['pairs']['samples_per_prompt']} base-model samples.</p>
+<h2>Completions for the same held-out prompts</h2>
+{samples_html}
+<p>Whole run: {results['wall_seconds']:.0f} s.</p>
+</body></html>
+"""
+    path = out / "report.html"
+    tmp = out / "report.html.partial"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,104 @@
+"""Built-in tasks: a prompt set with a train and a test split, and the rule-based reward that scores it.
+
+A task bundles everything ``alignlab evaluate`` / ``alignlab compare`` need to train and judge models on the
+same footing without user files: deterministic seeded splits with disjoint prompts, the reward functions (as
+``--reward_funcs`` specs, TRL's signature ``fn(prompts, completions, **kwargs) -> list[float]``) and the
+completion budget the reward is designed for.
+
+Rows are conversational, ``{"prompt": [{"role": "user", "content": ...}], <extra columns>}``; the extra
+columns (``age``, ``answer``) reach the reward functions as keyword lists, one entry per completion.
+
+Tasks:
+
+* ``kid-stories`` (:mod:`alignlab.tasks.kid_stories`): very short stories for a child of a given age, scored
+  on readability for the age, length, a finished last sentence and no repetition;
+* ``arithmetic`` (:mod:`alignlab.tasks.arithmetic`): two-digit sums and differences and one-digit by
+  two-digit products, scored on the exact answer and a bare-number format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from alignlab.errors import UserError
+from alignlab.tasks import arithmetic, kid_stories
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A built-in task.
+
+    Attributes:
+        name: the ``--task`` name, e.g. ``"kid-stories"``.
+        description: one paragraph for humans (shown in reports).
+        reward_funcs: ``--reward_funcs`` specs, ``"module:function"``.
+        reward_weights: one weight per reward function; ``None`` means all 1.
+        max_new_tokens: the completion budget (tokens) the reward is designed for.
+        build: ``seed -> (train_rows, test_rows)``, deterministic for a seed, no prompt in both splits.
+    """
+
+    name: str
+    description: str
+    reward_funcs: tuple[str, ...]
+    reward_weights: tuple[float, ...] | None
+    max_new_tokens: int
+    build: Callable[[int], tuple[list[dict], list[dict]]]
+
+    def rows(self, split: str, n: int | None = None, seed: int = 0) -> list[dict]:
+        """The first ``n`` rows of the ``"train"`` or ``"test"`` split built with ``seed`` (all when ``n`` is
+        None). The rows are fresh dicts on every call: callers may modify them.
+
+        Raises:
+            UserError: a split other than train/test, a negative ``n``, or ``n`` larger than the split.
+        """
+        if split not in SPLITS:
+            raise UserError(f"task {self.name!r}: no split {split!r}; the splits are train and test")
+        train, test = self.build(seed)
+        rows = train if split == "train" else test
+        if n is None:
+            return rows
+        if n < 0:
+            raise UserError(f"task {self.name!r}: asked for {n} rows of the {split} split; give 0 or more")
+        if n > len(rows):
+            raise UserError(
+                f"task {self.name!r}: asked for {n} rows of the {split} split, which has only {len(rows)}"
+            )
+        return rows[:n]
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task(
+            name="arithmetic",
+            description=arithmetic.DESCRIPTION,
+            reward_funcs=("alignlab.tasks.arithmetic:arithmetic_reward",),
+            reward_weights=None,
+            max_new_tokens=arithmetic.MAX_NEW_TOKENS,
+            build=arithmetic.build,
+        ),
+        Task(
+            name="kid-stories",
+            description=kid_stories.DESCRIPTION,
+            reward_funcs=("alignlab.tasks.kid_stories:story_reward",),
+            reward_weights=None,
+            max_new_tokens=kid_stories.MAX_NEW_TOKENS,
+            build=kid_stories.build,
+        ),
+    )
+}
+
+
+def get_task(name: str) -> Task:
+    """The built-in task called ``name``.
+
+    Raises:
+        UserError: no built-in task has that name (the message lists the available ones).
+    """
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise UserError(f"--task: no built-in task {name!r}; available: {', '.join(sorted(TASKS))}") from None

@@ -1,0 +1,162 @@
+"""``alignlab evaluate`` and ``alignlab compare``: the statistics by hand, the shared budget, and the smoke
+preset end to end on the tiny model (report, failure of one method, resume)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from alignlab.compare import Compare, CompareConfig, last_line
+from alignlab.evaluate import confidence_interval, prompt_text, win_rate
+from tests.conftest import one_line, run_cli
+
+
+def test_confidence_interval_by_hand():
+    # mean 2.5; sample std sqrt((2.25 + 0.25 + 0.25 + 2.25) / 3) = sqrt(5/3) = 1.290994;
+    # half width 1.96 * 1.290994 / sqrt(4) = 1.265174
+    low, high = confidence_interval(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert low == pytest.approx(2.5 - 1.265174, abs=1e-5) and high == pytest.approx(2.5 + 1.265174, abs=1e-5)
+    assert confidence_interval(torch.tensor([0.7])) == pytest.approx((0.7, 0.7))
+
+
+def test_win_rate_counts_ties_half():
+    # win, tie, loss -> (1 + 0.5 + 0) / 3
+    assert win_rate(torch.tensor([2.0, 1.0, 3.0]), torch.tensor([1.0, 1.0, 4.0])) == pytest.approx(0.5)
+    assert win_rate(torch.tensor([2.0, 2.0]), torch.tensor([1.0, 1.5])) == 1.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        win_rate(torch.zeros(2), torch.zeros(3))
+
+
+def test_prompt_text_and_last_line():
+    assert prompt_text([{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]) == "hi"
+    assert prompt_text("plain") == "plain"
+    assert last_line("training: 10%\rtraining: 20%\n\nalignlab dpo: error: bad row\n\n") == "alignlab dpo: error: bad row"
+    assert last_line("") == ""
+
+
+def test_every_method_gets_the_same_budget(tmp_path):
+    cfg = CompareConfig(output_dir=str(tmp_path), task="arithmetic", preset="default",
+                        methods=["dpo", "ppo", "ppo-rule", "grpo", "online-dpo", "iterative-dpo"])
+    run = Compare(cfg)
+    args = {m: run.method_args(m) for m in cfg.methods + ["reward-model"]}
+    assert {a["max_steps"] for m, a in args.items() if m != "iterative-dpo"} == {cfg.max_steps}
+    assert args["iterative-dpo"]["max_steps"] * args["iterative-dpo"]["rounds"] == cfg.max_steps
+    # prompts per step: GRPO's batch counts completions
+    assert args["grpo"]["per_device_train_batch_size"] == cfg.prompts_per_step * cfg.num_generations
+    for m in ("dpo", "ppo", "ppo-rule", "online-dpo", "iterative-dpo", "reward-model"):
+        assert args[m]["per_device_train_batch_size"] == cfg.prompts_per_step
+    # one completion budget (the task's: 16 tokens for arithmetic) and the task's reward for the rule-based ones
+    assert args["ppo"]["response_length"] == args["grpo"]["max_completion_length"] == args["online-dpo"]["max_new_tokens"] == 16
+    assert args["grpo"]["reward_funcs"] == ["alignlab.tasks.arithmetic:arithmetic_reward"]
+    assert args["ppo"]["reward_model_path"].endswith("reward-model/model") and "reward_funcs" not in args["ppo"]
+    assert len(run.train_rows) == 64 and len(run.eval_rows) == 32  # the default preset's sizes
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--methods", "dpo", "sft"], "unknown method 'sft'"),
+        (["--task", "no-such-task"], "neither a built-in task"),
+        (["--samples_per_prompt", "1"], "--samples_per_prompt must be >= 2"),
+        (["--methods", "iterative-dpo", "--max_steps", "1"], "--max_steps >= 2"),
+    ],
+)
+def test_compare_flag_errors_are_one_line(capsys, tmp_path, argv, expected):
+    code, _, err = run_cli(capsys, "compare", "--output_dir", str(tmp_path / "c"), "--preset", "smoke", *argv)
+    assert code != 0 and expected in one_line(err)
+
+
+def test_prompts_file_needs_reward_funcs(capsys, tmp_path, prompts_file):
+    code, _, err = run_cli(capsys, "compare", "--output_dir", str(tmp_path / "c"), "--task", str(prompts_file))
+    assert code == 1 and "needs --reward_funcs" in one_line(err)
+
+
+def test_evaluate_same_model_twice_ties_with_zero_kl(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    code, stdout, err = run_cli(
+        capsys, "evaluate", "--model_name_or_path", tiny_model_dir, tiny_model_dir, "--model_names", "a", "b",
+        "--task", "arithmetic", "--num_prompts", "4", "--max_new_tokens", "4", "--output_file", str(out))
+    assert code == 0, err
+    results = json.loads(out.read_text())["methods"]
+    # the same seed for every model: identical samples, so every prompt ties and the KL is exactly zero
+    assert results["b"]["win_rate_vs_base"] == 0.5 and results["b"]["kl_to_base"] == 0.0
+    assert results["a"]["mean_reward"] == results["b"]["mean_reward"]
+    assert results["b"]["completions"] == 4 and len(results["b"]["samples"]) == 4
+    assert "win vs base" in stdout and f"results: {out}" in stdout
+
+
+def test_evaluate_rejects_a_model_with_another_tokenizer(capsys, tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, other)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_tokens(["<new_token_for_test>"])
+    tok.save_pretrained(other)
+    code, _, err = run_cli(capsys, "evaluate", "--model_name_or_path", tiny_model_dir, str(other), "--task",
+                           "arithmetic", "--num_prompts", "2", "--max_new_tokens", "2")
+    assert code == 1 and "tokenizer differs" in one_line(err)
+
+
+REQUIRED = ("mean_reward", "reward_ci95", "win_rate_vs_base", "kl_to_base", "mean_length", "wall_seconds",
+            "peak_rss_bytes")
+
+
+def test_smoke_preset_end_to_end(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "cmp"
+    code, stdout, err = run_cli(capsys, "compare", "--preset", "smoke", "--task", "kid-stories",
+                                "--model_name_or_path", tiny_model_dir, "--output_dir", str(out))
+    assert code == 0, err
+    assert f"report: {out / 'report.html'}" in stdout
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["base", "dpo", "ppo", "ppo-rule", "grpo", "online-dpo"]
+    for method, entry in results["methods"].items():
+        assert entry["status"] == "ok", (method, entry.get("error"))
+        for key in REQUIRED[:5]:
+            assert key in entry, (method, key)
+        if method != "base":
+            assert entry["wall_seconds"] > 0 and entry["peak_rss_bytes"] > 50 * 2**20 and entry["num_tokens"] > 0
+            assert (out / method / "args.yaml").exists() and (out / method / "model" / "metrics.jsonl").exists()
+    base = results["methods"]["base"]
+    assert base["kl_to_base"] == 0.0 and base["win_rate_vs_base"] == 0.5
+    assert base["reward_ci95"][0] <= base["mean_reward"] <= base["reward_ci95"][1]
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["score_chosen"] > p["score_rejected"] for p in pairs)
+    assert len(pairs) == results["pairs"]["pairs"]
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "src=\"http" not in page
+    for name in ("training_curves.png", "reward_vs_kl.png", "reward_bars.png"):
+        assert (out / name).stat().st_size > 1000
+    assert results["budget"]["max_steps"] == 2 and results["budget"]["prompts_per_step"] == 4
+    assert math.isfinite(results["methods"]["ppo"]["reward_model_seconds"])
+
+
+def test_a_failing_method_is_marked_and_resume_reuses_the_rest(tiny_model_dir, prompts_file, rewards_file,
+                                                               tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    cfg = dict(output_dir=str(out), task=str(prompts_file), reward_funcs=[f"{rewards_file}:short"],
+               preset="smoke", methods=["dpo", "grpo"], model_name_or_path=tiny_model_dir, num_eval_prompts=2,
+               prompts_per_step=2, max_new_tokens=6, eval_split_size=0.34)
+    method_args = Compare.method_args
+
+    def broken(self, method):
+        args = method_args(self, method)
+        return {**args, "no_such_flag": 1} if method == "grpo" else args
+
+    monkeypatch.setattr(Compare, "method_args", broken)
+    results = Compare(CompareConfig(**cfg)).run()
+    grpo, dpo = results["methods"]["grpo"], results["methods"]["dpo"]
+    assert grpo["status"] == "failed" and "unknown key 'no_such_flag'" in grpo["error"]
+    assert dpo["status"] == "ok" and "mean_reward" in dpo
+    assert "failed: " in (out / "report.html").read_text()
+
+    monkeypatch.setattr(Compare, "method_args", method_args)
+    weights = out / "dpo" / "model" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    results = Compare(CompareConfig(**cfg, resume=True)).run()
+    assert weights.stat().st_mtime_ns == before  # dpo reused, not retrained
+    assert results["methods"]["grpo"]["status"] == "ok"
+    assert results["methods"]["dpo"]["mean_reward"] == dpo["mean_reward"]
