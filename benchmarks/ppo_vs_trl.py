@@ -60,8 +60,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _measure import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "src" / "alignlab" / "data" / "builtin" / "concise.jsonl"
@@ -206,31 +207,13 @@ def child(side: str, model_path: str, rm_dir: str, train: str, evalset: str, out
     else:
         cmd = [trl_python, "-c", TRL_SCRIPT, model_path, rm_dir, train, evalset, out, str(steps), str(BATCH),
                str(RESPONSE_LENGTH), str(PPO_EPOCHS), str(LEARNING_RATE)]
-    log_out, log_err = Path(out + ".stdout"), Path(out + ".stderr")
     metrics = Path(out) / "metrics.jsonl"
-    row_times: list[float] = []
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    with open(log_out, "w") as fout, open(log_err, "w") as ferr:
-        proc = subprocess.Popen(cmd, stdout=fout, stderr=ferr, text=True)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if side == "alignlab" and metrics.exists():
-                with open(metrics, encoding="utf-8") as handle:
-                    complete = sum(1 for line in handle if line.endswith("\n"))
-                now = time.perf_counter()
-                row_times.extend([now] * (complete - len(row_times)))
-            time.sleep(0.1)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.stderr.write(log_err.read_text()[-6000:])
-        raise SystemExit(f"{side} failed with status {status}")
-    result = {"side": side, "wall_seconds": wall, "peak_rss_bytes": usage.ru_maxrss * 1024,
-              "load_before_after": [load_before, os.getloadavg()[0]]}
+    run = run_measured(cmd, out, side, metrics if side == "alignlab" else None)
+    row_times, wall = run["row_times"], run["wall_seconds"]
+    result = {"side": side, "wall_seconds": wall, "peak_rss_bytes": run["peak_rss_bytes"],
+              "load_before_after": run["load_before_after"]}
     if side == "trl":
-        result.update(json.loads(log_out.read_text().strip().splitlines()[-1]))
+        result.update(json.loads(Path(out + ".stdout").read_text().strip().splitlines()[-1]))
     else:
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         result["last_log"] = rows[-1] if rows else None

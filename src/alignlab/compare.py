@@ -49,14 +49,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # about three minutes on 2 CPU cores with a tiny model (the CI test); numbers are not meaningful
     "smoke": dict(num_train_prompts=16, num_eval_prompts=8, samples_per_prompt=2, eval_samples_per_prompt=1,
                   max_steps=2, prompts_per_step=4, num_generations=2, max_new_tokens=16, num_ppo_epochs=1,
+                  learning_rate=None, max_new_tokens_cap=None,
                   methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo")),
-    # the embedded 135M model on 2 CPU cores, within 20 minutes
-    "default": dict(num_train_prompts=64, num_eval_prompts=32, samples_per_prompt=4, eval_samples_per_prompt=2,
-                    max_steps=8, prompts_per_step=8, num_generations=4, max_new_tokens=None, num_ppo_epochs=2,
-                    methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo")),
+    # the embedded 135M model within 20 minutes on 2 CPU cores without native bf16 (float32 training passes run
+    # at about 80 tokens/s there): small steps, short completions, one PPO epoch, a learning rate that moves a
+    # 135M model in 8 steps
+    "default": dict(num_train_prompts=32, num_eval_prompts=32, samples_per_prompt=4, eval_samples_per_prompt=1,
+                    max_steps=8, prompts_per_step=4, num_generations=4, max_new_tokens=None, num_ppo_epochs=1,
+                    max_new_tokens_cap=48,
+                    learning_rate=2e-5, methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo")),
     # a GPU: the whole task
     "full": dict(num_train_prompts=None, num_eval_prompts=None, samples_per_prompt=8, eval_samples_per_prompt=4,
                  max_steps=200, prompts_per_step=16, num_generations=8, max_new_tokens=None, num_ppo_epochs=4,
+                 learning_rate=None, max_new_tokens_cap=None,
                  methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo", "iterative-dpo")),
 }
 
@@ -101,7 +106,8 @@ class CompareConfig:
     max_new_tokens: int | None = None
     """Completion budget in tokens, for sampling in every stage (default: the task's)."""
     learning_rate: float | None = None
-    """One learning rate for every method (default: 5e-6 for the DPO family, 1e-5 for PPO and GRPO)."""
+    """One learning rate for every method (default preset: 2e-5; otherwise 5e-6 for the DPO family and 1e-5 for
+    PPO and GRPO)."""
     temperature: float = 1.0
     """Sampling temperature of every stage (pairs, online training, evaluation)."""
     eval_split_size: float = 0.2
@@ -119,7 +125,7 @@ class CompareConfig:
             raise UserError("--output_dir is required")
         preset = PRESETS[self.preset]
         for name, value in preset.items():
-            if name != "methods" and getattr(self, name, None) is None:
+            if name not in ("methods", "max_new_tokens_cap") and getattr(self, name, None) is None:
                 setattr(self, name, value)
         self.methods = list(self.methods or preset["methods"])
         unknown = [m for m in self.methods if m not in METHODS]
@@ -206,19 +212,20 @@ class Compare:
         self.config = cfg = config
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        train = resolve_task(cfg.task, "train", reward_funcs=cfg.reward_funcs, reward_weights=cfg.reward_weights,
-                             seed=cfg.seed)
+        # a built-in task's split is the task's own (seed 0), the same as `alignlab evaluate --task` uses
+        train = resolve_task(cfg.task, "train", reward_funcs=cfg.reward_funcs, reward_weights=cfg.reward_weights)
         if not train.reward_funcs:
             raise UserError(f"--task {cfg.task}: a prompts file needs --reward_funcs")
         self.description = train.description
         self.reward_funcs = _abs_reward_specs(train.reward_funcs)
         self.reward_weights = train.reward_weights
-        self.max_new_tokens = cfg.max_new_tokens or train.max_new_tokens
+        cap = PRESETS[cfg.preset]["max_new_tokens_cap"]
+        self.max_new_tokens = cfg.max_new_tokens or min(train.max_new_tokens, cap or train.max_new_tokens)
         from alignlab.tasks import TASKS
 
         if cfg.task in TASKS:
             train_rows = train.rows
-            eval_rows = resolve_task(cfg.task, "test", seed=cfg.seed).rows
+            eval_rows = resolve_task(cfg.task, "test").rows
         else:
             from alignlab.train.setup import split_rows
 

@@ -35,17 +35,30 @@ def _metrics_rows(model_dir: Path) -> list[dict]:
     return rows
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    """Lay out, write and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def _ok(entry: dict[str, Any]) -> bool:
     return entry.get("status") == "ok" and "mean_reward" in entry
 
 
 def plot_training_curves(results: dict[str, Any], out: Path) -> Path | None:
     """One panel per trained method: its training metric (:data:`CURVE_METRICS`) against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     curves = []
     for method, entry in results["methods"].items():
         if method == "base" or method not in CURVE_METRICS or not entry.get("model_dir"):
@@ -70,20 +83,12 @@ def plot_training_curves(results: dict[str, Any], out: Path) -> Path | None:
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("training curves", fontsize=12)
-    fig.tight_layout()
-    path = out / "training_curves.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "training_curves.png")
 
 
 def plot_reward_vs_kl(results: dict[str, Any], out: Path) -> Path | None:
     """Held-out mean reward against KL to the base model, one point per model (base at KL 0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     points = [(m, e["kl_to_base"], e["mean_reward"], e["reward_ci95"]) for m, e in results["methods"].items() if _ok(e)]
     if not points:
         return None
@@ -96,20 +101,12 @@ def plot_reward_vs_kl(results: dict[str, Any], out: Path) -> Path | None:
     ax.set_ylabel("held-out mean reward (95% CI)")
     ax.set_title("reward against KL")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "reward_vs_kl.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "reward_vs_kl.png")
 
 
 def plot_reward_bars(results: dict[str, Any], out: Path) -> Path | None:
     """Held-out mean reward per model with its 95% confidence interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     entries = [(m, e) for m, e in results["methods"].items() if _ok(e)]
     if not entries:
         return None
@@ -123,11 +120,7 @@ def plot_reward_bars(results: dict[str, Any], out: Path) -> Path | None:
     ax.set_ylabel("held-out mean reward (95% CI)")
     ax.set_title("held-out reward")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = out / "reward_bars.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "reward_bars.png")
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
