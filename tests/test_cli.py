@@ -87,3 +87,12 @@ def test_help_lists_flags(capsys, command):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "--model_name_or_path" in out and "--config" in out
+
+
+def test_bf16_unset_means_native_bf16_only():
+    from alignlab.train.config import fast_bf16_available
+
+    base = ["--output_dir", "x", "--dataset_name", "d.jsonl"]
+    assert parse_config(DPOConfig, base, "alignlab dpo").bf16 is fast_bf16_available()
+    assert parse_config(DPOConfig, base + ["--bf16"], "alignlab dpo").bf16 is True  # bare flag, as TRL users type it
+    assert parse_config(DPOConfig, base + ["--bf16", "false"], "alignlab dpo").bf16 is False

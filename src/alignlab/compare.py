@@ -56,7 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 135M model in 8 steps
     "default": dict(num_train_prompts=32, num_eval_prompts=32, samples_per_prompt=4, eval_samples_per_prompt=1,
                     max_steps=8, prompts_per_step=4, num_generations=4, max_new_tokens=None, num_ppo_epochs=1,
-                    max_new_tokens_cap=48,
+                    max_new_tokens_cap=40,
                     learning_rate=2e-5, methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo")),
     # a GPU: the whole task
     "full": dict(num_train_prompts=None, num_eval_prompts=None, samples_per_prompt=8, eval_samples_per_prompt=4,
