@@ -326,6 +326,7 @@ class Compare:
             logger.info("%s: finished before, reusing %s", method, folder / "model")
             return done
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / "eval.json").unlink(missing_ok=True)  # a retrained model invalidates its old evaluation
         args = self.method_args(method)
         (folder / "args.yaml").write_text(yaml.safe_dump(args, sort_keys=False), encoding="utf-8")
         argv = [sys.executable, "-m", "alignlab.cli", COMMAND[method], "--config", str(folder / "args.yaml")]

@@ -205,11 +205,14 @@ class Evaluator:
     def _precision(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
-    def _sample(self, model) -> list[ScoredCompletions]:
+    def _sample(self, model, name: str) -> list[ScoredCompletions]:
+        from tqdm.auto import tqdm
+
         cfg = self.config
         torch.manual_seed(cfg.seed)
         parts = []
-        for start in range(0, len(self.prompts), cfg.generation_batch_size):
+        starts = range(0, len(self.prompts), cfg.generation_batch_size)
+        for start in tqdm(starts, desc=f"evaluating {name}", unit="batch"):
             parts.append(sample_and_score(
                 model, self.tokenizer, self.prompts[start : start + cfg.generation_batch_size], self.sources,
                 device=self.device, precision=self._precision(), max_new_tokens=self.max_new_tokens,
@@ -241,7 +244,7 @@ class Evaluator:
                 raise UserError(f"{path}: its tokenizer differs from the base model's; the KL to the base needs the same tokens")
         model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
         with torch.no_grad():
-            parts = self._sample(model)
+            parts = self._sample(model, name)
             scores = torch.cat([p.scores for p in parts])
             if self.base_model is None:
                 self.base_model, self.base_scores = model, scores
