@@ -161,3 +161,15 @@ def test_a_failing_method_is_marked_and_resume_reuses_the_rest(tiny_model_dir, p
     assert weights.stat().st_mtime_ns == before  # dpo reused, not retrained
     assert results["methods"]["grpo"]["status"] == "ok"
     assert results["methods"]["dpo"]["mean_reward"] == dpo["mean_reward"]
+
+
+def test_evaluate_with_a_reward_model_on_a_prompts_file(capsys, tiny_model_dir, prompts_file, tmp_path):
+    out = tmp_path / "eval.json"
+    # the tiny causal LM as a reward model: a sequence-classification head is added on load
+    code, _, err = run_cli(capsys, "evaluate", "--model_name_or_path", tiny_model_dir, "--dataset_name",
+                           str(prompts_file), "--reward_model_path", tiny_model_dir, "--max_new_tokens", "4",
+                           "--output_file", str(out))
+    assert code == 0, err
+    base = json.loads(out.read_text())["methods"][tiny_model_dir]
+    assert base["completions"] == 6 and math.isfinite(base["rewards/reward_model"])
+    assert base["mean_reward"] == pytest.approx(base["rewards/reward_model"], abs=1e-5)
