@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from alignlab.data.io import write_text_atomic
 from alignlab.errors import UserError
 from alignlab.train.config import resolve_bf16
 
@@ -149,15 +150,11 @@ class CompareConfig:
 
 
 def _write_jsonl(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _write_json(data: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def _read_json(path: Path) -> Any:
@@ -247,7 +244,7 @@ class Compare:
         from alignlab.algorithms.iterative_dpo import write_pairs
         from alignlab.data.prompts import build_prompt_examples
         from alignlab.models import load_causal_lm, load_tokenizer
-        from alignlab.rollout.experience import sample_and_score
+        from alignlab.rollout.experience import sample_and_score_batches
         from alignlab.rollout.rewards import build_reward_sources
 
         cfg = self.config
@@ -262,17 +259,14 @@ class Compare:
         sources = build_reward_sources(self.reward_funcs, self.reward_weights, with_reward_model=False)
         model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code).eval()
         torch.manual_seed(cfg.seed)
-        k, parts = cfg.samples_per_prompt, []
-        batch = 16
-        from tqdm.auto import tqdm
-
+        k = cfg.samples_per_prompt
         with torch.no_grad():
-            for i in tqdm(range(0, len(examples), batch), desc="sampling pairs", unit="batch"):
-                parts.append(sample_and_score(
-                    model, tokenizer, examples[i : i + batch], sources, device=torch.device("cpu"),
-                    precision=torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16),
-                    max_new_tokens=self.max_new_tokens, temperature=cfg.temperature, num_generations=k,
-                ))
+            parts = sample_and_score_batches(
+                model, tokenizer, examples, sources, batch_size=16, progress="sampling pairs",
+                precision_fn=lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16),
+                device=torch.device("cpu"), max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
+                num_generations=k,
+            )
         n = write_pairs(parts, k, path)
         scores = torch.cat([p.scores for p in parts])
         info = {"pairs": n, "prompts": len(examples), "samples_per_prompt": k,

@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 
-from alignlab.data.io import read_rows
+from alignlab.data.io import read_rows, write_text_atomic
 from alignlab.data.prompts import build_prompt_examples
 from alignlab.errors import UserError
 from alignlab.train.config import resolve_bf16
 from alignlab.models import load_causal_lm, load_tokenizer
-from alignlab.rollout.experience import ScoredCompletions, sample_and_score
+from alignlab.rollout.experience import ScoredCompletions, sample_and_score_batches
 from alignlab.rollout.generation import completion_token_logps
 from alignlab.rollout.rewards import build_reward_sources
 
@@ -206,20 +206,14 @@ class Evaluator:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
     def _sample(self, model, name: str) -> list[ScoredCompletions]:
-        from tqdm.auto import tqdm
-
         cfg = self.config
         torch.manual_seed(cfg.seed)
-        parts = []
-        starts = range(0, len(self.prompts), cfg.generation_batch_size)
-        for start in tqdm(starts, desc=f"evaluating {name}", unit="batch"):
-            parts.append(sample_and_score(
-                model, self.tokenizer, self.prompts[start : start + cfg.generation_batch_size], self.sources,
-                device=self.device, precision=self._precision(), max_new_tokens=self.max_new_tokens,
-                temperature=cfg.temperature, top_p=cfg.top_p, num_generations=cfg.samples_per_prompt,
-                reward_tokenizer=self.reward_tokenizer,
-            ))
-        return parts
+        return sample_and_score_batches(
+            model, self.tokenizer, self.prompts, self.sources, batch_size=cfg.generation_batch_size,
+            precision_fn=self._precision, progress=f"evaluating {name}", device=self.device,
+            max_new_tokens=self.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+            num_generations=cfg.samples_per_prompt, reward_tokenizer=self.reward_tokenizer,
+        )
 
     def _kl(self, model, parts: list[ScoredCompletions]) -> torch.Tensor:
         """``(N,)`` per-completion ``sum_t log pi - log pi_base`` over the sampled completions."""
@@ -308,7 +302,5 @@ def evaluate(config: EvaluateConfig) -> dict[str, dict[str, Any]]:
     if config.output_file:
         path = Path(config.output_file)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(json.dumps({"methods": results}, indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps({"methods": results}, indent=2, ensure_ascii=False))
     return results

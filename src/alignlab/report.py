@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from alignlab.data.io import write_text_atomic
+
 # The training metric plotted for each method: what it optimises, as it logs it.
 CURVE_METRICS = {
     "dpo": ("rewards/margins", "DPO implicit reward margin"),
@@ -223,7 +225,5 @@ training process (ppo: its reward model's training added).</p>
 </body></html>
 """
     path = out / "report.html"
-    tmp = out / "report.html.partial"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, page)
     return path

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +30,11 @@ import torch
 
 from alignlab.algorithms.dpo import DPOConfig, train_dpo
 from alignlab.algorithms.online import attach_reward_model
-from alignlab.data.io import read_rows
+from alignlab.data.io import read_rows, write_text_atomic
 from alignlab.data.prompts import build_prompt_examples
 from alignlab.errors import UserError
 from alignlab.models import load_causal_lm, load_tokenizer
-from alignlab.rollout.experience import ScoredCompletions, sample_and_score
+from alignlab.rollout.experience import ScoredCompletions, sample_and_score_batches
 from alignlab.rollout.rewards import build_reward_sources
 from alignlab.train.loop import autocast, build_accelerator
 from alignlab.train.setup import split_rows
@@ -132,9 +131,7 @@ def write_pairs(parts: list[ScoredCompletions], k: int, path: Path) -> int:
     rows = preference_rows(parts, k)
     if not rows:
         raise UserError(f"{path}: every prompt's {k} completions scored the same: no preference pairs to train on")
-    tmp = path.with_suffix(".jsonl.partial")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return len(rows)
 
 
@@ -168,15 +165,12 @@ class IterativeDPO:
 
     def _sample(self, policy, examples: list[dict], k: int):
         cfg = self.config
-        parts = []
-        for start in range(0, len(examples), cfg.generation_batch_size):
-            parts.append(sample_and_score(
-                policy, self.tokenizer, examples[start : start + cfg.generation_batch_size], self.sources,
-                device=self.device, precision=autocast(cfg, self.device), max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature, top_p=cfg.top_p, num_generations=k,
-                missing_eos_penalty=cfg.missing_eos_penalty, reward_tokenizer=self.reward_tokenizer,
-            ))
-        return parts
+        return sample_and_score_batches(
+            policy, self.tokenizer, examples, self.sources, batch_size=cfg.generation_batch_size,
+            precision_fn=lambda: autocast(cfg, self.device), device=self.device, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_p=cfg.top_p, num_generations=k,
+            missing_eos_penalty=cfg.missing_eos_penalty, reward_tokenizer=self.reward_tokenizer,
+        )
 
     def held_out_reward(self, model_path: str | None) -> float | None:
         """Mean reward of one sampled completion per held-out prompt under the model at ``model_path``."""

@@ -19,6 +19,15 @@ from pathlib import Path
 
 from alignlab.errors import DataError, UserError
 
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through ``path + ".partial"`` and a rename, so a crash leaves the
+    old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
 BUILTIN_PREFIX = "builtin:"
 
 

@@ -86,6 +86,22 @@ def reward_model_inputs(reward_tokenizer, examples: list[dict], texts: list[str]
     return {"input_ids": seq["input_ids"], "attention_mask": seq["attention_mask"]}
 
 
+def sample_and_score_batches(policy: torch.nn.Module, tokenizer, examples: list[dict[str, Any]],
+                             sources: list[RewardSource], *, batch_size: int, precision_fn,
+                             progress: str | None = None, **kwargs: Any) -> list[ScoredCompletions]:
+    """:func:`sample_and_score` over ``examples`` in chunks of ``batch_size`` prompts, one
+    :class:`ScoredCompletions` per chunk (in order). ``precision_fn()`` makes a fresh precision context per
+    chunk; ``progress`` names a tqdm bar (none when ``None``); ``kwargs`` go to :func:`sample_and_score`."""
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(examples), batch_size)
+    return [
+        sample_and_score(policy, tokenizer, examples[start : start + batch_size], sources,
+                         precision=precision_fn(), **kwargs)
+        for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None)
+    ]
+
+
 def sample_and_score(
     policy: torch.nn.Module,
     tokenizer,
