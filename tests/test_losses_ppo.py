@@ -180,3 +180,53 @@ def test_aggregate_errors():
         aggregate_token_loss(PER_TOKEN, AGG_MASK, loss_type="dr_grpo", max_completion_length=3)
     with pytest.raises(ValueError, match="mask"):
         aggregate_token_loss(PER_TOKEN, AGG_MASK[:, :3], loss_type="grpo")
+
+
+# ---- importance sampling of rollouts drawn by a stand-in sampler (int8 copy), numbers by hand ----------------
+def _is_inputs():
+    import math as _m
+
+    # row 0: token ratios pi/q = 0.5/0.25 = 2 and 0.2/0.4 = 0.5 (sequence ratio 1), third token padding
+    # row 1: token ratios 0.9/0.3 = 3 and 3 (sequence ratio 9), third token padding
+    old = torch.tensor([[_m.log(0.5), _m.log(0.2), 0.0], [_m.log(0.9), _m.log(0.9), float("nan")]])
+    sampling = torch.tensor([[_m.log(0.25), _m.log(0.4), 5.0], [_m.log(0.3), _m.log(0.3), 1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    return old, sampling, mask
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("token_truncate", [[1.5, 0.5, 0.0], [1.5, 1.5, 0.0]]),
+        ("token_mask", [[0.0, 0.5, 0.0], [0.0, 0.0, 0.0]]),
+        ("sequence_truncate", [[1.0, 1.0, 0.0], [1.5, 1.5, 0.0]]),
+        ("sequence_mask", [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]),
+    ],
+)
+def test_importance_sampling_ratio_by_hand(mode, expected):
+    from alignlab.losses.ppo import importance_sampling_ratio
+
+    old, sampling, mask = _is_inputs()
+    weights, metrics = importance_sampling_ratio(old, sampling, mask, mode=mode, clip_max=1.5)
+    torch.testing.assert_close(weights, torch.tensor(expected), atol=1e-6, rtol=0)
+    # |log 2|, |log 0.5|, |log 3|, |log 3| over the four real tokens
+    assert float(metrics["sampling/sampling_logp_difference/mean"]) == pytest.approx(
+        (2 * math.log(2) + 2 * math.log(3)) / 4, abs=1e-6)
+    assert float(metrics["sampling/sampling_logp_difference/max"]) == pytest.approx(math.log(3), abs=1e-6)
+
+
+def test_importance_sampling_ratio_bounds_and_metrics():
+    from alignlab.losses.ppo import importance_sampling_ratio
+
+    old, sampling, mask = _is_inputs()
+    weights, metrics = importance_sampling_ratio(old, sampling, mask, clip_max=None, clip_min=0.6)
+    torch.testing.assert_close(weights, torch.tensor([[2.0, 0.6, 0.0], [3.0, 3.0, 0.0]]), atol=1e-6, rtol=0)
+    assert float(metrics["sampling/importance_sampling_ratio/min"]) == pytest.approx(0.6)
+    assert float(metrics["sampling/importance_sampling_ratio/mean"]) == pytest.approx((2 + 0.6 + 3 + 3) / 4)
+    assert float(metrics["sampling/importance_sampling_ratio/max"]) == pytest.approx(3.0)
+    unbounded, _ = importance_sampling_ratio(old, sampling, mask, clip_max=None)
+    torch.testing.assert_close(unbounded, torch.tensor([[2.0, 0.5, 0.0], [3.0, 3.0, 0.0]]), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="mode"):
+        importance_sampling_ratio(old, sampling, mask, mode="token")
+    with pytest.raises(ValueError, match="clip_min"):
+        importance_sampling_ratio(old, sampling, mask, clip_min=2.0, clip_max=1.0)

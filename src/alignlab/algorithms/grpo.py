@@ -157,6 +157,10 @@ class GRPOTrainer:
             logps, old_logps, batch["advantages"], mask, cliprange=cfg.epsilon, cliprange_high=cfg.epsilon_high
         )
         metrics = {"clip_ratio": policy_metrics["policy/clipfrac"]}
+        weights, is_metrics = self.setup.importance_weights(old_logps, batch)  # int8 rollouts (as TRL's vLLM)
+        if weights is not None:
+            per_token = per_token * weights
+            metrics.update(is_metrics)
         if cfg.beta > 0:
             kl = kl_k3(logps, batch["ref_logps"])
             per_token = per_token + cfg.beta * kl

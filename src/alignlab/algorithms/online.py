@@ -6,15 +6,18 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from alignlab.data.io import read_rows
 from alignlab.data.prompts import build_prompt_examples
 from alignlab.errors import UserError
+from alignlab.losses.ppo import importance_sampling_ratio
 from alignlab.models import is_peft_model, load_causal_lm, load_reward_model, load_tokenizer
 from alignlab.rollout.experience import ScoredCompletions, sample_and_score
 from alignlab.rollout.generation import completion_token_logps
+from alignlab.rollout.quantized import Int8Sampler
 from alignlab.rollout.rewards import build_reward_sources
 from alignlab.train.config import TrainConfig
 from alignlab.train.loop import autocast, build_accelerator
@@ -53,6 +56,21 @@ class OnlineConfig(TrainConfig):
     """Pack sequences without padding for the policy's log-prob passes (as ``alignlab dpo``)."""
     prompt_column: str = "prompt"
     """Column holding the prompt (text or messages); rows without it may be preference pairs."""
+    rollout_quantization: Literal["none", "int8"] = "none"
+    """int8: sample rollouts from an int8 copy of the policy (PyTorch dynamic quantization, CPU only), refreshed
+    before every rollout: about 2x faster decoding on a CPU, at a small mismatch that importance sampling
+    corrects. none: sample from the policy itself. See docs/rollouts.md."""
+    importance_sampling_correction: bool = True
+    """With int8 rollouts, weight each token's policy loss by ``pi_old / q_sampler`` (bounded as below); as
+    TRL's ``vllm_importance_sampling_correction``. PPO and GRPO only (DPO losses need no correction)."""
+    importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
+        "token_truncate")
+    """How the weights are bounded (TRL's ``vllm_importance_sampling_mode``): truncated or masked outside the
+    bounds, per token or per sequence."""
+    importance_sampling_clip_max: float | None = 2.0
+    """Upper bound of the importance weights (TRL: ``vllm_importance_sampling_clip_max``, default 3.0)."""
+    importance_sampling_clip_min: float | None = None
+    """Lower bound of the importance weights (none by default)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,6 +86,11 @@ class OnlineConfig(TrainConfig):
             raise UserError(f"--sample_steps must be >= 0, got {self.sample_steps}")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise UserError(f"--missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
+        if self.rollout_quantization == "int8" and self.use_peft:
+            raise UserError("--rollout_quantization int8 does not support --use_peft yet; drop one of them")
+        lo, hi = self.importance_sampling_clip_min, self.importance_sampling_clip_max
+        if lo is not None and hi is not None and lo > hi:
+            raise UserError(f"--importance_sampling_clip_min {lo} > --importance_sampling_clip_max {hi}")
         if self.eval_dataset_name or self.eval_split_size:
             raise UserError("online training has no evaluation pass: drop --eval_dataset_name / --eval_split_size")
 
@@ -135,6 +158,9 @@ class OnlineSetup:
         self.policy = prepare_model(policy, config, device)
 
         self.reward_tokenizer = attach_reward_model(self.sources, config, tok, device)
+        self.sampler = None
+        if config.rollout_quantization == "int8":
+            self.sampler = Int8Sampler(self.accelerator.unwrap_model(self.policy))
 
     def logps(self, model: torch.nn.Module, sequences: dict[str, torch.Tensor], *,
               temperature: float | None = None) -> torch.Tensor:
@@ -171,5 +197,16 @@ class OnlineSetup:
             policy, self.tokenizer, examples, self.sources, device=device, precision=autocast(cfg, device),
             max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
             num_generations=num_generations, missing_eos_penalty=cfg.missing_eos_penalty,
-            reward_tokenizer=self.reward_tokenizer,
+            reward_tokenizer=self.reward_tokenizer, sampler=self.sampler,
+        )
+
+    def importance_weights(self, old_logps: torch.Tensor, batch: dict[str, torch.Tensor]):
+        """``(weights, metrics)`` of :func:`~alignlab.losses.ppo.importance_sampling_ratio` for a batch sampled
+        by the int8 copy, or ``(None, {})`` when the policy sampled it or the correction is off."""
+        cfg = self.config
+        if "sampling_logps" not in batch or not cfg.importance_sampling_correction:
+            return None, {}
+        return importance_sampling_ratio(
+            old_logps, batch["sampling_logps"], batch["response_mask"], mode=cfg.importance_sampling_mode,
+            clip_max=cfg.importance_sampling_clip_max, clip_min=cfg.importance_sampling_clip_min,
         )

@@ -229,6 +229,10 @@ class PPOTrainer:
         logps, values = model(batch)
         mask = batch["response_mask"].bool()
         pg, pg_metrics = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, cliprange=cfg.cliprange)
+        weights, is_metrics = self.setup.importance_weights(batch["old_logps"], batch)  # int8 rollouts
+        if weights is not None:
+            pg = pg * weights
+            pg_metrics.update(is_metrics)
         vf, vf_metrics = clipped_value_loss(
             values, batch["old_values"], batch["returns"], mask, cliprange_value=cfg.cliprange_value
         )

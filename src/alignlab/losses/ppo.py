@@ -218,3 +218,82 @@ def aggregate_token_loss(
             f"{max_completion_length}"
         )
     return selected.sum() / (per_token_loss.shape[0] * max_completion_length)
+
+
+IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+"""Accepted ``mode`` values of :func:`importance_sampling_ratio` (TRL's ``vllm_importance_sampling_mode``)."""
+
+
+def importance_sampling_ratio(
+    old_logps: torch.Tensor,
+    sampling_logps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    mode: str = "token_truncate",
+    clip_max: float | None = 2.0,
+    clip_min: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Importance weights correcting for rollouts sampled by a stand-in for the policy (an int8 copy, vLLM).
+
+    The losses assume the tokens were drawn from ``pi_old``; they were drawn from the sampler ``q``. Weighting
+    each token's loss by ``w = pi_old(token) / q(token)`` makes the estimate an expectation under ``pi_old``
+    again; bounding ``w`` trades a little bias for bounded variance:
+
+    * ``token_truncate``: ``w_t = min(max(exp(old - sampling), clip_min), clip_max)`` per token (truncated
+      importance sampling, Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL
+      Training", fengyao.notion.site, eq. 3);
+    * ``token_mask``: ``w_t = exp(old - sampling)`` where it lies in ``[clip_min, clip_max]``, else 0;
+    * ``sequence_truncate`` / ``sequence_mask``: the same with one ratio per sequence,
+      ``exp(sum_t (old_t - sampling_t))``, applied to all its tokens.
+
+    TRL 1.16 counterpart: ``GRPOTrainer`` with ``vllm_importance_sampling_correction`` (modes and bounds
+    named alike; TRL's default mode is ``sequence_mask`` with ``clip_max`` 3.0, built for vLLM's larger
+    mismatch; alignlab defaults to the per-token truncation at 2 of Yao et al.).
+
+    Args:
+        old_logps: ``(B, T)`` log-probs of the sampled tokens under the policy (nats, constant).
+        sampling_logps: ``(B, T)`` the same under the sampler.
+        mask: ``(B, T)`` ones on real completion tokens.
+        mode: one of :data:`IMPORTANCE_SAMPLING_MODES`.
+        clip_max, clip_min: the bounds (``None``: unbounded on that side).
+
+    Returns:
+        ``(weights, metrics)``: ``(B, T)`` float weights (detached; 0 on masked positions) to multiply the
+        per-token loss by, and TRL's metrics ``sampling/sampling_logp_difference/mean|max`` (mean / max
+        ``|old - sampling|`` over tokens) and ``sampling/importance_sampling_ratio/min|mean|max``.
+
+    Raises:
+        ValueError: unknown ``mode``, mismatched shapes, or ``clip_min > clip_max``.
+    """
+    _check_per_token(old_logps.shape, sampling_logps=sampling_logps, mask=mask)
+    if mode not in IMPORTANCE_SAMPLING_MODES:
+        raise ValueError(f"mode must be one of {IMPORTANCE_SAMPLING_MODES}, got {mode!r}")
+    if clip_min is not None and clip_max is not None and clip_min > clip_max:
+        raise ValueError(f"clip_min {clip_min} > clip_max {clip_max}")
+    mask = mask.bool()
+    diff = torch.where(mask, old_logps.detach().float() - sampling_logps.detach().float(), 0.0)
+    per_sequence = mode.startswith("sequence")
+    ratio = torch.exp(diff.sum(dim=1, keepdim=True)).expand_as(diff) if per_sequence else torch.exp(diff)
+    if mode.endswith("truncate"):
+        if clip_min is not None or clip_max is not None:
+            ratio = ratio.clamp(min=clip_min, max=clip_max)
+    else:
+        low = -float("inf") if clip_min is None else clip_min
+        high = float("inf") if clip_max is None else clip_max
+        ratio = torch.where((ratio < low) | (ratio > high), 0.0, ratio)
+    weights = torch.where(mask, ratio, 0.0)
+    count = mask.sum().clamp(min=1)
+    delta = diff.abs()
+    shown = weights[:, :1] if per_sequence else weights
+    shown_mask = mask.any(dim=1, keepdim=True) if per_sequence else mask
+    big = torch.finfo(weights.dtype).max
+    metrics = {
+        "sampling/sampling_logp_difference/mean": delta.sum() / count,
+        "sampling/sampling_logp_difference/max": delta.max() if delta.numel() else delta.new_zeros(()),
+        "sampling/importance_sampling_ratio/min": torch.where(shown_mask, shown, big).min(),
+        "sampling/importance_sampling_ratio/mean": shown.sum() / shown_mask.sum().clamp(min=1),
+        "sampling/importance_sampling_ratio/max": torch.where(shown_mask, shown, 0.0).max(),
+    }
+    if not mask.any():
+        metrics["sampling/importance_sampling_ratio/min"] = weights.new_zeros(())
+    return weights, metrics

@@ -116,6 +116,7 @@ def sample_and_score(
     num_generations: int = 1,
     missing_eos_penalty: float | None = None,
     reward_tokenizer=None,
+    sampler=None,
 ) -> ScoredCompletions:
     """Sample ``num_generations`` completions per prompt example and score them.
 
@@ -132,6 +133,9 @@ def sample_and_score(
         missing_eos_penalty: subtracted from the score of completions without EOS (TRL); ``None``: none.
         reward_tokenizer: the reward model's tokenizer when its vocabulary differs from the policy's
             (the text is then re-tokenized); ``None``: the policy's token ids are scored as they are.
+        sampler: an :class:`~alignlab.rollout.quantized.Int8Sampler` that samples in the policy's place (synced
+            from ``policy`` first, inside the generation time); the ``(N, L)`` log-probs of the sampled tokens
+            under it are then ``sequences["sampling_logps"]`` (0 on padding), for importance sampling.
 
     Raises:
         UserError: a reward function failed or returned bad values.
@@ -139,10 +143,12 @@ def sample_and_score(
     prompt_ids = [ex["prompt_ids"] for ex in examples]
     start = time.perf_counter()
     with precision:
+        if sampler is not None:
+            sampler.sync(policy)
         completions = sample_completions(
-            policy, prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
-            num_generations=num_generations,
+            policy if sampler is None else sampler.model, prompt_ids, max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
+            top_p=top_p, num_generations=num_generations, return_logps=sampler is not None,
         )
         generation_seconds = time.perf_counter() - start
 
@@ -151,6 +157,11 @@ def sample_and_score(
         sequences = build_sequences(
             [ex["prompt_ids"] for ex in per_completion], completions.ids, tokenizer.pad_token_id
         )
+        if completions.logps is not None:
+            logps = torch.zeros(sequences["response_mask"].shape)
+            for i, row in enumerate(completions.logps):
+                logps[i, : len(row)] = torch.tensor(row)
+            sequences["sampling_logps"] = logps
         sequences = {k: v.to(device) for k, v in sequences.items()}
         texts = tokenizer.batch_decode(completions.ids, skip_special_tokens=True)
         prompts = [ex["prompt"] for ex in per_completion]

@@ -22,11 +22,14 @@ class Completions:
         ids: token ids of each completion, cut after its first EOS token (the EOS kept).
         has_eos: whether each completion ended with EOS within the length limit.
         prompt_index: for each completion, the index of its prompt in the batch.
+        logps: with ``return_logps``, the log-prob of each completion token under the distribution it was
+            sampled from (the sampler's logits after temperature / top-p / top-k), else ``None``.
     """
 
     ids: list[list[int]]
     has_eos: list[bool]
     prompt_index: list[int]
+    logps: list[list[float]] | None = None
 
     @property
     def lengths(self) -> list[int]:
@@ -45,6 +48,7 @@ def sample_completions(
     top_k: int = 0,
     num_generations: int = 1,
     batch_size: int | None = None,
+    return_logps: bool = False,
 ) -> Completions:
     """Sample ``num_generations`` completions for each prompt with ``model.generate`` and the KV cache.
 
@@ -65,6 +69,9 @@ def sample_completions(
         top_k: keep the k most likely tokens; 0 disables.
         num_generations: completions per prompt (GRPO's group size).
         batch_size: prompts per ``generate`` call (default: all at once).
+        return_logps: also return each sampled token's log-prob under the sampling distribution (from
+            ``generate``'s processed scores), which importance sampling needs when ``model`` is not the policy
+            itself (:class:`~alignlab.rollout.quantized.Int8Sampler`).
 
     Returns:
         :class:`Completions`, ``len(prompt_ids) * num_generations`` of them.
@@ -92,22 +99,32 @@ def sample_completions(
         pad_token_id=pad_token_id,
         num_return_sequences=num_generations,
         use_cache=True,
+        return_dict_in_generate=return_logps,
+        output_scores=return_logps,
     )
     device = next(model.parameters()).device
     batch_size = batch_size or len(prompt_ids)
-    ids, has_eos, prompt_index = [], [], []
+    ids, has_eos, prompt_index, logps = [], [], [], []
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start : start + batch_size]
         width = max(len(p) for p in chunk)
         input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in chunk], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        for row, seq in enumerate(out[:, width:].tolist()):
+        sequences = out.sequences[:, width:] if return_logps else out[:, width:]
+        if return_logps:  # scores: one (rows, vocab) tensor per generated position
+            step_logps = torch.stack(
+                [torch.log_softmax(s.float(), dim=-1).gather(1, sequences[:, t : t + 1]).squeeze(1)
+                 for t, s in enumerate(out.scores)], dim=1,
+            ).tolist()
+        for row, seq in enumerate(sequences.tolist()):
             cut = seq.index(eos_token_id) + 1 if eos_token_id in seq else len(seq)
             ids.append(seq[:cut])
             has_eos.append(eos_token_id in seq)
             prompt_index.append(start + row // num_generations)
-    return Completions(ids=ids, has_eos=has_eos, prompt_index=prompt_index)
+            if return_logps:
+                logps.append(step_logps[row][:cut])
+    return Completions(ids=ids, has_eos=has_eos, prompt_index=prompt_index, logps=logps if return_logps else None)
 
 
 def build_sequences(
