@@ -238,7 +238,7 @@ def alignlab_command(algo: str, model_path: str, train: str, out: str, steps: in
         "--gradient_checkpointing", "false", "--save_steps", "0", "--logging_steps", "1", "--sample_steps", "0",
         "--seed", str(SEED), "--top_p", "1.0",
     ]
-    cmd += ["--rollout_quantization", os.environ.get("ALIGNLAB_ROLLOUT_QUANTIZATION", "none")]
+    cmd += ["--rollout_weights", os.environ.get("ALIGNLAB_ROLLOUT_WEIGHTS", "auto")]
     if algo == "grpo":
         cmd += ["--num_generations", str(NUM_GENERATIONS), "--per_device_train_batch_size", str(GRPO_BATCH),
                 "--max_completion_length", str(max_len), "--temperature", str(GRPO_TEMPERATURE), "--beta", "0.0",
@@ -346,8 +346,8 @@ def main() -> None:
                         help="bf16 autocast on both sides; auto: only where bf16 matmuls are fast (default auto)")
     parser.add_argument("--max-completion-length", type=int, default=64,
                         help="most tokens per completion, both algos (default 64; small values for a quick check)")
-    parser.add_argument("--rollout-quantization", choices=["none", "int8"], default="none",
-                        help="alignlab's --rollout_quantization (int8: sample from an int8 copy of the policy)")
+    parser.add_argument("--rollout-weights", choices=["auto", "policy", "bfloat16"], default="auto",
+                        help="alignlab's --rollout_weights (default auto: a bf16 copy samples under bf16 autocast)")
     parser.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -357,8 +357,8 @@ def main() -> None:
     if args.steps < 1 or args.max_completion_length < 1:
         raise SystemExit("--steps and --max-completion-length must be >= 1")
 
-    os.environ["ALIGNLAB_ROLLOUT_QUANTIZATION"] = args.rollout_quantization  # read by the alignlab child
-    print(f"alignlab rollouts: --rollout_quantization {args.rollout_quantization}")
+    os.environ["ALIGNLAB_ROLLOUT_WEIGHTS"] = args.rollout_weights  # read by the alignlab child
+    print(f"alignlab rollouts: --rollout_weights {args.rollout_weights}")
     bf16 = resolve_bf16(args.bf16)
     print(f"precision: {'bf16 autocast (float32 weights)' if bf16 else 'float32'} on both sides "
           f"(--bf16 {args.bf16}{', resolved by fast_bf16_available()' if args.bf16 == 'auto' else ''})")

@@ -204,7 +204,7 @@ def child(side: str, model_path: str, rm_dir: str, train: str, evalset: str, out
             "--learning_rate", str(LEARNING_RATE), "--bf16", os.environ.get("ALIGNLAB_BF16", "false"), "--save_steps", "0",
             "--logging_steps", "1", "--sample_steps", "0",
         ]
-        cmd += ["--rollout_quantization", os.environ.get("ALIGNLAB_ROLLOUT_QUANTIZATION", "none")]
+        cmd += ["--rollout_weights", os.environ.get("ALIGNLAB_ROLLOUT_WEIGHTS", "auto")]
     else:
         cmd = [trl_python, "-c", TRL_SCRIPT, model_path, rm_dir, train, evalset, out, str(steps), str(BATCH),
                str(RESPONSE_LENGTH), str(PPO_EPOCHS), str(LEARNING_RATE)]
@@ -255,8 +255,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--only", choices=["alignlab", "trl"])
     parser.add_argument("--trl-python", default=str(TRL_PYTHON), help="python of a venv with trl==0.24.0")
-    parser.add_argument("--rollout-quantization", choices=["none", "int8"], default="none",
-                        help="alignlab's --rollout_quantization (int8: sample from an int8 copy of the policy)")
+    parser.add_argument("--rollout-weights", choices=["auto", "policy", "bfloat16"], default="auto",
+                        help="alignlab's --rollout_weights (default auto: a bf16 copy samples under bf16 autocast)")
     parser.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -264,8 +264,8 @@ def main() -> None:
         child(side, model_path, rm_dir, train, evalset, out, int(steps), trl_python)
         return
 
-    os.environ["ALIGNLAB_ROLLOUT_QUANTIZATION"] = args.rollout_quantization  # read by the alignlab child
-    print(f"alignlab rollouts: --rollout_quantization {args.rollout_quantization}")
+    os.environ["ALIGNLAB_ROLLOUT_WEIGHTS"] = args.rollout_weights  # read by the alignlab child
+    print(f"alignlab rollouts: --rollout_weights {args.rollout_weights}")
     sys.path.insert(0, str(ROOT / "src"))
     from alignlab.models import embedded_model_path
 

@@ -182,7 +182,7 @@ def test_aggregate_errors():
         aggregate_token_loss(PER_TOKEN, AGG_MASK[:, :3], loss_type="grpo")
 
 
-# ---- importance sampling of rollouts drawn by a stand-in sampler (int8 copy), numbers by hand ----------------
+# ---- importance sampling of rollouts drawn by a stand-in sampler (bf16 copy), numbers by hand ----------------
 def _is_inputs():
     import math as _m
 

@@ -157,7 +157,7 @@ class GRPOTrainer:
             logps, old_logps, batch["advantages"], mask, cliprange=cfg.epsilon, cliprange_high=cfg.epsilon_high
         )
         metrics = {"clip_ratio": policy_metrics["policy/clipfrac"]}
-        weights, is_metrics = self.setup.importance_weights(old_logps, batch)  # int8 rollouts (as TRL's vLLM)
+        weights, is_metrics = self.setup.importance_weights(old_logps, batch)  # a bf16 copy sampled (as TRL with vLLM)
         if weights is not None:
             per_token = per_token * weights
             metrics.update(is_metrics)

@@ -229,7 +229,7 @@ class PPOTrainer:
         logps, values = model(batch)
         mask = batch["response_mask"].bool()
         pg, pg_metrics = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, cliprange=cfg.cliprange)
-        weights, is_metrics = self.setup.importance_weights(batch["old_logps"], batch)  # int8 rollouts
+        weights, is_metrics = self.setup.importance_weights(batch["old_logps"], batch)  # a bf16 copy sampled
         if weights is not None:
             pg = pg * weights
             pg_metrics.update(is_metrics)

@@ -233,7 +233,7 @@ def importance_sampling_ratio(
     clip_max: float | None = 2.0,
     clip_min: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Importance weights correcting for rollouts sampled by a stand-in for the policy (an int8 copy, vLLM).
+    """Importance weights correcting for rollouts sampled by a stand-in for the policy (a bf16 copy, vLLM).
 
     The losses assume the tokens were drawn from ``pi_old``; they were drawn from the sampler ``q``. Weighting
     each token's loss by ``w = pi_old(token) / q(token)`` makes the estimate an expectation under ``pi_old``

@@ -5,7 +5,7 @@ log-prob, value and advantage computations on top."""
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,7 +133,7 @@ def sample_and_score(
         missing_eos_penalty: subtracted from the score of completions without EOS (TRL); ``None``: none.
         reward_tokenizer: the reward model's tokenizer when its vocabulary differs from the policy's
             (the text is then re-tokenized); ``None``: the policy's token ids are scored as they are.
-        sampler: an :class:`~alignlab.rollout.quantized.Int8Sampler` that samples in the policy's place (synced
+        sampler: a :class:`~alignlab.rollout.sampler.RolloutSampler` that samples in the policy's place (synced
             from ``policy`` first, inside the generation time); the ``(N, L)`` log-probs of the sampled tokens
             under it are then ``sequences["sampling_logps"]`` (0 on padding), for importance sampling.
 
@@ -145,11 +145,13 @@ def sample_and_score(
     with precision:
         if sampler is not None:
             sampler.sync(policy)
-        completions = sample_completions(
-            policy if sampler is None else sampler.model, prompt_ids, max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
-            top_p=top_p, num_generations=num_generations, return_logps=sampler is not None,
-        )
+        # the copy computes in its own dtype: no autocast casts around it
+        with nullcontext() if sampler is None else torch.autocast("cpu", enabled=False):
+            completions = sample_completions(
+                policy if sampler is None else sampler.model, prompt_ids, max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
+                top_p=top_p, num_generations=num_generations, return_logps=sampler is not None,
+            )
         generation_seconds = time.perf_counter() - start
 
         start = time.perf_counter()

@@ -71,7 +71,7 @@ def sample_completions(
         batch_size: prompts per ``generate`` call (default: all at once).
         return_logps: also return each sampled token's log-prob under the sampling distribution (from
             ``generate``'s processed scores), which importance sampling needs when ``model`` is not the policy
-            itself (:class:`~alignlab.rollout.quantized.Int8Sampler`).
+            itself (:class:`~alignlab.rollout.sampler.RolloutSampler`).
 
     Returns:
         :class:`Completions`, ``len(prompt_ids) * num_generations`` of them.
