@@ -45,6 +45,9 @@ TRL 1.16 settings that differ from its defaults, and why:
   AVX512-BF16; elsewhere bf16 is emulated, tens of times slower than float32).
 * Both: ``use_vllm=False`` (the default), ``save_strategy="no"``, ``report_to="none"``, ``logging_steps=1``,
   ``seed=42``.
+* alignlab's sampler: ``--rollout-weights`` (default ``auto``) is passed on as ``--rollout_weights``. Under bf16
+  autocast ``auto`` samples from a bf16 copy of the policy with truncated importance weights in the loss
+  (docs/rollouts.md); ``policy`` samples from the policy itself, exactly as TRL does without vLLM.
 * Online DPO: TRL 1.16's ``OnlineDPOTrainer`` (``trl.experimental.online_dpo``) accepts Python reward
   functions through ``reward_funcs`` (called as ``fn(prompts=, completions=, completion_ids=, **columns)``), so
   the same ``target_length`` is used on both sides. Its ``max_length`` (prompt + completion kept for the
@@ -79,7 +82,7 @@ What is measured, for each side in its own process, the two one after the other:
   so the mean completion length of the last step is printed next to each side's reward.
 
     .venv/bin/python benchmarks/grpo_vs_trl.py [--steps 6] [--algo grpo|online-dpo|both] [--only alignlab|trl]
-        [--bf16 auto|true|false] [--max-completion-length 64]
+        [--bf16 auto|true|false] [--max-completion-length 64] [--rollout-weights auto|policy|bfloat16]
 """
 
 from __future__ import annotations

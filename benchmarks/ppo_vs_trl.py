@@ -47,9 +47,12 @@ bf16 on by default; its ``gradient_checkpointing=True`` default is never applied
 model), TRL treats the prompt's own ``<|im_end|>`` tokens as padding in its attention masks.
 
     .venv/bin/python benchmarks/ppo_vs_trl.py [--steps 3] [--only alignlab|trl] [--trl-python PATH]
+        [--rollout-weights auto|policy|bfloat16]
 
-With ``ALIGNLAB_BF16=true`` in the environment the alignlab side runs at its default precision (bf16
-autocast) instead of float32; TRL stays float32.
+With ``ALIGNLAB_BF16=true`` in the environment the alignlab side runs in bf16 autocast instead of float32;
+TRL stays float32. ``--rollout-weights`` (default ``auto``) is passed on as alignlab's ``--rollout_weights``:
+under bf16 autocast ``auto`` samples from a bf16 copy of the policy with truncated importance weights in the
+policy loss (docs/rollouts.md); in float32 it samples from the policy, as TRL does.
 """
 
 from __future__ import annotations
