@@ -42,7 +42,8 @@ TRL 1.16 settings that differ from its defaults, and why:
 * Both: ``bf16`` set from ``--bf16`` (TRL's configs default it to True). With ``--bf16 true`` TRL gets
   ``bf16=True`` (accelerate bf16 autocast over float32 weights, like alignlab's ``--bf16 true``); ``auto`` is
   :func:`alignlab.train.config.fast_bf16_available` (True only with a CUDA GPU with bf16, or a CPU with AMX or
-  AVX512-BF16; elsewhere bf16 is emulated, tens of times slower than float32).
+  AVX512-BF16; elsewhere bf16 is emulated, tens of times slower than float32). TRL also gets
+  ``use_cpu=True`` when there is no CUDA device: transformers refuses ``bf16=True`` on a CPU without it.
 * Both: ``use_vllm=False`` (the default), ``save_strategy="no"``, ``report_to="none"``, ``logging_steps=1``,
   ``seed=42``.
 * alignlab's sampler: ``--rollout-weights`` (default ``auto``) is passed on as ``--rollout_weights``. Under bf16
@@ -153,7 +154,7 @@ def wrap(cls, name, bucket_of):
 
 common = dict(
     output_dir=out, learning_rate=lr, max_steps=steps, gradient_accumulation_steps=1, lr_scheduler_type="linear",
-    bf16=bf16, fp16=False, gradient_checkpointing=False, activation_checkpointing=False, use_vllm=False,
+    bf16=bf16, fp16=False, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, activation_checkpointing=False, use_vllm=False,
     save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True, seed=seed, dataloader_num_workers=0,
 )
 if algo == "grpo":
