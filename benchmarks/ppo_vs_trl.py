@@ -7,7 +7,7 @@ score with identical weights. Prompts: the first ``16 * steps`` rows of the buil
 (chat messages, rendered with the model's chat template and the generation prompt). One PPO step = one
 rollout of 16 prompts, 64-token responses (temperature 0.7, stop at EOS), then 4 PPO epochs of one
 mini-batch of 16 (one AdamW step each), lr 1e-5 with a linear decay, kl_coef 0.05, float32 on the CPU
-(no bf16), no checkpoints, no sample generations.
+(no bf16; ``--bf16 true``: bf16 autocast on both sides), no checkpoints, no sample generations.
 
 TRL 0.24.0 (the last release with ``PPOTrainer`` in its main package) runs in its own virtual env,
 ``/work/venvs/trl024`` (torch 2.13.0 CPU, transformers 5.23.0; see ``--trl-python``); it never imports
@@ -47,12 +47,13 @@ bf16 on by default; its ``gradient_checkpointing=True`` default is never applied
 model), TRL treats the prompt's own ``<|im_end|>`` tokens as padding in its attention masks.
 
     .venv/bin/python benchmarks/ppo_vs_trl.py [--steps 3] [--only alignlab|trl] [--trl-python PATH]
-        [--rollout-weights auto|policy|bfloat16]
+        [--bf16 false|true] [--rollout-weights policy|bfloat16]
 
-With ``ALIGNLAB_BF16=true`` in the environment the alignlab side runs in bf16 autocast instead of float32;
-TRL stays float32. ``--rollout-weights`` (default ``auto``) is passed on as alignlab's ``--rollout_weights``:
-under bf16 autocast ``auto`` samples from a bf16 copy of the policy with truncated importance weights in the
-policy loss (docs/rollouts.md); in float32 it samples from the policy, as TRL does.
+``--bf16 true`` runs both sides in bf16 autocast over float32 weights (TRL: ``bf16=True``); the default is
+float32, as in the issue. ``ALIGNLAB_BF16=true|false`` in the environment overrides the alignlab side alone.
+``--rollout-weights`` (default ``policy``: the policy samples, as TRL's does) is passed on as alignlab's
+``--rollout_weights``; ``bfloat16`` samples from a bf16 copy with truncated importance weights
+(docs/rollouts.md).
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ args = PPOConfig(
     num_ppo_epochs=ppo_epochs, response_length=response_length, temperature=0.7, stop_token="eos",
     learning_rate=lr, kl_coef=0.05, local_rollout_forward_batch_size=batch, total_episodes=batch * steps,
     num_sample_generations=0, per_device_eval_batch_size=len(eval_ds), report_to="none", save_strategy="no",
-    logging_steps=1, disable_tqdm=True, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+    logging_steps=1, disable_tqdm=True, bf16=os.environ.get("TRL_BF16") == "true", fp16=False,
+    gradient_checkpointing=False, use_cpu=True,
     seed=42,
 )
 
@@ -207,7 +209,7 @@ def child(side: str, model_path: str, rm_dir: str, train: str, evalset: str, out
             "--learning_rate", str(LEARNING_RATE), "--bf16", os.environ.get("ALIGNLAB_BF16", "false"), "--save_steps", "0",
             "--logging_steps", "1", "--sample_steps", "0",
         ]
-        cmd += ["--rollout_weights", os.environ.get("ALIGNLAB_ROLLOUT_WEIGHTS", "auto")]
+        cmd += ["--rollout_weights", os.environ.get("ALIGNLAB_ROLLOUT_WEIGHTS", "policy")]
     else:
         cmd = [trl_python, "-c", TRL_SCRIPT, model_path, rm_dir, train, evalset, out, str(steps), str(BATCH),
                str(RESPONSE_LENGTH), str(PPO_EPOCHS), str(LEARNING_RATE)]
@@ -258,8 +260,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--only", choices=["alignlab", "trl"])
     parser.add_argument("--trl-python", default=str(TRL_PYTHON), help="python of a venv with trl==0.24.0")
-    parser.add_argument("--rollout-weights", choices=["auto", "policy", "bfloat16"], default="auto",
-                        help="alignlab's --rollout_weights (default auto: a bf16 copy samples under bf16 autocast)")
+    parser.add_argument("--bf16", choices=["false", "true"], default="false",
+                        help="bf16 autocast on both sides (default false: float32, the issue's setting)")
+    parser.add_argument("--rollout-weights", choices=["policy", "bfloat16"], default="policy",
+                        help="alignlab's --rollout_weights (default policy: the policy samples, as TRL's does)")
     parser.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -268,6 +272,10 @@ def main() -> None:
         return
 
     os.environ["ALIGNLAB_ROLLOUT_WEIGHTS"] = args.rollout_weights  # read by the alignlab child
+    os.environ["TRL_BF16"] = args.bf16  # read by the TRL script
+    os.environ.setdefault("ALIGNLAB_BF16", args.bf16)  # an explicit ALIGNLAB_BF16 still wins
+    print(f"precision: TRL {'bf16 autocast' if args.bf16 == 'true' else 'float32'}, alignlab "
+          f"{'bf16 autocast' if os.environ['ALIGNLAB_BF16'] == 'true' else 'float32'}")
     print(f"alignlab rollouts: --rollout_weights {args.rollout_weights}")
     sys.path.insert(0, str(ROOT / "src"))
     from alignlab.models import embedded_model_path

@@ -78,10 +78,8 @@ def test_sampler_choice(tiny_model_dir, prompts_file, rewards_file, tmp_path):
                          reward_funcs=[f"{rewards_file}:short"], per_device_train_batch_size=4, num_generations=4, **kw)
         return GRPOTrainer(cfg).setup.sampler
 
-    assert sampler(bf16=False) is None  # auto: the policy samples when training runs in float32
-    assert sampler(bf16=True) is not None  # auto: a bf16 copy under bf16 autocast
-    assert sampler(bf16=True, rollout_weights="policy") is None
-    assert sampler(bf16=True, use_peft=True) is None  # auto stays off with LoRA
+    assert sampler(bf16=True) is None  # default: the policy samples, whatever the precision
+    assert sampler(bf16=False, rollout_weights="bfloat16").dtype == torch.bfloat16
 
 
 def test_ppo_and_online_dpo_with_a_bf16_sampler(capsys, tiny_model_dir, prompts_file, rewards_file, tmp_path):

@@ -19,7 +19,7 @@ from alignlab.rollout.experience import ScoredCompletions, sample_and_score
 from alignlab.rollout.generation import completion_token_logps
 from alignlab.rollout.sampler import RolloutSampler
 from alignlab.rollout.rewards import build_reward_sources
-from alignlab.train.config import TrainConfig, resolve_bf16
+from alignlab.train.config import TrainConfig
 from alignlab.train.loop import autocast, build_accelerator
 from alignlab.train.setup import prepare_model
 
@@ -56,11 +56,11 @@ class OnlineConfig(TrainConfig):
     """Pack sequences without padding for the policy's log-prob passes (as ``alignlab dpo``)."""
     prompt_column: str = "prompt"
     """Column holding the prompt (text or messages); rows without it may be preference pairs."""
-    rollout_weights: Literal["auto", "policy", "bfloat16"] = "auto"
-    """Who samples the rollouts: ``policy``, the policy itself; ``bfloat16``, a bf16 copy of its weights
-    refreshed before every rollout (about 1.5x faster decoding on a CPU with native bf16, at a small mismatch
-    that importance sampling corrects); ``auto``, the bf16 copy when training runs under bf16 autocast, without
-    LoRA, else the policy. See docs/rollouts.md."""
+    rollout_weights: Literal["policy", "bfloat16"] = "policy"
+    """Who samples the rollouts: ``policy``, the policy itself (under the training precision); ``bfloat16``, a
+    bf16 copy of its weights refreshed before every rollout, whose small mismatch importance sampling
+    corrects. The copy decoded no faster than the policy under bf16 autocast on the 2-core CPU measured, so
+    it is off by default; see docs/rollouts.md."""
     importance_sampling_correction: bool = True
     """When a copy samples, weight each token's policy loss by ``pi_old / q_sampler`` (bounded as below); as
     TRL's ``vllm_importance_sampling_correction``. PPO and GRPO only (DPO losses need no correction)."""
@@ -160,9 +160,7 @@ class OnlineSetup:
 
         self.reward_tokenizer = attach_reward_model(self.sources, config, tok, device)
         self.sampler = None
-        if config.rollout_weights == "bfloat16" or (
-            config.rollout_weights == "auto" and resolve_bf16(config.bf16) and not config.use_peft
-        ):
+        if config.rollout_weights == "bfloat16":
             self.sampler = RolloutSampler(self.accelerator.unwrap_model(self.policy), torch.bfloat16)
 
     def logps(self, model: torch.nn.Module, sequences: dict[str, torch.Tensor], *,

@@ -101,9 +101,8 @@ class OnlineDPOTrainer:
         scored = setup.sample(policy, examples, max_new_tokens=cfg.max_new_tokens, num_generations=2)
         chosen, rejected = pick_chosen(scored.scores)
         start = time.perf_counter()
-        with autocast(cfg, device):
+        with autocast(cfg, device):  # the policy's own log-probs (and objective/kl) come from the training pass
             ref = setup.reference_logps(policy, scored.sequences, temperature=1.0).sum(1)
-            policy_logps = self._logps(policy, scored.sequences)
         forward_seconds = time.perf_counter() - start
 
         data = dict(scored.sequences, ref_logps=ref)
@@ -117,7 +116,6 @@ class OnlineDPOTrainer:
         metrics.update({
             "objective/scores": scored.scores,
             "objective/scores_margin": scored.scores[chosen] - scored.scores[rejected],
-            "objective/kl": policy_logps - ref,
             "time/scoring": scored.scoring_seconds + forward_seconds,
         })
         if len(setup.sources) == 1:
@@ -145,6 +143,9 @@ class OnlineDPOTrainer:
         metrics = dpo_metrics(chosen_logratios, rejected_logratios, beta=cfg.beta)
         metrics["logps/chosen"] = chosen_logps.detach()
         metrics["logps/rejected"] = rejected_logps.detach()
+        # summed log-ratio to the reference of every completion, before this step's update (TRL computes its
+        # objective/kl from the training forward the same way)
+        metrics["objective/kl"] = torch.cat([chosen_logratios, rejected_logratios]).detach()
         return losses.mean(), metrics
 
     def train(self) -> TrainResult:
