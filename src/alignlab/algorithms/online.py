@@ -203,7 +203,8 @@ class OnlineSetup:
 
     def importance_weights(self, old_logps: torch.Tensor, batch: dict[str, torch.Tensor]):
         """``(weights, metrics)`` of :func:`~alignlab.losses.ppo.importance_sampling_ratio` for a batch sampled
-        by a :class:`~alignlab.rollout.sampler.RolloutSampler` copy, or ``(None, {})`` when the policy sampled it or the correction is off."""
+        by a :class:`~alignlab.rollout.sampler.RolloutSampler` copy; ``(None, {})`` when the policy sampled it
+        or the correction is off."""
         cfg = self.config
         if "sampling_logps" not in batch or not cfg.importance_sampling_correction:
             return None, {}
