@@ -191,14 +191,15 @@ class OnlineSetup:
                 return self.logps(policy, sequences, temperature=temperature)
 
     def sample(self, policy: torch.nn.Module, examples: list[dict], *, max_new_tokens: int,
-               num_generations: int = 1) -> ScoredCompletions:
-        """Sample and score completions for ``examples`` with the (unwrapped) ``policy``."""
+               num_generations: int = 1, return_logps: bool = False) -> ScoredCompletions:
+        """Sample and score completions for ``examples`` with the (unwrapped) ``policy`` (or the sampler
+        copy); ``return_logps``: keep the sampled tokens' log-probs (``sequences["sampling_logps"]``)."""
         cfg, device = self.config, self.accelerator.device
         return sample_and_score(
             policy, self.tokenizer, examples, self.sources, device=device, precision=autocast(cfg, device),
             max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
             num_generations=num_generations, missing_eos_penalty=cfg.missing_eos_penalty,
-            reward_tokenizer=self.reward_tokenizer, sampler=self.sampler,
+            reward_tokenizer=self.reward_tokenizer, sampler=self.sampler, return_logps=return_logps,
         )
 
     def importance_weights(self, old_logps: torch.Tensor, batch: dict[str, torch.Tensor]):

@@ -180,11 +180,15 @@ class PPOTrainer:
         device = self.accelerator.device
         wrapper = self.accelerator.unwrap_model(model)
         policy = wrapper.policy
-        scored = setup.sample(policy, examples, max_new_tokens=cfg.response_length)
+        # When the policy samples with top_p = 1, its old log-probs are those of the sampled tokens under
+        # softmax(logits / temperature), which generate's scores already hold (TRL 0.24 takes them from the
+        # generation logits too); otherwise one more forward computes them.
+        from_generation = setup.sampler is None and cfg.top_p == 1.0
+        scored = setup.sample(policy, examples, max_new_tokens=cfg.response_length, return_logps=from_generation)
         seq, scores = scored.sequences, scored.scores.to(device)
         start = time.perf_counter()
         with autocast(cfg, device):
-            old_logps = setup.logps(policy, seq)
+            old_logps = seq.pop("sampling_logps") if from_generation else setup.logps(policy, seq)
             ref_logps = setup.reference_logps(policy, seq)
             old_values = token_values(wrapper.value_model, seq)
         forward_seconds = time.perf_counter() - start

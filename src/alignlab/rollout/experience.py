@@ -117,6 +117,7 @@ def sample_and_score(
     missing_eos_penalty: float | None = None,
     reward_tokenizer=None,
     sampler=None,
+    return_logps: bool = False,
 ) -> ScoredCompletions:
     """Sample ``num_generations`` completions per prompt example and score them.
 
@@ -136,6 +137,8 @@ def sample_and_score(
         sampler: a :class:`~alignlab.rollout.sampler.RolloutSampler` that samples in the policy's place (synced
             from ``policy`` first, inside the generation time); the ``(N, L)`` log-probs of the sampled tokens
             under it are then ``sequences["sampling_logps"]`` (0 on padding), for importance sampling.
+        return_logps: put the sampled tokens' log-probs in ``sequences["sampling_logps"]`` even when the
+            policy itself sampled (PPO then takes its old log-probs from them, as TRL does).
 
     Raises:
         UserError: a reward function failed or returned bad values.
@@ -151,7 +154,7 @@ def sample_and_score(
             completions = sample_completions(
                 policy if sampler is None else sampler.model, prompt_ids, max_new_tokens=max_new_tokens,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
-                top_p=top_p, num_generations=num_generations, return_logps=sampler is not None,
+                top_p=top_p, num_generations=num_generations, return_logps=return_logps or sampler is not None,
             )
         generation_seconds = time.perf_counter() - start
 
