@@ -24,8 +24,8 @@ What is measured, for each side in its own process, the two one after the other:
     per-token logits kept, which TRL reuses as the old log-probs). alignlab: ``time/generation``.
   - scoring: the no-grad forwards of the rollout. TRL: the reference policy's forward (``forward`` on the
     ref model) plus the value model's and the reward model's forwards (``get_reward``), reported also
-    one by one. alignlab: ``time/scoring``, which also includes its recomputation of the policy's old
-    log-probs (TRL takes them from the generation logits, inside "generation").
+    one by one. alignlab: ``time/scoring``. Since 2026-12-02 alignlab, like TRL, takes the policy's old
+    log-probs from ``generate``'s scores (top_p 1); before, "scoring" also held one more policy forward.
   - training: the rest of the step. TRL: old log-probs from the generation logits, KL penalty, GAE and
     whitening, the 4 PPO epochs (policy+value forward, backward, AdamW step), metrics, logging and
     TRL's ``gc.collect``/``empty_cache``. alignlab: ``time/training`` when it logs one, else the step's

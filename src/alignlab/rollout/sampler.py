@@ -1,12 +1,12 @@
-"""A bfloat16 copy of the policy that samples rollouts in its place (``--rollout_weights``).
+"""A bfloat16 copy of the policy that samples rollouts in its place (``--rollout_weights bfloat16``).
 
 Under bf16 autocast the policy keeps float32 master weights and every matrix product first casts its weight
-to bf16, so each decode step reads the float32 weights, writes a bf16 copy and reads that again. Decoding a
-small model on a CPU is bound by exactly those reads; a copy of the weights already in bf16, refreshed from
-the policy before every rollout, samples about 1.5x faster (see docs/rollouts.md for the measurement). Its
-matrix products round the weights as autocast does; the norms and residual additions run in bf16 rather than
-float32, so its distribution differs slightly from the policy's, which the losses correct with truncated
-importance sampling (:func:`alignlab.losses.ppo.importance_sampling_ratio`), as TRL does for vLLM rollouts.
+to bf16; a copy of the weights already in bf16, refreshed from the policy before every rollout, skips those
+casts. Its matrix products round the weights as autocast does; the norms and residual additions run in bf16
+rather than float32, so its distribution differs slightly from the policy's, which the losses correct with
+truncated importance sampling (:func:`alignlab.losses.ppo.importance_sampling_ratio`), as TRL does for vLLM
+rollouts. On the 2-core CPU measured it sampled no faster than the policy itself inside a GRPO step, so it
+is off by default (docs/rollouts.md has the measurements).
 
 Int8 copies were tried and rejected: PyTorch's dynamic int8 quantization (int8 activations per tensor) put
 the sampling distribution of SmolLM2-135M about 2 nats per token (KL) away from the policy's, and weight-only
