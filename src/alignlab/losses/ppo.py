@@ -286,14 +286,13 @@ def importance_sampling_ratio(
     delta = diff.abs()
     shown = weights[:, :1] if per_sequence else weights
     shown_mask = mask.any(dim=1, keepdim=True) if per_sequence else mask
-    big = torch.finfo(weights.dtype).max
+    big = torch.finfo(weights.dtype).max  # masked entries out of the min; 0 when no token counts (no sync)
+    lowest = torch.where(shown_mask, shown, big).min()
     metrics = {
         "sampling/sampling_logp_difference/mean": delta.sum() / count,
         "sampling/sampling_logp_difference/max": delta.max() if delta.numel() else delta.new_zeros(()),
-        "sampling/importance_sampling_ratio/min": torch.where(shown_mask, shown, big).min(),
+        "sampling/importance_sampling_ratio/min": torch.where(shown_mask.any(), lowest, 0.0),
         "sampling/importance_sampling_ratio/mean": shown.sum() / shown_mask.sum().clamp(min=1),
         "sampling/importance_sampling_ratio/max": torch.where(shown_mask, shown, 0.0).max(),
     }
-    if not mask.any():
-        metrics["sampling/importance_sampling_ratio/min"] = weights.new_zeros(())
     return weights, metrics

@@ -149,8 +149,7 @@ def sample_and_score(
         if sampler is not None:
             sampler.sync(policy)
         # the copy computes in its own dtype: no autocast casts around it
-        no_autocast = None if sampler is None else torch.autocast(device.type, enabled=False)
-        with no_autocast or nullcontext():
+        with nullcontext() if sampler is None else torch.autocast(device.type, enabled=False):
             completions = sample_completions(
                 policy if sampler is None else sampler.model, prompt_ids, max_new_tokens=max_new_tokens,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
