@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from alignlab.models import load_causal_lm, load_reward_model
+from alignlab.rollout.scoring import sequence_scores, token_scores
 from alignlab.rollout.generation import (
     build_sequences,
     completion_token_logps,
@@ -37,7 +38,8 @@ def test_logps_and_values_line_up_with_the_completion_tokens(tiny_model_dir, tin
     torch.manual_seed(0)
     policy = load_causal_lm(tiny_model_dir).eval()
     critic = load_reward_model(tiny_model_dir, pad_token_id=tiny_tokenizer.pad_token_id).eval()
-    prompts, completions = [[11, 12, 13], [21]], [[31, 32], [41, 42, 43]]
+    # lengths 5, 3 and 2: packed, the last two share a row
+    prompts, completions = [[11, 12, 13], [21], [51]], [[31, 32], [41, 42], [61]]
     seq = build_sequences(prompts, completions, tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         for padding_free in (False, True):
@@ -47,11 +49,31 @@ def test_logps_and_values_line_up_with_the_completion_tokens(tiny_model_dir, tin
                 expected = [F.log_softmax(logits[len(p) - 1 + j], -1)[tok] for j, tok in enumerate(c)]
                 assert torch.allclose(logps[i, : len(c)], torch.stack(expected), atol=1e-4)
                 assert (logps[i, len(c):] == 0).all()
-        values = token_values(critic, seq)
-        for i, (p, c) in enumerate(zip(prompts, completions)):
-            hidden = critic.model(torch.tensor([p + c])).last_hidden_state[0]
-            expected = critic.score(hidden)[len(p) - 1 : len(p) - 1 + len(c), 0]
-            assert torch.allclose(values[i, : len(c)], expected, atol=1e-4)
+        for padding_free in (False, True):
+            values = token_values(critic, seq, padding_free=padding_free, pad_token_id=0)
+            for i, (p, c) in enumerate(zip(prompts, completions)):
+                hidden = critic.model(torch.tensor([p + c])).last_hidden_state[0]
+                expected = critic.score(hidden)[len(p) - 1 : len(p) - 1 + len(c), 0]
+                assert torch.allclose(values[i, : len(c)], expected, atol=1e-4)
+                assert (values[i, len(c):] == 0).all()
+
+
+def test_packed_scores_match_padded_ones_and_zero_the_padding(tiny_model_dir, tiny_tokenizer):
+    critic = load_reward_model(tiny_model_dir, pad_token_id=tiny_tokenizer.pad_token_id).eval()
+    seq = build_sequences([[11, 12, 13], [21], [51]], [[31, 32], [41, 42], [61]], tiny_tokenizer.pad_token_id)
+    ids, mask = seq["input_ids"], seq["attention_mask"]
+    with torch.no_grad():
+        padded = token_scores(critic, ids, mask)
+        packed = token_scores(critic, ids, mask, padding_free=True, pad_token_id=0)
+        assert torch.allclose(packed[mask.bool()], padded[mask.bool()], atol=1e-5)
+        assert (packed[~mask.bool()] == 0).all()
+        assert torch.allclose(sequence_scores(critic, ids, mask, padding_free=True), sequence_scores(critic, ids, mask),
+                              atol=1e-5)
+        # left-padded rows cannot be packed: the padded forward runs instead, same scores
+        left = torch.tensor([[0, 0, 21, 41, 42], [11, 12, 13, 31, 32]])
+        left_mask = (torch.arange(5) >= torch.tensor([[2], [0]])).long()
+        assert torch.allclose(sequence_scores(critic, left, left_mask, padding_free=True),
+                              sequence_scores(critic, left, left_mask))
 
 
 def test_sampling_cuts_after_the_first_eos(tiny_model_dir, tiny_tokenizer):

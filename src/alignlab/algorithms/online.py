@@ -53,7 +53,8 @@ class OnlineConfig(TrainConfig):
     """Append the step's prompts, completions and rewards to ``samples.jsonl`` at step 1 and every this many
     steps (0: never)."""
     padding_free: bool = True
-    """Pack sequences without padding for the policy's log-prob passes (as ``alignlab dpo``)."""
+    """Pack sequences without padding (as ``alignlab dpo``) for every forward over sampled sequences: the
+    policy's and the reference's log-probs, the reward model's scores and, in PPO, the value model."""
     prompt_column: str = "prompt"
     """Column holding the prompt (text or messages); rows without it may be preference pairs."""
     rollout_weights: Literal["policy", "bfloat16"] = "policy"
@@ -200,6 +201,7 @@ class OnlineSetup:
             max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
             num_generations=num_generations, missing_eos_penalty=cfg.missing_eos_penalty,
             reward_tokenizer=self.reward_tokenizer, sampler=self.sampler, return_logps=return_logps,
+            padding_free=cfg.padding_free,
         )
 
     def importance_weights(self, old_logps: torch.Tensor, batch: dict[str, torch.Tensor]):

@@ -126,7 +126,8 @@ class PolicyAndValue(torch.nn.Module):
             self.policy, batch, temperature=self.temperature, padding_free=self.padding_free,
             pad_token_id=self.pad_token_id,
         )
-        return logps, token_values(self.value_model, batch)
+        return logps, token_values(self.value_model, batch, padding_free=self.padding_free,
+                                   pad_token_id=self.pad_token_id)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -190,7 +191,8 @@ class PPOTrainer:
         with autocast(cfg, device):
             old_logps = seq.pop("sampling_logps") if from_generation else setup.logps(policy, seq)
             ref_logps = setup.reference_logps(policy, seq)
-            old_values = token_values(wrapper.value_model, seq)
+            old_values = token_values(wrapper.value_model, seq, padding_free=cfg.padding_free,
+                                      pad_token_id=self.tokenizer.pad_token_id)
         forward_seconds = time.perf_counter() - start
 
         mask = seq["response_mask"].bool()

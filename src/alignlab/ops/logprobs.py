@@ -98,8 +98,10 @@ def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def _packed_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int):
-    """Lay the real tokens of each row of ``input_ids`` out in packed rows.
+def packed_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int):
+    """Lay the real tokens of each row of ``input_ids`` (right-padded, ``(N, T)``) out in packed rows
+    (:func:`pack_rows` with the batch's width ``T``), for one padding-free forward with restarting
+    ``position_ids``.
 
     Returns:
         ``(packed_ids (R, W), position_ids (R, W), flat_index (N, T))`` where ``flat_index[s, t]`` is the
@@ -125,6 +127,12 @@ def _packed_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_to
             offset += length
         positions[r, offset:] = ar[: width - offset]
     return packed, positions, flat_index
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True if every row of a ``(B, T)`` attention mask is its real tokens followed by padding."""
+    lengths = attention_mask.sum(dim=1, keepdim=True)
+    return bool((attention_mask.bool() == (torch.arange(attention_mask.shape[1], device=attention_mask.device) < lengths)).all())
 
 
 def completion_logps(
@@ -165,7 +173,7 @@ def completion_logps(
     seq_idx, tok_idx = shift_mask.nonzero(as_tuple=True)
     labels = input_ids[:, 1:][seq_idx, tok_idx]
     if padding_free and supports_packing(model):
-        packed, positions, flat_index = _packed_inputs(input_ids, attention_mask, pad_token_id)
+        packed, positions, flat_index = packed_inputs(input_ids, attention_mask, pad_token_id)
         inputs = {"input_ids": packed, "position_ids": positions, "attention_mask": None}
         selected = flat_index[seq_idx, tok_idx]
     else:

@@ -118,6 +118,7 @@ def sample_and_score(
     reward_tokenizer=None,
     sampler=None,
     return_logps: bool = False,
+    padding_free: bool = False,
 ) -> ScoredCompletions:
     """Sample ``num_generations`` completions per prompt example and score them.
 
@@ -139,6 +140,7 @@ def sample_and_score(
             under it are then ``sequences["sampling_logps"]`` (0 on padding), for importance sampling.
         return_logps: put the sampled tokens' log-probs in ``sequences["sampling_logps"]`` even when the
             policy itself sampled (PPO then takes its old log-probs from them, as TRL does).
+        padding_free: the reward models score packed rows (no compute on padding).
 
     Raises:
         UserError: a reward function failed or returned bad values.
@@ -178,7 +180,7 @@ def sample_and_score(
             inputs = sequences if reward_tokenizer is None else reward_model_inputs(reward_tokenizer, per_completion, texts)
         scores, per_source = compute_rewards(
             sources, prompts=prompts, completions=shown, completion_ids=completions.ids, columns=columns,
-            reward_inputs=inputs,
+            reward_inputs=inputs, padding_free=padding_free,
         )
     if missing_eos_penalty is not None:
         scores = scores - missing_eos_penalty * (~torch.tensor(completions.has_eos)).float()

@@ -208,12 +208,15 @@ def completion_token_logps(
     return logps * sequences["response_mask"].to(logps.device)
 
 
-def token_values(value_model: torch.nn.Module, sequences: dict[str, torch.Tensor]) -> torch.Tensor:
+def token_values(value_model: torch.nn.Module, sequences: dict[str, torch.Tensor], *, padding_free: bool = False,
+                 pad_token_id: int = 0) -> torch.Tensor:
     """``(N, L)`` float32 critic values ``V(s_t)`` for each completion token, 0 on padding.
 
     ``V`` for completion token ``j`` is the value head at the position before it (the state the token was
-    sampled in), as TRL PPO (``values[:, context_length - 1 : -1]``).
+    sampled in), as TRL PPO (``values[:, context_length - 1 : -1]``). ``padding_free``, ``pad_token_id``: one
+    forward over packed rows (:func:`~alignlab.rollout.scoring.token_scores`).
     """
-    per_position = token_scores(value_model, sequences["input_ids"], sequences["attention_mask"])
+    per_position = token_scores(value_model, sequences["input_ids"], sequences["attention_mask"],
+                                padding_free=padding_free, pad_token_id=pad_token_id)
     values = per_position.gather(1, sequences["completion_index"].to(per_position.device))
     return values * sequences["response_mask"].to(values.device)

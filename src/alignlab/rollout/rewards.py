@@ -147,6 +147,7 @@ def compute_rewards(
     completion_ids: list[list[int]],
     columns: dict[str, list],
     reward_inputs: dict[str, torch.Tensor] | None = None,
+    padding_free: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of every source's rewards for N completions.
 
@@ -157,6 +158,8 @@ def compute_rewards(
         columns: the prompt rows' other columns, each a list of N values.
         reward_inputs: ``input_ids`` and ``attention_mask`` ``(N, T)`` of prompt+completion as the reward
             model reads them (needed when a source is a model); the score is read at the last real token.
+        padding_free: score right-padded ``reward_inputs`` in packed rows, no compute on padding
+            (:func:`~alignlab.rollout.scoring.token_scores`).
 
     Returns:
         ``(total, per_source)``: ``(N,)`` float32 ``sum_k w_k r_k`` with ``None`` counting as 0 (TRL
@@ -177,7 +180,8 @@ def compute_rewards(
                 raise ValueError("a reward-model source needs its model and reward_inputs")
             device = next(source.model.parameters()).device
             scores = sequence_scores(
-                source.model, reward_inputs["input_ids"].to(device), reward_inputs["attention_mask"].to(device)
+                source.model, reward_inputs["input_ids"].to(device), reward_inputs["attention_mask"].to(device),
+                padding_free=padding_free, pad_token_id=source.model.config.pad_token_id or 0,
             )
             per_source[source.name] = scores.detach().float().cpu()
     total = torch.zeros(len(completions))

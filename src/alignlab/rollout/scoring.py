@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from alignlab.errors import UserError
+from alignlab.ops.logprobs import is_right_padded, packed_inputs, supports_packing
 
 
 def _score_head(model: torch.nn.Module) -> torch.nn.Module:
@@ -26,7 +27,8 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.bool()).argmax(dim=1)
 
 
-def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                    padding_free: bool = False, pad_token_id: int = 0) -> torch.Tensor:
     """The reward model's scalar score of each sequence, read at its last real token.
 
     The score is the linear ``score`` head (Stiennon et al. 2020, arXiv 2009.01325, section 3.4; InstructGPT,
@@ -42,6 +44,7 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
         model: ``AutoModelForSequenceClassification`` with ``num_labels=1`` (possibly peft- or DDP-wrapped).
         input_ids: ``(B, T)`` token ids, padded on either side.
         attention_mask: ``(B, T)`` 1 for real tokens.
+        padding_free, pad_token_id: as :func:`token_scores`.
 
     Returns:
         ``(B,)`` float32 scores (reward units), differentiable.
@@ -49,23 +52,41 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     Raises:
         UserError: the model has no ``score`` head.
     """
-    per_position = token_scores(model, input_ids, attention_mask)
+    per_position = token_scores(model, input_ids, attention_mask, padding_free=padding_free, pad_token_id=pad_token_id)
     rows = torch.arange(input_ids.shape[0], device=per_position.device)
     return per_position[rows, last_token_index(attention_mask).to(per_position.device)]
 
 
-def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                 padding_free: bool = False, pad_token_id: int = 0) -> torch.Tensor:
     """The ``score`` head's output at every position: ``(B, T)`` float32, differentiable.
 
     Position ``t`` sees tokens ``<= t``. A value model (PPO's critic) is this with ``V(s_t)`` read at the
     position before each completion token (Ziegler et al. 2019; TRL ``get_reward`` returns the same
     per-position head output). Rows must be right-padded (positions are counted from the row's start).
     Same model forms and errors as :func:`sequence_scores`.
+
+    ``padding_free``: when the rows are right-padded and the model type reads packed sequences from
+    ``position_ids`` (:func:`~alignlab.ops.logprobs.supports_packing`), the real tokens of all rows are packed
+    into as few rows as fit (:func:`~alignlab.ops.logprobs.packed_inputs`, ``pad_token_id`` as filler) and
+    run in one forward with no compute spent on padding; the result is laid back out as ``(B, T)``, 0 at
+    padding positions. Otherwise the padded rows are run as they are (and the head's output at padding
+    positions is returned too); either way, read only positions with ``attention_mask == 1``.
     """
+    packed = padding_free and supports_packing(model) and is_right_padded(attention_mask)
+    if packed:
+        ids, positions, flat_index = packed_inputs(input_ids, attention_mask, pad_token_id)
+        inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": None}
+    else:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     captured: list[torch.Tensor] = []
     handle = _score_head(model).register_forward_hook(lambda module, args, output: captured.append(output))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(**inputs, use_cache=False)
     finally:
         handle.remove()
-    return captured[-1][..., 0].float()  # (B, T, num_labels) -> (B, T)
+    per_position = captured[-1][..., 0].float()  # (rows, T, num_labels) -> (rows, T)
+    if not packed:
+        return per_position
+    flat = per_position.reshape(-1)[flat_index.clamp(max=per_position.numel() - 1)]
+    return torch.where(attention_mask.to(flat.device).bool(), flat, 0.0)
