@@ -1,6 +1,8 @@
 """Sampling with generate, the layout of prompt+completion rows, and the alignment of per-token log-probs and
 values with the completion tokens."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 from alignlab.models import load_causal_lm, load_reward_model
 from alignlab.rollout.scoring import sequence_scores, token_scores
 from alignlab.rollout.generation import (
+    InverseCDFSampling,
     build_sequences,
     completion_token_logps,
     sample_completions,
@@ -105,3 +108,42 @@ def test_bad_sampling_settings(tiny_model_dir, kw, message):
     args.update(kw)
     with pytest.raises(ValueError, match=message):
         sample_completions(torch.nn.Linear(1, 1), [[1]], **args)
+
+
+def test_inverse_cdf_sampling_draws_from_the_softmax():
+    # two rows; row 0: p = softmax(log [0.1, 0.2, 0.3, 0.4, 0]) = (0.1, 0.2, 0.3, 0.4, 0), token 4 impossible
+    #           row 1: p = (0, 0, 0, 1, 0) after a -inf mask everywhere else
+    scores = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0], [0.5, 0.5, 0.5, 0.5, 0.5]]))
+    scores[1] = torch.tensor([-math.inf, -math.inf, -math.inf, 3.0, -math.inf])
+    sampler = InverseCDFSampling()
+    torch.manual_seed(0)
+    n = 20_000
+    counts = torch.zeros(2, 5)
+    for _ in range(n):
+        out = sampler(None, scores)
+        tokens = out.argmax(dim=1)
+        assert (out.isfinite().sum(dim=1) == 1).all() and (out.gather(1, tokens[:, None]) == 0).all()
+        counts[0, tokens[0]] += 1
+        counts[1, tokens[1]] += 1
+    freq = counts / n
+    # binomial standard error at p = 0.4, n = 20000: 0.0035; 0.015 is more than 4 of them
+    assert torch.allclose(freq[0], torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0]), atol=0.015)
+    assert counts[0, 4] == 0 and freq[1].tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
+    # the recorded log-probs are those of the drawn tokens: log 0.1 .. log 0.4, and log 1 = 0 in row 1
+    logps = torch.cat(sampler.logps, dim=1)  # (2, n)
+    assert {round(p, 4) for p in logps[0].exp().tolist()} == {0.1, 0.2, 0.3, 0.4}
+    assert (logps[1] == 0).all()
+
+
+def test_static_and_dynamic_cache_give_the_same_tokens(tiny_model_dir, tiny_tokenizer):
+    model = load_causal_lm(tiny_model_dir).eval()
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    runs = []
+    for static in (True, False):
+        torch.manual_seed(3)
+        out = sample_completions(model, prompts, max_new_tokens=5, eos_token_id=tiny_tokenizer.eos_token_id,
+                                 pad_token_id=tiny_tokenizer.pad_token_id, num_generations=2, static_cache=static,
+                                 return_logps=True)
+        runs.append(out)
+    assert runs[0].ids == runs[1].ids
+    assert torch.allclose(torch.tensor(sum(runs[0].logps, [])), torch.tensor(sum(runs[1].logps, [])), atol=1e-4)
