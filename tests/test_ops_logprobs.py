@@ -123,3 +123,56 @@ def test_padding_free_gradients_match(tiny_model_dir):
         total.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-4)
+
+
+def _shared_prompt_batch():
+    """Rows 0, 1 and 3 share the prompt [5, 6, 7]; row 2 has its own prompt [9, 10]."""
+    rows = [([5, 6, 7], [30, 31]), ([5, 6, 7], [40, 41, 42, 43]), ([9, 10], [50]), ([5, 6, 7], [60])]
+    width = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros_like(input_ids)
+    for i, (p, c) in enumerate(rows):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attention_mask[i, : len(p) + len(c)] = 1
+        completion_mask[i, len(p) : len(p) + len(c)] = 1
+    return input_ids, attention_mask, completion_mask
+
+
+def test_shared_prompt_layout_by_hand():
+    from alignlab.ops.logprobs import shared_prompt_inputs
+
+    packed, positions, mask, flat_index = shared_prompt_inputs(*_shared_prompt_batch(), 0, "sdpa")
+    # group [5, 6, 7] + 30 31 + 40 41 42 43 + 60 is 10 tokens (one row); group [9, 10] + 50 is 3 (row of its own)
+    assert packed.tolist() == [[5, 6, 7, 30, 31, 40, 41, 42, 43, 60], [9, 10, 50, 0, 0, 0, 0, 0, 0, 0]]
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 6, 3], [0, 1, 2, 0, 1, 2, 3, 4, 5, 6]]
+    # token 41 (index 6) sees the prompt and 40, 41; not 30 31
+    assert mask[0, 0, 6].tolist() == [True, True, True, False, False, True, True, False, False, False]
+    # token 60 (index 9) sees the prompt and itself only
+    assert mask[0, 0, 9].tolist() == [True, True, True] + [False] * 6 + [True]
+    # the filler of row 1 sees nothing of the real tokens
+    assert not mask[1, 0, 3:, :3].any()
+    # row 3 = [5, 6, 7, 60]: its prompt is the shared copy, its completion at index 9
+    assert flat_index[3, :4].tolist() == [0, 1, 2, 9]
+    assert flat_index[2, :3].tolist() == [10, 11, 12]
+    # nothing shared: no layout
+    ids, am, cm = _shared_prompt_batch()
+    assert shared_prompt_inputs(ids[1:3], am[1:3], cm[1:3], 0, "sdpa") is None
+    assert shared_prompt_inputs(ids, am, cm, 0, "flash_attention_2") is None
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompts_give_the_unshared_logps_and_gradients(tiny_model_dir, attn):
+    from alignlab.models import load_causal_lm
+
+    batch = _shared_prompt_batch()
+    results = []
+    for share in (False, True):
+        model = load_causal_lm(tiny_model_dir)
+        model.set_attn_implementation(attn)
+        per_token, total = completion_logps(model, *batch, padding_free=True, share_prompts=share)
+        total.sum().backward()
+        results.append((per_token.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert (results[0][0] != 0).sum() == 8  # every completion token scored
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-4)

@@ -65,6 +65,13 @@ PACKING_MODEL_TYPES = frozenset(
 )
 
 
+def _attn_implementation(model: torch.nn.Module) -> str | None:
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None)
+
+
 def supports_packing(model: torch.nn.Module) -> bool:
     """True if ``model`` (possibly wrapped by peft or DDP) accepts packed rows through ``position_ids``."""
     inner = getattr(model, "module", model)
@@ -129,6 +136,87 @@ def packed_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_tok
     return packed, positions, flat_index
 
 
+def shared_prompt_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                         pad_token_id: int, attn_implementation: str | None):
+    """Packed rows in which completions of the same prompt share one copy of it (prefix sharing).
+
+    Rows of ``input_ids`` whose prompts (the real tokens before the completion) are identical form a group,
+    laid out as ``prompt, completion_1, completion_2, ...``; groups are packed into rows (:func:`pack_rows`) as
+    wide as the longest group. A 4D attention mask lets each completion token see its group's prompt and the
+    earlier tokens of its own completion only, and ``position_ids`` restart at the prompt length for every
+    completion, so every token gets exactly the hidden state it has in its own unpacked row; the prompt is
+    computed once per group instead of once per completion (GRPO's ``num_generations`` samples of a prompt,
+    a DPO pair's chosen and rejected). Gradients through the shared prompt are the sum of the members'.
+
+    Args:
+        input_ids, attention_mask, completion_mask: ``(N, T)``, right-padded; each row's completion tokens
+            must be its last real tokens.
+        pad_token_id: filler for unused row tails (a separate segment no real token attends to).
+        attn_implementation: the model's attention implementation; the mask is boolean (True: attend) for
+            ``sdpa``, additive float (0 / dtype minimum) for ``eager``.
+
+    Returns:
+        ``(packed_ids (R, W), position_ids (R, W), mask (R, 1, W, W), flat_index (N, T))`` as
+        :func:`packed_inputs`, ``flat_index[s, t]`` being where token ``t`` of row ``s`` sits in
+        ``packed_ids.view(-1)`` (shared prompt tokens map to the one copy); ``None`` when no two rows share a
+        prompt, the completions are not the rows' tails, or the attention implementation takes no custom 4D
+        mask (e.g. ``flash_attention_2``): callers then pack without sharing.
+    """
+    if attn_implementation not in ("sdpa", "eager"):
+        return None
+    n, width = input_ids.shape
+    device = input_ids.device
+    ar = torch.arange(width, device=device)
+    lengths = attention_mask.sum(dim=1)
+    n_completion = (completion_mask.bool() & attention_mask.bool()).sum(dim=1)
+    prompt_len = lengths - n_completion
+    tails = (ar >= prompt_len[:, None]) & (ar < lengths[:, None])
+    if not bool((tails == (completion_mask.bool() & attention_mask.bool())).all()):
+        return None
+    ids = input_ids.tolist()
+    lengths, n_completion, prompt_len = lengths.tolist(), n_completion.tolist(), prompt_len.tolist()
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for s in range(n):
+        groups.setdefault(tuple(ids[s][: prompt_len[s]]), []).append(s)
+    if len(groups) == n:
+        return None
+    members = list(groups.values())
+    group_lengths = [prompt_len[m[0]] + sum(n_completion[s] for s in m) for m in members]
+    row_width = max(group_lengths)
+    rows = pack_rows(group_lengths, row_width)
+    wide = torch.arange(row_width, device=device)
+    packed = torch.full((len(rows), row_width), pad_token_id, dtype=input_ids.dtype, device=device)
+    positions = torch.zeros((len(rows), row_width), dtype=torch.long, device=device)
+    group = torch.full((len(rows), row_width), -1, dtype=torch.long, device=device)
+    member = torch.full((len(rows), row_width), -1, dtype=torch.long, device=device)  # -1: prompt / filler
+    flat_index = torch.zeros((n, width), dtype=torch.long, device=device)
+    for r, row_groups in enumerate(rows):
+        offset = 0
+        for g in row_groups:
+            first, p = members[g][0], prompt_len[members[g][0]]
+            prompt_at = r * row_width + offset
+            packed[r, offset : offset + p] = input_ids[first, :p]
+            positions[r, offset : offset + p] = wide[:p]
+            group[r, offset : offset + group_lengths[g]] = g
+            offset += p
+            for i, s in enumerate(members[g]):
+                c = n_completion[s]
+                packed[r, offset : offset + c] = input_ids[s, p : p + c]
+                positions[r, offset : offset + c] = wide[p : p + c]
+                member[r, offset : offset + c] = i
+                flat_index[s, :p] = prompt_at + wide[:p]
+                flat_index[s, p : p + c] = r * row_width + offset + wide[:c]
+                offset += c
+        positions[r, offset:] = wide[: row_width - offset]
+        group[r, offset:] = len(members) + r  # the filler: a group of its own
+    causal = torch.ones((row_width, row_width), dtype=torch.bool, device=device).tril()
+    mask = (causal & (group[:, :, None] == group[:, None, :])
+            & ((member[:, None, :] == -1) | (member[:, :, None] == member[:, None, :]))).unsqueeze(1)
+    if attn_implementation == "eager":
+        mask = torch.zeros(mask.shape, device=device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    return packed, positions, mask, flat_index
+
+
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
     """True if every row of a ``(B, T)`` attention mask is its real tokens followed by padding."""
     lengths = attention_mask.sum(dim=1, keepdim=True)
@@ -144,6 +232,7 @@ def completion_logps(
     padding_free: bool = False,
     pad_token_id: int = 0,
     temperature: float = 1.0,
+    share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token and summed log-probabilities of the completion tokens, in one forward pass.
 
@@ -158,6 +247,9 @@ def completion_logps(
         pad_token_id: filler for unused packed slots.
         temperature: divide the logits by this (> 0) before the log-softmax: the log-probs of the sampling
             distribution ``softmax(logits / temperature)`` (TRL PPO / GRPO; 1 for DPO and SFT).
+        share_prompts: with ``padding_free``, rows with the same prompt share one copy of it
+            (:func:`shared_prompt_inputs`; the same log-probs, fewer tokens through the model); falls back to
+            plain packing where that does not apply.
 
     Returns:
         ``(per_token_logps, logps)``: ``(B, T-1)`` float32 log-probability of token ``t+1`` given tokens
@@ -172,7 +264,15 @@ def completion_logps(
     shift_mask = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
     seq_idx, tok_idx = shift_mask.nonzero(as_tuple=True)
     labels = input_ids[:, 1:][seq_idx, tok_idx]
-    if padding_free and supports_packing(model):
+    shared = None
+    if padding_free and supports_packing(model) and share_prompts:
+        shared = shared_prompt_inputs(input_ids, attention_mask, completion_mask, pad_token_id,
+                                      _attn_implementation(model))
+    if shared is not None:
+        packed, positions, mask, flat_index = shared
+        inputs = {"input_ids": packed, "position_ids": positions, "attention_mask": mask}
+        selected = flat_index[seq_idx, tok_idx]
+    elif padding_free and supports_packing(model):
         packed, positions, flat_index = packed_inputs(input_ids, attention_mask, pad_token_id)
         inputs = {"input_ids": packed, "position_ids": positions, "attention_mask": None}
         selected = flat_index[seq_idx, tok_idx]
