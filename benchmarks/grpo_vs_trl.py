@@ -53,8 +53,8 @@ TRL 1.16 settings that differ from its defaults, and why:
   functions through ``reward_funcs`` (called as ``fn(prompts=, completions=, completion_ids=, **columns)``), so
   the same ``target_length`` is used on both sides. Its ``max_length`` (prompt + completion kept for the
   log-prob passes, default 512) is left as is; the prompts are far shorter. TRL does its policy forward over
-  all 32 sequences with gradients and the reference forward over all 32 without; alignlab does a no-grad
-  policy pass (for its KL metric) and the reference pass in "scoring", then the gradient pass in "training".
+  all 32 sequences with gradients and the reference forward over all 32 without; alignlab does the reference
+  pass in "scoring", then the gradient pass (which also gives its KL metric) in "training".
 
 What is measured, for each side in its own process, the two one after the other:
 

@@ -182,7 +182,7 @@ class PPOTrainer:
         wrapper = self.accelerator.unwrap_model(model)
         policy = wrapper.policy
         # When the policy samples with top_p = 1, its old log-probs are those of the sampled tokens under
-        # softmax(logits / temperature), which generate's scores already hold (TRL 0.24 takes them from the
+        # softmax(logits / temperature), which the sampler records as it draws (TRL 0.24 takes them from the
         # generation logits too); otherwise one more forward computes them.
         from_generation = setup.sampler is None and cfg.top_p == 1.0
         scored = setup.sample(policy, examples, max_new_tokens=cfg.response_length, return_logps=from_generation)

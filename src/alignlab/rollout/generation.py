@@ -44,9 +44,10 @@ class InverseCDFSampling:
     Inverse transform sampling: one uniform ``u`` per row, the token is the first whose cumulative probability
     (float64) reaches ``u`` times the total; a token of probability 0 is never drawn. It is the same
     distribution ``generate``'s own ``do_sample`` path draws from with ``torch.multinomial``, at a fraction of
-    the cost: ``multinomial`` draws one exponential variate per vocabulary entry (about 17 ms per decode step
-    for 16 rows over a 49k vocabulary on the 2-core CPU measured, docs/rollouts.md), this draws one uniform
-    per row and makes one pass over the probabilities. Uses the global torch generator, as ``multinomial``.
+    the cost: ``multinomial`` draws one exponential variate per vocabulary entry, this draws one uniform per
+    row and makes one pass over the probabilities (19 ms saved per 116 ms decode step for 16 rows over the
+    49k vocabulary of the embedded model on the 2-core CPU measured; ``benchmarks/generation.py``,
+    docs/rollouts.md). Uses the global torch generator, as ``multinomial``.
 
     ``logps`` collects, per call, the ``(rows, 1)`` float32 log-probability of the drawn tokens under
     ``softmax(scores)``: the sampling distribution after the warpers before it.
@@ -77,7 +78,7 @@ def sample_completions(
     num_generations: int = 1,
     batch_size: int | None = None,
     return_logps: bool = False,
-    static_cache: bool = True,
+    static_cache: bool = False,
 ) -> Completions:
     """Sample ``num_generations`` completions for each prompt with ``model.generate`` and the KV cache.
 
@@ -102,9 +103,10 @@ def sample_completions(
             :class:`InverseCDFSampling` as it draws), which importance sampling needs when ``model`` is not the
             policy itself (:class:`~alignlab.rollout.sampler.RolloutSampler`) and PPO takes as its old log-probs.
         static_cache: decode with transformers' ``StaticCache`` (``cache_implementation="static"``: the KV cache
-            is allocated once per call at its final length instead of growing by concatenation every step;
-            about 15% faster per decode step on the 2-core CPU measured, docs/rollouts.md). Models that take
-            no ``Cache`` object ignore it (transformers warns).
+            is allocated once per call instead of growing by concatenation every step) instead of its default
+            ``DynamicCache``. No faster on the 2-core CPU measured (``benchmarks/generation.py``,
+            docs/rollouts.md), and transformers sizes it to the longest call so far, hence off by default.
+            Models that take no ``Cache`` object ignore it (transformers warns).
 
     Tokens are drawn by :class:`InverseCDFSampling` at the end of ``generate``'s logits processors, on its
     greedy path (``do_sample=False``): the same distribution as ``do_sample=True``, without
