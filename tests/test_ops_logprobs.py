@@ -159,6 +159,9 @@ def test_shared_prompt_layout_by_hand():
     ids, am, cm = _shared_prompt_batch()
     assert shared_prompt_inputs(ids[1:3], am[1:3], cm[1:3], 0, "sdpa") is None
     assert shared_prompt_inputs(ids, am, cm, 0, "flash_attention_2") is None
+    # a group (10 tokens) longer than a sliding attention window: no sharing
+    assert shared_prompt_inputs(ids, am, cm, 0, "sdpa", max_width=9) is None
+    assert shared_prompt_inputs(ids, am, cm, 0, "sdpa", max_width=10) is not None
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -65,20 +65,17 @@ PACKING_MODEL_TYPES = frozenset(
 )
 
 
-def _attn_implementation(model: torch.nn.Module) -> str | None:
+def _config(model: torch.nn.Module):
+    """The config of a (possibly peft- or DDP-wrapped) model, or ``None``."""
     inner = getattr(model, "module", model)
     if hasattr(inner, "get_base_model"):
         inner = inner.get_base_model()
-    return getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    return getattr(inner, "config", None)
 
 
 def supports_packing(model: torch.nn.Module) -> bool:
     """True if ``model`` (possibly wrapped by peft or DDP) accepts packed rows through ``position_ids``."""
-    inner = getattr(model, "module", model)
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    config = getattr(inner, "config", None)
-    return getattr(config, "model_type", None) in PACKING_MODEL_TYPES
+    return getattr(_config(model), "model_type", None) in PACKING_MODEL_TYPES
 
 
 def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
@@ -137,7 +134,7 @@ def packed_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_tok
 
 
 def shared_prompt_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
-                         pad_token_id: int, attn_implementation: str | None):
+                         pad_token_id: int, attn_implementation: str | None, max_width: int | None = None):
     """Packed rows in which completions of the same prompt share one copy of it (prefix sharing).
 
     Rows of ``input_ids`` whose prompts (the real tokens before the completion) are identical form a group,
@@ -154,13 +151,17 @@ def shared_prompt_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         pad_token_id: filler for unused row tails (a separate segment no real token attends to).
         attn_implementation: the model's attention implementation; the mask is boolean (True: attend) for
             ``sdpa``, additive float (0 / dtype minimum) for ``eager``.
+        max_width: no layout whose rows would be wider than this (the model's sliding attention window: the
+            custom mask replaces the window's, so a group longer than the window would see further back than
+            the model does).
 
     Returns:
         ``(packed_ids (R, W), position_ids (R, W), mask (R, 1, W, W), flat_index (N, T))`` as
         :func:`packed_inputs`, ``flat_index[s, t]`` being where token ``t`` of row ``s`` sits in
         ``packed_ids.view(-1)`` (shared prompt tokens map to the one copy); ``None`` when no two rows share a
-        prompt, the completions are not the rows' tails, or the attention implementation takes no custom 4D
-        mask (e.g. ``flash_attention_2``): callers then pack without sharing.
+        prompt, the completions are not the rows' tails, a group is longer than ``max_width``, or the
+        attention implementation takes no custom 4D mask (e.g. ``flash_attention_2``): callers then pack
+        without sharing.
     """
     if attn_implementation not in ("sdpa", "eager"):
         return None
@@ -183,6 +184,8 @@ def shared_prompt_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     members = list(groups.values())
     group_lengths = [prompt_len[m[0]] + sum(n_completion[s] for s in m) for m in members]
     row_width = max(group_lengths)
+    if max_width is not None and row_width > max_width:
+        return None
     rows = pack_rows(group_lengths, row_width)
     wide = torch.arange(row_width, device=device)
     packed = torch.full((len(rows), row_width), pad_token_id, dtype=input_ids.dtype, device=device)
@@ -266,8 +269,10 @@ def completion_logps(
     labels = input_ids[:, 1:][seq_idx, tok_idx]
     shared = None
     if padding_free and supports_packing(model) and share_prompts:
+        config = _config(model)
         shared = shared_prompt_inputs(input_ids, attention_mask, completion_mask, pad_token_id,
-                                      _attn_implementation(model))
+                                      getattr(config, "_attn_implementation", None),
+                                      max_width=getattr(config, "sliding_window", None))
     if shared is not None:
         packed, positions, mask, flat_index = shared
         inputs = {"input_ids": packed, "position_ids": positions, "attention_mask": mask}

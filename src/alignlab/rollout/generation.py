@@ -1,7 +1,9 @@
 """Sampling completions from the policy, and laying prompt+completion sequences out for scoring and training.
 
-Generation is transformers' ``generate`` (batched, left-padded prompts, KV cache); alignlab only chooses the
-sampling settings and cuts each completion after its first EOS token.
+Generation is transformers' ``generate`` (batched, left-padded prompts, KV cache, its temperature / top-k /
+top-p warpers); alignlab chooses the sampling settings, draws each token with its own logits processor
+(:class:`InverseCDFSampling`, cheaper than ``torch.multinomial``) and cuts each completion after its first EOS
+token.
 """
 
 from __future__ import annotations
