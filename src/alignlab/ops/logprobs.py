@@ -65,17 +65,15 @@ PACKING_MODEL_TYPES = frozenset(
 )
 
 
-def _config(model: torch.nn.Module):
-    """The config of a (possibly peft- or DDP-wrapped) model, or ``None``."""
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` without its DDP (``.module``) and peft (``get_base_model()``) wrappers."""
     inner = getattr(model, "module", model)
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return getattr(inner, "config", None)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 def supports_packing(model: torch.nn.Module) -> bool:
     """True if ``model`` (possibly wrapped by peft or DDP) accepts packed rows through ``position_ids``."""
-    return getattr(_config(model), "model_type", None) in PACKING_MODEL_TYPES
+    return getattr(getattr(base_model(model), "config", None), "model_type", None) in PACKING_MODEL_TYPES
 
 
 def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
@@ -169,10 +167,11 @@ def shared_prompt_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     device = input_ids.device
     ar = torch.arange(width, device=device)
     lengths = attention_mask.sum(dim=1)
-    n_completion = (completion_mask.bool() & attention_mask.bool()).sum(dim=1)
+    real_completion = completion_mask.bool() & attention_mask.bool()
+    n_completion = real_completion.sum(dim=1)
     prompt_len = lengths - n_completion
     tails = (ar >= prompt_len[:, None]) & (ar < lengths[:, None])
-    if not bool((tails == (completion_mask.bool() & attention_mask.bool())).all()):
+    if not bool((tails == real_completion).all()):
         return None
     ids = input_ids.tolist()
     lengths, n_completion, prompt_len = lengths.tolist(), n_completion.tolist(), prompt_len.tolist()
@@ -267,9 +266,10 @@ def completion_logps(
     shift_mask = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
     seq_idx, tok_idx = shift_mask.nonzero(as_tuple=True)
     labels = input_ids[:, 1:][seq_idx, tok_idx]
+    pack = padding_free and supports_packing(model)
     shared = None
-    if padding_free and supports_packing(model) and share_prompts:
-        config = _config(model)
+    if pack and share_prompts:
+        config = base_model(model).config
         shared = shared_prompt_inputs(input_ids, attention_mask, completion_mask, pad_token_id,
                                       getattr(config, "_attn_implementation", None),
                                       max_width=getattr(config, "sliding_window", None))
@@ -277,7 +277,7 @@ def completion_logps(
         packed, positions, mask, flat_index = shared
         inputs = {"input_ids": packed, "position_ids": positions, "attention_mask": mask}
         selected = flat_index[seq_idx, tok_idx]
-    elif padding_free and supports_packing(model):
+    elif pack:
         packed, positions, flat_index = packed_inputs(input_ids, attention_mask, pad_token_id)
         inputs = {"input_ids": packed, "position_ids": positions, "attention_mask": None}
         selected = flat_index[seq_idx, tok_idx]

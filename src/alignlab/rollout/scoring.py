@@ -6,14 +6,12 @@ from __future__ import annotations
 import torch
 
 from alignlab.errors import UserError
-from alignlab.ops.logprobs import is_right_padded, packed_inputs, supports_packing
+from alignlab.ops.logprobs import base_model, is_right_padded, packed_inputs, supports_packing
 
 
 def _score_head(model: torch.nn.Module) -> torch.nn.Module:
     """The ``score`` linear layer of a (possibly DDP- and peft-wrapped) sequence classifier."""
-    inner = getattr(model, "module", model)
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
+    inner = base_model(model)
     head = getattr(inner, "score", None)
     if not isinstance(head, torch.nn.Module):
         raise UserError(f"{type(inner).__name__} has no 'score' head: not a causal-LM sequence classifier")
