@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from alignlab.ops import logprobs
 from alignlab.ops.logprobs import completion_logps, pack_rows, selective_log_softmax
 
 
@@ -89,6 +90,30 @@ def test_selective_log_softmax_gradient_matches_autograd(dtype):
     assert torch.autograd.gradcheck(
         lambda x: selective_log_softmax(x, index), (logits.double().requires_grad_(True),)
     ) if dtype == torch.float32 else True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selective_log_softmax_chunked_matches_unchunked(monkeypatch, dtype):
+    # 3 x 5 tokens over a vocabulary of 7, in chunks of 2 tokens (the last chunk holds 1): values and
+    # gradients equal the one-chunk computation
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 7, dtype=dtype)
+    index = torch.randint(0, 7, (3, 5))
+    weights = torch.randn(3, 5)
+
+    def run():
+        x = logits.clone().requires_grad_(True)
+        out = selective_log_softmax(x, index)
+        (out * weights).sum().backward()
+        return out, x.grad
+
+    whole_out, whole_grad = run()
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 14)
+    chunked_out, chunked_grad = run()
+    assert torch.equal(whole_out, chunked_out)
+    assert torch.equal(whole_grad, chunked_grad)
+    expected = torch.log_softmax(logits.float(), dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(chunked_out, expected, atol=1e-6)
 
 
 def test_pack_rows_first_fit_decreasing():

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from alignlab.errors import UserError
 from alignlab.models import save_pretrained
 from alignlab.train.config import TrainConfig
+from alignlab.train.memory import configure_host_memory, release_free_memory
 from alignlab.train.metrics import MetricsLog, plot_metrics
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ RolloutFn = Callable[[torch.nn.Module, list, int], Rollout]
 
 def build_accelerator(config: TrainConfig):
     """An ``accelerate.Accelerator`` for ``config``: devices, processes, gradient accumulation, seeded data
-    order. Call it before loading models so every process knows its device.
+    order; also sets the process's host-memory policy (``config.reuse_host_memory``,
+    :func:`~alignlab.train.memory.configure_host_memory`). Call it before loading models so every process
+    knows its device and the models' memory is allocated under that policy.
 
     Precision is not delegated to accelerate: its mixed-precision mode wraps the model's forward and casts
     every output back to float32, which for a language model is a ``(B, T, vocab)`` float32 copy of the
@@ -98,6 +101,7 @@ def build_accelerator(config: TrainConfig):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(config.seed)
+    configure_host_memory(config.reuse_host_memory)
     return accelerator
 
 
@@ -109,35 +113,6 @@ def autocast(config: TrainConfig, device: torch.device):
 def _fused_adamw_supported(params: list) -> bool:
     # torch's fused AdamW kernel runs on CPU and CUDA for floating-point parameters (torch >= 2.4).
     return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-
-
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    PyTorch's CPU tensors come from malloc; after each step glibc keeps the freed activations in its
-    arenas, so the resident size creeps up step after step. Trimming after the optimizer step keeps the
-    steady-state footprint at weights + optimizer state. Costs a few milliseconds.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux":
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # noqa: B018 - present in glibc only
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _load_libc()
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
