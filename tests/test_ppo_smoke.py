@@ -88,13 +88,50 @@ def test_first_update_starts_at_ratio_one(tiny_model_dir, prompts_file, rewards_
         assert len(rollout.updates) == cfg.num_ppo_epochs * cfg.num_mini_batches
         assert all(len(u) == 1 for u in rollout.updates)  # mini-batch 2 == micro-batch 2
         batch = rollout.updates[0][0]
-        loss, metrics = trainer.compute_loss(trainer.model, batch)
+        terms = list(trainer.compute_loss(trainer.model, batch))  # policy, then value term
+        loss, metrics = sum(t[0] for t in terms), {**terms[0][1], **terms[1][1]}
         logps, values = trainer.model(batch)
     assert metrics["policy/approxkl"] < 1e-10 and metrics["policy/clipfrac"] == 0
     assert torch.allclose(logps, batch["old_logps"], atol=1e-5) and torch.allclose(values, batch["old_values"], atol=1e-5)
     # advantages are whitened over the whole rollout and zero on padding
     assert math.isfinite(float(loss))
     assert (batch["advantages"][batch["response_mask"] == 0] == 0).all()
+
+
+class _Wrapped(torch.nn.Module):
+    """Stands in for a DDP wrapper: not a PolicyAndValue, so compute_loss takes its one-backward path."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch):
+        return self.module(batch)
+
+
+def test_loss_terms_give_the_gradient_of_the_summed_loss(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    """The policy and value terms back-propagated one after the other (one process) give the same loss and
+    gradients as their sum back-propagated once (the DDP path)."""
+    cfg = _config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "t", padding_free=True)
+    trainer = PPOTrainer(cfg)
+    model = trainer.model
+    with torch.no_grad():
+        batch = trainer.rollout(model, trainer.prompts[:4], 1).updates[0][0]
+    model.train()
+    losses = 0.0
+    for loss, _ in trainer.compute_loss(model, batch):
+        loss.backward()
+        losses = losses + loss.detach()
+    staged = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    summed, metrics = trainer.compute_loss(_Wrapped(model), batch)
+    summed.backward()
+    assert {"loss/policy", "loss/value", "policy/clipfrac", "val/clipfrac"} <= set(metrics)
+    assert torch.allclose(losses, summed.detach())
+    assert staged.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    assert any(n.startswith("policy.") for n in staged) and any(n.startswith("value_model.") for n in staged)
+    for name, grad in staged.items():
+        assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-6), name
 
 
 def test_lora_shares_the_base_and_a_reward_model_scores(tiny_model_dir, tiny_tokenizer, prompts_file, tmp_path):

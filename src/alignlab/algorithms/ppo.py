@@ -122,12 +122,16 @@ class PolicyAndValue(torch.nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logps, values)``, each ``(N, L)`` float32 over the completion tokens of a
         :func:`~alignlab.rollout.generation.build_sequences` batch, 0 on padding."""
-        logps = completion_token_logps(
-            self.policy, batch, temperature=self.temperature, padding_free=self.padding_free,
-            pad_token_id=self.pad_token_id,
-        )
-        return logps, token_values(self.value_model, batch, padding_free=self.padding_free,
-                                   pad_token_id=self.pad_token_id)
+        return self.policy_logps(batch), self.values(batch)
+
+    def policy_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(N, L)`` policy log-probs of the completion tokens at the sampling temperature."""
+        return completion_token_logps(self.policy, batch, temperature=self.temperature,
+                                      padding_free=self.padding_free, pad_token_id=self.pad_token_id)
+
+    def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(N, L)`` value-model outputs ``V(s_t)`` for the completion tokens."""
+        return token_values(self.value_model, batch, padding_free=self.padding_free, pad_token_id=self.pad_token_id)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -229,23 +233,44 @@ class PPOTrainer:
         samples = scored.sample_rows(step) if cfg.writes_samples(step) else []
         return Rollout(updates=updates, metrics=metrics, samples=samples)
 
-    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``loss/policy + vf_coef * loss/value`` on one micro-batch of the rollout (token means, as TRL)."""
-        cfg = self.config
+    def compute_loss(self, model, batch: dict[str, torch.Tensor]):
+        """``loss/policy + vf_coef * loss/value`` on one micro-batch of the rollout (token means, as TRL).
+
+        In one process (``model`` is the :class:`PolicyAndValue` itself) the two terms come one after the
+        other (a generator, see :data:`alignlab.train.loop.LossFn`): the policy's forward and backward, then the
+        value model's, so the two models' activations are never held at once. The gradient is the same: the
+        models share no parameters. DDP-wrapped, both forwards run first and the sum is back-propagated once
+        (DDP expects one backward per forward)."""
+        if isinstance(model, PolicyAndValue):
+            return self._loss_terms(model, batch)
         logps, values = model(batch)
+        policy_loss, metrics = self._policy_loss(logps, batch)
+        value_loss, value_metrics = self._value_loss(values, batch)
+        return policy_loss + value_loss, {**metrics, **value_metrics}
+
+    def _loss_terms(self, model: PolicyAndValue, batch: dict[str, torch.Tensor]):
+        yield self._policy_loss(model.policy_logps(batch), batch)
+        yield self._value_loss(model.values(batch), batch)
+
+    def _policy_loss(self, logps: torch.Tensor, batch: dict[str, torch.Tensor]):
+        """Clipped surrogate (token mean) and its metrics."""
         mask = batch["response_mask"].bool()
-        pg, pg_metrics = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, cliprange=cfg.cliprange)
+        pg, metrics = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], mask,
+                                          cliprange=self.config.cliprange)
         weights, is_metrics = self.setup.importance_weights(batch["old_logps"], batch)  # a bf16 copy sampled
         if weights is not None:
             pg = pg * weights
-            pg_metrics.update(is_metrics)
-        vf, vf_metrics = clipped_value_loss(
-            values, batch["old_values"], batch["returns"], mask, cliprange_value=cfg.cliprange_value
-        )
+            metrics.update(is_metrics)
         policy_loss = masked_mean(pg, mask)
+        return policy_loss, {"loss/policy": policy_loss.detach(), **metrics}
+
+    def _value_loss(self, values: torch.Tensor, batch: dict[str, torch.Tensor]):
+        """``vf_coef`` times the clipped value loss (token mean), and its metrics."""
+        mask = batch["response_mask"].bool()
+        vf, metrics = clipped_value_loss(values, batch["old_values"], batch["returns"], mask,
+                                         cliprange_value=self.config.cliprange_value)
         value_loss = masked_mean(vf, mask)
-        metrics = {"loss/policy": policy_loss.detach(), "loss/value": value_loss.detach(), **pg_metrics, **vf_metrics}
-        return policy_loss + cfg.vf_coef * value_loss, metrics
+        return self.config.vf_coef * value_loss, {"loss/value": value_loss.detach(), **metrics}
 
     def train(self) -> TrainResult:
         """Train, save the policy; returns where everything went."""

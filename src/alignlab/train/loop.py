@@ -44,7 +44,12 @@ from alignlab.train.metrics import MetricsLog, plot_metrics
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-"""``loss_fn(model, batch) -> (scalar loss, {name: (B,) or scalar detached metric})``."""
+"""``loss_fn(model, batch) -> (scalar loss, {name: (B,) or scalar detached metric})``.
+
+In online training a loss function may instead return an iterator of such pairs (a generator): the loop
+back-propagates each loss before asking for the next, so a term's forward can run after the previous term's
+activations are freed (PPO: the policy, then the value model). The micro-batch's logged ``loss`` is the sum
+of the terms, its metrics their union; the gradient is that of the sum."""
 
 STATE_FILE = "trainer_state.json"
 
@@ -306,6 +311,27 @@ class Trainer:
         optimizer.zero_grad(set_to_none=False)
         return grad_norm
 
+    def _backward_terms(self, model, batch: dict, scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run ``loss_fn`` on ``batch`` and back-propagate ``scale`` times its loss, term by term when it yields
+        several (see :data:`LossFn`); returns the detached total loss and the merged metrics."""
+        acc = self.accelerator
+        with autocast(self.config, acc.device):
+            result = self.loss_fn(model, batch)
+        terms = iter([result]) if isinstance(result, tuple) else result
+        total, merged = None, {}
+        while True:
+            with autocast(self.config, acc.device):  # a generator's forward runs inside next()
+                term = next(terms, None)
+            if term is None:
+                break
+            loss, metrics = term
+            acc.backward(loss * scale)
+            total = loss.detach() if total is None else total + loss.detach()
+            merged.update(metrics)
+        if total is None:
+            raise RuntimeError("loss_fn yielded no loss")
+        return total, merged
+
     def _online_step(self, model, optimizer, prompts: list, step: int, store) -> tuple[torch.Tensor, int, float]:
         """One rollout and its updates; returns ``(last grad norm, tokens trained on, seconds spent training)``."""
         acc = self.accelerator
@@ -328,9 +354,7 @@ class Trainer:
             for i, batch in enumerate(micro_batches):
                 sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else acc.no_sync(model)
                 with sync:
-                    with autocast(self.config, acc.device):
-                        loss, metrics = self.loss_fn(model, batch)
-                    acc.backward(loss * scale)
+                    loss, metrics = self._backward_terms(model, batch, scale)
                 self._record(store, loss, metrics)
                 tokens += int(batch["attention_mask"].sum())
             grad_norm = self._optimizer_step(model, optimizer)
