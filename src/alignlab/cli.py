@@ -265,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alignlab: error: unknown command {command!r}\n{_usage()}", file=sys.stderr)
         return 2
     _setup_logging()
-    from alignlab.train.memory import request_huge_pages
+    from alignlab.train.memory import configure_host_memory, request_huge_pages
 
     request_huge_pages()  # before torch's first allocation, which the command's imports make
+    configure_host_memory(True)  # training commands apply their own --reuse_host_memory
     from alignlab.errors import UserError
 
     try:

@@ -9,11 +9,12 @@ instead of 10 ms, and an Online DPO step spent seconds in faults (benchmarks/REA
 
 Two settings, both from the libraries underneath, not an allocator of alignlab's own:
 
-* huge pages: PyTorch's CPU allocator aligns blocks of 2 MB or more to 2 MB and marks them
-  ``MADV_HUGEPAGE`` when the environment variable ``THP_MEM_ALLOC_ENABLE`` is set (PyTorch PR #115990,
-  torch >= 2.2); the kernel then maps them 2 MB at a time where transparent huge pages are ``always`` or
-  ``madvise``. PyTorch reads the variable at its first allocation, so :func:`request_huge_pages` must run
-  before that: the ``alignlab`` command calls it first thing.
+* huge pages: PyTorch's CPU allocator marks blocks of 2 MB or more ``MADV_HUGEPAGE`` when the environment
+  variable ``THP_MEM_ALLOC_ENABLE`` is set (PyTorch PR #115990, torch >= 2.2); the kernel then maps them
+  2 MB at a time where transparent huge pages are ``always`` or ``madvise``. PyTorch reads the variable at
+  its first allocation, so :func:`request_huge_pages` must run before that: the ``alignlab`` command calls
+  it first thing, and sets reuse on for every command (training commands then apply their
+  ``--reuse_host_memory``). Huge pages without reuse measured slower than neither.
 * reuse (:func:`configure_host_memory`): glibc's ``mallopt`` with ``M_MMAP_MAX = 0`` (no block is mapped on
   its own; large ones come from the heap) and a trim threshold of 2 GB (the largest ``mallopt`` takes), so
   freed memory stays mapped and the next step reuses it without faults. The process then holds about its
