@@ -2,6 +2,8 @@
 
 import os
 import resource
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -57,3 +59,22 @@ def test_request_huge_pages_keeps_a_users_choice(monkeypatch):
     monkeypatch.delenv(memory.HUGE_PAGES_ENV)
     memory.request_huge_pages()
     assert os.environ[memory.HUGE_PAGES_ENV] == "1"
+
+
+def test_release_after_reuse_keeps_mid_size_blocks_on_the_heap():
+    # back from reuse, a 4 MB block comes from the heap again (mmap threshold 32 MB, as glibc's adaptive rule
+    # ends up), not mapped and faulted in on every allocation (the 128 KB threshold glibc starts from).
+    # A fresh process, so that no free heap space left by other tests hides the difference.
+    code = (
+        "import resource, torch\n"
+        "from alignlab.train import memory\n"
+        "memory.configure_host_memory(True)\n"
+        "memory.configure_host_memory(False)\n"
+        "torch.ones(2**21)\n"  # 8 MB allocated, written and freed: the 4 MB block below fits in it
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "torch.ones(2**20)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != memory.HUGE_PAGES_ENV}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert int(out.stdout.split()[-1]) < (4 * 2**20 // 4096) // 10
