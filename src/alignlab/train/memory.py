@@ -14,11 +14,12 @@ Two settings, both from the libraries underneath, not an allocator of alignlab's
   2 MB at a time where transparent huge pages are ``always`` or ``madvise``. PyTorch reads the variable at
   its first allocation, so :func:`request_huge_pages` must run before that: the ``alignlab`` command calls
   it first thing, and sets reuse on for every command (training commands then apply their
-  ``--reuse_host_memory``). Huge pages without reuse measured slower than neither.
+  ``--reuse_host_memory``). Huge pages without reuse measured slower than neither setting;
+  with reuse, their share of the gain is not settled (benchmarks/README.md).
 * reuse (:func:`configure_host_memory`): glibc's ``mallopt`` with ``M_MMAP_MAX = 0`` (no block is mapped on
   its own; large ones come from the heap) and a trim threshold of 2 GB (the largest ``mallopt`` takes), so
   freed memory stays mapped and the next step reuses it without faults. The process then holds about its
-  peak heap until it exits; the measured peak RSS was not higher (benchmarks/README.md).
+  peak heap until it exits; the measured peak RSS was at most 0.7 GiB higher (benchmarks/README.md).
 """
 
 from __future__ import annotations
