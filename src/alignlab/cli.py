@@ -264,11 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     if command not in runners:
         print(f"alignlab: error: unknown command {command!r}\n{_usage()}", file=sys.stderr)
         return 2
-    _setup_logging()
     from alignlab.train.memory import configure_host_memory, request_huge_pages
 
-    request_huge_pages()  # before torch's first allocation, which the command's imports make
+    request_huge_pages()  # before torch's first allocation, which the imports below make
     configure_host_memory(True)  # training commands apply their own --reuse_host_memory
+    _setup_logging()
     from alignlab.errors import UserError
 
     try:
