@@ -2,7 +2,7 @@
 # Host-memory policy of the training process, measured on the Online DPO job of grpo_vs_trl.py (embedded
 # model, 16 prompts x 2 completions of <= 64 tokens, temperature 0.9, beta 0.1, lr 1e-5, bf16 autocast,
 # 6 steps). Four variants, each an `alignlab online-dpo` process of its own, one after the other:
-#   base   THP_MEM_ALLOC_ENABLE=0, --reuse_host_memory false  (glibc's own policy + malloc_trim every step)
+#   base   THP_MEM_ALLOC_ENABLE=0, --reuse_host_memory false  (glibc, mmap/trim thresholds 32/64 MB, malloc_trim every step)
 #   thp    THP_MEM_ALLOC_ENABLE=1, --reuse_host_memory false  (PyTorch's huge pages only)
 #   reuse  THP_MEM_ALLOC_ENABLE=0, --reuse_host_memory true   (freed memory kept for reuse only)
 #   all    THP_MEM_ALLOC_ENABLE=1, --reuse_host_memory true   (both: the alignlab command's default)

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """``loss_fn(model, batch) -> (scalar loss, {name: (B,) or scalar detached metric})``.
 
-In online training a loss function may instead return an iterator of such pairs (a generator): the loop
+A loss function may instead return an iterator of such pairs (a generator): the loop
 back-propagates each loss before asking for the next, so a term's forward can run after the previous term's
 activations are freed (PPO: the policy, then the value model). The micro-batch's logged ``loss`` is the sum
 of the terms, its metrics their union; the gradient is that of the sum."""
@@ -456,9 +456,7 @@ class Trainer:
                             release_free_memory()
                     else:
                         with acc.accumulate(model):
-                            with autocast(cfg, acc.device):
-                                loss, metrics = self.loss_fn(model, batch)
-                            acc.backward(loss)
+                            loss, metrics = self._backward_terms(model, batch, 1.0)
                             self._record(store, loss, metrics)
                             tokens += int(self._gather(batch["attention_mask"].sum()).sum())
                             if not acc.sync_gradients:
