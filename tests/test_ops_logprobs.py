@@ -22,6 +22,11 @@ def test_selective_log_softmax_hand_value():
     # logits [0, log 3] -> probabilities [1/4, 3/4]; log(3/4) = -0.2876820724...
     logits = torch.tensor([[[0.0, torch.log(torch.tensor(3.0)).item()]]])
     assert selective_log_softmax(logits, torch.tensor([[1]])).item() == pytest.approx(-0.2876820724517809)
+    # temperature 0.5 doubles the logits: [0, 2 log 3] -> probabilities [1/10, 9/10]; log(9/10) = -0.1053605156...
+    assert selective_log_softmax(logits, torch.tensor([[1]]), temperature=0.5).item() == pytest.approx(
+        -0.10536051565782628)
+    with pytest.raises(ValueError, match="temperature"):
+        selective_log_softmax(logits, torch.tensor([[1]]), temperature=0.0)
 
 
 def _reference(model, input_ids, attention_mask, completion_mask):
@@ -73,27 +78,32 @@ def test_completion_logps_without_logits_to_keep(tiny_model_dir):
     assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_selective_log_softmax_gradient_matches_autograd(dtype):
+def test_selective_log_softmax_gradient_matches_autograd(dtype, temperature):
+    # against autograd through log_softmax(logits / temperature), the way TRL computes PPO/GRPO log-probs
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 7, dtype=dtype)
     index = torch.randint(0, 7, (2, 4))
     weights = torch.randn(2, 4)
     a = logits.clone().requires_grad_(True)
-    (selective_log_softmax(a, index) * weights).sum().backward()
+    got = selective_log_softmax(a, index, temperature)
+    (got * weights).sum().backward()
     b = logits.clone().float().requires_grad_(True)
-    expected = torch.log_softmax(b, dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    expected = torch.log_softmax(b / temperature, dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
     (expected * weights).sum().backward()
     assert a.grad.dtype == dtype
     tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got, expected, atol=1e-6)
     assert torch.allclose(a.grad.float(), b.grad, atol=tol)
     assert torch.autograd.gradcheck(
-        lambda x: selective_log_softmax(x, index), (logits.double().requires_grad_(True),)
+        lambda x: selective_log_softmax(x, index, temperature), (logits.double().requires_grad_(True),)
     ) if dtype == torch.float32 else True
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_selective_log_softmax_chunked_matches_unchunked(monkeypatch, dtype):
+def test_selective_log_softmax_chunked_matches_unchunked(monkeypatch, dtype, temperature):
     # 3 x 5 tokens over a vocabulary of 7, in chunks of 2 tokens (the last chunk holds 1): values and
     # gradients equal the one-chunk computation
     torch.manual_seed(0)
@@ -103,7 +113,7 @@ def test_selective_log_softmax_chunked_matches_unchunked(monkeypatch, dtype):
 
     def run():
         x = logits.clone().requires_grad_(True)
-        out = selective_log_softmax(x, index)
+        out = selective_log_softmax(x, index, temperature)
         (out * weights).sum().backward()
         return out, x.grad
 
@@ -112,7 +122,7 @@ def test_selective_log_softmax_chunked_matches_unchunked(monkeypatch, dtype):
     chunked_out, chunked_grad = run()
     assert torch.equal(whole_out, chunked_out)
     assert torch.equal(whole_grad, chunked_grad)
-    expected = torch.log_softmax(logits.float(), dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    expected = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(chunked_out, expected, atol=1e-6)
 
 

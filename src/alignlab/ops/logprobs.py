@@ -10,22 +10,24 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 class _LabelLogProbs(torch.autograd.Function):
-    """``log_softmax(logits)[..., label]`` with a hand-written backward that never stores float32 copies.
+    """``log_softmax(scale * logits)[..., label]`` with a hand-written backward that never stores float32 copies.
 
     The ``(..., V)`` logits are taken as ``M`` rows of ``V`` and processed in chunks of
-    ``max(1, CHUNK_ELEMENTS // V)`` rows, upcast to float32 one chunk at a time. Forward: ``lse =
-    logsumexp(x)``, ``out = x[label] - lse``. Backward: ``d out / d x = onehot(label) - softmax(x)``, so
-    ``grad_x = g * onehot - g * exp(x - lse)``, written chunk by chunk in the logits' own dtype. Saved for
-    backward: the logits the model produced anyway, the labels and ``lse`` (one float per token).
+    ``max(1, CHUNK_ELEMENTS // V)`` rows, upcast (and multiplied by ``scale``) one chunk at a time. Forward:
+    ``z = scale * x``, ``lse = logsumexp(z)``, ``out = z[label] - lse``. Backward: ``d out / d z =
+    onehot(label) - softmax(z)``, so ``grad_x = scale * g * (onehot - exp(z - lse))``, written chunk by chunk
+    straight into the gradient (float32 logits) or through one float32 chunk (lower-precision logits). Saved
+    for backward: the logits the model produced anyway, the labels and ``lse`` (one float per token).
 
     Why chunks: a float32 copy of all ``M x V`` logits (270 MB for 1,400 tokens over a 49k vocabulary) is a
     fresh allocation every call, and glibc maps allocations that large anew each time; on the 2-core VM
     measured every 4 KB page then cost a ~6 us fault, about 0.4 s per copy (docs/dpo.md). A 16 MB chunk is
-    reused from the heap.
+    reused from the heap. Why ``scale`` inside: a sampling temperature applied as ``logits / T`` beforehand
+    is two more passes over all the logits (forward and backward), each as slow as the log-softmax itself.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:
         acc = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 logits
         rows, labels = logits.reshape(-1, logits.shape[-1]), index.reshape(-1, 1)
         step = max(1, CHUNK_ELEMENTS // rows.shape[1])
@@ -34,45 +36,60 @@ class _LabelLogProbs(torch.autograd.Function):
         with torch.autocast(device_type=logits.device.type, enabled=False):
             for start in range(0, rows.shape[0], step):
                 chunk = rows[start : start + step].to(acc)
+                if scale != 1.0:
+                    chunk = chunk * scale
                 lse[start : start + step] = torch.logsumexp(chunk, dim=-1)
                 out[start : start + step] = chunk.gather(-1, labels[start : start + step]).squeeze(-1)
         out.sub_(lse)
         ctx.save_for_backward(logits, index, lse)
+        ctx.scale = scale
         return out.view(index.shape)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         logits, index, lse = ctx.saved_tensors
+        scale = ctx.scale
         rows, labels = logits.reshape(-1, logits.shape[-1]), index.reshape(-1, 1)
         step = max(1, CHUNK_ELEMENTS // rows.shape[1])
-        g_all = grad_out.reshape(-1, 1).to(lse.dtype)
+        g_all = grad_out.reshape(-1, 1).to(lse.dtype) * scale
         grad = torch.empty_like(rows)
+        in_place = grad.dtype == lse.dtype  # float32 logits: work in the gradient's own rows
         with torch.autocast(device_type=logits.device.type, enabled=False):
             for start in range(0, rows.shape[0], step):
                 stop = start + step
                 g = g_all[start:stop]  # (chunk, 1)
-                probs = rows[start:stop].to(lse.dtype, copy=True).sub_(lse[start:stop, None]).exp_()  # softmax
+                probs = grad[start:stop] if in_place else None
+                # softmax(scale * x) = exp(scale * x - lse), one pass that also upcasts
+                probs = torch.add(lse[start:stop, None].neg(), rows[start:stop], alpha=scale, out=probs).exp_()
                 probs.mul_(-g).scatter_add_(-1, labels[start:stop], g)
-                grad[start:stop] = probs
-        return grad.view(logits.shape), None
+                if not in_place:
+                    grad[start:stop] = probs
+        return grad.view(logits.shape), None, None
 
 
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(logits)`` gathered at ``index``, without materialising the full log-softmax.
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log_softmax(logits / temperature)`` gathered at ``index``, without materialising the full log-softmax.
 
     Args:
         logits: ``(B, T, V)`` unnormalised scores (any float dtype).
         index: ``(B, T)`` long token ids.
+        temperature: divide the logits by this (> 0) first; applied chunk by chunk inside, never as a
+            separate pass over the logits.
 
     Returns:
         ``(B, T)`` float32 log-probabilities (nats); float64 for float64 logits.
 
-    ``logit[index] - logsumexp(logit)``, in float32 over chunks of tokens, with a fused backward
-    (``onehot - softmax``) so that neither pass keeps a ``(B, T, V)`` float32 tensor: peak extra memory is
-    one 16 MB float32 block (:data:`CHUNK_ELEMENTS`). Same values as TRL's ``selective_log_softmax``
-    (``trl/trainer/utils.py``).
+    ``z[index] - logsumexp(z)`` with ``z = logits / temperature``, in float32 over chunks of tokens, with a
+    fused backward (``onehot - softmax``) so that neither pass keeps a ``(B, T, V)`` float32 tensor besides
+    the gradient itself: peak extra memory is one 16 MB float32 block (:data:`CHUNK_ELEMENTS`). Same values
+    as TRL's ``selective_log_softmax`` (``trl/trainer/utils.py``) applied to ``logits / temperature``.
+
+    Raises:
+        ValueError: ``temperature`` is not > 0.
     """
-    return _LabelLogProbs.apply(logits, index)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return _LabelLogProbs.apply(logits, index, 1.0 / temperature)
 
 
 # Model types whose attention masks come from transformers' masking utilities, which read packed
@@ -319,9 +336,7 @@ def completion_logps(
     else:
         full = model(**inputs, use_cache=False).logits
         logits = full.reshape(-1, full.shape[-1])[selected].unsqueeze(0)
-    if temperature != 1.0:
-        logits = logits / temperature
-    token_logps = selective_log_softmax(logits, labels.unsqueeze(0)).squeeze(0)  # (N,)
+    token_logps = selective_log_softmax(logits, labels.unsqueeze(0), temperature).squeeze(0)  # (N,)
     per_token = torch.zeros((n, width - 1), dtype=token_logps.dtype, device=token_logps.device)
     per_token = per_token.index_put((seq_idx, tok_idx), token_logps)
     return per_token, per_token.sum(dim=1)
