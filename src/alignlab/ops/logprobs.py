@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -166,6 +168,49 @@ def packed_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_tok
     return packed, positions, flat_index
 
 
+def segment_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Lay the real tokens of right-padded rows ``(N, T)`` end to end in one row, with no filler, for a forward
+    with :func:`~alignlab.ops.attention.segment_attention` (each sequence attends to itself only).
+
+    Returns:
+        ``(ids (1, S), position_ids (1, S), flat_index (N, T), segment_lengths)``: ``S`` is the number of real
+        tokens; ``flat_index[s, t]`` is where token ``t`` of row ``s`` sits in ``ids.view(-1)`` (meaningful
+        where ``attention_mask[s, t] == 1``); ``segment_lengths`` lists the non-empty rows' lengths in order.
+    """
+    n, width = input_ids.shape
+    lengths = attention_mask.sum(dim=1)
+    ar = torch.arange(width, device=input_ids.device)
+    real = ar < lengths[:, None]
+    ids = input_ids[real].unsqueeze(0)
+    positions = ar.expand(n, width)[real].unsqueeze(0)
+    flat_index = (torch.cumsum(lengths, 0) - lengths)[:, None] + ar
+    return ids, positions, flat_index, [length for length in lengths.tolist() if length > 0]
+
+
+def packed_forward_inputs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          pad_token_id: int):
+    """Padding-free inputs for one forward of ``model`` over right-padded rows, and the context to run it in.
+
+    With ``sdpa`` attention (:func:`~alignlab.ops.attention.supports_segments`), all real tokens go in one row
+    and attention runs per sequence (:func:`segment_inputs`, :func:`~alignlab.ops.attention.segments_enabled`):
+    no filler at all, and no mask. Otherwise the rows are packed first-fit into rows as wide as the batch
+    (:func:`packed_inputs`) and transformers builds the block mask from ``position_ids``.
+
+    Returns:
+        ``(inputs, flat_index (N, T), context)``: keyword arguments for ``model``, where each token of each
+        row lands in the flattened output, and a context manager to call ``model`` in.
+    """
+    from alignlab.ops.attention import segments_enabled, supports_segments
+
+    config = getattr(base_model(model), "config", None)
+    if config is not None and supports_segments(config, input_ids.shape[1]):
+        ids, positions, flat_index, segments = segment_inputs(input_ids, attention_mask)
+        inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": None, "segment_lengths": segments}
+        return inputs, flat_index, segments_enabled(config)
+    packed, positions, flat_index = packed_inputs(input_ids, attention_mask, pad_token_id)
+    return {"input_ids": packed, "position_ids": positions, "attention_mask": None}, flat_index, contextlib.nullcontext()
+
+
 def shared_prompt_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
                          pad_token_id: int, attn_implementation: str | None, max_width: int | None = None):
     """Packed rows in which completions of the same prompt share one copy of it (prefix sharing).
@@ -278,8 +323,9 @@ def completion_logps(
         input_ids: ``(B, T)`` prompt+completion token ids, right-padded.
         attention_mask: ``(B, T)`` 1 for real tokens.
         completion_mask: ``(B, T)`` 1 for completion tokens (the tokens being scored).
-        padding_free: pack the real tokens of all rows into as few rows as fit (first-fit decreasing) and
-            run one forward over them with restarting ``position_ids``, so no compute goes to padding.
+        padding_free: pack the real tokens of all rows (:func:`packed_forward_inputs`: one row with
+            per-sequence attention under ``sdpa``, else first-fit decreasing rows) and run one forward over
+            them with restarting ``position_ids``, so no compute goes to padding.
             Ignored (padded rows are used) for model types not in :data:`PACKING_MODEL_TYPES`.
         pad_token_id: filler for unused packed slots.
         temperature: divide the logits by this (> 0) before the log-softmax: the log-probs of the sampling
@@ -298,6 +344,7 @@ def completion_logps(
     pre-hook on the model's output embeddings selects them), so the prompt costs no vocabulary-sized work.
     """
     n, width = input_ids.shape
+    context = contextlib.nullcontext()
     shift_mask = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
     seq_idx, tok_idx = shift_mask.nonzero(as_tuple=True)
     labels = input_ids[:, 1:][seq_idx, tok_idx]
@@ -313,8 +360,7 @@ def completion_logps(
         inputs = {"input_ids": packed, "position_ids": positions, "attention_mask": mask}
         selected = flat_index[seq_idx, tok_idx]
     elif pack:
-        packed, positions, flat_index = packed_inputs(input_ids, attention_mask, pad_token_id)
-        inputs = {"input_ids": packed, "position_ids": positions, "attention_mask": None}
+        inputs, flat_index, context = packed_forward_inputs(model, input_ids, attention_mask, pad_token_id)
         selected = flat_index[seq_idx, tok_idx]
     else:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -330,11 +376,13 @@ def completion_logps(
 
         handle = head.register_forward_pre_hook(keep_selected)
         try:
-            logits = model(**inputs, use_cache=False).logits  # (1, N, V): completion positions only
+            with context:
+                logits = model(**inputs, use_cache=False).logits  # (1, N, V): completion positions only
         finally:
             handle.remove()
     else:
-        full = model(**inputs, use_cache=False).logits
+        with context:
+            full = model(**inputs, use_cache=False).logits
         logits = full.reshape(-1, full.shape[-1])[selected].unsqueeze(0)
     token_logps = selective_log_softmax(logits, labels.unsqueeze(0), temperature).squeeze(0)  # (N,)
     per_token = torch.zeros((n, width - 1), dtype=token_logps.dtype, device=token_logps.device)

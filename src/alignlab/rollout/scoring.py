@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from alignlab.errors import UserError
-from alignlab.ops.logprobs import base_model, is_right_padded, packed_inputs, supports_packing
+from alignlab.ops.logprobs import base_model, is_right_padded, packed_forward_inputs, supports_packing
 
 
 def _score_head(model: torch.nn.Module) -> torch.nn.Module:
@@ -66,21 +68,21 @@ def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
 
     ``padding_free``: when the rows are right-padded and the model type reads packed sequences from
     ``position_ids`` (:func:`~alignlab.ops.logprobs.supports_packing`), the real tokens of all rows are packed
-    into as few rows as fit (:func:`~alignlab.ops.logprobs.packed_inputs`, ``pad_token_id`` as filler) and
-    run in one forward with no compute spent on padding; the result is laid back out as ``(B, T)``, 0 at
-    padding positions. Otherwise the padded rows are run as they are (and the head's output at padding
+    (:func:`~alignlab.ops.logprobs.packed_forward_inputs`: one row with per-sequence attention under
+    ``sdpa``, else first-fit rows with ``pad_token_id`` as filler) and run in one forward; the result is laid
+    back out as ``(B, T)``, 0 at padding positions. Otherwise the padded rows are run as they are (and the head's output at padding
     positions is returned too); either way, read only positions with ``attention_mask == 1``.
     """
     packed = padding_free and supports_packing(model) and is_right_padded(attention_mask)
     if packed:
-        ids, positions, flat_index = packed_inputs(input_ids, attention_mask, pad_token_id)
-        inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": None}
+        inputs, flat_index, context = packed_forward_inputs(model, input_ids, attention_mask, pad_token_id)
     else:
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        inputs, context = {"input_ids": input_ids, "attention_mask": attention_mask}, contextlib.nullcontext()
     captured: list[torch.Tensor] = []
     handle = _score_head(model).register_forward_hook(lambda module, args, output: captured.append(output))
     try:
-        model(**inputs, use_cache=False)
+        with context:
+            model(**inputs, use_cache=False)
     finally:
         handle.remove()
     per_position = captured[-1][..., 0].float()  # (rows, T, num_labels) -> (rows, T)
