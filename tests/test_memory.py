@@ -78,3 +78,23 @@ def test_release_after_reuse_keeps_mid_size_blocks_on_the_heap():
     env = {k: v for k, v in os.environ.items() if k != memory.HUGE_PAGES_ENV}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert int(out.stdout.split()[-1]) < (4 * 2**20 // 4096) // 10
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_optimizer_step_drops_gradients_only_when_reusing_memory(reuse):
+    # reuse: the next backward's gradients become .grad as they are (no zero fill, no add); without reuse
+    # the buffers stay, zeroed, so nothing large is handed back to the OS between steps
+    from types import SimpleNamespace
+
+    from alignlab.train.loop import Trainer
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    trainer = SimpleNamespace(config=SimpleNamespace(max_grad_norm=1.0, reuse_host_memory=reuse),
+                              accelerator=SimpleNamespace(clip_grad_norm_=torch.nn.utils.clip_grad_norm_))
+    before = model.weight.detach().clone()
+    grad_norm = Trainer._optimizer_step(trainer, model, optimizer)
+    assert float(grad_norm) > 0 and not torch.equal(model.weight, before)
+    for p in model.parameters():
+        assert (p.grad is None) if reuse else bool((p.grad == 0).all())
