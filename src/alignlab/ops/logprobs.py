@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from alignlab.ops.attention import segments_enabled, supports_segments
 
 CHUNK_ELEMENTS = 1 << 22
 """Logits entries (4M: a 16 MB float32 block) :class:`_LabelLogProbs` upcasts at a time."""
@@ -191,24 +192,24 @@ def packed_forward_inputs(model: torch.nn.Module, input_ids: torch.Tensor, atten
                           pad_token_id: int):
     """Padding-free inputs for one forward of ``model`` over right-padded rows, and the context to run it in.
 
-    With ``sdpa`` attention (:func:`~alignlab.ops.attention.supports_segments`), all real tokens go in one row
-    and attention runs per sequence (:func:`segment_inputs`, :func:`~alignlab.ops.attention.segments_enabled`):
-    no filler at all, and no mask. Otherwise the rows are packed first-fit into rows as wide as the batch
-    (:func:`packed_inputs`) and transformers builds the block mask from ``position_ids``.
+    With ``sdpa`` attention (:func:`~alignlab.ops.attention.supports_segments`), all real tokens go in one
+    row and attention runs per sequence (:func:`segment_inputs`,
+    :func:`~alignlab.ops.attention.segments_enabled`): no filler at all, and no mask. Otherwise the rows are
+    packed first-fit into rows as wide as the batch (:func:`packed_inputs`) and transformers builds the block
+    mask from ``position_ids``.
 
     Returns:
         ``(inputs, flat_index (N, T), context)``: keyword arguments for ``model``, where each token of each
         row lands in the flattened output, and a context manager to call ``model`` in.
     """
-    from alignlab.ops.attention import segments_enabled, supports_segments
-
     config = getattr(base_model(model), "config", None)
     if config is not None and supports_segments(config, input_ids.shape[1]):
         ids, positions, flat_index, segments = segment_inputs(input_ids, attention_mask)
         inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": None, "segment_lengths": segments}
         return inputs, flat_index, segments_enabled(config)
     packed, positions, flat_index = packed_inputs(input_ids, attention_mask, pad_token_id)
-    return {"input_ids": packed, "position_ids": positions, "attention_mask": None}, flat_index, contextlib.nullcontext()
+    inputs = {"input_ids": packed, "position_ids": positions, "attention_mask": None}
+    return inputs, flat_index, contextlib.nullcontext()
 
 
 def shared_prompt_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,

@@ -70,8 +70,9 @@ def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     ``position_ids`` (:func:`~alignlab.ops.logprobs.supports_packing`), the real tokens of all rows are packed
     (:func:`~alignlab.ops.logprobs.packed_forward_inputs`: one row with per-sequence attention under
     ``sdpa``, else first-fit rows with ``pad_token_id`` as filler) and run in one forward; the result is laid
-    back out as ``(B, T)``, 0 at padding positions. Otherwise the padded rows are run as they are (and the head's output at padding
-    positions is returned too); either way, read only positions with ``attention_mask == 1``.
+    back out as ``(B, T)``, 0 at padding positions. Otherwise the padded rows are run as they are (and the
+    head's output at padding positions is returned too); either way, read only positions with
+    ``attention_mask == 1``.
     """
     packed = padding_free and supports_packing(model) and is_right_padded(attention_mask)
     if packed:
