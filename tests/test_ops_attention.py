@@ -105,3 +105,21 @@ def test_packed_logps_and_gradients_match_padded_rows(tiny_model_dir, attn):
     assert (results[0][0] != 0).sum() == 9
     assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-4)
+
+
+def test_gradient_checkpointing_keeps_the_gradients_right(tiny_model_dir):
+    # checkpointed layers recompute their forward during backward, outside the forward's context: the
+    # per-sequence attention must not be switched on there, or the recompute would attend across sequences
+    from alignlab.models import load_causal_lm
+
+    input_ids = torch.tensor([[5, 6, 7, 0, 0], [9, 10, 11, 12, 13]])
+    attention_mask = (torch.arange(5) < torch.tensor([[3], [5]])).long()
+    completion_mask = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
+    grads = []
+    for padding_free in (False, True):
+        model = load_causal_lm(tiny_model_dir).train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _, total = completion_logps(model, input_ids, attention_mask, completion_mask, padding_free=padding_free)
+        total.sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-4)

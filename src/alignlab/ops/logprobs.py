@@ -194,16 +194,21 @@ def packed_forward_inputs(model: torch.nn.Module, input_ids: torch.Tensor, atten
 
     With ``sdpa`` attention (:func:`~alignlab.ops.attention.supports_segments`), all real tokens go in one
     row and attention runs per sequence (:func:`segment_inputs`,
-    :func:`~alignlab.ops.attention.segments_enabled`): no filler at all, and no mask. Otherwise the rows are
-    packed first-fit into rows as wide as the batch (:func:`packed_inputs`) and transformers builds the block
-    mask from ``position_ids``.
+    :func:`~alignlab.ops.attention.segments_enabled`): no filler at all, and no mask. Otherwise (another
+    attention implementation, or gradient checkpointing, whose recomputed forwards run after the switch is
+    undone) the rows are packed first-fit into rows as wide as the batch (:func:`packed_inputs`) and
+    transformers builds the block mask from ``position_ids``.
 
     Returns:
         ``(inputs, flat_index (N, T), context)``: keyword arguments for ``model``, where each token of each
         row lands in the flattened output, and a context manager to call ``model`` in.
     """
-    config = getattr(base_model(model), "config", None)
-    if config is not None and supports_segments(config, input_ids.shape[1]):
+    inner = base_model(model)
+    config = getattr(inner, "config", None)
+    # checkpointed layers recompute their forward during backward, after the switch is undone: they would
+    # attend across the whole row there, so they get the first-fit rows
+    checkpointing = getattr(inner, "is_gradient_checkpointing", False)
+    if config is not None and not checkpointing and supports_segments(config, input_ids.shape[1]):
         ids, positions, flat_index, segments = segment_inputs(input_ids, attention_mask)
         inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": None, "segment_lengths": segments}
         return inputs, flat_index, segments_enabled(config)
