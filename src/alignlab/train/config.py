@@ -96,10 +96,11 @@ class TrainConfig:
     (TRL turns it on): models of the size trained on CPU fit without it."""
     reuse_host_memory: bool = True
     """Keep freed CPU memory mapped for the next step instead of returning it to the OS after every step
-    (glibc ``mallopt``: large blocks from the heap, trimmed only past 2 GB; :mod:`alignlab.train.memory`). Saves a page
-    fault per 4 KB touched each step: Online DPO steps were 1.1-1.3x faster on the 2-core VM measured, at a
-    peak RSS within 0.7 GiB (benchmarks/README.md, "Host memory"). Process-wide; the process
-    keeps about its peak heap until it exits. When turning it off, also set ``THP_MEM_ALLOC_ENABLE=0``: huge
+    (glibc ``mallopt``: large blocks from the heap, trimmed only past 2 GB; :mod:`alignlab.train.memory`).
+    Saves a page fault per 4 KB touched each step: Online DPO steps were 1.1-1.3x faster on the 2-core VM
+    measured, at a peak RSS within 0.7 GiB (benchmarks/README.md, "Host memory"). Also drops the gradients
+    after each optimizer step instead of zeroing them. Process-wide; the process keeps about its peak heap
+    until it exits. When turning it off, also set ``THP_MEM_ALLOC_ENABLE=0``: huge
     pages without reuse measured slower there."""
 
     # --- LoRA (peft) -----------------------------------------------------------------------------------
