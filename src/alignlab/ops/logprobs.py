@@ -207,7 +207,10 @@ def packed_forward_inputs(model: torch.nn.Module, input_ids: torch.Tensor, atten
     config = getattr(inner, "config", None)
     # checkpointed layers recompute their forward during backward, after the switch is undone: they would
     # attend across the whole row there, so they get the first-fit rows
-    checkpointing = getattr(inner, "is_gradient_checkpointing", False)
+    # (transformers renamed is_gradient_checkpointing, which now warns, to is_activation_checkpointing)
+    checkpointing = (getattr(inner, "is_activation_checkpointing", None)
+                     if hasattr(type(inner), "is_activation_checkpointing")
+                     else getattr(inner, "is_gradient_checkpointing", False))
     if config is not None and not checkpointing and supports_segments(config, input_ids.shape[1]):
         ids, positions, flat_index, segments = segment_inputs(input_ids, attention_mask)
         inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": None, "segment_lengths": segments}

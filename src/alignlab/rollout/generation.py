@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alignlab.ops.linear import reordered_linear_weights
 from alignlab.ops.logprobs import completion_logps
 from alignlab.rollout.scoring import token_scores
 
@@ -112,7 +113,9 @@ def sample_completions(
 
     Tokens are drawn by :class:`InverseCDFSampling` at the end of ``generate``'s logits processors, on its
     greedy path (``do_sample=False``): the same distribution as ``do_sample=True``, without
-    ``torch.multinomial``'s per-entry exponential draws.
+    ``torch.multinomial``'s per-entry exponential draws. Float32 linear layers on CPU decode from
+    oneDNN-reordered copies of their weights (:func:`~alignlab.ops.linear.reordered_linear_weights`; an extra
+    copy of those weights is held during each ``generate`` call).
 
     Returns:
         :class:`Completions`, ``len(prompt_ids) * num_generations`` of them.
@@ -164,8 +167,9 @@ def sample_completions(
         input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in chunk], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         sampler.logps.clear()
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                             logits_processor=processors)
+        with reordered_linear_weights(model, rows=len(chunk)):
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                 logits_processor=processors)
         sequences = out[:, width:]
         step_logps = torch.cat(sampler.logps, dim=1).tolist() if return_logps else None  # (rows, new tokens)
         for row, seq in enumerate(sequences.tolist()):
