@@ -7,7 +7,10 @@ Variants, each the same prompts, rows and length:
   ``DynamicCache``. This is what TRL's trainers run without vLLM, and what alignlab ran before 2026-12-02.
 * ``inverse-cdf``: alignlab's :func:`~alignlab.rollout.generation.sample_completions` as it runs (its default
   ``static_cache=False``): the same ``generate`` on its greedy path, the token drawn by
-  :class:`~alignlab.rollout.generation.InverseCDFSampling` (one uniform per row).
+  :class:`~alignlab.rollout.generation.InverseCDFSampling` (one uniform per row); in float32, the linear
+  layers decode from oneDNN-reordered weights (:func:`~alignlab.ops.linear.reordered_linear_weights`).
+* ``inverse-cdf-mkl``: the same with the linear layers left as they are (float32: MKL ``sgemm``), as
+  alignlab ran before 2026-12-03. Under bf16 autocast the two are the same code.
 * ``inverse-cdf+static``: the same with ``static_cache=True``: transformers' ``StaticCache``, allocated once
   per call instead of growing every step.
 * ``bf16-copy``: ``inverse-cdf`` from a :class:`~alignlab.rollout.sampler.RolloutSampler` copy
@@ -33,6 +36,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -45,6 +49,7 @@ def main() -> None:
     from transformers import GenerationConfig
 
     from alignlab.models import load_causal_lm, load_tokenizer
+    from alignlab.rollout import generation
     from alignlab.rollout.generation import sample_completions
     from alignlab.rollout.sampler import RolloutSampler
     from alignlab.train.config import fast_bf16_available
@@ -75,14 +80,17 @@ def main() -> None:
                                   pad_token_id=tokenizer.pad_token_id, use_cache=True)
         model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
 
-    def alignlab_sampling(static: bool):
+    def alignlab_sampling(static: bool, reorder: bool = True):
         def run() -> None:
-            sample_completions(model, prompt_ids, max_new_tokens=args.tokens, eos_token_id=no_eos,
-                               pad_token_id=tokenizer.pad_token_id, temperature=TEMPERATURE,
-                               num_generations=args.generations, static_cache=static)
+            with nullcontext() if reorder else mock.patch.object(generation, "reordered_linear_weights",
+                                                                  lambda model, rows: nullcontext(0)):
+                sample_completions(model, prompt_ids, max_new_tokens=args.tokens, eos_token_id=no_eos,
+                                   pad_token_id=tokenizer.pad_token_id, temperature=TEMPERATURE,
+                                   num_generations=args.generations, static_cache=static)
         return run
 
     variants = {"transformers": transformers_sampling, "inverse-cdf": alignlab_sampling(False),
+                "inverse-cdf-mkl": alignlab_sampling(False, reorder=False),
                 "inverse-cdf+static": alignlab_sampling(True)}
     if bf16:
         copy = RolloutSampler(model, torch.bfloat16)

@@ -51,11 +51,42 @@ def test_falls_back_where_the_copy_could_differ():
 
 
 def test_leaves_other_layers_alone():
-    layer = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    layer = torch.nn.Linear(8, 4).to(torch.float64)
     subclass = type("MyLinear", (torch.nn.Linear,), {})(8, 4)
     model = torch.nn.ModuleList([layer, subclass, torch.nn.Embedding(4, 8)])
     with reordered_linear_weights(model, rows=1) as count:
         assert count == 0 and _switched(model) == []
+    with torch.autocast("cpu", dtype=torch.float16), reordered_linear_weights(torch.nn.Linear(8, 4), rows=1) as count:
+        assert count == 0  # no copies for float16 autocast
+
+
+needs_bf16 = pytest.mark.skipif(not onednn_linear_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                                reason="oneDNN has no bf16 on this CPU")
+
+
+@needs_bf16
+def test_bf16_copies_under_autocast_and_for_bf16_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)
+        with reordered_linear_weights(model, rows=3) as count:
+            got = model(x)
+    assert count == 2 and got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), expected.float(), atol=1e-2, rtol=1e-2)
+    # a bf16 copy serves only bf16 calls: without autocast a float32 input runs the layer's own forward
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), reordered_linear_weights(model, rows=3):
+        with torch.autocast("cpu", enabled=False):
+            assert torch.allclose(model(x), model[2](model[1](torch.nn.functional.linear(x, model[0].weight,
+                                                                                      model[0].bias))))
+    # bf16 weights without autocast (the rollout sampler's copy)
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        expected = model(x.bfloat16())
+        with reordered_linear_weights(model, rows=3) as count:
+            got = model(x.bfloat16())
+    assert count == 2 and torch.allclose(got.float(), expected.float(), atol=1e-2, rtol=1e-2)
 
 
 @needs_onednn
