@@ -113,9 +113,10 @@ def sample_completions(
 
     Tokens are drawn by :class:`InverseCDFSampling` at the end of ``generate``'s logits processors, on its
     greedy path (``do_sample=False``): the same distribution as ``do_sample=True``, without
-    ``torch.multinomial``'s per-entry exponential draws. Float32 linear layers on CPU decode from
-    oneDNN-reordered copies of their weights (:func:`~alignlab.ops.linear.reordered_linear_weights`; an extra
-    copy of those weights is held during each ``generate`` call).
+    ``torch.multinomial``'s per-entry exponential draws. On the CPU, the linear layers decode from
+    oneDNN-reordered copies of their weights in the call's precision (float32, or bf16 under bf16 autocast or
+    for bf16 weights; :func:`~alignlab.ops.linear.reordered_linear_weights`), made once per call of this
+    function and held until it returns.
 
     Returns:
         :class:`Completions`, ``len(prompt_ids) * num_generations`` of them.
@@ -159,26 +160,27 @@ def sample_completions(
     device = next(model.parameters()).device
     batch_size = batch_size or len(prompt_ids)
     ids, has_eos, prompt_index, logps = [], [], [], []
-    for start in range(0, len(prompt_ids), batch_size):
-        # each prompt repeated num_generations times (generate's num_return_sequences does the same, but
-        # refuses the greedy path)
-        chunk = [p for p in prompt_ids[start : start + batch_size] for _ in range(num_generations)]
-        width = max(len(p) for p in chunk)
-        input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in chunk], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        sampler.logps.clear()
-        with reordered_linear_weights(model, rows=len(chunk)):
+    # one reordered copy of the weights for all chunks (the rows hint: a full chunk)
+    with reordered_linear_weights(model, rows=min(batch_size, len(prompt_ids)) * num_generations):
+        for start in range(0, len(prompt_ids), batch_size):
+            # each prompt repeated num_generations times (generate's num_return_sequences does the same, but
+            # refuses the greedy path)
+            chunk = [p for p in prompt_ids[start : start + batch_size] for _ in range(num_generations)]
+            width = max(len(p) for p in chunk)
+            input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in chunk], device=device)
+            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            sampler.logps.clear()
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                  logits_processor=processors)
-        sequences = out[:, width:]
-        step_logps = torch.cat(sampler.logps, dim=1).tolist() if return_logps else None  # (rows, new tokens)
-        for row, seq in enumerate(sequences.tolist()):
-            cut = seq.index(eos_token_id) + 1 if eos_token_id in seq else len(seq)
-            ids.append(seq[:cut])
-            has_eos.append(eos_token_id in seq)
-            prompt_index.append(start + row // num_generations)
-            if return_logps:
-                logps.append(step_logps[row][:cut])
+            sequences = out[:, width:]
+            step_logps = torch.cat(sampler.logps, dim=1).tolist() if return_logps else None  # (rows, new tokens)
+            for row, seq in enumerate(sequences.tolist()):
+                cut = seq.index(eos_token_id) + 1 if eos_token_id in seq else len(seq)
+                ids.append(seq[:cut])
+                has_eos.append(eos_token_id in seq)
+                prompt_index.append(start + row // num_generations)
+                if return_logps:
+                    logps.append(step_logps[row][:cut])
     return Completions(ids=ids, has_eos=has_eos, prompt_index=prompt_index, logps=logps if return_logps else None)
 
 
