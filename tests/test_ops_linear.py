@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from alignlab.ops.linear import onednn_linear_available, reordered_linear_weights
+from alignlab.ops.linear import onednn_float32_linear, onednn_linear_available, reordered_linear_weights
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this PyTorch build has no oneDNN linear")
 
@@ -101,4 +101,91 @@ def test_sampling_decodes_from_the_reordered_weights(tiny_model_dir, tiny_tokeni
     sample_completions(model, prompts, max_new_tokens=3, eos_token_id=tiny_tokenizer.eos_token_id,
                        pad_token_id=tiny_tokenizer.pad_token_id)
     assert seen and all(seen)
+    assert _switched(model) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# onednn_float32_linear: training and scoring forwards
+
+
+def _grads(model, x, loss_fn):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(x.requires_grad)
+    out = model(x)
+    loss_fn(out).backward()
+    return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(6, 8), (2, 5, 8)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_float32_linear_matches_values_and_gradients(shape, bias):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=bias), torch.nn.Tanh(), torch.nn.Linear(16, 3, bias=bias))
+    x = torch.randn(*shape, requires_grad=True)
+    weights = torch.randn(*shape[:-1], 3)
+
+    def loss_fn(out):  # a non-contiguous gradient reaches the last layer
+        return (out * weights).transpose(0, -1).sum()
+
+    expected = _grads(model, x, loss_fn)
+    with onednn_float32_linear(model) as count:
+        assert count == 2 and _switched(model) == ["0", "2"]
+        got = _grads(model, x, loss_fn)
+        assert model[0](x).grad_fn.name() == "_OneDNNLinearBackward"
+    assert _switched(model) == []
+    assert torch.allclose(got[0], expected[0], atol=1e-6)
+    assert torch.allclose(got[1], expected[1], atol=1e-6)
+    assert got[2].keys() == expected[2].keys()
+    for name, grad in expected[2].items():
+        assert torch.allclose(got[2][name], grad, atol=1e-5), name
+
+
+@needs_onednn
+def test_onednn_float32_linear_frozen_parts_and_no_grad():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    with onednn_float32_linear(layer):
+        with torch.no_grad():
+            y = layer(x)
+        assert not y.requires_grad and torch.allclose(y, expected, atol=1e-6)
+        # frozen layer, input needing its gradient (a reference model under LoRA, the first layers' inputs)
+        layer.requires_grad_(False)
+        xg = x.clone().requires_grad_(True)
+        layer(xg).sum().backward()
+        assert torch.allclose(xg.grad, layer.weight.sum(0).expand(3, 8), atol=1e-6)
+        # trainable layer, input without gradient: weight and bias gradients only
+        layer.requires_grad_(True)
+        layer(x).pow(2).sum().backward()
+    reference = torch.nn.Linear(8, 4)
+    reference.load_state_dict(layer.state_dict())
+    reference(x).pow(2).sum().backward()
+    assert torch.allclose(layer.weight.grad, reference.weight.grad, atol=1e-5)
+    assert torch.allclose(layer.bias.grad, reference.bias.grad, atol=1e-5)
+
+
+@needs_onednn
+def test_onednn_float32_linear_falls_back_and_nests():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8).to(torch.float64))
+    x = torch.randn(2, 8)
+    with onednn_float32_linear(model, model[0]) as count:
+        assert count == 1 and _switched(model) == ["0"]  # float64 left alone; a module reached twice once
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model[0](x).dtype == torch.bfloat16  # autocast's own forward
+        assert torch.allclose(model[0](x[0]), torch.nn.functional.linear(x[0], model[0].weight, model[0].bias))
+        training_forward = model[0].forward
+        with torch.no_grad(), reordered_linear_weights(model, rows=2) as reordered:
+            assert reordered == 1 and model[0].forward is not training_forward
+            y = model[0](x)
+        assert model[0].forward is training_forward  # decoding's switch gives the training one back
+        assert torch.allclose(y, torch.nn.functional.linear(x, model[0].weight, model[0].bias), atol=1e-6)
+        with pytest.raises(RuntimeError, match="boom"), reordered_linear_weights(model, rows=2):
+            raise RuntimeError("boom")
+        assert model[0].forward is training_forward
+    assert _switched(model) == []
+    with pytest.raises(RuntimeError, match="boom"), onednn_float32_linear(model):
+        raise RuntimeError("boom")
     assert _switched(model) == []

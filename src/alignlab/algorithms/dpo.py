@@ -326,6 +326,7 @@ class DPOTrainer:
             collate_fn=lambda ex: collate_pairs(ex, self.tokenizer.pad_token_id, contrastive=contrastive),
             loss_fn=self.compute_loss,
             plot_panels=plots,
+            frozen_models=[self.ref_model],
         )
         result = trainer.train()
         self.policy = trainer.model

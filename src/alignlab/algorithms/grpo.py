@@ -184,6 +184,7 @@ class GRPOTrainer:
             plot_panels=GRPO_PLOTS,
             rollout_fn=self.rollout,
             rollout_batch_size=self.config.prompts_per_step,
+            frozen_models=self.setup.frozen_models(),
         )
         result = trainer.train()
         self.policy = trainer.model

@@ -164,6 +164,11 @@ class OnlineSetup:
         if config.rollout_weights == "bfloat16":
             self.sampler = RolloutSampler(self.accelerator.unwrap_model(self.policy), torch.bfloat16)
 
+    def frozen_models(self) -> list[torch.nn.Module]:
+        """The models a step runs forwards of besides the trained ones: the reference and the reward model
+        (those loaded; the bf16 rollout copy is left out, it is not float32)."""
+        return [m for m in (self.ref_model, *(source.model for source in self.sources)) if m is not None]
+
     def logps(self, model: torch.nn.Module, sequences: dict[str, torch.Tensor], *,
               temperature: float | None = None) -> torch.Tensor:
         """``(N, L)`` completion-token log-probs under ``model`` at ``temperature`` (default: the sampling

@@ -154,6 +154,7 @@ class OnlineDPOTrainer:
             self.config, self.accelerator, self.policy, self.tokenizer, self.prompts,
             collate_fn=list, loss_fn=self.compute_loss, plot_panels=ONLINE_DPO_PLOTS,
             rollout_fn=self.rollout, rollout_batch_size=self.config.prompts_per_step,
+            frozen_models=self.setup.frozen_models(),
         )
         result = trainer.train()
         self.policy = trainer.model

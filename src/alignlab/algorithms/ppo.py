@@ -286,6 +286,7 @@ class PPOTrainer:
             rollout_fn=self.rollout,
             rollout_batch_size=self.config.rollout_batch_size,
             model_to_save=lambda wrapper: wrapper.policy,
+            frozen_models=self.setup.frozen_models(),
         )
         result = trainer.train()
         self.model = trainer.model

@@ -15,6 +15,14 @@ being recorded, a precision other than the one the copy was made for (float32 wi
 under CPU bf16 autocast or for bf16 weights), or an input off the CPU. The results equal ``F.linear``'s up to
 float32 rounding (the products are summed in another order); under bf16 autocast they are bf16, as
 autocast's.
+
+Training and scoring forwards multiply each weight by hundreds to thousands of rows, once per optimizer step,
+so there is nothing to reorder ahead of time; but there too MKL's float32 ``sgemm`` ran the embedded model's
+products at 90-165 GFLOP/s where oneDNN's matmul, given the plain weight, ran them at 185-210 (1,429 rows,
+``benchmarks/linear.py --rows 1429``). :func:`onednn_float32_linear` switches a model's float32 CPU
+``nn.Linear`` layers to it, forward and input gradient, for the length of a ``with`` block; the training loop
+(:class:`alignlab.train.loop.Trainer`) runs inside one. The two switches nest: decoding inside the block
+uses reordered copies, and the block's own forward comes back after it.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 _FLOATS = (torch.float32, torch.bfloat16)
+_MARK = "_alignlab_linear"
+"""Attribute set on the forwards this module installs, so that its two switches can nest."""
 
 
 def onednn_linear_available() -> bool:
@@ -64,7 +74,27 @@ def _reordered_forward(
             return own_forward(x)
         return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, "none", [None], "")
 
+    setattr(forward, _MARK, True)
     return forward
+
+
+def _switchable_forward(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The forward a switch would fall back to: an exact ``nn.Linear``'s own, or one this module installed;
+    ``None`` for other modules and for layers whose forward someone else replaced (e.g. accelerate's hooks)."""
+    if type(module) is not torch.nn.Linear:
+        return None
+    installed = module.__dict__.get("forward")
+    if installed is None:
+        return module.forward
+    return installed if getattr(installed, _MARK, False) else None
+
+
+def _restore(switched: list[tuple[torch.nn.Module, Callable | None]]) -> None:
+    for module, previous in switched:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
 
 
 @contextlib.contextmanager
@@ -90,11 +120,12 @@ def reordered_linear_weights(model: torch.nn.Module, rows: int) -> Iterator[int]
     Yields:
         The number of layers switched (0 when nothing applies).
     """
-    switched: list[torch.nn.Linear] = []
+    switched: list[tuple[torch.nn.Module, Callable | None]] = []
     if onednn_linear_available():
         bf16_ok = torch.ops.mkldnn._is_mkldnn_bf16_supported()
         for module in model.modules():
-            if type(module) is not torch.nn.Linear or "forward" in module.__dict__:
+            own_forward = _switchable_forward(module)
+            if own_forward is None:
                 continue
             weight, bias = module.weight, module.bias
             dtype = _compute_dtype(weight.dtype)
@@ -102,10 +133,97 @@ def reordered_linear_weights(model: torch.nn.Module, rows: int) -> Iterator[int]
                 continue
             reordered = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), rows)
             bias = None if bias is None else bias.detach().to(dtype)
-            module.forward = _reordered_forward(module, dtype, reordered, bias, module.forward)
-            switched.append(module)
+            switched.append((module, module.__dict__.get("forward")))
+            module.forward = _reordered_forward(module, dtype, reordered, bias, own_forward)
     try:
         yield len(switched)
     finally:
-        for module in switched:
-            del module.forward
+        _restore(switched)
+
+
+def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` by oneDNN: ``x`` ``(..., in)``, ``weight`` ``(out, in)``, any strides."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` in float32 with oneDNN computing the output and the input's gradient (``grad @ weight``,
+    a linear layer with the transposed weight); the weight's gradient ``grad.T @ x`` and the bias's stay with
+    ``torch.mm`` and ``sum``, as in ``F.linear``'s own backward (oneDNN was no faster there). Saves the same
+    tensors as ``F.linear`` (input and weight)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return _onednn_matmul(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_matmul(grad, weight.t(), None)
+        rows = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1]))
+        if ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def _onednn_forward(module: torch.nn.Linear, own_forward: Callable[[torch.Tensor], torch.Tensor]):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        weight = module.weight
+        if (
+            x.dtype != torch.float32
+            or weight.dtype != torch.float32
+            or x.device.type != "cpu"
+            or weight.device.type != "cpu"
+            or x.dim() < 2
+            or x.numel() == 0
+            or torch.is_autocast_enabled("cpu")
+        ):
+            return own_forward(x)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or module.bias is not None and module.bias.requires_grad):
+            return _OneDNNLinear.apply(x, weight, module.bias)
+        return _onednn_matmul(x, weight, module.bias)
+
+    setattr(forward, _MARK, True)
+    return forward
+
+
+@contextlib.contextmanager
+def onednn_float32_linear(*models: torch.nn.Module) -> Iterator[int]:
+    """Compute the float32 CPU ``nn.Linear`` layers of ``models`` with oneDNN's matmul on their own weights.
+
+    For forwards over many rows with weights that change between them (training) or are used once (scoring).
+    No copies are made and the same tensors are saved for backward as by ``F.linear``. A call runs the
+    layer's own forward unless input and weight are float32 on the CPU, without autocast, and the input has at
+    least one row and two dimensions. Results and gradients equal ``F.linear``'s up to float32 rounding
+    (products summed in another order; ``tests/test_ops_linear.py``). Double backward is not supported (the
+    training loop never takes one). Exact ``nn.Linear`` layers only, as :func:`reordered_linear_weights`
+    (peft's LoRA wrappers hold exact ones); everything is left alone when :func:`onednn_linear_available` is
+    false. On exit, also on an error, every layer gets its own forward back.
+
+    Args:
+        models: any modules (a module reached twice is switched once).
+
+    Yields:
+        The number of layers switched.
+    """
+    switched: list[tuple[torch.nn.Module, Callable | None]] = []
+    if onednn_linear_available():
+        for model in models:
+            for module in model.modules():
+                own_forward = _switchable_forward(module)
+                if own_forward is None or "forward" in module.__dict__ or module.weight.dtype != torch.float32:
+                    continue
+                switched.append((module, None))
+                module.forward = _onednn_forward(module, own_forward)
+    try:
+        yield len(switched)
+    finally:
+        _restore(switched)

@@ -26,7 +26,7 @@ import re
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from alignlab.errors import UserError
 from alignlab.models import save_pretrained
+from alignlab.ops.linear import onednn_float32_linear
 from alignlab.train.config import TrainConfig
 from alignlab.train.memory import configure_host_memory, release_free_memory
 from alignlab.train.metrics import MetricsLog, plot_metrics
@@ -184,6 +185,10 @@ class Trainer:
         rollout_batch_size: examples per process per rollout (default ``per_device_train_batch_size``).
         model_to_save: picks what to save from the trained (unwrapped) model, e.g. the policy out of a
             policy-and-value module. Default: the model itself.
+        frozen_models: other models the steps run forwards of (reference, reward models).
+
+    While :meth:`train` runs, the float32 CPU linear layers of ``model`` and ``frozen_models`` compute with
+    oneDNN (:func:`alignlab.ops.linear.onednn_float32_linear`); other precisions and devices are unchanged.
     """
 
     def __init__(
@@ -201,6 +206,7 @@ class Trainer:
         rollout_fn: RolloutFn | None = None,
         rollout_batch_size: int | None = None,
         model_to_save: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        frozen_models: Sequence[torch.nn.Module | None] = (),
     ):
         if len(train_dataset) == 0:
             raise UserError("the training set is empty after preprocessing")
@@ -212,6 +218,7 @@ class Trainer:
                 f"{len(train_dataset)}"
             )
         self.model_to_save = model_to_save or (lambda m: m)
+        self.frozen_models = [m for m in frozen_models if m is not None]
         self.config = config
         self.accelerator = accelerator
         self.model = model
@@ -385,6 +392,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         """Run to ``max_steps`` (or ``num_train_epochs``), then evaluate, save the model and draw plots."""
+        with onednn_float32_linear(self.model, *self.frozen_models):
+            return self._train()
+
+    def _train(self) -> TrainResult:
         from tqdm.auto import tqdm
         from transformers import get_scheduler
 
