@@ -28,6 +28,7 @@ from alignlab.models import embedded_model_path, load_causal_lm  # noqa: E402
 from alignlab.ops.linear import onednn_float32_linear  # noqa: E402
 from alignlab.ops.logprobs import completion_logps  # noqa: E402
 from alignlab.train.memory import configure_host_memory  # noqa: E402
+from packing import ppo_like_batch  # noqa: E402  (benchmarks/packing.py: the same batch)
 
 
 def main() -> None:
@@ -36,15 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_host_memory(True)  # as the alignlab command runs
     model = load_causal_lm(str(embedded_model_path()))
-    completions = [64] * 10 + [12, 25, 33, 47, 51, 58]
-    prompts = [38 + i % 5 for i in range(16)]
-    width = max(p + c for p, c in zip(prompts, completions))
-    input_ids = torch.randint(100, 40000, (16, width), generator=torch.Generator().manual_seed(1))
-    attention_mask = torch.zeros(16, width, dtype=torch.long)
-    completion_mask = torch.zeros_like(attention_mask)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        attention_mask[i, : p + c] = 1
-        completion_mask[i, p : p + c] = 1
+    input_ids, attention_mask, completion_mask = ppo_like_batch()
 
     def switch(variant: str):
         return onednn_float32_linear(model) if variant == "oneDNN" else contextlib.nullcontext()

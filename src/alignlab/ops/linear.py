@@ -17,9 +17,10 @@ float32 rounding (the products are summed in another order); under bf16 autocast
 autocast's.
 
 Training and scoring forwards multiply each weight by hundreds to thousands of rows, once per optimizer step,
-so there is nothing to reorder ahead of time; but there too MKL's float32 ``sgemm`` ran the embedded model's
-products at 90-165 GFLOP/s where oneDNN's matmul, given the plain weight, ran them at 185-210 (1,429 rows,
-``benchmarks/linear.py --rows 1429``). :func:`onednn_float32_linear` switches a model's float32 CPU
+so there is nothing to reorder ahead of time; but oneDNN's matmul on the plain weight still beat MKL's
+float32 ``sgemm`` there: a packed PPO batch of the embedded model (1,504 tokens) took 1.09x less time for the
+forward and backward and 1.29x less for a forward without gradients (``benchmarks/linear_training.py``,
+benchmarks/README.md). :func:`onednn_float32_linear` switches a model's float32 CPU
 ``nn.Linear`` layers to it, forward and input gradient, for the length of a ``with`` block; the training loop
 (:class:`alignlab.train.loop.Trainer`) runs inside one. The two switches nest: decoding inside the block
 uses reordered copies, and the block's own forward comes back after it.
