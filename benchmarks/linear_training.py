@@ -24,20 +24,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from alignlab.models import embedded_model_path, load_causal_lm  # noqa: E402
 from alignlab.ops.linear import onednn_float32_linear  # noqa: E402
 from alignlab.ops.logprobs import completion_logps  # noqa: E402
-from alignlab.train.memory import configure_host_memory  # noqa: E402
-from packing import ppo_like_batch  # noqa: E402  (benchmarks/packing.py: the same batch)
+from packing import ppo_like_job  # noqa: E402  (benchmarks/packing.py: the same model and batch)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    configure_host_memory(True)  # as the alignlab command runs
-    model = load_causal_lm(str(embedded_model_path()))
-    input_ids, attention_mask, completion_mask = ppo_like_batch()
+    model, input_ids, attention_mask, completion_mask = ppo_like_job()
 
     def switch(variant: str):
         return onednn_float32_linear(model) if variant == "oneDNN" else contextlib.nullcontext()

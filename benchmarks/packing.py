@@ -32,8 +32,11 @@ from alignlab.ops.logprobs import completion_logps  # noqa: E402
 from alignlab.train.memory import configure_host_memory  # noqa: E402
 
 
-def ppo_like_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask, completion_mask)``, each ``(16, 106)``: the job's 16 sequences."""
+def ppo_like_job() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The embedded model (float32, host memory reused as the alignlab command runs) and the job's 16
+    sequences: ``(model, input_ids, attention_mask, completion_mask)``, the tensors ``(16, 106)``."""
+    configure_host_memory(True)
+    model = load_causal_lm(str(embedded_model_path()))
     completions = [64] * 10 + [12, 25, 33, 47, 51, 58]
     prompts = [38 + i % 5 for i in range(16)]
     width = max(p + c for p, c in zip(prompts, completions))
@@ -43,16 +46,14 @@ def ppo_like_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     for i, (p, c) in enumerate(zip(prompts, completions)):
         attention_mask[i, : p + c] = 1
         completion_mask[i, p : p + c] = 1
-    return input_ids, attention_mask, completion_mask
+    return model, input_ids, attention_mask, completion_mask
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    configure_host_memory(True)  # as the alignlab command runs
-    model = load_causal_lm(str(embedded_model_path()))
-    input_ids, attention_mask, completion_mask = ppo_like_batch()
+    model, input_ids, attention_mask, completion_mask = ppo_like_job()
     width = input_ids.shape[1]
     supports = attention.supports_segments
 

@@ -164,10 +164,11 @@ class OnlineSetup:
         if config.rollout_weights == "bfloat16":
             self.sampler = RolloutSampler(self.accelerator.unwrap_model(self.policy), torch.bfloat16)
 
-    def frozen_models(self) -> list[torch.nn.Module]:
-        """The models a step runs forwards of besides the trained ones: the reference and the reward model
-        (those loaded; the bf16 rollout copy is left out, it is not float32)."""
-        return [m for m in (self.ref_model, *(source.model for source in self.sources)) if m is not None]
+    def frozen_models(self) -> list[torch.nn.Module | None]:
+        """The models a step runs forwards of besides the trained ones, for ``Trainer(frozen_models=)``: the
+        reference and the reward sources' models, ``None`` where not loaded (the bf16 rollout copy is left
+        out, it is not float32)."""
+        return [self.ref_model, *(source.model for source in self.sources)]
 
     def logps(self, model: torch.nn.Module, sequences: dict[str, torch.Tensor], *,
               temperature: float | None = None) -> torch.Tensor:

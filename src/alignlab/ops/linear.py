@@ -57,6 +57,11 @@ def _compute_dtype(weight_dtype: torch.dtype) -> torch.dtype | None:
     return weight_dtype if weight_dtype in _FLOATS else None
 
 
+def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` by oneDNN: ``x`` ``(..., in)``, ``weight`` ``(out, in)``, any strides."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+
+
 def _reordered_forward(
     module: torch.nn.Linear,
     dtype: torch.dtype,
@@ -73,7 +78,7 @@ def _reordered_forward(
             or (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad))
         ):
             return own_forward(x)
-        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, "none", [None], "")
+        return _onednn_matmul(x.to(dtype), weight, bias)
 
     setattr(forward, _MARK, True)
     return forward
@@ -140,11 +145,6 @@ def reordered_linear_weights(model: torch.nn.Module, rows: int) -> Iterator[int]
         yield len(switched)
     finally:
         _restore(switched)
-
-
-def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T (+ bias)`` by oneDNN: ``x`` ``(..., in)``, ``weight`` ``(out, in)``, any strides."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -219,11 +219,12 @@ def onednn_float32_linear(*models: torch.nn.Module) -> Iterator[int]:
     if onednn_linear_available():
         for model in models:
             for module in model.modules():
-                own_forward = _switchable_forward(module)
-                if own_forward is None or "forward" in module.__dict__ or module.weight.dtype != torch.float32:
+                # layers without a forward of their own only (not one already switched, nor a hooked one)
+                if (type(module) is not torch.nn.Linear or "forward" in module.__dict__
+                        or module.weight.dtype != torch.float32):
                     continue
                 switched.append((module, None))
-                module.forward = _onednn_forward(module, own_forward)
+                module.forward = _onednn_forward(module, module.forward)
     try:
         yield len(switched)
     finally:
