@@ -1,48 +1,318 @@
-"""Direct Preference Optimization losses, one pure function per variant.
+"""Preference losses of the DPO family, registered by name: one pure function per ``--loss_type``.
 
-Notation, shared by every function: for a batch of ``B`` pairs,
+Every loss reads one :class:`PairLogps` (sequence log-probabilities of ``B`` chosen / rejected completions,
+their token counts, and the reference model's log-probabilities when the loss needs them) and returns the
+per-pair loss, shape ``(B,)``; the caller takes the mean. Notation shared by the docstrings:
 
-* ``chosen_logratios = log pi(y_w|x) - log pi_ref(y_w|x)``, shape ``(B,)``, nats (sequence log-probs,
-  summed over completion tokens);
-* ``rejected_logratios`` likewise for ``y_l``;
-* ``h = chosen_logratios - rejected_logratios``, the implicit reward margin divided by beta.
+* ``c, r``: policy log-probs of the chosen / rejected completion, summed over its tokens (nats);
+* ``|y_w|, |y_l|``: their token counts;
+* ``c_lr = c - ref_c``, ``r_lr = r - ref_r``: log-ratios against the reference;
+* ``h = c_lr - r_lr``: the implicit reward margin divided by ``beta``.
 
-Each function returns the per-pair loss, shape ``(B,)``; the caller takes the mean. The implicit rewards
-``beta * logratios`` and their metrics come from :func:`dpo_metrics`.
+:func:`preference_loss` combines several losses with weights (TRL's ``loss_type=[...]`` and
+``loss_weights``); :func:`preference_metrics` gives TRL's ``rewards/*`` and ``logps/*`` metrics. The
+hyperparameters are keyword arguments named as TRL 1.16's config fields (``DPOConfig``, and the
+experimental ``CPOConfig`` / ``ORPOConfig``); ``docs/losses.md`` lists each loss with its formula.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+REWARD_KINDS = ("logratio", "logp", "mean_logp")
+"""How ``rewards/*`` are computed: ``beta * (logp - ref_logp)``, ``beta * logp``, ``beta * logp / length``."""
 
 
-def _check(beta: float, label_smoothing: float = 0.0, *, upper: float = 1.0) -> None:
+@dataclass(frozen=True)
+class PairLogps:
+    """What a preference loss may read; every tensor ``(B,)``.
+
+    Attributes:
+        chosen_logps: policy log-prob of the chosen completion, summed over its tokens (nats).
+        rejected_logps: the same for the rejected completion.
+        chosen_lengths: completion token counts, float, >= 1 (losses that divide clamp them at 1, as TRL).
+        rejected_lengths: the same for the rejected completion.
+        ref_chosen_logps: the reference model's log-prob of the chosen completion; ``None`` for
+            reference-free losses.
+        ref_rejected_logps: the same for the rejected completion.
+
+    Raises:
+        ValueError: a tensor is not 1-D, the sizes differ, or only one of the two reference tensors is given.
+    """
+
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+    ref_chosen_logps: Tensor | None = None
+    ref_rejected_logps: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ref_chosen_logps is None) != (self.ref_rejected_logps is None):
+            raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither")
+        named = {
+            "chosen_logps": self.chosen_logps,
+            "rejected_logps": self.rejected_logps,
+            "chosen_lengths": self.chosen_lengths,
+            "rejected_lengths": self.rejected_lengths,
+            "ref_chosen_logps": self.ref_chosen_logps,
+            "ref_rejected_logps": self.ref_rejected_logps,
+        }
+        shapes = {name: tuple(t.shape) for name, t in named.items() if t is not None}
+        if any(len(s) != 1 for s in shapes.values()) or len(set(shapes.values())) != 1:
+            raise ValueError(f"PairLogps tensors must all have the same shape (B,), got {shapes}")
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_chosen_logps is not None
+
+    @property
+    def chosen_logratios(self) -> Tensor:
+        """``(B,)`` ``chosen_logps - ref_chosen_logps`` (nats). Raises ValueError without a reference."""
+        if self.ref_chosen_logps is None:
+            raise ValueError("chosen_logratios needs ref_chosen_logps (this PairLogps has no reference)")
+        return self.chosen_logps - self.ref_chosen_logps
+
+    @property
+    def rejected_logratios(self) -> Tensor:
+        """``(B,)`` ``rejected_logps - ref_rejected_logps`` (nats). Raises ValueError without a reference."""
+        if self.ref_rejected_logps is None:
+            raise ValueError("rejected_logratios needs ref_rejected_logps (this PairLogps has no reference)")
+        return self.rejected_logps - self.ref_rejected_logps
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """One registered loss.
+
+    Attributes:
+        name: the ``--loss_type`` value (TRL's name where TRL has the loss).
+        fn: ``fn(pair: PairLogps, **hyperparameters) -> (B,)`` per-pair losses.
+        needs_reference: False for losses that never read the reference log-probs (simpo, cpo, orpo, sft).
+        hyperparameters: config-field names ``fn`` takes as keywords, e.g. ``("beta", "label_smoothing")``.
+        reward_kind: how ``rewards/*`` metrics are computed, one of :data:`REWARD_KINDS`.
+        source: paper + equation, and the TRL counterpart.
+    """
+
+    name: str
+    fn: Callable[..., Tensor]
+    needs_reference: bool
+    hyperparameters: tuple[str, ...]
+    reward_kind: str
+    source: str
+
+    @property
+    def required_hyperparameters(self) -> tuple[str, ...]:
+        """The hyperparameters ``fn`` has no default for (the others default to "off", e.g. label_smoothing=0)."""
+        params = inspect.signature(self.fn).parameters
+        return tuple(h for h in self.hyperparameters if params[h].default is inspect.Parameter.empty)
+
+
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {}
+"""``--loss_type`` name -> :class:`PreferenceLoss`, filled by :func:`register_preference_loss`."""
+
+
+def register_preference_loss(
+    name: str,
+    *,
+    needs_reference: bool = True,
+    hyperparameters: tuple[str, ...] = ("beta",),
+    reward_kind: str = "logratio",
+    source: str = "",
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Decorator: register ``fn(pair, *, <hyperparameters>)`` under ``name``; returns ``fn`` unchanged.
+
+    Raises:
+        ValueError: ``name`` already registered, unknown ``reward_kind``, or the function's keyword-only
+            parameters are not exactly ``hyperparameters``.
+    """
+
+    def decorator(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in PREFERENCE_LOSSES:
+            raise ValueError(f"preference loss {name!r} is already registered")
+        if reward_kind not in REWARD_KINDS:
+            raise ValueError(f"reward_kind must be one of {', '.join(REWARD_KINDS)}, got {reward_kind!r}")
+        keywords = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        if sorted(keywords) != sorted(hyperparameters):
+            raise ValueError(f"{fn.__name__} takes keywords {keywords}, but {name!r} declares {list(hyperparameters)}")
+        PREFERENCE_LOSSES[name] = PreferenceLoss(
+            name=name,
+            fn=fn,
+            needs_reference=needs_reference,
+            hyperparameters=tuple(hyperparameters),
+            reward_kind=reward_kind,
+            source=source,
+        )
+        return fn
+
+    return decorator
+
+
+def get_preference_loss(name: str) -> PreferenceLoss:
+    """The registered loss ``name``. Raises ValueError listing the choices when there is none."""
+    if name not in PREFERENCE_LOSSES:
+        raise ValueError(f"unknown preference loss_type {name!r}; choose from {', '.join(PREFERENCE_LOSSES)}")
+    return PREFERENCE_LOSSES[name]
+
+
+def preference_loss(
+    loss_types: Sequence[str],
+    pair: PairLogps,
+    *,
+    loss_weights: Sequence[float] | None = None,
+    **hyperparameters: float,
+) -> Tensor:
+    """``(B,)`` weighted sum of the named per-pair losses: ``sum_k loss_weights[k] * loss_k``.
+
+    TRL's ``DPOTrainer`` with ``loss_type=[...]`` and ``loss_weights`` (default all 1.0) minimises
+    ``sum_k w_k * mean(loss_k)``, the mean of this sum. Each loss's function gets only the hyperparameters
+    it declares; other entries of ``hyperparameters`` are ignored, so a caller may pass every config field.
+
+    Args:
+        loss_types: registered names; a single string is taken as one name.
+        pair: the batch's log-probabilities.
+        loss_weights: one weight per name, or None for all 1.0.
+        **hyperparameters: config fields by TRL name (``beta``, ``label_smoothing``, ``discopop_tau``, ...).
+
+    Raises:
+        ValueError: no or unknown loss type, ``loss_weights`` of another length, a loss that needs a
+            reference given a ``pair`` without one, or a required hyperparameter missing.
+    """
+    if isinstance(loss_types, str):
+        loss_types = [loss_types]
+    if not loss_types:
+        raise ValueError("loss_types is empty; name at least one preference loss")
+    weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
+    if len(weights) != len(loss_types):
+        raise ValueError(f"loss_weights has {len(weights)} values for {len(loss_types)} loss types {list(loss_types)}")
+    total = None
+    for name, weight in zip(loss_types, weights):
+        spec = get_preference_loss(name)
+        if spec.needs_reference and not pair.has_reference:
+            raise ValueError(f"loss_type {name!r} needs reference log-probs (ref_chosen_logps, ref_rejected_logps)")
+        missing = [h for h in spec.required_hyperparameters if h not in hyperparameters]
+        if missing:
+            raise ValueError(f"loss_type {name!r} needs hyperparameter(s) {', '.join(missing)}")
+        kwargs = {h: hyperparameters[h] for h in spec.hyperparameters if h in hyperparameters}
+        term = weight * spec.fn(pair, **kwargs)
+        total = term if total is None else total + term
+    return total
+
+
+def combined_reward_kind(loss_types: Sequence[str]) -> str:
+    """The ``reward_kind`` for metrics of a combination: ``"logratio"`` if any named loss needs a reference
+    (TRL's DPOTrainer logs ``beta * logratio`` rewards whatever the loss), else that of the first loss.
+
+    Raises:
+        ValueError: no or unknown loss type.
+    """
+    if isinstance(loss_types, str):
+        loss_types = [loss_types]
+    if not loss_types:
+        raise ValueError("loss_types is empty; name at least one preference loss")
+    specs = [get_preference_loss(name) for name in loss_types]
+    return "logratio" if any(s.needs_reference for s in specs) else specs[0].reward_kind
+
+
+def preference_metrics(pair: PairLogps, *, beta: float, reward_kind: str) -> dict[str, Tensor]:
+    """Per-pair metrics with TRL's names, all ``(B,)`` and detached.
+
+    * ``rewards/chosen``, ``rewards/rejected``: by ``reward_kind``: ``"logratio"``: ``beta * (logp - ref)``
+      (TRL DPOTrainer); ``"logp"``: ``beta * logp`` (TRL CPOTrainer); ``"mean_logp"``:
+      ``beta * logp / length`` (TRL CPOTrainer with ``loss_type="simpo"``, ORPOTrainer);
+    * ``rewards/margins``: chosen minus rejected reward;
+    * ``rewards/accuracies``: 1 where the margin is strictly positive, else 0 (ties count as wrong, as TRL);
+    * ``logps/chosen``, ``logps/rejected``: the policy log-probs, summed over tokens; per-token means under
+      ``"mean_logp"``, since TRL's SimPO and ORPO log the averaged log-probs they train on.
+
+    Raises:
+        ValueError: unknown ``reward_kind``, or ``"logratio"`` with no reference in ``pair``.
+    """
+    if reward_kind not in REWARD_KINDS:
+        raise ValueError(f"reward_kind must be one of {', '.join(REWARD_KINDS)}, got {reward_kind!r}")
+    chosen_logps, rejected_logps = pair.chosen_logps.detach(), pair.rejected_logps.detach()
+    if reward_kind == "mean_logp":
+        chosen_logps = chosen_logps / pair.chosen_lengths.clamp(min=1)
+        rejected_logps = rejected_logps / pair.rejected_lengths.clamp(min=1)
+    if reward_kind == "logratio":
+        chosen = beta * pair.chosen_logratios.detach()
+        rejected = beta * pair.rejected_logratios.detach()
+    else:
+        chosen, rejected = beta * chosen_logps, beta * rejected_logps
+    return {
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": chosen - rejected,
+        "rewards/accuracies": (chosen > rejected).float(),
+        "logps/chosen": chosen_logps,
+        "logps/rejected": rejected_logps,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks and shared pieces
+
+
+def _check_beta(beta: float) -> None:
     if beta <= 0:
         raise ValueError(f"beta must be positive, got {beta}")
+
+
+def _check_smoothing(label_smoothing: float, *, upper: float = 0.5) -> None:
     if not 0.0 <= label_smoothing < upper:
         raise ValueError(f"label_smoothing must be in [0, {upper}), got {label_smoothing}")
 
 
-def sigmoid_loss(
-    chosen_logratios: torch.Tensor,
-    rejected_logratios: torch.Tensor,
-    *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """DPO loss ``-log sigmoid(beta * h)``; with ``label_smoothing = e``, conservative DPO.
+def _smoothed_sigmoid(logits: Tensor, label_smoothing: float) -> Tensor:
+    """``-(1 - e) log sigmoid(z) - e log sigmoid(-z)``: the conservative (cDPO) form used by several losses."""
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def _per_token(logps: Tensor, lengths: Tensor) -> Tensor:
+    return logps / lengths.clamp(min=1)
+
+
+def _chosen_nll(pair: PairLogps) -> Tensor:
+    """``(B,)``: the batch's mean NLL per chosen-completion token, ``-sum(c) / sum(|y_w|)``, repeated per pair.
+
+    TRL computes it over all chosen tokens of the batch at once (DPO ``sft``; CPO's ``nll_loss``;
+    ORPO's), so the per-pair value is that one number; the mean over pairs equals it.
+    """
+    nll = -pair.chosen_logps.sum() / pair.chosen_lengths.sum().clamp(min=1)
+    return nll.expand(pair.chosen_logps.shape[0])
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, stable on both sides of ``-log 2`` (as TRL's ORPO ``log1mexp``)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses against a reference model (TRL DPOTrainer, trl/trainer/dpo_trainer.py, `_compute_loss`)
+
+
+@register_preference_loss(
+    "sigmoid",
+    hyperparameters=("beta", "label_smoothing"),
+    source="Rafailov et al. 2023 (arXiv 2305.18290) eq. 7; cDPO (Mitchell 2023); TRL DPO loss_type='sigmoid'",
+)
+def sigmoid_loss(pair: PairLogps, *, beta: float, label_smoothing: float = 0.0) -> Tensor:
+    """DPO ``-log sigmoid(beta h)``; with ``label_smoothing = e > 0``, conservative DPO (cDPO).
 
     ``loss = -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)``
 
-    Source: Rafailov et al. 2023 (arXiv 2305.18290), eq. 7; conservative DPO (cDPO, Mitchell 2023, "A note
-    on DPO with noisy preferences"), which assumes each label is flipped with probability ``e``. TRL:
-    ``loss_type="sigmoid"`` (TRL 1.16 no longer applies label smoothing there; with ``e = 0`` they agree).
+    Source: Rafailov et al. 2023 (arXiv 2305.18290), eq. 7; cDPO (Mitchell 2023, "A note on DPO with noisy
+    preferences"), which assumes each label is flipped with probability ``e``. TRL: ``loss_type="sigmoid"``;
+    TRL 1.16 ignores ``label_smoothing`` there, so the two agree at ``e = 0`` (the default).
 
     Args:
-        chosen_logratios, rejected_logratios: ``(B,)`` policy minus reference sequence log-probs (nats).
+        pair: needs the reference log-probs.
         beta: KL-regularisation strength, > 0.
         label_smoothing: assumed label-noise rate ``e`` in [0, 0.5).
 
@@ -52,140 +322,398 @@ def sigmoid_loss(
     Raises:
         ValueError: beta <= 0 or label_smoothing outside [0, 0.5).
     """
-    _check(beta, label_smoothing, upper=0.5)
-    logits = beta * (chosen_logratios - rejected_logratios)
-    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    _check_beta(beta)
+    _check_smoothing(label_smoothing)
+    return _smoothed_sigmoid(beta * (pair.chosen_logratios - pair.rejected_logratios), label_smoothing)
 
 
-def robust_loss(
-    chosen_logratios: torch.Tensor,
-    rejected_logratios: torch.Tensor,
-    *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Robust DPO (rDPO): an unbiased estimate of the clean DPO loss under label-flip rate ``e``.
+@register_preference_loss(
+    "hinge",
+    source="SLiC-HF, Zhao et al. 2023 (arXiv 2305.10425) eq. 10; TRL DPO loss_type='hinge'",
+)
+def hinge_loss(pair: PairLogps, *, beta: float) -> Tensor:
+    """SLiC hinge loss ``max(0, 1 - beta h)``, ``(B,)``.
+
+    Source: Zhao et al. 2023, "SLiC-HF" (arXiv 2305.10425), eq. 10 with the margin ``1/beta`` folded into
+    beta. TRL: ``loss_type="hinge"``.
+
+    Raises:
+        ValueError: beta <= 0.
+    """
+    _check_beta(beta)
+    return torch.relu(1 - beta * (pair.chosen_logratios - pair.rejected_logratios))
+
+
+@register_preference_loss(
+    "ipo",
+    source="IPO, Azar et al. 2023 (arXiv 2310.12036) eq. 17, per-token averaged; TRL DPO loss_type='ipo'",
+)
+def ipo_loss(pair: PairLogps, *, beta: float) -> Tensor:
+    """IPO ``(h_avg - 1 / (2 beta))^2`` on per-token log-ratios, ``(B,)``.
+
+    ``h_avg = c_lr / |y_w| - r_lr / |y_l|``, as TRL does and as the IPO authors confirmed to TRL;
+    ``beta`` is the paper's ``tau``.
+
+    Source: Azar et al. 2023 (arXiv 2310.12036), eq. 17. TRL: ``loss_type="ipo"``.
+
+    Raises:
+        ValueError: beta <= 0.
+    """
+    _check_beta(beta)
+    h = _per_token(pair.chosen_logratios, pair.chosen_lengths) - _per_token(
+        pair.rejected_logratios, pair.rejected_lengths
+    )
+    return (h - 1 / (2 * beta)) ** 2
+
+
+@register_preference_loss(
+    "robust",
+    hyperparameters=("beta", "label_smoothing"),
+    source="rDPO, Chowdhury et al. 2024 (arXiv 2403.00409) eq. 12; TRL DPO loss_type='robust'",
+)
+def robust_loss(pair: PairLogps, *, beta: float, label_smoothing: float = 0.0) -> Tensor:
+    """Robust DPO: an unbiased estimate of the clean DPO loss under label-flip rate ``e``, ``(B,)``.
 
     ``loss = [-(1 - e) log sigmoid(beta h) + e log sigmoid(-beta h)] / (1 - 2e)``
 
     Source: Chowdhury et al. 2024, "Provably Robust DPO" (arXiv 2403.00409), eq. 12. TRL:
     ``loss_type="robust"``. With ``e = 0`` it equals :func:`sigmoid_loss`.
 
-    Args, returns: as :func:`sigmoid_loss`; ``label_smoothing`` is the flip rate ``e`` in [0, 0.5).
-
     Raises:
         ValueError: beta <= 0 or label_smoothing outside [0, 0.5).
     """
-    _check(beta, label_smoothing, upper=0.5)
-    logits = beta * (chosen_logratios - rejected_logratios)
+    _check_beta(beta)
+    _check_smoothing(label_smoothing)
+    logits = beta * (pair.chosen_logratios - pair.rejected_logratios)
     return (-(1 - label_smoothing) * F.logsigmoid(logits) + label_smoothing * F.logsigmoid(-logits)) / (
         1 - 2 * label_smoothing
     )
 
 
-def hinge_loss(
-    chosen_logratios: torch.Tensor,
-    rejected_logratios: torch.Tensor,
-    *,
-    beta: float = 0.1,
-) -> torch.Tensor:
-    """SLiC hinge loss ``max(0, 1 - beta * h)``.
+@register_preference_loss(
+    "exo_pair",
+    hyperparameters=("beta", "label_smoothing"),
+    source="EXO-pref, Ji et al. 2024 (arXiv 2402.00856) eq. 16; TRL DPO loss_type='exo_pair'",
+)
+def exo_pair_loss(pair: PairLogps, *, beta: float, label_smoothing: float) -> Tensor:
+    """EXO: ``KL(q || p)`` between the model's and the smoothed label's distribution over {chosen, rejected}.
 
-    Source: Zhao et al. 2023, "SLiC-HF" (arXiv 2305.10425), eq. 10 with margin ``1/beta`` folded into beta.
-    TRL: ``loss_type="hinge"``.
+    With ``q_w = sigmoid(beta h)``, ``q_l = sigmoid(-beta h)``, ``e = label_smoothing``:
+    ``loss = q_w (log q_w - log(1 - e)) + q_l (log q_l - log e)``, ``(B,)``.
+
+    Source: Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment"
+    (arXiv 2402.00856), eq. 16 (EXO-pref, K = 2). TRL: ``loss_type="exo_pair"``; the paper recommends
+    ``e = 1e-3``.
+
+    Raises:
+        ValueError: beta <= 0 or label_smoothing outside (0, 1) (TRL also rejects 0).
+    """
+    _check_beta(beta)
+    if not 0.0 < label_smoothing < 1.0:
+        raise ValueError(f"exo_pair needs label_smoothing in (0, 1) (the EXO paper uses 1e-3), got {label_smoothing}")
+    logits = beta * (pair.chosen_logratios - pair.rejected_logratios)
+    log_pw = torch.log1p(torch.tensor(-label_smoothing, dtype=logits.dtype, device=logits.device))
+    log_pl = torch.log(torch.tensor(label_smoothing, dtype=logits.dtype, device=logits.device))
+    return torch.sigmoid(logits) * (F.logsigmoid(logits) - log_pw) + torch.sigmoid(-logits) * (
+        F.logsigmoid(-logits) - log_pl
+    )
+
+
+@register_preference_loss(
+    "nca_pair",
+    source="NCA, Chen et al. 2024 (arXiv 2402.05369); TRL DPO loss_type='nca_pair'",
+)
+def nca_pair_loss(pair: PairLogps, *, beta: float) -> Tensor:
+    """NCA for pairs: ``-log sigmoid(beta c_lr) - 0.5 log sigmoid(-beta c_lr) - 0.5 log sigmoid(-beta r_lr)``.
+
+    Unlike DPO it scores each completion's own reward ``beta * logratio``, not only their difference, so the
+    chosen likelihood is kept from falling. ``(B,)``.
+
+    Source: Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards"
+    (arXiv 2402.05369), NCA for pairwise preferences. TRL: ``loss_type="nca_pair"``.
 
     Raises:
         ValueError: beta <= 0.
     """
-    _check(beta)
-    return torch.relu(1 - beta * (chosen_logratios - rejected_logratios))
+    _check_beta(beta)
+    chosen, rejected = beta * pair.chosen_logratios, beta * pair.rejected_logratios
+    return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
 
 
-def ipo_loss(
-    chosen_logratios: torch.Tensor,
-    rejected_logratios: torch.Tensor,
-    *,
-    beta: float = 0.1,
-    chosen_lengths: torch.Tensor,
-    rejected_lengths: torch.Tensor,
-) -> torch.Tensor:
-    """IPO loss ``(h_avg - 1 / (2 beta))^2`` on length-averaged log-ratios.
+@register_preference_loss(
+    "bco_pair",
+    source="BCO, Jung et al. 2024 (arXiv 2404.04656), without the reward shift; TRL 1.16 DPO loss_type='bco_pair'",
+)
+def bco_pair_loss(pair: PairLogps, *, beta: float) -> Tensor:
+    """Binary classifier loss on each completion's reward: ``-log sigmoid(beta c_lr) - log sigmoid(-beta r_lr)``.
 
-    ``h_avg = chosen_logratios / |y_w| - rejected_logratios / |y_l|`` (per-token averages), as TRL does and
-    as the IPO authors confirmed to TRL; ``beta`` is the paper's ``tau``.
-
-    Source: Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
-    Preferences" (arXiv 2310.12036), eq. 17. TRL: ``loss_type="ipo"``.
-
-    Args:
-        chosen_lengths, rejected_lengths: ``(B,)`` completion token counts (clamped to >= 1).
+    ``(B,)``. Source: Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment"
+    (arXiv 2404.04656). TRL 1.16: ``loss_type="bco_pair"``, exactly this. The paper, and TRL before 1.0,
+    subtract a reward shift ``delta`` (a running mean of the batch's rewards) inside both sigmoids;
+    TRL 1.16 dropped it, and so does alignlab.
 
     Raises:
         ValueError: beta <= 0.
     """
-    _check(beta)
-    h = chosen_logratios / chosen_lengths.clamp(min=1) - rejected_logratios / rejected_lengths.clamp(min=1)
-    return (h - 1 / (2 * beta)) ** 2
+    _check_beta(beta)
+    return -F.logsigmoid(beta * pair.chosen_logratios) - F.logsigmoid(-beta * pair.rejected_logratios)
 
 
-DPO_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    "sigmoid": sigmoid_loss,
-    "ipo": ipo_loss,
-    "hinge": hinge_loss,
-    "robust": robust_loss,
-}
-"""``--loss_type`` name -> loss function."""
+@register_preference_loss(
+    "sppo_hard",
+    source="SPPO, Wu et al. 2024 (arXiv 2405.00675) eq. 4.7 with hard P; TRL DPO loss_type='sppo_hard'",
+)
+def sppo_hard_loss(pair: PairLogps, *, beta: float) -> Tensor:
+    """SPPO with hard win probabilities: ``(c_lr - 1/(2 beta))^2 + (r_lr + 1/(2 beta))^2``, ``(B,)``.
 
-
-def dpo_loss(
-    loss_type: str,
-    chosen_logratios: torch.Tensor,
-    rejected_logratios: torch.Tensor,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Call the loss named ``loss_type`` with the keyword arguments it takes. Returns ``(B,)`` losses.
+    Source: Wu et al. 2024, "Self-Play Preference Optimization" (arXiv 2405.00675), eq. 4.7 with the win
+    probability set to 1 for the chosen and 0 for the rejected completion (``eta = beta^-1``). TRL:
+    ``loss_type="sppo_hard"``.
 
     Raises:
-        ValueError: unknown ``loss_type``, or ``label_smoothing`` given to a loss that does not use it.
+        ValueError: beta <= 0.
     """
-    if loss_type not in DPO_LOSSES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose from {', '.join(DPO_LOSSES)}")
-    if loss_type in ("sigmoid", "robust"):
-        return DPO_LOSSES[loss_type](chosen_logratios, rejected_logratios, beta=beta, label_smoothing=label_smoothing)
-    if label_smoothing:
-        raise ValueError(f"label_smoothing applies to loss_type sigmoid or robust, not {loss_type!r}")
-    if loss_type == "ipo":
-        return ipo_loss(
-            chosen_logratios,
-            rejected_logratios,
-            beta=beta,
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
-        )
-    return DPO_LOSSES[loss_type](chosen_logratios, rejected_logratios, beta=beta)
+    _check_beta(beta)
+    return (pair.chosen_logratios - 0.5 / beta) ** 2 + (pair.rejected_logratios + 0.5 / beta) ** 2
 
 
-def dpo_metrics(
-    chosen_logratios: torch.Tensor,
-    rejected_logratios: torch.Tensor,
-    *,
-    beta: float,
-) -> dict[str, torch.Tensor]:
-    """Per-pair implicit-reward metrics with TRL's names (all ``(B,)``, detached).
+@register_preference_loss(
+    "aot",
+    hyperparameters=("beta", "label_smoothing"),
+    source="AOT, Melnyk et al. 2024 (arXiv 2406.05882), paired; TRL DPO loss_type='aot'",
+)
+def aot_loss(pair: PairLogps, *, beta: float, label_smoothing: float = 0.0) -> Tensor:
+    """Alignment via optimal transport, paired form: DPO's loss on sorted margins, ``(B,)``.
 
-    * ``rewards/chosen`` = ``beta * chosen_logratios``; ``rewards/rejected`` likewise;
-    * ``rewards/margins`` = chosen minus rejected reward;
-    * ``rewards/accuracies`` = 1 where the margin is strictly positive, else 0 (ties count as wrong, as TRL).
+    ``d = sort(c - r) - sort(ref_c - ref_r)`` (each sorted ascending over the batch);
+    ``loss_i = -(1 - e) log sigmoid(beta d_i) - e log sigmoid(-beta d_i)``. Entry ``i`` is the ``i``-th
+    smallest margin's term, not pair ``i``'s: only the mean over the batch means anything.
+
+    Source: Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport"
+    (arXiv 2406.05882). TRL: ``loss_type="aot"``.
+
+    Raises:
+        ValueError: beta <= 0 or label_smoothing outside [0, 0.5).
     """
-    chosen = beta * chosen_logratios.detach()
-    rejected = beta * rejected_logratios.detach()
-    return {
-        "rewards/chosen": chosen,
-        "rewards/rejected": rejected,
-        "rewards/margins": chosen - rejected,
-        "rewards/accuracies": (chosen > rejected).float(),
-    }
+    _check_beta(beta)
+    _check_smoothing(label_smoothing)
+    logratios, _ = torch.sort(pair.chosen_logps - pair.rejected_logps, dim=0)
+    ref_logratios, _ = torch.sort(pair.ref_chosen_logps - pair.ref_rejected_logps, dim=0)
+    return _smoothed_sigmoid(beta * (logratios - ref_logratios), label_smoothing)
+
+
+@register_preference_loss(
+    "aot_unpaired",
+    hyperparameters=("beta", "label_smoothing"),
+    source="AOT, Melnyk et al. 2024 (arXiv 2406.05882), unpaired; TRL DPO loss_type='aot_unpaired'",
+)
+def aot_unpaired_loss(pair: PairLogps, *, beta: float, label_smoothing: float = 0.0) -> Tensor:
+    """Alignment via optimal transport, unpaired form, ``(B,)``.
+
+    ``d = sort(c_lr) - sort(r_lr)``; ``loss_i = -(1 - e) log sigmoid(beta d_i) - e log sigmoid(-beta d_i)``:
+    the chosen rewards' distribution should dominate the rejected ones'. As :func:`aot_loss`, entry ``i``
+    belongs to the ``i``-th quantile, not to pair ``i``.
+
+    Source: Melnyk et al. 2024 (arXiv 2406.05882). TRL: ``loss_type="aot_unpaired"``.
+
+    Raises:
+        ValueError: beta <= 0 or label_smoothing outside [0, 0.5).
+    """
+    _check_beta(beta)
+    _check_smoothing(label_smoothing)
+    chosen, _ = torch.sort(pair.chosen_logratios, dim=0)
+    rejected, _ = torch.sort(pair.rejected_logratios, dim=0)
+    return _smoothed_sigmoid(beta * (chosen - rejected), label_smoothing)
+
+
+@register_preference_loss(
+    "apo_zero",
+    source="APO-zero, D'Oosterlinck et al. 2024 (arXiv 2408.06266) eq. 7; TRL DPO loss_type='apo_zero'",
+)
+def apo_zero_loss(pair: PairLogps, *, beta: float) -> Tensor:
+    """Anchored preference optimisation, zero anchor: ``1 - sigmoid(beta c_lr) + sigmoid(beta r_lr)``, ``(B,)``.
+
+    Raises the chosen likelihood and lowers the rejected one; for chosen answers better than the model's.
+
+    Source: D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions"
+    (arXiv 2408.06266), eq. 7. TRL: ``loss_type="apo_zero"``.
+
+    Raises:
+        ValueError: beta <= 0.
+    """
+    _check_beta(beta)
+    return 1 - torch.sigmoid(beta * pair.chosen_logratios) + torch.sigmoid(beta * pair.rejected_logratios)
+
+
+@register_preference_loss(
+    "apo_down",
+    source="APO-down, D'Oosterlinck et al. 2024 (arXiv 2408.06266) eq. 8; TRL DPO loss_type='apo_down'",
+)
+def apo_down_loss(pair: PairLogps, *, beta: float) -> Tensor:
+    """Anchored preference optimisation, down: ``sigmoid(beta c_lr) + 1 - sigmoid(beta h)``, ``(B,)``.
+
+    Lowers both likelihoods, the rejected one more; for chosen answers worse than the model's.
+
+    Source: D'Oosterlinck et al. 2024 (arXiv 2408.06266), eq. 8. TRL: ``loss_type="apo_down"``.
+
+    Raises:
+        ValueError: beta <= 0.
+    """
+    _check_beta(beta)
+    h = pair.chosen_logratios - pair.rejected_logratios
+    return torch.sigmoid(beta * pair.chosen_logratios) + 1 - torch.sigmoid(beta * h)
+
+
+@register_preference_loss(
+    "discopop",
+    hyperparameters=("beta", "discopop_tau"),
+    source="DiscoPOP / LRML, Lu et al. 2024 (arXiv 2406.08414) eq. 5; TRL DPO loss_type='discopop'",
+)
+def discopop_loss(pair: PairLogps, *, beta: float, discopop_tau: float) -> Tensor:
+    """Log-ratio modulated loss: a blend of the logistic and the exponential loss, ``(B,)``.
+
+    With ``z = beta h`` and ``m = sigmoid(z / tau)``: ``loss = (1 - m) (-log sigmoid(z)) + m exp(-z)``.
+
+    Source: Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for Large Language
+    Models" (arXiv 2406.08414), eq. 5. TRL: ``loss_type="discopop"``, ``discopop_tau`` default 0.05.
+
+    Raises:
+        ValueError: beta <= 0 or discopop_tau <= 0.
+    """
+    _check_beta(beta)
+    if discopop_tau <= 0:
+        raise ValueError(f"discopop_tau must be positive, got {discopop_tau}")
+    logits = beta * (pair.chosen_logratios - pair.rejected_logratios)
+    modulation = torch.sigmoid(logits / discopop_tau)
+    return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
+
+
+@register_preference_loss(
+    "sigmoid_norm",
+    source="length-normalised DPO (Tulu 3, Lambert et al. 2024, arXiv 2411.15124); TRL DPO loss_type='sigmoid_norm'",
+)
+def sigmoid_norm_loss(pair: PairLogps, *, beta: float) -> Tensor:
+    """DPO on per-token log-ratios: ``-log sigmoid(beta (c_lr / |y_w| - r_lr / |y_l|))``, ``(B,)``.
+
+    Source: length-normalised DPO (Tulu 3, Lambert et al. 2024, arXiv 2411.15124). TRL:
+    ``loss_type="sigmoid_norm"``.
+
+    Raises:
+        ValueError: beta <= 0.
+    """
+    _check_beta(beta)
+    h = _per_token(pair.chosen_logratios, pair.chosen_lengths) - _per_token(
+        pair.rejected_logratios, pair.rejected_lengths
+    )
+    return -F.logsigmoid(beta * h)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference-free losses
+
+
+@register_preference_loss(
+    "sft",
+    needs_reference=False,
+    hyperparameters=(),
+    reward_kind="logp",
+    source="NLL of the chosen completion (RPO, Pang et al. 2024, arXiv 2404.19733); TRL DPO loss_type='sft'",
+)
+def sft_loss(pair: PairLogps) -> Tensor:
+    """Negative log-likelihood per chosen token, over the whole batch: ``-sum(c) / sum(|y_w|)``, ``(B,)``.
+
+    Every entry is that one batch value (TRL expands its scalar the same way), so pair ``i``'s entry is not
+    pair ``i``'s own NLL; the mean over the batch is TRL's term exactly. Combined with ``sigmoid`` it is RPO
+    (Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv 2404.19733) or MPO's SFT part.
+    TRL: ``loss_type="sft"``.
+    """
+    return _chosen_nll(pair)
+
+
+@register_preference_loss(
+    "simpo",
+    needs_reference=False,
+    hyperparameters=("beta", "simpo_gamma", "label_smoothing"),
+    reward_kind="mean_logp",
+    source="SimPO, Meng et al. 2024 (arXiv 2405.14734) eq. 6; TRL experimental CPOTrainer loss_type='simpo'",
+)
+def simpo_loss(pair: PairLogps, *, beta: float, simpo_gamma: float, label_smoothing: float = 0.0) -> Tensor:
+    """SimPO: DPO without a reference on per-token log-probs, with a target reward margin ``gamma``.
+
+    ``z = beta (c / |y_w| - r / |y_l|) - gamma``; ``loss = -(1 - e) log sigmoid(z) - e log sigmoid(-z)``,
+    ``(B,)``; with ``e = 0`` it is the paper's eq. 6.
+
+    Source: Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward"
+    (arXiv 2405.14734), eq. 6. TRL: experimental ``CPOTrainer`` with ``loss_type="simpo"`` (``beta``
+    default 0.1 there, the paper uses 2-10; ``simpo_gamma`` default 0.5). TRL's CPOTrainer also adds
+    ``cpo_alpha`` times the chosen NLL (default 1.0; 0 gives pure SimPO): here that is
+    ``loss_type=["simpo", "sft"]`` with ``loss_weights=[1, cpo_alpha]`` (CPO-SimPO).
+
+    Raises:
+        ValueError: beta <= 0 or label_smoothing outside [0, 0.5).
+    """
+    _check_beta(beta)
+    _check_smoothing(label_smoothing)
+    logits = _per_token(pair.chosen_logps, pair.chosen_lengths) - _per_token(pair.rejected_logps, pair.rejected_lengths)
+    logits = logits - simpo_gamma / beta  # TRL's order of operations
+    return _smoothed_sigmoid(beta * logits, label_smoothing)
+
+
+@register_preference_loss(
+    "cpo",
+    needs_reference=False,
+    hyperparameters=("beta", "cpo_alpha", "label_smoothing"),
+    reward_kind="logp",
+    source="CPO, Xu et al. 2024 (arXiv 2401.08417) eq. 3 + NLL; TRL experimental CPOTrainer loss_type='sigmoid'",
+)
+def cpo_loss(pair: PairLogps, *, beta: float, cpo_alpha: float, label_smoothing: float = 0.0) -> Tensor:
+    """CPO: reference-free DPO on summed log-probs plus ``cpo_alpha`` times the chosen NLL, ``(B,)``.
+
+    ``z = beta (c - r)``; ``loss = -(1 - e) log sigmoid(z) - e log sigmoid(-z) + cpo_alpha * NLL`` with
+    ``NLL = -sum(c) / sum(|y_w|)`` over the batch's chosen tokens (as :func:`sft_loss`).
+
+    Source: Xu et al. 2024, "Contrastive Preference Optimization" (arXiv 2401.08417): the preference term
+    is eq. 3 (DPO with a uniform reference, the limit TRL describes as beta -> 0), plus the NLL term.
+    TRL: experimental ``CPOTrainer`` with ``loss_type="sigmoid"``; ``cpo_alpha`` default 1.0, ``beta``
+    default 0.1. TRL's ``alpha`` (AlphaPO reward shape) is not implemented: it is the ``alpha = 0`` case.
+
+    Raises:
+        ValueError: beta <= 0 or label_smoothing outside [0, 0.5).
+    """
+    _check_beta(beta)
+    _check_smoothing(label_smoothing)
+    preference = _smoothed_sigmoid(beta * (pair.chosen_logps - pair.rejected_logps), label_smoothing)
+    if cpo_alpha == 0:  # TRL skips the NLL term entirely
+        return preference
+    return preference + cpo_alpha * _chosen_nll(pair)
+
+
+@register_preference_loss(
+    "orpo",
+    needs_reference=False,
+    hyperparameters=("beta",),
+    reward_kind="mean_logp",
+    source="ORPO, Hong et al. 2024 (arXiv 2403.07691) eqs. 6-7; TRL experimental ORPOTrainer",
+)
+def orpo_loss(pair: PairLogps, *, beta: float) -> Tensor:
+    """ORPO: chosen NLL plus ``beta`` times the odds-ratio loss, ``(B,)``.
+
+    With per-token log-probs ``a = c / |y_w|``, ``b = r / |y_l|``:
+    ``log_odds = (a - b) - (log(1 - e^a) - log(1 - e^b))`` and
+    ``loss = NLL - beta * log sigmoid(log_odds)``, ``NLL = -sum(c) / sum(|y_w|)`` over the batch's chosen
+    tokens. ``beta`` is the paper's ``lambda`` (TRL's ORPOConfig names it ``beta``, default 0.1; the
+    original code ``alpha``); it is not a KL strength here.
+
+    Source: Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"
+    (arXiv 2403.07691), eq. 6 (total) and eq. 7 (odds-ratio term). TRL: experimental ``ORPOTrainer``
+    (``odds_ratio_loss``), computed in float32 as there. Deviation: TRL's ORPO NLL covers the prompt
+    tokens too; here, with only completion log-probs, it covers the chosen completion's tokens.
+
+    Raises:
+        ValueError: beta <= 0.
+    """
+    _check_beta(beta)
+    a = _per_token(pair.chosen_logps, pair.chosen_lengths).float()
+    b = _per_token(pair.rejected_logps, pair.rejected_lengths).float()
+    log_odds = (a - b) - (_log1mexp(a) - _log1mexp(b))
+    return _chosen_nll(pair) - beta * F.logsigmoid(log_odds)
