@@ -358,7 +358,7 @@ class Compare:
         for stage, run in runs:
             result["wall_seconds"] += run["wall_seconds"]
             result["peak_rss_bytes"] = max(result["peak_rss_bytes"], run["peak_rss_bytes"])
-            result[f"{stage}_seconds"] = run["wall_seconds"]
+            result[f"{stage.replace('-', '_')}_seconds"] = run["wall_seconds"]
             if result.get("num_tokens") is not None and run.get("num_tokens") is not None:
                 result["num_tokens"] += run["num_tokens"]
         return result
