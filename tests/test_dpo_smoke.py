@@ -45,7 +45,7 @@ def test_full_dpo_writes_outputs_and_updates_weights(tiny_model_dir, pairs_file,
     after = load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg["beta"] == 0.1 and cfg["loss_type"] == "sigmoid"
+    assert cfg["beta"] == 0.1 and cfg["loss_type"] == ["sigmoid"]
     for stem in ("loss", "rewards_accuracies", "rewards_margins", "rewards"):
         assert (out / "plots" / f"{stem}.png").stat().st_size > 1000
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,3 +112,25 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, pairs_file, tmp
     again = read_metrics(out)
     assert [r["step"] for r in again] == [1, 2, 3, 4]
     assert again[3]["loss"] == pytest.approx(full[3]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_losses_load_no_reference_and_learn(tiny_model_dir, pairs_file, tmp_path, loss_type):
+    from alignlab.algorithms.dpo import DPOTrainer
+
+    cfg = _config(tiny_model_dir, pairs_file, tmp_path / loss_type, loss_type=loss_type, max_steps=6,
+                  per_device_train_batch_size=12)
+    trainer = DPOTrainer(cfg)
+    assert trainer.ref_model is None and not cfg.needs_reference
+    trainer.train()
+    rows = read_metrics(tmp_path / loss_type)
+    # the same 12 pairs every step: the loss falls and the margin between chosen and rejected grows
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
+
+
+def test_several_loss_types_are_weighted(tiny_model_dir, pairs_file, tmp_path):
+    # loss_type [sigmoid, sft] with weights [1, 0]: the sft term adds nothing, so step 1's loss is sigmoid's log 2
+    train_dpo(_config(tiny_model_dir, pairs_file, tmp_path / "mix", loss_type=["sigmoid", "sft"],
+                      loss_weights=[1.0, 0.0], max_steps=1))
+    assert read_metrics(tmp_path / "mix")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)

@@ -17,8 +17,10 @@ import torch
 
 from alignlab.data.preference import build_pair_examples, collate_pairs
 from alignlab.errors import UserError
-from alignlab.losses.dpo import dpo_loss, dpo_metrics
-from alignlab.methods import CompareEntry, Method, register_method
+from alignlab.losses.dpo import (
+    PREFERENCE_LOSSES, PairLogps, combined_reward_kind, get_preference_loss, preference_loss, preference_metrics,
+)
+from alignlab.methods import CompareBudget, CompareEntry, Method, register_method
 from alignlab.models import is_peft_model, load_causal_lm, load_tokenizer
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
@@ -111,12 +113,23 @@ class DPOConfig(TrainConfig):
     """Peak AdamW learning rate (TRL's DPO default)."""
     beta: float = 0.1
     """DPO's beta: strength of the implicit KL penalty to the reference model (the paper's beta; IPO's tau)."""
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    """sigmoid: DPO (eq. 7); ipo: IPO (Azar et al. 2023); hinge: SLiC (Zhao et al. 2023); robust: rDPO
-    (Chowdhury et al. 2024). See docs/dpo.md."""
+    loss_type: list[str] = dataclasses.field(default_factory=lambda: ["sigmoid"])
+    """The preference loss, or several (weighted by ``loss_weights``, as TRL): sigmoid (DPO), hinge, ipo,
+    exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft,
+    sigmoid_norm (TRL 1.16's DPO loss types), and the reference-free simpo, cpo and orpo (no reference model
+    is loaded when every loss is reference-free). Formulas and sources: docs/losses.md."""
+    loss_weights: list[float] | None = None
+    """One weight per ``loss_type`` (default: all 1)."""
     label_smoothing: float = 0.0
-    """Assumed rate of flipped preference labels in [0, 0.5): conservative DPO with loss_type sigmoid, robust
-    DPO with loss_type robust."""
+    """Assumed rate of flipped preference labels in [0, 0.5): conservative DPO with sigmoid, robust DPO with
+    robust; EXO's epsilon with exo_pair; label smoothing of simpo and cpo."""
+    discopop_tau: float = 0.05
+    """Temperature of the discopop loss's mixing (TRL's default)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma (TRL ``CPOConfig.simpo_gamma``)."""
+    cpo_alpha: float = 1.0
+    """Weight of CPO's (and SimPO's, when > 0 with loss_type cpo) NLL term on the chosen completion (TRL
+    ``CPOConfig.cpo_alpha``)."""
     max_length: int | None = 1024
     """Cap on prompt+completion tokens per sequence; longer pairs are handled by ``truncation_mode``."""
     truncation_mode: Literal["keep_start", "keep_end", "drop"] = "keep_start"
@@ -142,6 +155,13 @@ class DPOConfig(TrainConfig):
     """Column holding the dispreferred completion (or full transcript)."""
 
     def __post_init__(self) -> None:
+        self.loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        unknown = [t for t in self.loss_type if t not in PREFERENCE_LOSSES]
+        if unknown or not self.loss_type:
+            raise UserError(f"--loss_type: unknown loss {unknown[0] if unknown else None!r}; choose from "
+                            f"{', '.join(PREFERENCE_LOSSES)}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise UserError(f"--loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types")
         self.objectives = parse_objectives(self.dataset_name)
         if len(self.objectives) == 1 and self.objectives[0].weight is None:
             self.dataset_name = self.objectives[0].path  # one plain data set: as every other command
@@ -150,16 +170,31 @@ class DPOConfig(TrainConfig):
             raise UserError(f"--beta must be > 0, got {self.beta}")
         if self.contrastive_weight < 0:
             raise UserError(f"--contrastive_weight must be >= 0, got {self.contrastive_weight}")
+        if self.contrastive_weight and not self.needs_reference:
+            raise UserError("--contrastive_weight compares log-ratios to the reference: use a loss_type that has one")
         if self.contrastive_weight and self.precompute_ref_log_probs:
             raise UserError("--contrastive_weight needs the reference model during training: drop --precompute_ref_log_probs")
         if len(self.objectives) > 1 and self.eval_dataset_name:
             raise UserError("with several weighted data sets use --eval_split_size (held out per set), not --eval_dataset_name")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise UserError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
-            raise UserError(f"--label_smoothing applies to --loss_type sigmoid or robust, not {self.loss_type}")
+        takes_smoothing = [t for t in self.loss_type if "label_smoothing" in PREFERENCE_LOSSES[t].hyperparameters]
+        if self.label_smoothing and not takes_smoothing:
+            raise UserError(f"--label_smoothing does not apply to --loss_type {' '.join(self.loss_type)}")
+        if "exo_pair" in self.loss_type and not self.label_smoothing > 0:
+            raise UserError("--loss_type exo_pair needs --label_smoothing > 0 (its epsilon)")
         if self.max_length is not None and self.max_length < 2:
             raise UserError(f"--max_length must be >= 2, got {self.max_length}")
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether any of the losses compares with a reference model."""
+        return any(get_preference_loss(t).needs_reference for t in self.loss_type)
+
+    def loss_hyperparameters(self) -> dict[str, float]:
+        """Every preference-loss hyperparameter by name (each loss takes the ones it declares)."""
+        return {"beta": self.beta, "label_smoothing": self.label_smoothing, "discopop_tau": self.discopop_tau,
+                "simpo_gamma": self.simpo_gamma, "cpo_alpha": self.cpo_alpha}
 
 
 class DPOTrainer:
@@ -211,11 +246,11 @@ class DPOTrainer:
             ref = load_causal_lm(config.ref_model_name_or_path,
                                  trust_remote_code=config.trust_remote_code, use_kernels=config.use_kernels)
             self.ref_model = ref.to(self.accelerator.device).eval().requires_grad_(False)
-        elif not config.use_peft:  # with LoRA the reference is the same network with its adapters disabled
+        elif config.needs_reference and not config.use_peft:  # with LoRA: the network, adapters disabled
             self.ref_model = copy.deepcopy(policy).to(self.accelerator.device).eval().requires_grad_(False)
         self.policy = prepare_model(policy, config, self.accelerator.device)
 
-        if config.precompute_ref_log_probs:
+        if config.precompute_ref_log_probs and config.needs_reference:
             sets = getattr(self.train_examples, "sets", [self.train_examples])
             for examples in [*sets, self.eval_examples]:
                 self._precompute_ref_logps(examples)
@@ -272,22 +307,17 @@ class DPOTrainer:
         n_cross = batch["contrastive_index"].shape[0] if "contrastive_index" in batch else 0
         n = (logps.shape[0] - n_cross) // 2
         chosen_logps, rejected_logps = logps[:n], logps[n : 2 * n]
+        ref = ref_chosen = ref_rejected = None
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-            ref = None
-        else:
+        elif cfg.needs_reference:
             ref = self._reference_logps(model, batch)
             ref_chosen, ref_rejected = ref[:n], ref[n : 2 * n]
-        chosen_logratios = chosen_logps - ref_chosen
-        rejected_logratios = rejected_logps - ref_rejected
         lengths = batch["completion_mask"][:, 1:].sum(dim=1).float()
-        chosen_lengths, rejected_lengths = lengths[:n], lengths[n : 2 * n]
-        kwargs = dict(beta=cfg.beta, label_smoothing=cfg.label_smoothing)
-        losses = dpo_loss(cfg.loss_type, chosen_logratios, rejected_logratios,
-                          chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **kwargs)
-        metrics = dpo_metrics(chosen_logratios, rejected_logratios, beta=cfg.beta)
-        metrics["logps/chosen"] = chosen_logps.detach()
-        metrics["logps/rejected"] = rejected_logps.detach()
+        pair = PairLogps(chosen_logps, rejected_logps, lengths[:n], lengths[n : 2 * n], ref_chosen, ref_rejected)
+        hyper = cfg.loss_hyperparameters()
+        losses = preference_loss(cfg.loss_type, pair, loss_weights=cfg.loss_weights, **hyper)
+        metrics = preference_metrics(pair, beta=cfg.beta, reward_kind=combined_reward_kind(cfg.loss_type))
         if "objective" in batch:
             loss = losses.new_zeros(())
             for k, objective in enumerate(cfg.objectives):
@@ -302,12 +332,13 @@ class DPOTrainer:
             loss = losses.mean()
         if n_cross:
             i, j = batch["contrastive_index"].unbind(1)
-            cross_logratios = logps[2 * n :] - ref[2 * n :]
-            cross = dpo_loss(cfg.loss_type, chosen_logratios[i], cross_logratios,
-                             chosen_lengths=chosen_lengths[i], rejected_lengths=lengths[2 * n :], **kwargs)
+            cross_pair = PairLogps(chosen_logps[i], logps[2 * n :], pair.chosen_lengths[i], lengths[2 * n :],
+                                   ref_chosen[i], ref[2 * n :])
+            cross = preference_loss(cfg.loss_type, cross_pair, loss_weights=cfg.loss_weights, **hyper)
             loss = loss + cfg.contrastive_weight * cross.mean()
             metrics["contrastive/loss"] = cross.detach()
-            metrics["contrastive/accuracies"] = (chosen_logratios[i] > cross_logratios).float().detach()
+            wins = cross_pair.chosen_logratios > cross_pair.rejected_logratios
+            metrics["contrastive/accuracies"] = wins.float().detach()
         return [(loss, metrics)]
 
     def train(self) -> TrainResult:
@@ -341,6 +372,10 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     return DPOTrainer(config).train()
 
 
+def _pairs_args(b: CompareBudget) -> dict:
+    return {"dataset_name": [b.pairs], "per_device_train_batch_size": b.prompts_per_step}
+
+
 register_method(Method(
     command="dpo",
     summary="Direct Preference Optimization (and its loss variants) on preference pairs",
@@ -349,10 +384,16 @@ register_method(Method(
     online=False,
     curve_metric="rewards/margins",
     eval_metric="eval_rewards/accuracies",
-    compare=(CompareEntry(
-        name="dpo",
-        args=lambda b: {"dataset_name": [b.pairs], "per_device_train_batch_size": b.prompts_per_step},
-        learning_rate=5e-6,
-        curve_label="DPO implicit reward margin",
-    ),),
+    compare=(
+        CompareEntry(name="dpo", args=lambda b: _pairs_args(b), learning_rate=5e-6,
+                     curve_label="DPO implicit reward margin"),
+        CompareEntry(name="ipo", args=lambda b: {**_pairs_args(b), "loss_type": ["ipo"]}, learning_rate=5e-6,
+                     curve_label="implicit reward margin"),
+        CompareEntry(name="simpo", args=lambda b: {**_pairs_args(b), "loss_type": ["simpo"]}, learning_rate=5e-6,
+                     curve_label="length-normalised reward margin"),
+        CompareEntry(name="cpo", args=lambda b: {**_pairs_args(b), "loss_type": ["cpo"]}, learning_rate=5e-6,
+                     curve_label="reward margin"),
+        CompareEntry(name="orpo", args=lambda b: {**_pairs_args(b), "loss_type": ["orpo"]}, learning_rate=5e-6,
+                     curve_label="log-odds reward margin"),
+    ),
 ))

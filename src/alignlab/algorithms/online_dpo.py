@@ -18,7 +18,7 @@ import torch
 
 from alignlab.algorithms.online import OnlineConfig, OnlineSetup
 from alignlab.errors import UserError
-from alignlab.losses.dpo import dpo_loss, dpo_metrics
+from alignlab.losses.dpo import PairLogps, preference_loss, preference_metrics
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.rollout.generation import slice_rows
 from alignlab.train.loop import Rollout, Trainer, TrainResult, autocast
@@ -137,14 +137,10 @@ class OnlineDPOTrainer:
         ref_chosen, ref_rejected = batch["ref_logps"].chunk(2)
         lengths = batch["response_mask"].sum(1).float()
         chosen_lengths, rejected_lengths = lengths.chunk(2)
-        chosen_logratios, rejected_logratios = chosen_logps - ref_chosen, rejected_logps - ref_rejected
-        losses = dpo_loss(
-            cfg.loss_type, chosen_logratios, rejected_logratios, beta=cfg.beta,
-            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-        )
-        metrics = dpo_metrics(chosen_logratios, rejected_logratios, beta=cfg.beta)
-        metrics["logps/chosen"] = chosen_logps.detach()
-        metrics["logps/rejected"] = rejected_logps.detach()
+        pair = PairLogps(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, ref_chosen, ref_rejected)
+        losses = preference_loss([cfg.loss_type], pair, beta=cfg.beta)
+        metrics = preference_metrics(pair, beta=cfg.beta, reward_kind="logratio")
+        chosen_logratios, rejected_logratios = pair.chosen_logratios, pair.rejected_logratios
         # summed log-ratio to the reference of every completion, before this step's update (TRL computes its
         # objective/kl from the training forward the same way)
         metrics["objective/kl"] = torch.cat([chosen_logratios, rejected_logratios]).detach()
