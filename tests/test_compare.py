@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from alignlab.compare import Compare, CompareConfig, last_line
-from alignlab.evaluate import confidence_interval, prompt_text, win_rate
+from alignlab.experiments.compare import Compare, CompareConfig, last_line
+from alignlab.experiments.evaluate import confidence_interval, prompt_text, win_rate
 from tests.conftest import one_line, run_cli
 
 

@@ -61,7 +61,7 @@ def test_weighted_objectives_and_contrastive_term_at_the_reference(tiny_model_di
     batch = collate_pairs(items, trainer.tokenizer.pad_token_id, contrastive=True)
     assert batch["objective"].tolist() == [0, 1, 0, 1] and batch["input_ids"].shape[0] == 8 + 12
     with torch.no_grad():
-        loss, metrics = trainer.compute_loss(trainer.policy, batch)
+        [(loss, metrics)] = trainer.compute_loss(trainer.policy, batch)
     # policy == reference: every log-ratio is 0, every DPO term is log 2: 0.7 log2 + 0.3 log2 + 0.5 log2
     assert float(loss) == pytest.approx(1.5 * math.log(2), abs=1e-5)
     assert metrics["math/rewards/margins"].shape == (2,) and metrics["contrastive/loss"].shape == (12,)

@@ -50,7 +50,7 @@ def test_no_reference_without_beta_and_dapo_normalises_over_the_whole_step(tiny_
         (update,) = rollout.updates  # num_iterations 1: one optimizer step of 2 micro-batches of 4
         assert [len(mb["advantages"]) for mb in update] == [4, 4]
         # group advantages: each prompt's 4 completions are centred
-        per_micro = [trainer.compute_loss(trainer.policy, mb)[0] for mb in update]
+        per_micro = [trainer.compute_loss(trainer.policy, {**mb, **rollout.scalars})[0][0] for mb in update]
         # the loop weights each micro-batch by 1/2: the sum must be the dapo loss of all 8 completions at once
         logps = [trainer.setup.logps(trainer.policy, mb) for mb in update]
         losses = [clipped_policy_loss(lp, lp, mb["advantages"], mb["response_mask"].bool())[0] for lp, mb in zip(logps, update)]

@@ -6,7 +6,8 @@ import json
 import torch
 import yaml
 
-from alignlab.algorithms.iterative_dpo import IterativeDPOConfig, best_and_worst, train_iterative_dpo
+from alignlab.algorithms.iterative_dpo import IterativeDPOConfig, train_iterative_dpo
+from alignlab.rollout.pairs import best_and_worst
 from tests.conftest import one_line, run_cli
 
 def _config(model, data, rewards, out, **kw):

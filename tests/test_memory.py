@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 
-from alignlab.train import memory
+from alignlab.ops import memory
 
 pytestmark = pytest.mark.skipif(memory._LIBC is None, reason="glibc only")
 
 
 def _faults_after_a_freed_block() -> int:
     """Minor page faults taken by writing a 64 MB tensor after a 96 MB one was freed and the loop's
-    end-of-step :func:`~alignlab.train.memory.release_free_memory` ran."""
+    end-of-step :func:`~alignlab.ops.memory.release_free_memory` ran."""
     torch.ones(24 * 2**20)  # 96 MB allocated, written and freed
     memory.release_free_memory()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -67,7 +67,7 @@ def test_release_after_reuse_keeps_mid_size_blocks_on_the_heap():
     # A fresh process, so that no free heap space left by other tests hides the difference.
     code = (
         "import resource, torch\n"
-        "from alignlab.train import memory\n"
+        "from alignlab.ops import memory\n"
         "memory.configure_host_memory(True)\n"
         "memory.configure_host_memory(False)\n"
         "torch.ones(2**21)\n"  # 8 MB allocated, written and freed: the 4 MB block below fits in it
@@ -80,21 +80,40 @@ def test_release_after_reuse_keeps_mid_size_blocks_on_the_heap():
     assert int(out.stdout.split()[-1]) < (4 * 2**20 // 4096) // 10
 
 
-@pytest.mark.parametrize("reuse", [True, False])
-def test_optimizer_step_drops_gradients_only_when_reusing_memory(reuse):
-    # reuse: the next backward's gradients become .grad as they are (no zero fill, no add); without reuse
-    # the buffers stay, zeroed, so nothing large is handed back to the OS between steps
+def test_optimizer_step_drops_gradients():
+    # the next backward's gradients become .grad as they are (no zero fill, no add), whatever the memory policy
     from types import SimpleNamespace
 
-    from alignlab.train.loop import Trainer
+    from alignlab.train.steps import optimizer_step
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.ones(1, 3)).sum().backward()
-    trainer = SimpleNamespace(config=SimpleNamespace(max_grad_norm=1.0, reuse_host_memory=reuse),
-                              accelerator=SimpleNamespace(clip_grad_norm_=torch.nn.utils.clip_grad_norm_))
+    # d/dW sum(W x + b) with x = [1, 1, 1]: every weight gradient 1, bias gradients 1: norm sqrt(8)
+    accelerator = SimpleNamespace(clip_grad_norm_=torch.nn.utils.clip_grad_norm_)
     before = model.weight.detach().clone()
-    grad_norm = Trainer._optimizer_step(trainer, model, optimizer)
-    assert float(grad_norm) > 0 and not torch.equal(model.weight, before)
-    for p in model.parameters():
-        assert (p.grad is None) if reuse else bool((p.grad == 0).all())
+    grad_norm = optimizer_step(accelerator, model, optimizer, max_grad_norm=1.0)
+    assert float(grad_norm) == pytest.approx(8 ** 0.5) and not torch.equal(model.weight, before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_cpu_kernels_switch(monkeypatch):
+    # one switch: auto keeps freed memory for reuse and enters the oneDNN linear layers; off does neither
+    from alignlab.ops import cpu_kernels
+    from alignlab.ops.linear import _LINEAR_FORWARD
+
+    try:
+        with cpu_kernels.training("off") as on:
+            assert not on and not cpu_kernels.enabled() and not memory._reuse
+            assert torch.nn.Linear.forward is _LINEAR_FORWARD
+        with cpu_kernels.training("auto") as on:
+            assert on and cpu_kernels.enabled() and memory._reuse
+        with pytest.raises(ValueError, match="cpu_kernels"):
+            cpu_kernels.configure("fast")
+        monkeypatch.delenv(memory.HUGE_PAGES_ENV, raising=False)
+        cpu_kernels.prepare_process(["--cpu_kernels", "off"])
+        assert memory.HUGE_PAGES_ENV not in os.environ and not cpu_kernels.enabled()
+        cpu_kernels.prepare_process(["--beta", "0.1"])
+        assert os.environ[memory.HUGE_PAGES_ENV] == "1" and cpu_kernels.enabled()
+    finally:
+        cpu_kernels.configure("auto")

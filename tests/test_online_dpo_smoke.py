@@ -35,7 +35,7 @@ def test_online_dpo_trains_and_logs_trl_names(tiny_model_dir, prompts_file, rewa
     (update,) = rollout.updates
     assert len(update) == 2 and all(mb["input_ids"].shape[0] == 4 for mb in update)  # 2 pairs per micro-batch
     # the first micro-batch: loss at the reference is log 2 (policy == reference), margins 0
-    loss, metrics = trainer.compute_loss(trainer.policy, update[0])
+    [(loss, metrics)] = trainer.compute_loss(trainer.policy, update[0])
     assert float(loss) == pytest.approx(math.log(2), abs=1e-5)
     assert float(metrics["rewards/margins"].abs().max()) < 1e-5
     trainer.train()

@@ -124,7 +124,7 @@ def test_loss_terms_give_the_gradient_of_the_summed_loss(tiny_model_dir, prompts
         losses = losses + loss.detach()
     staged = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    summed, metrics = trainer.compute_loss(_Wrapped(model), batch)
+    [(summed, metrics)] = trainer.compute_loss(_Wrapped(model), batch)
     summed.backward()
     assert {"loss/policy", "loss/value", "policy/clipfrac", "val/clipfrac"} <= set(metrics)
     assert torch.allclose(losses, summed.detach())

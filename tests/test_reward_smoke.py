@@ -102,7 +102,7 @@ def test_margin_column_and_centring_reach_the_loss(tiny_model_dir, tmp_path):
     assert [e["margin"] for e in trainer.train_examples] == [0.0, 1.0, 2.0, 3.0]
     batch = collate_reward_pairs(trainer.train_examples, trainer.tokenizer.pad_token_id)
     with torch.no_grad():
-        loss, metrics = trainer.compute_loss(trainer.model.eval(), batch)
+        [(loss, metrics)] = trainer.compute_loss(trainer.model.eval(), batch)
     rc, rr = metrics["rewards/chosen"], metrics["rewards/rejected"]
     expected = (-F.logsigmoid(rc - rr - torch.tensor([0.0, 1.0, 2.0, 3.0])) + 0.01 * (rc + rr) ** 2).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)

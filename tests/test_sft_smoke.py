@@ -95,7 +95,7 @@ def test_loss_and_accuracy_match_transformers_and_packing(tiny_model_dir, sft_fi
     examples = trainer.train_examples[:6]
     batch = collate_sft(examples, pad)
     with torch.no_grad():
-        loss, metrics = trainer.compute_loss(model, batch)
+        [(loss, metrics)] = trainer.compute_loss(model, batch)
         # transformers' own causal-LM loss: mean cross-entropy over labels != -100, shifted by one
         labels = batch["input_ids"].masked_fill(batch["loss_mask"] == 0, -100)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
@@ -111,7 +111,7 @@ def test_loss_and_accuracy_match_transformers_and_packing(tiny_model_dir, sft_fi
     packed = pack_sft_examples(examples, 40)
     assert len(packed) < len(examples)
     with torch.no_grad():
-        packed_loss, packed_metrics = trainer.compute_loss(model, collate_sft(packed, pad))
+        [(packed_loss, packed_metrics)] = trainer.compute_loss(model, collate_sft(packed, pad))
     assert packed_loss.item() == pytest.approx(loss.item(), rel=1e-5)
     assert packed_metrics["mean_token_accuracy"].item() == pytest.approx(metrics["mean_token_accuracy"].item(), abs=1e-6)
 

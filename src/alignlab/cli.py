@@ -14,20 +14,21 @@ import os
 import sys
 from pathlib import Path
 
-COMMANDS = {
-    "sft": "supervised fine-tuning on prompt-completion, conversational or plain-text data",
-    "reward": "train a Bradley-Terry reward model on preference pairs",
+TOOLS = {
     "score": "score preference pairs with a reward model: mean scores and accuracy",
-    "dpo": "Direct Preference Optimization on preference pairs",
-    "ppo": "PPO-RLHF: policy, reference, reward and value models; rewards from a reward model and/or functions",
-    "grpo": "GRPO: group-relative advantages over several completions per prompt, no value model",
-    "online-dpo": "Online DPO: DPO on pairs of the policy's own completions, ranked by a reward",
-    "iterative-dpo": "rounds of sampling, best-vs-worst pairs by reward, and DPO (Llama 3 / Tulu 3 recipe)",
     "compare": "train several methods side by side on a task and write a report of which won, at what KL and cost",
     "evaluate": "held-out reward, win rate and KL to the base model for any models, on a task or prompts",
     "generate": "sample completions from a base or trained model",
     "prepare-model": "convert the embedded model to its safetensors cache and print its path",
 }
+"""Commands that are not training methods; the training commands come from :mod:`alignlab.methods`."""
+
+
+def commands() -> dict[str, str]:
+    """Every command with its one-line summary: the registered training methods, then the tools."""
+    from alignlab.methods import methods
+
+    return {**{name: m.summary for name, m in methods().items()}, **TOOLS}
 
 
 class _Exit(Exception):
@@ -45,7 +46,7 @@ def _parser(prog: str, config_cls):
         def error(self, message):  # one line, no usage block
             raise _Exit(f"{self.prog}: error: {message}")
 
-    parser = Parser(config_cls, prog=prog, description=COMMANDS.get(prog.split()[-1]))
+    parser = Parser(config_cls, prog=prog, description=commands().get(prog.split()[-1]))
     docs = field_docs(config_cls)
     optional_bools = {f.name for f in dataclasses.fields(config_cls) if str(f.type).replace(" ", "") == "bool|None"}
     for action in parser._actions:
@@ -111,9 +112,9 @@ def _setup_logging() -> None:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
-def _print_result(result, eval_metric: str, final_metrics: tuple[str, ...] = ()) -> None:
-    """Where a training run put its outputs (main process only), its last logged ``final_metrics`` and its
-    final ``eval_metric``."""
+def print_train_result(method, result) -> None:
+    """Where a training run put its outputs (main process only), its last logged ``method.final_metrics`` and
+    its final ``method.eval_metric``."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
     out = Path(result.output_dir)
@@ -122,64 +123,26 @@ def _print_result(result, eval_metric: str, final_metrics: tuple[str, ...] = ())
     print(f"config: {out / 'config.yaml'}")
     for plot in result.plots:
         print(f"plot: {plot}")
-    for name in final_metrics:
+    for name in method.final_metrics:
         if name in result.train_metrics:
             print(f"last {name}: {result.train_metrics[name]:.4f}")
-    if result.eval_metrics:
-        value = result.eval_metrics.get(eval_metric)
-        name = eval_metric.removeprefix("eval_")
+    if result.eval_metrics and method.eval_metric:
+        value = result.eval_metrics.get(method.eval_metric)
+        name = method.eval_metric.removeprefix("eval_")
         print(f"eval {name}: {value:.4f}" if value is not None else "")
     print(f"train time: {result.train_seconds:.1f} s over {result.global_step} steps")
 
 
-def _run_dpo(argv: list[str]) -> None:
-    from alignlab.algorithms.dpo import DPOConfig, train_dpo
+def _run_method(command: str, argv: list[str]) -> None:
+    from alignlab.methods import get_method
 
-    _print_result(train_dpo(parse_config(DPOConfig, argv, "alignlab dpo")), "eval_rewards/accuracies")
-
-
-def _run_ppo(argv: list[str]) -> None:
-    from alignlab.algorithms.ppo import PPOConfig, train_ppo
-
-    result = train_ppo(parse_config(PPOConfig, argv, "alignlab ppo"))
-    _print_result(result, "", final_metrics=("objective/scores", "objective/kl"))
-
-
-def _run_grpo(argv: list[str]) -> None:
-    from alignlab.algorithms.grpo import GRPOConfig, train_grpo
-
-    result = train_grpo(parse_config(GRPOConfig, argv, "alignlab grpo"))
-    _print_result(result, "", final_metrics=("reward", "kl"))
-
-
-def _run_online_dpo(argv: list[str]) -> None:
-    from alignlab.algorithms.online_dpo import OnlineDPOConfig, train_online_dpo
-
-    result = train_online_dpo(parse_config(OnlineDPOConfig, argv, "alignlab online-dpo"))
-    _print_result(result, "", final_metrics=("objective/scores", "objective/kl", "rewards/accuracies"))
-
-
-def _run_iterative_dpo(argv: list[str]) -> None:
-    from alignlab.algorithms.iterative_dpo import IterativeDPOConfig, train_iterative_dpo
-
-    config = parse_config(IterativeDPOConfig, argv, "alignlab iterative-dpo")
-    for record in train_iterative_dpo(config):
-        before, after = record["held_out_reward_before"], record["held_out_reward_after"]
-        change = f", held-out mean reward {before:.4f} -> {after:.4f}" if after is not None else ""
-        print(f"round {record['round']}: {record['pairs']} pairs{change}")
-    print(f"final model: {config.output_dir}")
-
-
-def _run_sft(argv: list[str]) -> None:
-    from alignlab.algorithms.sft import SFTConfig, train_sft
-
-    _print_result(train_sft(parse_config(SFTConfig, argv, "alignlab sft")), "eval_mean_token_accuracy")
-
-
-def _run_reward(argv: list[str]) -> None:
-    from alignlab.algorithms.reward import RewardConfig, train_reward
-
-    _print_result(train_reward(parse_config(RewardConfig, argv, "alignlab reward")), "eval_accuracy")
+    method = get_method(command)
+    config = parse_config(method.config, argv, f"alignlab {command}")
+    result = method.train(config)
+    if method.print_result is not None:
+        method.print_result(config, result)
+    else:
+        print_train_result(method, result)
 
 
 def _run_score(argv: list[str]) -> None:
@@ -193,7 +156,7 @@ def _run_score(argv: list[str]) -> None:
 
 
 def _run_evaluate(argv: list[str]) -> None:
-    from alignlab.evaluate import EvaluateConfig, evaluate, format_table
+    from alignlab.experiments.evaluate import EvaluateConfig, evaluate, format_table
 
     config = parse_config(EvaluateConfig, argv, "alignlab evaluate")
     print(format_table(evaluate(config)))
@@ -202,8 +165,8 @@ def _run_evaluate(argv: list[str]) -> None:
 
 
 def _run_compare(argv: list[str]) -> None:
-    from alignlab.compare import CompareConfig, compare
-    from alignlab.evaluate import format_table
+    from alignlab.experiments.compare import CompareConfig, compare
+    from alignlab.experiments.evaluate import format_table
 
     config = parse_config(CompareConfig, argv, "alignlab compare")
     results = compare(config)
@@ -236,7 +199,7 @@ def _run_prepare_model(argv: list[str]) -> None:
 
 def _usage() -> str:
     lines = ["usage: alignlab COMMAND [--flags] (alignlab COMMAND --help for the flags)", "", "commands:"]
-    lines += [f"  {name:<14} {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:<14} {text}" for name, text in commands().items()]
     return "\n".join(lines)
 
 
@@ -248,40 +211,41 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     runners = {
-        "sft": _run_sft,
-        "reward": _run_reward,
         "score": _run_score,
-        "dpo": _run_dpo,
-        "ppo": _run_ppo,
-        "grpo": _run_grpo,
-        "online-dpo": _run_online_dpo,
-        "iterative-dpo": _run_iterative_dpo,
         "compare": _run_compare,
         "evaluate": _run_evaluate,
         "generate": _run_generate,
         "prepare-model": _run_prepare_model,
     }
-    if command not in runners:
+    from alignlab.ops import cpu_kernels
+
+    cpu_kernels.prepare_process(rest)  # before torch's first allocation, which the imports below make
+    if command not in runners and command not in commands():
         print(f"alignlab: error: unknown command {command!r}\n{_usage()}", file=sys.stderr)
         return 2
-    from alignlab.train.memory import configure_host_memory, request_huge_pages
-
-    request_huge_pages()  # before torch's first allocation, which the imports below make
-    configure_host_memory(True)  # training commands apply their own --reuse_host_memory
     _setup_logging()
-    from alignlab.errors import UserError
+    from alignlab.errors import UserError, record_error
 
     try:
-        runners[command](rest)
+        if command in runners:
+            runners[command](rest)
+        else:
+            _run_method(command, rest)
     except _Exit as exc:
+        record_error(str(exc))
         print(str(exc), file=sys.stderr)
         return exc.code
     except UserError as exc:
+        record_error(f"alignlab {command}: error: {exc}")
         print(f"alignlab {command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        record_error(f"alignlab {command}: interrupted")
         print(f"alignlab {command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or a failure below us: keep the traceback, record its last line
+        record_error(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}")
+        raise
     return 0
 
 

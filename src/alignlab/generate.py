@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from alignlab.errors import UserError
-from alignlab.models import load_causal_lm, load_tokenizer
+from alignlab.models import default_device, load_causal_lm, load_tokenizer
 
 
 @dataclass
@@ -49,7 +49,8 @@ def generate(config: GenerateConfig) -> list[list[str]]:
     """Completions for each prompt: ``result[i][j]`` is the j-th completion of prompt i (special tokens
     stripped). The chat template is applied when the tokenizer has one and ``use_chat_template`` is set."""
     tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-    model = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code).eval()
+    device = default_device()
+    model = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code).to(device).eval()
     torch.manual_seed(config.seed)
     results = []
     for prompt in config.prompt:
@@ -59,6 +60,7 @@ def generate(config: GenerateConfig) -> list[list[str]]:
             )
         else:
             enc = tokenizer(prompt, return_tensors="pt")
+        enc = {k: v.to(device) for k, v in enc.items()}
         kwargs = {"do_sample": config.do_sample, "max_new_tokens": config.max_new_tokens}
         if config.do_sample:
             kwargs.update(temperature=config.temperature, top_p=config.top_p)

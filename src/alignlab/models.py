@@ -135,11 +135,21 @@ def load_tokenizer(name_or_path: str | None, *, trust_remote_code: bool = False)
     return tokenizer
 
 
+def default_device() -> torch.device:
+    """The accelerator PyTorch finds (a CUDA GPU, ...), else the CPU: where inference-only stages (sampling pairs,
+    evaluation, ``generate``) run. Training places models with accelerate instead."""
+    if hasattr(torch, "accelerator"):
+        found = torch.accelerator.current_accelerator()
+        return torch.device(found.type) if found is not None else torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # torch < 2.6
+
+
 def load_causal_lm(
     name_or_path: str | None,
     *,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    use_kernels: bool = False,
 ):
     """Load a causal LM (``AutoModelForCausalLM``) from safetensors weights.
 
@@ -150,6 +160,8 @@ def load_causal_lm(
         name_or_path: Hugging Face id, local directory, or ``None`` / ``"embedded:smollm2-135m-instruct"``.
         dtype: parameter dtype (float32 by default: mixed precision is the training loop's business).
         trust_remote_code: allow model code from the checkpoint; off unless the user asks.
+        use_kernels: let transformers swap in Hugging Face hub kernels (it downloads them). Off unless the user
+            asks: transformers 5 turns them on by default on CUDA, which fails offline.
 
     Raises:
         UserError: if the model cannot be found or has no safetensors weights.
@@ -160,7 +172,7 @@ def load_causal_lm(
     _check_exists(path)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, use_kernels=use_kernels
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"--model_name_or_path: cannot load a causal LM from {path!r}: {_first_line(exc)}") from exc
@@ -172,6 +184,7 @@ def load_reward_model(
     pad_token_id: int,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    use_kernels: bool = False,
 ):
     """Load a causal LM as a reward model: ``AutoModelForSequenceClassification`` with ``num_labels=1``.
 
@@ -188,6 +201,7 @@ def load_reward_model(
         pad_token_id: the tokenizer's pad token id.
         dtype: parameter dtype (float32 by default).
         trust_remote_code: allow model code from the checkpoint; off unless the user asks.
+        use_kernels: Hugging Face hub kernels, as :func:`load_causal_lm` (off unless asked).
 
     Raises:
         UserError: if the model cannot be found, has no safetensors weights or no sequence-classification class.
@@ -203,7 +217,8 @@ def load_reward_model(
         base_path = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
         if not base_path:
             raise UserError(f"--model_name_or_path: {adapter_config} names no base model")
-        base = load_reward_model(base_path, pad_token_id=pad_token_id, dtype=dtype, trust_remote_code=trust_remote_code)
+        base = load_reward_model(base_path, pad_token_id=pad_token_id, dtype=dtype, trust_remote_code=trust_remote_code,
+                                 use_kernels=use_kernels)
         try:
             peft_config = PeftConfig.from_pretrained(path)
             if peft_config.task_type != "SEQ_CLS":
@@ -215,7 +230,8 @@ def load_reward_model(
     else:
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+                path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+                use_kernels=use_kernels,
             )
         except (OSError, ValueError, RuntimeError) as exc:
             message = f"cannot load a reward model from {path!r}: {_first_line(exc)}"

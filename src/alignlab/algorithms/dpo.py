@@ -18,10 +18,12 @@ import torch
 from alignlab.data.preference import build_pair_examples, collate_pairs
 from alignlab.errors import UserError
 from alignlab.losses.dpo import dpo_loss, dpo_metrics
+from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.models import is_peft_model, load_causal_lm, load_tokenizer
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
 from alignlab.train.loop import Trainer, TrainResult, autocast, build_accelerator
+from alignlab.train.steps import LossTerms
 from alignlab.train.setup import load_train_eval, prepare_model
 
 
@@ -202,10 +204,12 @@ class DPOTrainer:
             self.train_examples, self.eval_examples = load_train_eval(
                 config, build_pair_examples, self.tokenizer, **build_kwargs
             )
-        policy = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        policy = load_causal_lm(config.model_name_or_path,
+                                trust_remote_code=config.trust_remote_code, use_kernels=config.use_kernels)
         self.ref_model = None
         if config.ref_model_name_or_path:
-            ref = load_causal_lm(config.ref_model_name_or_path, trust_remote_code=config.trust_remote_code)
+            ref = load_causal_lm(config.ref_model_name_or_path,
+                                 trust_remote_code=config.trust_remote_code, use_kernels=config.use_kernels)
             self.ref_model = ref.to(self.accelerator.device).eval().requires_grad_(False)
         elif not config.use_peft:  # with LoRA the reference is the same network with its adapters disabled
             self.ref_model = copy.deepcopy(policy).to(self.accelerator.device).eval().requires_grad_(False)
@@ -256,7 +260,7 @@ class DPOTrainer:
                 example["ref_rejected_logps"] = r
         self.policy.train()
 
-    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
         """DPO loss and metrics on a collated batch (rows ``[chosen; rejected; contrastive]``).
 
         All rows go through the policy in one forward pass. Metrics (per pair): TRL's ``rewards/*`` and
@@ -304,7 +308,7 @@ class DPOTrainer:
             loss = loss + cfg.contrastive_weight * cross.mean()
             metrics["contrastive/loss"] = cross.detach()
             metrics["contrastive/accuracies"] = (chosen_logratios[i] > cross_logratios).float().detach()
-        return loss, metrics
+        return [(loss, metrics)]
 
     def train(self) -> TrainResult:
         """Train, evaluate, save; returns where everything went."""
@@ -326,7 +330,6 @@ class DPOTrainer:
             collate_fn=lambda ex: collate_pairs(ex, self.tokenizer.pad_token_id, contrastive=contrastive),
             loss_fn=self.compute_loss,
             plot_panels=plots,
-            frozen_models=[self.ref_model],
         )
         result = trainer.train()
         self.policy = trainer.model
@@ -336,3 +339,20 @@ class DPOTrainer:
 def train_dpo(config: DPOConfig) -> TrainResult:
     """Run DPO as configured; the Python twin of ``alignlab dpo``."""
     return DPOTrainer(config).train()
+
+
+register_method(Method(
+    command="dpo",
+    summary="Direct Preference Optimization (and its loss variants) on preference pairs",
+    config=DPOConfig,
+    train=train_dpo,
+    online=False,
+    curve_metric="rewards/margins",
+    eval_metric="eval_rewards/accuracies",
+    compare=(CompareEntry(
+        name="dpo",
+        args=lambda b: {"dataset_name": [b.pairs], "per_device_train_batch_size": b.prompts_per_step},
+        learning_rate=5e-6,
+        curve_label="DPO implicit reward margin",
+    ),),
+))

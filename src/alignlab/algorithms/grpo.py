@@ -21,10 +21,12 @@ from alignlab.advantages.group import group_advantages
 from alignlab.algorithms.online import OnlineConfig, OnlineSetup
 from alignlab.errors import UserError
 from alignlab.losses.ppo import aggregate_token_loss, clipped_policy_loss
+from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.ops.kl import kl_k3
 from alignlab.ops.masked import masked_mean
 from alignlab.rollout.generation import slice_rows
 from alignlab.train.loop import Rollout, Trainer, TrainResult, autocast
+from alignlab.train.steps import LossTerms
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +132,6 @@ class GRPOTrainer:
         # dapo: every token of the step weighs the same. The loop weights each micro-batch's loss by 1 / (number
         # of micro-batches), so each divides its token sum by (step tokens / number of micro-batches).
         n_micro = -(-n // micro)
-        data["num_items"] = torch.full((n,), float(mask.sum()) / n_micro, device=device)
         updates = []
         for _ in range(cfg.num_iterations):
             order = torch.randperm(n, generator=self.shuffle).to(device)
@@ -145,9 +146,10 @@ class GRPOTrainer:
         samples = scored.sample_rows(step) if cfg.writes_samples(step) else []
         for row, adv in zip(samples, advantages.tolist()):
             row["advantage"] = adv
-        return Rollout(updates=updates, metrics=metrics, samples=samples)
+        return Rollout(updates=updates, metrics=metrics, samples=samples,
+                       scalars={"num_items_in_batch": float(mask.sum()) / n_micro})
 
-    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
         """Clipped surrogate (+ ``beta`` k3 KL) per token, reduced by ``loss_type``, on one micro-batch."""
         cfg = self.config
         mask = batch["response_mask"].bool()
@@ -157,19 +159,15 @@ class GRPOTrainer:
             logps, old_logps, batch["advantages"], mask, cliprange=cfg.epsilon, cliprange_high=cfg.epsilon_high
         )
         metrics = {"clip_ratio": policy_metrics["policy/clipfrac"]}
-        weights, is_metrics = self.setup.importance_weights(old_logps, batch)  # a bf16 copy sampled (as TRL with vLLM)
-        if weights is not None:
-            per_token = per_token * weights
-            metrics.update(is_metrics)
         if cfg.beta > 0:
             kl = kl_k3(logps, batch["ref_logps"])
             per_token = per_token + cfg.beta * kl
             metrics["kl"] = masked_mean(kl.detach(), mask)
         loss = aggregate_token_loss(
             per_token, mask, loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
-            num_items_in_batch=batch["num_items"][0],
+            num_items_in_batch=batch["num_items_in_batch"],
         )
-        return loss, metrics
+        return [(loss, metrics)]
 
     def train(self) -> TrainResult:
         """Train, save the policy; returns where everything went."""
@@ -184,7 +182,6 @@ class GRPOTrainer:
             plot_panels=GRPO_PLOTS,
             rollout_fn=self.rollout,
             rollout_batch_size=self.config.prompts_per_step,
-            frozen_models=self.setup.frozen_models(),
         )
         result = trainer.train()
         self.policy = trainer.model
@@ -194,3 +191,22 @@ class GRPOTrainer:
 def train_grpo(config: GRPOConfig) -> TrainResult:
     """Run GRPO as configured; the Python twin of ``alignlab grpo``."""
     return GRPOTrainer(config).train()
+
+
+register_method(Method(
+    command="grpo",
+    summary="GRPO: group-relative advantages over several completions per prompt, no value model",
+    config=GRPOConfig,
+    train=train_grpo,
+    online=True,
+    curve_metric="reward",
+    final_metrics=("reward", "kl"),
+    compare=(CompareEntry(
+        name="grpo",
+        args=lambda b: {"dataset_name": b.prompts, "per_device_train_batch_size": b.prompts_per_step * b.num_generations,
+                        "num_generations": b.num_generations, "max_completion_length": b.max_new_tokens,
+                        "temperature": b.temperature, **b.rule},
+        learning_rate=1e-5,
+        curve_label="task reward",
+    ),),
+))

@@ -9,6 +9,8 @@ Layout of ``output_dir``::
     round-1/model/         DPO's output for the round (model, metrics.jsonl, plots/)
     round-2/...
     rounds.json            per round: pairs, mean held-out reward before and after
+    metrics.jsonl          every round's rows one after another (steps numbered on, ``round`` added, ``num_tokens``
+                           counted from the first round), as every training command writes it
     (the final model)      a copy of the last round's model files
 
 A round whose ``model/`` is complete is skipped when the command runs again; a round with ``pairs.jsonl``
@@ -29,13 +31,15 @@ from typing import Literal
 import torch
 
 from alignlab.algorithms.dpo import DPOConfig, train_dpo
-from alignlab.algorithms.online import attach_reward_model
 from alignlab.data.io import read_rows, write_text_atomic
 from alignlab.data.prompts import build_prompt_examples
 from alignlab.errors import UserError
+from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.models import load_causal_lm, load_tokenizer
 from alignlab.rollout.experience import ScoredCompletions, sample_and_score_batches
+from alignlab.rollout.pairs import write_pairs
 from alignlab.rollout.rewards import build_reward_sources
+from alignlab.rollout.scoring import attach_reward_model
 from alignlab.train.loop import autocast, build_accelerator
 from alignlab.train.setup import split_rows
 
@@ -89,50 +93,6 @@ class IterativeDPOConfig(DPOConfig):
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not self.temperature > 0:
             raise UserError(f"--temperature must be > 0, got {self.temperature}")
-
-
-def best_and_worst(scores: torch.Tensor, k: int) -> list[tuple[int, int] | None]:
-    """For ``(P * k,)`` scores laid out prompt by prompt, the ``(best, worst)`` flat indices of each prompt's
-    group (the first of equal scores), or ``None`` when all ``k`` scores are equal (no preference)."""
-    out = []
-    for g, group in enumerate(scores.view(-1, k)):
-        best, worst = int(group.argmax()), int(group.argmin())
-        out.append(None if group[best] == group[worst] else (g * k + best, g * k + worst))
-    return out
-
-
-def preference_rows(parts: list[ScoredCompletions], k: int) -> list[dict]:
-    """Best-vs-worst preference pairs from completions sampled ``k`` per prompt (prompt-major, as
-    :func:`~alignlab.rollout.experience.sample_and_score` lays them out): one row per prompt whose ``k`` scores
-    are not all equal, ``{"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}``; for message
-    prompts, chosen and rejected are assistant-message lists (the conversational pair format)."""
-    rows = []
-    for part in parts:
-        for pick in best_and_worst(part.scores, k):
-            if pick is None:
-                continue
-            best, worst = pick
-            prompt = part.examples[best]["prompt"]
-            chosen, rejected = part.texts[best], part.texts[worst]
-            if isinstance(prompt, list):
-                chosen = [{"role": "assistant", "content": chosen}]
-                rejected = [{"role": "assistant", "content": rejected}]
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                         "score_chosen": float(part.scores[best]), "score_rejected": float(part.scores[worst])})
-    return rows
-
-
-def write_pairs(parts: list[ScoredCompletions], k: int, path: Path) -> int:
-    """Write :func:`preference_rows` to ``path`` as JSON lines, atomically; returns the number of pairs.
-
-    Raises:
-        UserError: no prompt had completions with different scores (nothing to train on).
-    """
-    rows = preference_rows(parts, k)
-    if not rows:
-        raise UserError(f"{path}: every prompt's {k} completions scored the same: no preference pairs to train on")
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return len(rows)
 
 
 class IterativeDPO:
@@ -234,9 +194,54 @@ class IterativeDPO:
         for item in Path(current).iterdir():  # the final model and tokenizer at the top of output_dir
             if item.is_file() and item.name not in ("metrics.jsonl", "config.yaml"):
                 shutil.copy2(item, self.output_dir / item.name)
+        self._write_metrics()
         return records
+
+    def _write_metrics(self) -> None:
+        """``metrics.jsonl`` at the top of output_dir: the rounds' rows one after another."""
+        rows, step, tokens = [], 0, 0
+        for i in range(1, self.config.rounds + 1):
+            path = self.output_dir / f"round-{i}" / "model" / "metrics.jsonl"
+            part = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+            for row in part:
+                row = {**row, "step": row["step"] + step, "round": i}
+                if "num_tokens" in row:
+                    row["num_tokens"] += tokens
+                rows.append(row)
+            if part:
+                step = rows[-1]["step"]
+                tokens = max((r["num_tokens"] for r in rows if "num_tokens" in r), default=0)
+        write_text_atomic(self.output_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def train_iterative_dpo(config: IterativeDPOConfig) -> list[dict]:
     """Run iterative DPO as configured; the Python twin of ``alignlab iterative-dpo``."""
     return IterativeDPO(config).run()
+
+
+def _print_rounds(config: IterativeDPOConfig, records: list[dict]) -> None:
+    for record in records:
+        before, after = record["held_out_reward_before"], record["held_out_reward_after"]
+        change = f", held-out mean reward {before:.4f} -> {after:.4f}" if after is not None else ""
+        print(f"round {record['round']}: {record['pairs']} pairs{change}")
+    print(f"final model: {config.output_dir}")
+
+
+register_method(Method(
+    command="iterative-dpo",
+    summary="rounds of sampling, best-vs-worst pairs by reward, and DPO (Llama 3 / Tulu 3 recipe)",
+    config=IterativeDPOConfig,
+    train=train_iterative_dpo,
+    online=True,
+    curve_metric="rewards/margins",
+    print_result=_print_rounds,
+    compare=(CompareEntry(
+        name="iterative-dpo",
+        args=lambda b: {"dataset_name": [b.prompts], "per_device_train_batch_size": b.prompts_per_step,
+                        "max_new_tokens": b.max_new_tokens, "temperature": b.temperature, "rounds": 2,
+                        "samples_per_prompt": b.samples_per_prompt, "max_steps": b.max_steps // 2, **b.rule},
+        learning_rate=5e-6,
+        curve_label="DPO implicit reward margin (rounds one after another)",
+        min_steps=2,
+    ),),
+))

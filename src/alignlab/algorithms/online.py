@@ -6,19 +6,16 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Literal
-
 import torch
 
 from alignlab.data.io import read_rows
 from alignlab.data.prompts import build_prompt_examples
 from alignlab.errors import UserError
-from alignlab.losses.ppo import importance_sampling_ratio
-from alignlab.models import is_peft_model, load_causal_lm, load_reward_model, load_tokenizer
+from alignlab.models import is_peft_model, load_causal_lm, load_tokenizer
 from alignlab.rollout.experience import ScoredCompletions, sample_and_score
 from alignlab.rollout.generation import completion_token_logps
-from alignlab.rollout.sampler import RolloutSampler
 from alignlab.rollout.rewards import build_reward_sources
+from alignlab.rollout.scoring import attach_reward_model
 from alignlab.train.config import TrainConfig
 from alignlab.train.loop import autocast, build_accelerator
 from alignlab.train.setup import prepare_model
@@ -57,23 +54,6 @@ class OnlineConfig(TrainConfig):
     policy's and the reference's log-probs, the reward model's scores and, in PPO, the value model."""
     prompt_column: str = "prompt"
     """Column holding the prompt (text or messages); rows without it may be preference pairs."""
-    rollout_weights: Literal["policy", "bfloat16"] = "policy"
-    """Who samples the rollouts: ``policy``, the policy itself (under the training precision); ``bfloat16``, a
-    bf16 copy of its weights refreshed before every rollout, whose small mismatch importance sampling
-    corrects. The copy decoded no faster than the policy under bf16 autocast on the 2-core CPU measured, so
-    it is off by default; see docs/rollouts.md."""
-    importance_sampling_correction: bool = True
-    """When a copy samples, weight each token's policy loss by ``pi_old / q_sampler`` (bounded as below); as
-    TRL's ``vllm_importance_sampling_correction``. PPO and GRPO only (DPO losses need no correction)."""
-    importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
-        "token_truncate")
-    """How the weights are bounded (TRL's ``vllm_importance_sampling_mode``): truncated or masked outside the
-    bounds, per token or per sequence."""
-    importance_sampling_clip_max: float | None = 2.0
-    """Upper bound of the importance weights (TRL: ``vllm_importance_sampling_clip_max``, default 3.0)."""
-    importance_sampling_clip_min: float | None = None
-    """Lower bound of the importance weights (none by default)."""
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.reward_model_path and not self.reward_funcs:
@@ -88,30 +68,12 @@ class OnlineConfig(TrainConfig):
             raise UserError(f"--sample_steps must be >= 0, got {self.sample_steps}")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise UserError(f"--missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
-        if self.rollout_weights == "bfloat16" and self.use_peft:
-            raise UserError("--rollout_weights bfloat16 does not support --use_peft yet; drop one of them")
-        lo, hi = self.importance_sampling_clip_min, self.importance_sampling_clip_max
-        if lo is not None and hi is not None and lo > hi:
-            raise UserError(f"--importance_sampling_clip_min {lo} > --importance_sampling_clip_max {hi}")
         if self.eval_dataset_name or self.eval_split_size:
             raise UserError("online training has no evaluation pass: drop --eval_dataset_name / --eval_split_size")
 
     def writes_samples(self, step: int) -> bool:
         """Whether ``step`` appends to ``samples.jsonl``."""
         return bool(self.sample_steps) and (step == 1 or step % self.sample_steps == 0)
-
-
-def attach_reward_model(sources: list, config, tokenizer, device: torch.device):
-    """Load ``config.reward_model_path`` (if set) frozen onto ``device`` into the ``reward_model`` source (the
-    last of ``sources``). Returns the reward model's tokenizer when its vocabulary differs from ``tokenizer``'s
-    (the completions are then re-tokenized for it), else ``None``."""
-    if not config.reward_model_path:
-        return None
-    rtok = load_tokenizer(config.reward_model_path, trust_remote_code=config.trust_remote_code)
-    model = load_reward_model(config.reward_model_path, pad_token_id=rtok.pad_token_id,
-                              trust_remote_code=config.trust_remote_code)
-    sources[-1].model = model.to(device).eval().requires_grad_(False)
-    return rtok if rtok.get_vocab() != tokenizer.get_vocab() else None
 
 
 class OnlineSetup:
@@ -152,7 +114,8 @@ class OnlineSetup:
             config.reward_funcs, config.reward_weights, with_reward_model=bool(config.reward_model_path)
         )
 
-        policy = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        policy = load_causal_lm(config.model_name_or_path,
+                                trust_remote_code=config.trust_remote_code, use_kernels=config.use_kernels)
         self.has_reference = need_reference
         self.ref_model = None
         if need_reference and not config.use_peft:  # with LoRA the reference is the policy, adapters disabled
@@ -160,15 +123,6 @@ class OnlineSetup:
         self.policy = prepare_model(policy, config, device)
 
         self.reward_tokenizer = attach_reward_model(self.sources, config, tok, device)
-        self.sampler = None
-        if config.rollout_weights == "bfloat16":
-            self.sampler = RolloutSampler(self.accelerator.unwrap_model(self.policy), torch.bfloat16)
-
-    def frozen_models(self) -> list[torch.nn.Module | None]:
-        """The models a step runs forwards of besides the trained ones, for ``Trainer(frozen_models=)``: the
-        reference and the reward sources' models, ``None`` where not loaded (the bf16 rollout copy is left
-        out, it is not float32)."""
-        return [self.ref_model, *(source.model for source in self.sources)]
 
     def logps(self, model: torch.nn.Module, sequences: dict[str, torch.Tensor], *,
               temperature: float | None = None) -> torch.Tensor:
@@ -199,25 +153,13 @@ class OnlineSetup:
 
     def sample(self, policy: torch.nn.Module, examples: list[dict], *, max_new_tokens: int,
                num_generations: int = 1, return_logps: bool = False) -> ScoredCompletions:
-        """Sample and score completions for ``examples`` with the (unwrapped) ``policy`` (or the sampler
-        copy); ``return_logps``: keep the sampled tokens' log-probs (``sequences["sampling_logps"]``)."""
+        """Sample and score completions for ``examples`` with the (unwrapped) ``policy``; ``return_logps``: keep
+        the sampled tokens' log-probs (``sequences["sampling_logps"]``)."""
         cfg, device = self.config, self.accelerator.device
         return sample_and_score(
             policy, self.tokenizer, examples, self.sources, device=device, precision=autocast(cfg, device),
             max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
             num_generations=num_generations, missing_eos_penalty=cfg.missing_eos_penalty,
-            reward_tokenizer=self.reward_tokenizer, sampler=self.sampler, return_logps=return_logps,
+            reward_tokenizer=self.reward_tokenizer, return_logps=return_logps,
             padding_free=cfg.padding_free,
-        )
-
-    def importance_weights(self, old_logps: torch.Tensor, batch: dict[str, torch.Tensor]):
-        """``(weights, metrics)`` of :func:`~alignlab.losses.ppo.importance_sampling_ratio` for a batch sampled
-        by a :class:`~alignlab.rollout.sampler.RolloutSampler` copy; ``(None, {})`` when the policy sampled it
-        or the correction is off."""
-        cfg = self.config
-        if "sampling_logps" not in batch or not cfg.importance_sampling_correction:
-            return None, {}
-        return importance_sampling_ratio(
-            old_logps, batch["sampling_logps"], batch["response_mask"], mode=cfg.importance_sampling_mode,
-            clip_max=cfg.importance_sampling_clip_max, clip_min=cfg.importance_sampling_clip_min,
         )

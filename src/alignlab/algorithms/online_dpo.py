@@ -19,8 +19,10 @@ import torch
 from alignlab.algorithms.online import OnlineConfig, OnlineSetup
 from alignlab.errors import UserError
 from alignlab.losses.dpo import dpo_loss, dpo_metrics
+from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.rollout.generation import slice_rows
 from alignlab.train.loop import Rollout, Trainer, TrainResult, autocast
+from alignlab.train.steps import LossTerms
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ class OnlineDPOTrainer:
                 row["chosen"] = is_chosen
         return Rollout(updates=[update], metrics=metrics, samples=samples)
 
-    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
         """DPO loss on a micro-batch of pairs (rows ``[chosen; rejected]``), TRL's ``rewards/*`` metrics."""
         cfg = self.config
         logps = self._logps(model, batch)
@@ -146,7 +148,7 @@ class OnlineDPOTrainer:
         # summed log-ratio to the reference of every completion, before this step's update (TRL computes its
         # objective/kl from the training forward the same way)
         metrics["objective/kl"] = torch.cat([chosen_logratios, rejected_logratios]).detach()
-        return losses.mean(), metrics
+        return [(losses.mean(), metrics)]
 
     def train(self) -> TrainResult:
         """Train, save the policy; returns where everything went."""
@@ -154,7 +156,6 @@ class OnlineDPOTrainer:
             self.config, self.accelerator, self.policy, self.tokenizer, self.prompts,
             collate_fn=list, loss_fn=self.compute_loss, plot_panels=ONLINE_DPO_PLOTS,
             rollout_fn=self.rollout, rollout_batch_size=self.config.prompts_per_step,
-            frozen_models=self.setup.frozen_models(),
         )
         result = trainer.train()
         self.policy = trainer.model
@@ -164,3 +165,21 @@ class OnlineDPOTrainer:
 def train_online_dpo(config: OnlineDPOConfig) -> TrainResult:
     """Run Online DPO as configured; the Python twin of ``alignlab online-dpo``."""
     return OnlineDPOTrainer(config).train()
+
+
+register_method(Method(
+    command="online-dpo",
+    summary="Online DPO: DPO on pairs of the policy's own completions, ranked by a reward",
+    config=OnlineDPOConfig,
+    train=train_online_dpo,
+    online=True,
+    curve_metric="objective/scores",
+    final_metrics=("objective/scores", "objective/kl", "rewards/accuracies"),
+    compare=(CompareEntry(
+        name="online-dpo",
+        args=lambda b: {"dataset_name": b.prompts, "per_device_train_batch_size": b.prompts_per_step,
+                        "max_new_tokens": b.max_new_tokens, "temperature": b.temperature, **b.rule},
+        learning_rate=5e-6,
+        curve_label="task reward",
+    ),),
+))

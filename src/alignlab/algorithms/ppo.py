@@ -27,11 +27,13 @@ from alignlab.advantages.gae import compute_gae, kl_penalized_rewards
 from alignlab.algorithms.online import OnlineConfig, OnlineSetup
 from alignlab.errors import UserError
 from alignlab.losses.ppo import clipped_policy_loss, clipped_value_loss
+from alignlab.methods import CompareBudget, CompareEntry, Method, register_method
 from alignlab.models import load_reward_model
 from alignlab.ops.kl import KL_ESTIMATORS
 from alignlab.ops.masked import masked_mean, masked_var, masked_whiten
 from alignlab.rollout.generation import completion_token_logps, slice_rows, token_values
 from alignlab.train.loop import Rollout, Trainer, TrainResult, autocast
+from alignlab.train.steps import LossTerms
 from alignlab.train.setup import prepare_model
 
 logger = logging.getLogger(__name__)
@@ -163,7 +165,8 @@ class PPOTrainer:
         self.accelerator, self.tokenizer, self.prompts = setup.accelerator, setup.tokenizer, setup.prompts
         tok, device = self.tokenizer, self.accelerator.device
         value_path = config.value_model_path or config.reward_model_path or config.model_name_or_path
-        value_model = load_reward_model(value_path, pad_token_id=tok.pad_token_id, trust_remote_code=config.trust_remote_code)
+        value_model = load_reward_model(value_path, pad_token_id=tok.pad_token_id,
+                                        trust_remote_code=config.trust_remote_code, use_kernels=config.use_kernels)
         value_model = prepare_model(value_model, config, device, task_type="SEQ_CLS", modules_to_save=["score"])
         self.model = PolicyAndValue(
             setup.policy, value_model, temperature=cfg.temperature, padding_free=cfg.padding_free,
@@ -188,7 +191,7 @@ class PPOTrainer:
         # When the policy samples with top_p = 1, its old log-probs are those of the sampled tokens under
         # softmax(logits / temperature), which the sampler records as it draws (TRL 0.24 takes them from the
         # generation logits too); otherwise one more forward computes them.
-        from_generation = setup.sampler is None and cfg.top_p == 1.0
+        from_generation = cfg.top_p == 1.0
         scored = setup.sample(policy, examples, max_new_tokens=cfg.response_length, return_logps=from_generation)
         seq, scores = scored.sequences, scored.scores.to(device)
         start = time.perf_counter()
@@ -233,34 +236,28 @@ class PPOTrainer:
         samples = scored.sample_rows(step) if cfg.writes_samples(step) else []
         return Rollout(updates=updates, metrics=metrics, samples=samples)
 
-    def compute_loss(self, model, batch: dict[str, torch.Tensor]):
+    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
         """``loss/policy + vf_coef * loss/value`` on one micro-batch of the rollout (token means, as TRL).
 
         In one process (``model`` is the :class:`PolicyAndValue` itself) the two terms come one after the
-        other (a generator, see :data:`alignlab.train.loop.LossFn`): the policy's forward and backward, then the
-        value model's, so the two models' activations are never held at once. The gradient is the same: the
-        models share no parameters. DDP-wrapped, both forwards run first and the sum is back-propagated once
-        (DDP expects one backward per forward)."""
+        other (:data:`alignlab.train.steps.LossTerms`): the policy's forward and backward, then the value
+        model's, so the two models' activations are never held at once. The gradient is the same: the models
+        share no parameters. DDP-wrapped, both forwards run first and their sum is one term (DDP expects one
+        backward per forward)."""
         if isinstance(model, PolicyAndValue):
-            return self._loss_terms(model, batch)
+            yield self._policy_loss(model.policy_logps(batch), batch)
+            yield self._value_loss(model.values(batch), batch)
+            return
         logps, values = model(batch)
         policy_loss, metrics = self._policy_loss(logps, batch)
         value_loss, value_metrics = self._value_loss(values, batch)
-        return policy_loss + value_loss, {**metrics, **value_metrics}
-
-    def _loss_terms(self, model: PolicyAndValue, batch: dict[str, torch.Tensor]):
-        yield self._policy_loss(model.policy_logps(batch), batch)
-        yield self._value_loss(model.values(batch), batch)
+        yield policy_loss + value_loss, {**metrics, **value_metrics}
 
     def _policy_loss(self, logps: torch.Tensor, batch: dict[str, torch.Tensor]):
         """Clipped surrogate (token mean) and its metrics."""
         mask = batch["response_mask"].bool()
         pg, metrics = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], mask,
                                           cliprange=self.config.cliprange)
-        weights, is_metrics = self.setup.importance_weights(batch["old_logps"], batch)  # a bf16 copy sampled
-        if weights is not None:
-            pg = pg * weights
-            metrics.update(is_metrics)
         policy_loss = masked_mean(pg, mask)
         return policy_loss, {"loss/policy": policy_loss.detach(), **metrics}
 
@@ -286,7 +283,6 @@ class PPOTrainer:
             rollout_fn=self.rollout,
             rollout_batch_size=self.config.rollout_batch_size,
             model_to_save=lambda wrapper: wrapper.policy,
-            frozen_models=self.setup.frozen_models(),
         )
         result = trainer.train()
         self.model = trainer.model
@@ -296,3 +292,30 @@ class PPOTrainer:
 def train_ppo(config: PPOConfig) -> TrainResult:
     """Run PPO as configured; the Python twin of ``alignlab ppo``."""
     return PPOTrainer(config).train()
+
+
+def _ppo_args(b: CompareBudget) -> dict:
+    return {"dataset_name": b.prompts, "per_device_train_batch_size": b.prompts_per_step,
+            "response_length": b.max_new_tokens, "temperature": b.temperature, "num_ppo_epochs": b.num_ppo_epochs}
+
+
+register_method(Method(
+    command="ppo",
+    summary="PPO-RLHF: policy, reference, reward and value models; rewards from a reward model and/or functions",
+    config=PPOConfig,
+    train=train_ppo,
+    online=True,
+    curve_metric="objective/scores",
+    final_metrics=("objective/scores", "objective/kl"),
+    compare=(
+        CompareEntry(
+            name="ppo",
+            args=lambda b: {**_ppo_args(b), "reward_model_path": b.stage_model("reward-model")},
+            learning_rate=1e-5,
+            curve_label="reward-model score",
+            requires=("reward-model",),
+        ),
+        CompareEntry(name="ppo-rule", args=lambda b: {**_ppo_args(b), **b.rule}, learning_rate=1e-5,
+                     curve_label="task reward"),
+    ),
+))

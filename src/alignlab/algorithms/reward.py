@@ -22,10 +22,12 @@ from alignlab.data.io import read_rows
 from alignlab.data.preference import PairStats, build_pair_examples, collate_pairs
 from alignlab.errors import DataError, UserError
 from alignlab.losses.reward import bradley_terry_loss
+from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.models import load_reward_model, load_tokenizer
 from alignlab.rollout.scoring import sequence_scores
 from alignlab.train.config import TrainConfig, resolve_bf16
 from alignlab.train.loop import Trainer, TrainResult, autocast, build_accelerator
+from alignlab.train.steps import LossTerms
 from alignlab.train.setup import load_train_eval, prepare_model
 
 logger = logging.getLogger(__name__)
@@ -179,12 +181,13 @@ class RewardTrainer:
             config.model_name_or_path,
             pad_token_id=self.tokenizer.pad_token_id,
             trust_remote_code=config.trust_remote_code,
+            use_kernels=config.use_kernels,
         )
         self.model = prepare_model(
             model, config, self.accelerator.device, task_type="SEQ_CLS", modules_to_save=["score"]
         )
 
-    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
         """Mean Bradley-Terry loss of a collated batch and the per-pair metrics of :func:`bradley_terry_loss`
         (``accuracy``, ``margin``, ``rewards/chosen``, ``rewards/rejected``)."""
         chosen, rejected = score_pairs(model, batch)
@@ -194,7 +197,7 @@ class RewardTrainer:
             margin=batch.get("margin"),
             center_rewards_coefficient=self.config.center_rewards_coefficient,
         )
-        return losses.mean(), metrics
+        return [(losses.mean(), metrics)]
 
     def train(self) -> TrainResult:
         """Train, evaluate, save; returns where everything went."""
@@ -315,3 +318,21 @@ def score_dataset(config: ScoreConfig) -> ScoreResult:
         accuracy=(chosen > rejected).float().mean().item(),
         stats=stats,
     )
+
+
+register_method(Method(
+    command="reward",
+    summary="train a Bradley-Terry reward model on preference pairs",
+    config=RewardConfig,
+    train=train_reward,
+    online=False,
+    curve_metric="accuracy",
+    eval_metric="eval_accuracy",
+    compare=(CompareEntry(
+        name="reward-model",
+        args=lambda b: {"dataset_name": b.pairs, "per_device_train_batch_size": b.prompts_per_step},
+        learning_rate=1e-5,
+        curve_label="pair accuracy",
+        stage_only=True,
+    ),),
+))

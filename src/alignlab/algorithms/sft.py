@@ -15,10 +15,12 @@ import torch
 
 from alignlab.data.sft import build_sft_examples, collate_sft, pack_sft_examples
 from alignlab.errors import UserError
+from alignlab.methods import Method, register_method
 from alignlab.models import load_causal_lm, load_tokenizer
 from alignlab.ops.logprobs import selective_log_softmax, supports_packing
 from alignlab.train.config import TrainConfig
 from alignlab.train.loop import Trainer, TrainResult, build_accelerator
+from alignlab.train.steps import LossTerms
 from alignlab.train.setup import load_train_eval, prepare_model
 
 logger = logging.getLogger(__name__)
@@ -161,7 +163,8 @@ class SFTTrainer:
             messages_column=config.messages_column,
         )
 
-        model = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        model = load_causal_lm(config.model_name_or_path,
+                               trust_remote_code=config.trust_remote_code, use_kernels=config.use_kernels)
         if config.packing:
             if not supports_packing(model):
                 raise UserError(
@@ -184,7 +187,7 @@ class SFTTrainer:
         if self.accelerator.is_main_process:
             logger.info(message)
 
-    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
         """Mean NLL over the target tokens of a collated batch, and ``mean_token_accuracy`` (the fraction of
         target tokens that are the argmax of the logits; TRL's metric)."""
         token_logps, correct = target_token_logps(
@@ -196,7 +199,7 @@ class SFTTrainer:
         )
         count = max(token_logps.numel(), 1)  # a batch without targets gives a finite 0
         loss = -token_logps.sum() / count
-        return loss, {"mean_token_accuracy": correct.float().sum() / count}
+        return [(loss, {"mean_token_accuracy": correct.float().sum() / count})]
 
     def train(self) -> TrainResult:
         """Train, evaluate, save; returns where everything went."""
@@ -219,3 +222,14 @@ class SFTTrainer:
 def train_sft(config: SFTConfig) -> TrainResult:
     """Run supervised fine-tuning as configured; the Python twin of ``alignlab sft``."""
     return SFTTrainer(config).train()
+
+
+register_method(Method(
+    command="sft",
+    summary="supervised fine-tuning on prompt-completion, conversational or plain-text data",
+    config=SFTConfig,
+    train=train_sft,
+    online=False,
+    curve_metric="mean_token_accuracy",
+    eval_metric="eval_mean_token_accuracy",
+))

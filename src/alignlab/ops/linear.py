@@ -20,9 +20,9 @@ Training and scoring forwards multiply each weight by hundreds to thousands of r
 so there is nothing to reorder ahead of time; but oneDNN's matmul on the plain weight still beat MKL's
 float32 ``sgemm`` there: a packed PPO batch of the embedded model (1,504 tokens) took 1.09x less time for the
 forward and backward and 1.29x less for a forward without gradients (``benchmarks/linear_training.py``,
-benchmarks/README.md). :func:`onednn_float32_linear` switches a model's float32 CPU
-``nn.Linear`` layers to it, forward and input gradient, for the length of a ``with`` block; the training loop
-(:class:`alignlab.train.loop.Trainer`) runs inside one. The two switches nest: decoding inside the block
+benchmarks/README.md). :func:`onednn_float32_linear` switches float32 CPU ``nn.Linear`` layers to it,
+forward and input gradient, for the length of a ``with`` block; the CPU speed layer
+(:mod:`alignlab.ops.cpu_kernels`) turns both switches on and off. The two switches nest: decoding inside the block
 uses reordered copies, and the block's own forward comes back after it.
 """
 
@@ -174,58 +174,54 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-def _onednn_forward(module: torch.nn.Linear, own_forward: Callable[[torch.Tensor], torch.Tensor]):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        weight = module.weight
-        if (
-            x.dtype != torch.float32
-            or weight.dtype != torch.float32
-            or x.device.type != "cpu"
-            or weight.device.type != "cpu"
-            or x.dim() < 2
-            or x.numel() == 0
-            or torch.is_autocast_enabled("cpu")
-        ):
-            return own_forward(x)
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                        or module.bias is not None and module.bias.requires_grad):
-            return _OneDNNLinear.apply(x, weight, module.bias)
-        return _onednn_matmul(x, weight, module.bias)
+_LINEAR_FORWARD = torch.nn.Linear.forward
+"""``nn.Linear``'s own forward, which :func:`onednn_float32_linear` falls back to and restores."""
 
-    setattr(forward, _MARK, True)
-    return forward
+
+def _onednn_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` while :func:`onednn_float32_linear` is on: oneDNN for float32 CPU inputs and weights
+    outside autocast, the layer's own forward for everything else."""
+    weight = self.weight
+    if (
+        x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or x.device.type != "cpu"
+        or weight.device.type != "cpu"
+        or x.dim() < 2
+        or x.numel() == 0
+        or torch.is_autocast_enabled("cpu")
+    ):
+        return _LINEAR_FORWARD(self, x)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or self.bias is not None and self.bias.requires_grad):
+        return _OneDNNLinear.apply(x, weight, self.bias)
+    return _onednn_matmul(x, weight, self.bias)
 
 
 @contextlib.contextmanager
-def onednn_float32_linear(*models: torch.nn.Module) -> Iterator[int]:
-    """Compute the float32 CPU ``nn.Linear`` layers of ``models`` with oneDNN's matmul on their own weights.
+def onednn_float32_linear() -> Iterator[bool]:
+    """Compute every float32 CPU ``nn.Linear`` layer of the process with oneDNN's matmul on its own weights, for
+    the length of a ``with`` block (``nn.Linear.forward`` is swapped, so every model is covered: the trained
+    one, a reference, a reward model).
 
     For forwards over many rows with weights that change between them (training) or are used once (scoring).
     No copies are made and the same tensors are saved for backward as by ``F.linear``. A call runs the
     layer's own forward unless input and weight are float32 on the CPU, without autocast, and the input has at
     least one row and two dimensions. Results and gradients equal ``F.linear``'s up to float32 rounding
     (products summed in another order; ``tests/test_ops_linear.py``). Double backward is not supported (the
-    training loop never takes one). Exact ``nn.Linear`` layers only, as :func:`reordered_linear_weights`
-    (peft's LoRA wrappers hold exact ones); everything is left alone when :func:`onednn_linear_available` is
-    false. On exit, also on an error, every layer gets its own forward back.
-
-    Args:
-        models: any modules (a module reached twice is switched once).
+    training loop never takes one). Layers whose forward is their own (``nn.Linear`` and subclasses that keep
+    it; peft's LoRA wrappers hold such layers) are covered; a forward installed on one layer (accelerate's
+    hooks, :func:`reordered_linear_weights`) wins over it. Nothing changes when :func:`onednn_linear_available`
+    is false. On exit, also on an error, ``nn.Linear.forward`` is restored; nested blocks are no-ops.
 
     Yields:
-        The number of layers switched.
+        Whether the switch took effect (False without oneDNN, or inside another such block).
     """
-    switched: list[tuple[torch.nn.Module, Callable | None]] = []
-    if onednn_linear_available():
-        for model in models:
-            for module in model.modules():
-                # layers without a forward of their own only (not one already switched, nor a hooked one)
-                if (type(module) is not torch.nn.Linear or "forward" in module.__dict__
-                        or module.weight.dtype != torch.float32):
-                    continue
-                switched.append((module, None))
-                module.forward = _onednn_forward(module, module.forward)
+    switch = onednn_linear_available() and torch.nn.Linear.forward is _LINEAR_FORWARD
+    if switch:
+        torch.nn.Linear.forward = _onednn_linear_forward
     try:
-        yield len(switched)
+        yield switch
     finally:
-        _restore(switched)
+        if switch:
+            torch.nn.Linear.forward = _LINEAR_FORWARD

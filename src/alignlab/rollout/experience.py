@@ -5,7 +5,7 @@ log-prob, value and advantage computations on top."""
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,7 +116,6 @@ def sample_and_score(
     num_generations: int = 1,
     missing_eos_penalty: float | None = None,
     reward_tokenizer=None,
-    sampler=None,
     return_logps: bool = False,
     padding_free: bool = False,
 ) -> ScoredCompletions:
@@ -135,11 +134,8 @@ def sample_and_score(
         missing_eos_penalty: subtracted from the score of completions without EOS (TRL); ``None``: none.
         reward_tokenizer: the reward model's tokenizer when its vocabulary differs from the policy's
             (the text is then re-tokenized); ``None``: the policy's token ids are scored as they are.
-        sampler: a :class:`~alignlab.rollout.sampler.RolloutSampler` that samples in the policy's place (synced
-            from ``policy`` first, inside the generation time); the ``(N, L)`` log-probs of the sampled tokens
-            under it are then ``sequences["sampling_logps"]`` (0 on padding), for importance sampling.
-        return_logps: put the sampled tokens' log-probs in ``sequences["sampling_logps"]`` even when the
-            policy itself sampled (PPO then takes its old log-probs from them, as TRL does).
+        return_logps: put the ``(N, L)`` log-probs of the sampled tokens under the sampling distribution in
+            ``sequences["sampling_logps"]`` (0 on padding); PPO takes its old log-probs from them, as TRL does.
         padding_free: the reward models score packed rows (no compute on padding).
 
     Raises:
@@ -148,15 +144,11 @@ def sample_and_score(
     prompt_ids = [ex["prompt_ids"] for ex in examples]
     start = time.perf_counter()
     with precision:
-        if sampler is not None:
-            sampler.sync(policy)
-        # the copy computes in its own dtype: no autocast casts around it
-        with nullcontext() if sampler is None else torch.autocast(device.type, enabled=False):
-            completions = sample_completions(
-                policy if sampler is None else sampler.model, prompt_ids, max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
-                top_p=top_p, num_generations=num_generations, return_logps=return_logps or sampler is not None,
-            )
+        completions = sample_completions(
+            policy, prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
+            num_generations=num_generations, return_logps=return_logps,
+        )
         generation_seconds = time.perf_counter() - start
 
         start = time.perf_counter()

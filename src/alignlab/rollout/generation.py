@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignlab.ops.linear import reordered_linear_weights
+from alignlab.ops import cpu_kernels
 from alignlab.ops.logprobs import completion_logps
 from alignlab.rollout.scoring import token_scores
 
@@ -81,7 +81,6 @@ def sample_completions(
     num_generations: int = 1,
     batch_size: int | None = None,
     return_logps: bool = False,
-    static_cache: bool = False,
 ) -> Completions:
     """Sample ``num_generations`` completions for each prompt with ``model.generate`` and the KV cache.
 
@@ -103,20 +102,13 @@ def sample_completions(
         num_generations: completions per prompt (GRPO's group size).
         batch_size: prompts per ``generate`` call (default: all at once).
         return_logps: also return each sampled token's log-prob under the sampling distribution (recorded by
-            :class:`InverseCDFSampling` as it draws), which importance sampling needs when ``model`` is not the
-            policy itself (:class:`~alignlab.rollout.sampler.RolloutSampler`) and PPO takes as its old log-probs.
-        static_cache: decode with transformers' ``StaticCache`` (``cache_implementation="static"``: the KV cache
-            is allocated once per call instead of growing by concatenation every step) instead of its default
-            ``DynamicCache``. No faster on the 2-core CPU measured (``benchmarks/generation.py``,
-            docs/rollouts.md), and transformers sizes it to the longest call so far, hence off by default.
-            Models that take no ``Cache`` object ignore it (transformers warns).
+            :class:`InverseCDFSampling` as it draws), which PPO takes as its old log-probs.
 
     Tokens are drawn by :class:`InverseCDFSampling` at the end of ``generate``'s logits processors, on its
     greedy path (``do_sample=False``): the same distribution as ``do_sample=True``, without
-    ``torch.multinomial``'s per-entry exponential draws. On the CPU, the linear layers decode from
-    oneDNN-reordered copies of their weights in the call's precision (float32, or bf16 under bf16 autocast or
-    for bf16 weights; :func:`~alignlab.ops.linear.reordered_linear_weights`), made once per call of this
-    function and held until it returns.
+    ``torch.multinomial``'s per-entry exponential draws. The call runs inside the CPU speed layer's decoding
+    context (:func:`alignlab.ops.cpu_kernels.decoding`: on the CPU, linear layers decode from weights reordered
+    once per call; a no-op elsewhere or with ``--cpu_kernels off``).
 
     Returns:
         :class:`Completions`, ``len(prompt_ids) * num_generations`` of them.
@@ -155,13 +147,12 @@ def sample_completions(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         use_cache=True,
-        cache_implementation="static" if static_cache else None,
     )
     device = next(model.parameters()).device
     batch_size = batch_size or len(prompt_ids)
     ids, has_eos, prompt_index, logps = [], [], [], []
     # one reordered copy of the weights for all chunks (the rows hint: a full chunk)
-    with reordered_linear_weights(model, rows=min(batch_size, len(prompt_ids)) * num_generations):
+    with cpu_kernels.decoding(model, rows=min(batch_size, len(prompt_ids)) * num_generations):
         for start in range(0, len(prompt_ids), batch_size):
             # each prompt repeated num_generations times (generate's num_return_sequences does the same, but
             # refuses the greedy path)

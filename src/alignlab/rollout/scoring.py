@@ -91,3 +91,18 @@ def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
         return per_position
     flat = per_position.reshape(-1)[flat_index.clamp(max=per_position.numel() - 1)]
     return torch.where(attention_mask.to(flat.device).bool(), flat, 0.0)
+
+
+def attach_reward_model(sources: list, config, tokenizer, device: torch.device):
+    """Load ``config.reward_model_path`` (if set) frozen onto ``device`` into the ``reward_model`` source (the
+    last of ``sources``). Returns the reward model's tokenizer when its vocabulary differs from ``tokenizer``'s
+    (the completions are then re-tokenized for it), else ``None``."""
+    if not config.reward_model_path:
+        return None
+    from alignlab.models import load_reward_model, load_tokenizer
+
+    rtok = load_tokenizer(config.reward_model_path, trust_remote_code=config.trust_remote_code)
+    model = load_reward_model(config.reward_model_path, pad_token_id=rtok.pad_token_id,
+                              trust_remote_code=config.trust_remote_code)
+    sources[-1].model = model.to(device).eval().requires_grad_(False)
+    return rtok if rtok.get_vocab() != tokenizer.get_vocab() else None

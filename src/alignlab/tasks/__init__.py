@@ -18,8 +18,10 @@ Tasks:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from alignlab.errors import UserError
 from alignlab.tasks import arithmetic, kid_stories
@@ -102,3 +104,38 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise UserError(f"--task: no built-in task {name!r}; available: {', '.join(sorted(TASKS))}") from None
+
+
+@dataclass
+class PromptSet:
+    """Prompt rows with the reward that goes with them."""
+
+    rows: list[tuple[str, dict[str, Any]]]
+    """``(location, row)`` pairs, as :func:`alignlab.data.io.read_rows` gives them."""
+    reward_funcs: list[str] | None
+    reward_weights: list[float] | None
+    max_new_tokens: int
+    description: str
+
+
+def resolve_task(task: str, split: str, *, reward_funcs: list[str] | None = None,
+                 reward_weights: list[float] | None = None, seed: int = 0) -> PromptSet:
+    """The ``split`` ("train" or "test") rows of a built-in task with its reward functions (the user's
+    ``reward_funcs`` win when given), or, when ``task`` is a file, all its rows with the user's reward functions.
+
+    Raises:
+        UserError: neither a built-in task nor an existing file, or a file without ``reward_funcs`` /
+            reward model.
+    """
+    if task in TASKS:
+        t = get_task(task)
+        rows = [(f"task {task}, {split} split, row {i + 1}", row) for i, row in enumerate(t.rows(split, seed=seed))]
+        return PromptSet(rows, list(reward_funcs or t.reward_funcs),
+                         list(reward_weights) if reward_funcs else (list(t.reward_weights) if t.reward_weights else None),
+                         t.max_new_tokens, t.description)
+    from alignlab.data.io import read_rows
+
+    if not os.path.exists(os.path.expanduser(task)):
+        raise UserError(f"--task: {task!r} is neither a built-in task ({', '.join(sorted(TASKS))}) nor a file")
+    return PromptSet(read_rows(os.path.expanduser(task)), reward_funcs, reward_weights, 64,
+                     f"prompts from {task}")

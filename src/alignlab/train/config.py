@@ -36,6 +36,9 @@ class TrainConfig:
     """Hugging Face model id or local directory; unset: the embedded SmolLM2-135M-Instruct."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint. Off unless you ask: it runs code from the checkpoint."""
+    use_kernels: bool = False
+    """Let transformers replace layers with Hugging Face hub kernels (downloaded from the hub). Off unless you
+    ask, so that loading never needs the network (transformers 5 turns them on by default on CUDA)."""
 
     # --- data ------------------------------------------------------------------------------------------
     dataset_name: str | None = None
@@ -94,14 +97,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory at ~30% more compute. Off by default
     (TRL turns it on): models of the size trained on CPU fit without it."""
-    reuse_host_memory: bool = True
-    """Keep freed CPU memory mapped for the next step instead of returning it to the OS after every step
-    (glibc ``mallopt``: large blocks from the heap, trimmed only past 2 GB; :mod:`alignlab.train.memory`).
-    Saves a page fault per 4 KB touched each step: Online DPO steps were 1.1-1.3x faster on the 2-core VM
-    measured, at a peak RSS within 0.7 GiB (benchmarks/README.md, "Host memory"). Also drops the gradients
-    after each optimizer step instead of zeroing them. Process-wide; the process keeps about its peak heap
-    until it exits. When turning it off, also set ``THP_MEM_ALLOC_ENABLE=0``: huge
-    pages without reuse measured slower there."""
+    cpu_kernels: Literal["auto", "off"] = "auto"
+    """The CPU speed layer (:mod:`alignlab.ops.cpu_kernels`): auto turns on, where they apply, oneDNN linear
+    layers for float32 training forwards and for decoding, freed memory kept for reuse between steps, and huge
+    pages for large tensors (each measured faster on the CPUs benchmarked: benchmarks/README.md); off runs plain
+    PyTorch. No effect on GPU computations."""
 
     # --- LoRA (peft) -----------------------------------------------------------------------------------
     use_peft: bool = False

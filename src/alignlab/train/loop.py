@@ -1,33 +1,31 @@
 """The one training loop every algorithm shares.
 
-It owns precision (bf16 autocast), gradient accumulation, the optimizer and schedule, gradient
-clipping, logging to ``metrics.jsonl``, evaluation, plots, checkpoints (atomic) and resuming, and
-distribution (accelerate: ``torchrun --nproc_per_node N`` runs DDP; gloo on CPU). An algorithm supplies a
-``loss_fn(model, batch) -> (loss, metrics)`` and its data; nothing else.
+It owns precision (bf16 autocast), gradient accumulation, the optimizer and schedule, gradient clipping,
+logging to ``metrics.jsonl``, evaluation, plots, checkpoints (atomic) and resuming, distribution (accelerate:
+``torchrun --nproc_per_node N`` runs DDP; gloo on CPU) and the CPU speed layer (:mod:`alignlab.ops.cpu_kernels`,
+entered once around the run). An algorithm supplies a loss function (:data:`~alignlab.train.steps.LossFn`: a
+sequence of loss terms) and its data; nothing else. Its parts: :mod:`~alignlab.train.steps` (one optimizer
+update), :mod:`~alignlab.train.window` (the logging window), :mod:`~alignlab.train.checkpoint`.
 
-Two shapes of step:
+Both shapes of step come down to optimizer updates, each a list of micro-batches:
 
-* offline (SFT, reward, DPO): each data-loader batch is a micro-batch; ``gradient_accumulation_steps`` of them
-  make one optimizer step, and one optimizer step is one ``global_step``;
+* offline (SFT, reward, DPO): ``gradient_accumulation_steps`` data-loader batches make one update, and one
+  update is one ``global_step``;
 * online (PPO, GRPO, Online DPO): each data-loader batch is a batch of prompts handed to the algorithm's
-  ``rollout_fn``, which samples, scores and returns a :class:`Rollout`: a list of optimizer updates, each a
-  list of micro-batches for ``loss_fn``. One rollout and all its updates are one ``global_step`` (TRL PPO's
-  "update"); the learning-rate schedule advances once per ``global_step``.
+  ``rollout_fn``, which samples, scores and returns a :class:`Rollout`: a list of updates. One rollout and all
+  its updates are one ``global_step`` (TRL PPO's "update"); the learning-rate schedule advances once per
+  ``global_step``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import re
-import shutil
 import time
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -37,23 +35,16 @@ from torch.utils.data import DataLoader
 
 from alignlab.errors import UserError
 from alignlab.models import save_pretrained
-from alignlab.ops.linear import onednn_float32_linear
+from alignlab.ops import cpu_kernels
+from alignlab.train.checkpoint import (  # noqa: F401 - re-exported: the loop's public names
+    STATE_FILE, LoopState, find_latest_checkpoint, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
+)
 from alignlab.train.config import TrainConfig
-from alignlab.train.memory import configure_host_memory, release_free_memory
 from alignlab.train.metrics import MetricsLog, plot_metrics
+from alignlab.train.steps import LossFn, evaluate_terms, optimizer_step, run_update
+from alignlab.train.window import MetricsWindow
 
 logger = logging.getLogger(__name__)
-
-LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-"""``loss_fn(model, batch) -> (scalar loss, {name: (B,) or scalar detached metric})``.
-
-A loss function may instead return an iterator of such pairs (a generator): the loop
-back-propagates each loss before asking for the next, so a term's forward can run after the previous term's
-activations are freed (PPO: the policy, then the value model). The micro-batch's logged ``loss`` is the sum
-of the terms, its metrics their union; the gradient is that of the sum."""
-
-STATE_FILE = "trainer_state.json"
-
 
 @dataclass
 class Rollout:
@@ -66,11 +57,14 @@ class Rollout:
         metrics: ``{name: (N,) or scalar}`` detached values measured while sampling and scoring
             (``objective/scores``, ``time/generation``, ...); logged as means over the logging window.
         samples: rows to append to ``samples.jsonl`` (main process; may be empty).
+        scalars: values every micro-batch of the rollout is given as well (``batch[name]``), such as GRPO's
+            token count per micro-batch, so they need not be copied onto every row.
     """
 
     updates: list[list[dict[str, Any]]]
     metrics: dict[str, Any] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    scalars: dict[str, float] = field(default_factory=dict)
 
 
 RolloutFn = Callable[[torch.nn.Module, list, int], Rollout]
@@ -79,10 +73,10 @@ RolloutFn = Callable[[torch.nn.Module, list, int], Rollout]
 
 
 def build_accelerator(config: TrainConfig):
-    """An ``accelerate.Accelerator`` for ``config``: devices, processes, gradient accumulation, seeded data
-    order; also sets the process's host-memory policy (``config.reuse_host_memory``,
-    :func:`~alignlab.train.memory.configure_host_memory`). Call it before loading models so every process
-    knows its device and the models' memory is allocated under that policy.
+    """An ``accelerate.Accelerator`` for ``config``: devices, processes, seeded data order; also applies the CPU
+    speed layer's process setting (``config.cpu_kernels``). Call it before loading models so every process knows
+    its device and the models' memory is allocated under that setting. Gradient accumulation is the loop's
+    (:func:`~alignlab.train.steps.run_update`), not accelerate's.
 
     Precision is not delegated to accelerate: its mixed-precision mode wraps the model's forward and casts
     every output back to float32, which for a language model is a ``(B, T, vocab)`` float32 copy of the
@@ -103,11 +97,10 @@ def build_accelerator(config: TrainConfig):
     accelerator = Accelerator(
         cpu=no_accelerator,
         mixed_precision="no",
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(config.seed)
-    configure_host_memory(config.reuse_host_memory)
+    cpu_kernels.configure(config.cpu_kernels)
     return accelerator
 
 
@@ -137,22 +130,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete ``checkpoint-N`` directories in ``output_dir`` as ``(N, path)``, oldest first."""
-    found = []
-    for path in Path(output_dir).glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if m and (path / STATE_FILE).exists():
-            found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The ``checkpoint-N`` directory with the largest N in ``output_dir`` (complete ones only)."""
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
-
-
 @dataclass
 class TrainResult:
     """What a finished run produced."""
@@ -166,29 +143,31 @@ class TrainResult:
     train_seconds: float = 0.0
 
 
+
 class Trainer:
     """Runs the optimisation for one algorithm.
 
     Args:
         config: the algorithm's config (a :class:`TrainConfig`).
         accelerator: from :func:`build_accelerator`.
-        model: the policy (trainable parameters have ``requires_grad``), LoRA already applied if wanted.
+        model: the trained model (trainable parameters have ``requires_grad``), LoRA already applied if wanted.
         tokenizer: saved with the model.
-        train_dataset, eval_dataset: sequences of examples for ``collate_fn``.
+        train_dataset: a sequence of examples (offline: for ``collate_fn``; online: prompts for ``rollout_fn``).
         collate_fn: list of examples -> batch dict of tensors (with ``attention_mask`` for token counting).
-        loss_fn: see :data:`LossFn`; called under autocast, with the prepared (possibly DDP-wrapped) model.
+        loss_fn: see :data:`~alignlab.train.steps.LossFn`; called under autocast, with the prepared (possibly
+            DDP-wrapped) model.
         eval_dataset: optional held-out examples (offline algorithms).
         plot_panels: file stem -> metric names, for ``plots/*.png``.
-        rollout_fn: see :data:`RolloutFn`; makes the loop online (module docstring). The data loader then
-            yields lists of examples (``collate_fn`` is ignored), drops a last incomplete batch, and each
-            ``global_step`` is one rollout.
+        rollout_fn: ``rollout_fn(model, prompts, step) -> Rollout``, called without gradients with the model in
+            eval mode (``step`` is the 1-based ``global_step`` being built); makes the loop online (module
+            docstring). The data loader then yields lists of examples (``collate_fn`` is ignored) and drops a
+            last incomplete batch.
         rollout_batch_size: examples per process per rollout (default ``per_device_train_batch_size``).
         model_to_save: picks what to save from the trained (unwrapped) model, e.g. the policy out of a
             policy-and-value module. Default: the model itself.
-        frozen_models: other models the steps run forwards of (reference, reward models).
 
-    While :meth:`train` runs, the float32 CPU linear layers of ``model`` and ``frozen_models`` compute with
-    oneDNN (:func:`alignlab.ops.linear.onednn_float32_linear`); other precisions and devices are unchanged.
+    Raises:
+        UserError: an empty training set, or fewer prompts than one rollout takes.
     """
 
     def __init__(
@@ -203,10 +182,9 @@ class Trainer:
         loss_fn: LossFn,
         eval_dataset=None,
         plot_panels: dict[str, list[str]] | None = None,
-        rollout_fn: RolloutFn | None = None,
+        rollout_fn: Callable[[torch.nn.Module, list, int], Rollout] | None = None,
         rollout_batch_size: int | None = None,
         model_to_save: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-        frozen_models: Sequence[torch.nn.Module | None] = (),
     ):
         if len(train_dataset) == 0:
             raise UserError("the training set is empty after preprocessing")
@@ -218,7 +196,6 @@ class Trainer:
                 f"{len(train_dataset)}"
             )
         self.model_to_save = model_to_save or (lambda m: m)
-        self.frozen_models = [m for m in frozen_models if m is not None]
         self.config = config
         self.accelerator = accelerator
         self.model = model
@@ -234,178 +211,99 @@ class Trainer:
         self._eval_loader = None
 
     # ------------------------------------------------------------------------------------------------------
+    def _precision(self):
+        return autocast(self.config, self.accelerator.device)
+
+    def _gather(self, value: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(value.to(self.accelerator.device)).cpu()
+
     def _loader(self, dataset, batch_size: int, shuffle: bool, online: bool = False) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.config.seed)
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             collate_fn=list if online else self.collate_fn,
             num_workers=self.config.dataloader_num_workers,
-            generator=generator,
+            generator=torch.Generator().manual_seed(self.config.seed),
             drop_last=online,
         )
 
-    def _gather(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.detach().float().reshape(-1)
-        return self.accelerator.gather(value.to(self.accelerator.device)).cpu()
-
-    def _record(self, store: dict[str, list[torch.Tensor]], loss: torch.Tensor, metrics: dict[str, torch.Tensor]):
-        store["loss"].append(self._gather(loss))
-        for name, value in metrics.items():
-            store[name].append(self._gather(torch.as_tensor(value)))
-
-    @staticmethod
-    def _reduce(store: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-        return {name: torch.cat(values).mean().item() for name, values in store.items() if values}
-
-    # ------------------------------------------------------------------------------------------------------
     def evaluate(self, model, step: int) -> dict[str, float]:
-        """Mean of the loss and metrics over the whole eval set, logged with the ``eval_`` prefix."""
+        """Mean loss and metrics over the eval set (all processes), logged as ``eval_*`` at ``step``."""
         if self._eval_loader is None:
             self._eval_loader = self.accelerator.prepare(
                 self._loader(self.eval_dataset, self.config.per_device_eval_batch_size, False)
             )
-        loader = self._eval_loader
         was_training = model.training
         model.eval()
-        store: dict[str, list[torch.Tensor]] = defaultdict(list)
+        window = MetricsWindow(self._gather)
         start = time.perf_counter()
-        with torch.no_grad():
-            for batch in loader:
-                with autocast(self.config, self.accelerator.device):
-                    loss, metrics = self.loss_fn(model, batch)
-                self._record(store, loss, metrics)
+        for batch in self._eval_loader:
+            loss, metrics = evaluate_terms(self._precision, self.loss_fn, model, batch)
+            window.add("loss", loss)
+            window.add_all(metrics)
         if was_training:
             model.train()
-        result = {f"eval_{k}": v for k, v in self._reduce(store).items()}
+        result = {f"eval_{k}": v for k, v in window.means().items()}
         result["eval_runtime"] = time.perf_counter() - start
         if self.accelerator.is_main_process:
             self.metrics.append({"step": step, **result})
         return result
 
-    def _save_checkpoint(self, step: int, epoch: int, steps_in_epoch: int) -> None:
-        acc = self.accelerator
-        final = self.output_dir / f"checkpoint-{step}"
-        partial = self.output_dir / f".checkpoint-{step}.partial"
-        acc.wait_for_everyone()
-        if acc.is_main_process and partial.exists():
-            shutil.rmtree(partial)
-        acc.wait_for_everyone()
-        acc.save_state(str(partial))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = {"global_step": step, "epoch": epoch, "steps_in_epoch": steps_in_epoch}
-            (partial / STATE_FILE).write_text(json.dumps(state))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)  # a crash before this line leaves the previous checkpoint intact
-            self._prune_checkpoints()
-            plot_metrics(self.metrics.rows(), self.output_dir / "plots", self.plot_panels)
-        acc.wait_for_everyone()
+    # ------------------------------------------------------------------------------------------------------
+    def _offline_step(self, model, optimizer, micro_batches: list[dict], window: MetricsWindow) -> torch.Tensor:
+        """One optimizer update from ``gradient_accumulation_steps`` data-loader batches; returns the grad norm."""
+        window.tokens += run_update(self.accelerator, self._precision, self.loss_fn, model, micro_batches,
+                                    record=lambda loss, metrics: (window.add("loss", loss), window.add_all(metrics)))
+        return optimizer_step(self.accelerator, model, optimizer, self.config.max_grad_norm)
 
-    def _optimizer_step(self, model, optimizer) -> torch.Tensor:
-        """Clip, step and zero the gradients; returns the global gradient norm before clipping."""
-        cfg, acc = self.config, self.accelerator
-        if cfg.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        else:
-            grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
-            grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
-        optimizer.step()
-        # Reusing host memory (the default), the gradients are dropped: the next backward's gradients then
-        # become the .grad tensors as they are, instead of being added into zeroed buffers (two more passes
-        # over every parameter's gradient per step). Without reuse the buffers are kept: freeing them hands
-        # tensors over 32 MB back to the OS, and re-mapping them costs a page fault per 4 KB (glibc malloc).
-        optimizer.zero_grad(set_to_none=cfg.reuse_host_memory)
-        return grad_norm
-
-    def _backward_terms(self, model, batch: dict, scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Run ``loss_fn`` on ``batch`` and back-propagate ``scale`` times its loss, term by term when it yields
-        several (see :data:`LossFn`); returns the detached total loss and the merged metrics."""
-        acc = self.accelerator
-        with autocast(self.config, acc.device):
-            result = self.loss_fn(model, batch)
-        terms = iter([result]) if isinstance(result, tuple) else result
-        total, merged = None, {}
-        while True:
-            with autocast(self.config, acc.device):  # a generator's forward runs inside next()
-                term = next(terms, None)
-            if term is None:
-                break
-            loss, metrics = term
-            acc.backward(loss * scale)
-            total = loss.detach() if total is None else total + loss.detach()
-            merged.update(metrics)
-        if total is None:
-            raise RuntimeError("loss_fn yielded no loss")
-        return total, merged
-
-    def _online_step(self, model, optimizer, prompts: list, step: int, store) -> tuple[torch.Tensor, int, float]:
-        """One rollout and its updates; returns ``(last grad norm, tokens trained on, seconds spent training)``."""
+    def _online_step(self, model, optimizer, prompts: list, step: int, window: MetricsWindow) -> torch.Tensor:
+        """One rollout and its updates; returns the last update's grad norm."""
         acc = self.accelerator
         model.eval()
         with torch.no_grad():
             rollout = self.rollout_fn(model, prompts, step)
         model.train()
-        for name, value in rollout.metrics.items():
-            store[name].append(self._gather(torch.as_tensor(value)))
+        window.add_all(rollout.metrics)
         if rollout.samples and acc.is_main_process:
             with open(self.samples_path, "a", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rollout.samples)
         start = time.perf_counter()
-        tokens = 0
         grad_norm = torch.tensor(0.0)
         for micro_batches in rollout.updates:
-            # accelerate's backward divides by gradient_accumulation_steps; weight each micro-batch by
-            # 1 / len(update) instead, and synchronise gradients across processes on the last one only.
-            scale = acc.gradient_accumulation_steps / len(micro_batches)
-            for i, batch in enumerate(micro_batches):
-                sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else acc.no_sync(model)
-                with sync:
-                    loss, metrics = self._backward_terms(model, batch, scale)
-                self._record(store, loss, metrics)
-                tokens += int(batch["attention_mask"].sum())
-            grad_norm = self._optimizer_step(model, optimizer)
-        return grad_norm, tokens, time.perf_counter() - start
+            batches = [{**batch, **rollout.scalars} for batch in micro_batches]
+            window.tokens += run_update(acc, self._precision, self.loss_fn, model, batches,
+                                        record=lambda loss, metrics: (window.add("loss", loss), window.add_all(metrics)))
+            grad_norm = optimizer_step(acc, model, optimizer, self.config.max_grad_norm)
+        seconds = time.perf_counter() - start
+        window.train_seconds += seconds
+        window.add("time/training", seconds)
+        return grad_norm
 
-    def _prune_checkpoints(self) -> None:
-        limit = self.config.save_total_limit
-        if limit:
-            for _, path in list_checkpoints(self.output_dir)[:-limit]:
-                shutil.rmtree(path, ignore_errors=True)
-
-    def _resolve_resume(self) -> Path | None:
-        spec = self.config.resume_from_checkpoint
-        if not spec:
-            return None
-        if str(spec).lower() == "true":
-            path = find_latest_checkpoint(self.output_dir)
-            if path is None:
-                raise UserError(f"--resume_from_checkpoint true: no checkpoint-N in {self.output_dir}")
-            return path
-        path = Path(spec)
-        if not (path / STATE_FILE).exists():
-            raise UserError(f"--resume_from_checkpoint: {spec} is not a complete checkpoint directory")
-        return path
+    def _updates(self, loader, online: bool):
+        """The loader's items grouped into optimizer updates: one prompt batch (online), or
+        ``gradient_accumulation_steps`` micro-batches (offline; fewer at the end of an epoch)."""
+        if online:
+            yield from loader
+            return
+        batches = iter(loader)
+        while True:
+            group = list(islice(batches, self.config.gradient_accumulation_steps))
+            if not group:
+                return
+            yield group
 
     # ------------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         """Run to ``max_steps`` (or ``num_train_epochs``), then evaluate, save the model and draw plots."""
-        with onednn_float32_linear(self.model, *self.frozen_models):
+        with cpu_kernels.training(self.config.cpu_kernels):
             return self._train()
 
-    def _train(self) -> TrainResult:
-        from tqdm.auto import tqdm
+    def _setup(self, online: bool):
+        """Optimizer, schedule, prepared model and loader, and the step count."""
+        cfg, acc = self.config, self.accelerator
         from transformers import get_scheduler
 
-        cfg, acc = self.config, self.accelerator
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if acc.is_main_process:
-            with open(self.output_dir / "config.yaml", "w", encoding="utf-8") as handle:
-                yaml.safe_dump(asdict(cfg), handle, sort_keys=False)
-
-        online = self.rollout_fn is not None
         train_loader = self._loader(self.train_dataset, self.batch_size, True, online=online)
         groups = parameter_groups(self.model, cfg.weight_decay)
         optimizer = torch.optim.AdamW(
@@ -420,107 +318,92 @@ class Trainer:
         steps_per_epoch = max(1, math.ceil(len(train_loader) / per_step))
         total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-        scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+        scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=total_steps)
         acc.register_for_checkpointing(scheduler)
+        return model, optimizer, scheduler, train_loader, per_step, steps_per_epoch, total_steps
 
-        global_step, start_epoch, skip_steps = 0, 0, 0
-        resume = self._resolve_resume()
+    def _start(self) -> LoopState:
+        """A fresh start (stale outputs removed) or the state of the checkpoint to resume from."""
+        acc = self.accelerator
+        resume = resolve_resume(self.config.resume_from_checkpoint, self.output_dir)
         if resume is not None:
-            acc.load_state(str(resume))
-            state = json.loads((resume / STATE_FILE).read_text())
-            global_step, start_epoch, skip_steps = state["global_step"], state["epoch"], state["steps_in_epoch"]
+            state = load_checkpoint(acc, resume)
             if acc.is_main_process:
-                self.metrics.truncate_after(global_step)
-            logger.info("resumed from %s at step %d", resume, global_step)
-        elif acc.is_main_process:
+                self.metrics.truncate_after(state.global_step)
+            logger.info("resumed from %s at step %d", resume, state.global_step)
+            return state
+        if acc.is_main_process:
             for stale in (self.metrics.path, self.samples_path):  # a fresh run in an old directory starts afresh
                 if stale.exists():
                     stale.unlink()
+        return LoopState()
 
-        store: dict[str, list[torch.Tensor]] = defaultdict(list)
-        tokens = 0
-        # num_tokens (TRL's name): tokens through the forward/backward passes since the start, all processes
-        done_rows = self.metrics.rows() if acc.is_main_process and global_step else []
-        num_tokens = int(done_rows[-1].get("num_tokens", 0)) if done_rows else 0
-        train_time = 0.0  # online: seconds spent in updates within the logging window
-        window_start = time.perf_counter()
-        train_start = time.perf_counter()
+    def _train(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.config, self.accelerator
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:
+            with open(self.output_dir / "config.yaml", "w", encoding="utf-8") as handle:
+                yaml.safe_dump(asdict(cfg), handle, sort_keys=False)
+        online = self.rollout_fn is not None
+        model, optimizer, scheduler, train_loader, per_step, steps_per_epoch, total_steps = self._setup(online)
+        state = self._start()
+        done_rows = self.metrics.rows() if acc.is_main_process and state.global_step else []
+        window = MetricsWindow(self._gather, num_tokens=int(done_rows[-1].get("num_tokens", 0)) if done_rows else 0)
         last_train: dict[str, float] = {}
         last_eval: dict[str, float] = {}
-        bar = tqdm(total=total_steps, initial=global_step, disable=not acc.is_main_process, desc="training", unit="step")
+        train_start = time.perf_counter()
+        bar = tqdm(total=total_steps, initial=state.global_step, disable=not acc.is_main_process, desc="training",
+                   unit="step")
         model.train()
-        epoch = start_epoch
+        skip = state.steps_in_epoch
         try:
-            while global_step < total_steps:
-                train_loader.set_epoch(epoch)
-                loader = train_loader
-                steps_in_epoch = 0
-                if skip_steps:
-                    loader = acc.skip_first_batches(train_loader, skip_steps * per_step)
-                    steps_in_epoch, skip_steps = skip_steps, 0
-                for batch in loader:
+            while state.global_step < total_steps:
+                train_loader.set_epoch(state.epoch)
+                loader = acc.skip_first_batches(train_loader, skip * per_step) if skip else train_loader
+                state.steps_in_epoch, skip = skip, 0
+                for update in self._updates(loader, online):
                     if online:
-                        grad_norm, step_tokens, seconds = self._online_step(model, optimizer, batch, global_step + 1, store)
-                        tokens += step_tokens
-                        train_time += seconds
-                        store["time/training"].append(self._gather(torch.tensor(seconds)))
-                        scheduler.step()
-                        if self.accelerator.device.type == "cpu":
-                            release_free_memory()
+                        grad_norm = self._online_step(model, optimizer, update, state.global_step + 1, window)
                     else:
-                        with acc.accumulate(model):
-                            loss, metrics = self._backward_terms(model, batch, 1.0)
-                            self._record(store, loss, metrics)
-                            tokens += int(self._gather(batch["attention_mask"].sum()).sum())
-                            if not acc.sync_gradients:
-                                continue
-                            grad_norm = self._optimizer_step(model, optimizer)
-                            scheduler.step()
-                            if self.accelerator.device.type == "cpu":
-                                release_free_memory()
-                    global_step += 1
-                    steps_in_epoch += 1
+                        grad_norm = self._offline_step(model, optimizer, update, window)
+                    scheduler.step()
+                    cpu_kernels.after_optimizer_step(acc.device)
+                    state.global_step += 1
+                    state.steps_in_epoch += 1
                     bar.update(1)
-                    is_last = global_step >= total_steps
-                    if global_step % cfg.logging_steps == 0 or is_last:
-                        elapsed = time.perf_counter() - window_start
-                        row = {"step": global_step, "epoch": round(epoch + steps_in_epoch / steps_per_epoch, 4)}
-                        row.update(self._reduce(store))
+                    is_last = state.global_step >= total_steps
+                    if state.global_step % cfg.logging_steps == 0 or is_last:
+                        row = {"step": state.global_step,
+                               "epoch": round(state.epoch + state.steps_in_epoch / steps_per_epoch, 4)}
+                        row.update(window.row(online=online))
                         row["learning_rate"] = scheduler.get_last_lr()[0]
                         row["grad_norm"] = float(grad_norm)
-                        if online:  # tokens through the updates, summed over processes: per second of the
-                            # whole window (sampling included), and per second spent in the updates
-                            rates = torch.tensor([tokens / elapsed if elapsed > 0 else 0.0,
-                                                  tokens / train_time if train_time > 0 else 0.0])
-                            total = self.accelerator.gather(rates.to(acc.device).unsqueeze(0)).sum(0).tolist()
-                            row["tokens_per_second"], row["tokens_per_second/train"] = total
-                        else:
-                            row["tokens_per_second"] = tokens / elapsed if elapsed > 0 else 0.0
-                        num_tokens += int(self._gather(torch.tensor(tokens)).sum()) if online else tokens
-                        row["num_tokens"] = num_tokens
                         if acc.is_main_process:
                             self.metrics.append(row)
                         bar.set_postfix(loss=f"{row['loss']:.4f}")
                         last_train = row
-                        store.clear()
-                        tokens = 0
-                        train_time = 0.0
-                        window_start = time.perf_counter()
-                    if self.eval_dataset is not None and cfg.eval_steps and global_step % cfg.eval_steps == 0 and not is_last:
-                        last_eval = self.evaluate(model, global_step)
-                        window_start = time.perf_counter()
-                    if cfg.save_steps and global_step % cfg.save_steps == 0 and not is_last:
-                        self._save_checkpoint(global_step, epoch, steps_in_epoch)
-                        window_start = time.perf_counter()
+                    if self.eval_dataset is not None and cfg.eval_steps and state.global_step % cfg.eval_steps == 0 \
+                            and not is_last:
+                        last_eval = self.evaluate(model, state.global_step)
+                        window.restart_clock()
+                    if cfg.save_steps and state.global_step % cfg.save_steps == 0 and not is_last:
+                        self._save_checkpoint(state)
+                        window.restart_clock()
                     if is_last:
                         break
-                epoch += 1
+                else:
+                    state.epoch += 1
+                    continue
+                break
         finally:
             bar.close()  # ends the bar's line, so an error message starts on its own
         train_seconds = time.perf_counter() - train_start
 
         if self.eval_dataset is not None:
-            last_eval = self.evaluate(model, global_step)
+            last_eval = self.evaluate(model, state.global_step)
         acc.wait_for_everyone()
         plots: list[Path] = []
         if acc.is_main_process:
@@ -533,8 +416,13 @@ class Trainer:
             output_dir=self.output_dir,
             metrics_path=self.metrics.path,
             plots=plots,
-            global_step=global_step,
+            global_step=state.global_step,
             train_metrics=last_train,
             eval_metrics=last_eval,
             train_seconds=train_seconds,
         )
+
+    def _save_checkpoint(self, state: LoopState) -> None:
+        save_checkpoint(self.accelerator, self.output_dir, state, keep=self.config.save_total_limit)
+        if self.accelerator.is_main_process:
+            plot_metrics(self.metrics.rows(), self.output_dir / "plots", self.plot_panels)

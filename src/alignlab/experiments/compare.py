@@ -1,22 +1,16 @@
 """``alignlab compare``: several alignment methods trained side by side from the same base model, on the same
 prompts, the same reward and the same budget, evaluated the same way, with a report.
 
-Stages (each writes into ``output_dir``)::
-
-    train.jsonl, eval.jsonl     the task's training and held-out prompts
-    pairs.jsonl                 offline preference pairs: K completions per training prompt sampled from the
-                                base model, scored, best against worst (the data of dpo and of ppo's reward model)
-    <method>/args.yaml          the flags the method was run with (``alignlab <command> --config`` this file)
-    <method>/model/             its output_dir (model, metrics.jsonl, plots/)
-    <method>/log.txt            its stdout and stderr
-    <method>/result.json        status, error, wall time, peak RSS, tokens processed
-    <method>/eval.json          its held-out figures (base/eval.json for the base model)
-    results.json                {"task", "preset", "budget", "methods": {"base": {...}, "dpo": {...}, ...}}
-    report.html, *.png          the report (self-contained: images embedded) and its plots
+Stages: the task's prompts; offline preference pairs sampled from the base model (best against worst
+completion by reward: the data of the offline methods and of reward models); each method's training; the
+held-out evaluation of every model; the report. What goes where in ``output_dir`` is
+:mod:`alignlab.experiments.layout`. The methods and how each is run from the shared budget come from the method
+registry (:mod:`alignlab.methods`).
 
 Each method runs as its own process (``python -m alignlab.cli <command> --config <method>/args.yaml``), so its
 wall time and peak resident memory are its own (``os.wait4``'s ``ru_maxrss``) and a failure stays its own: it is
-marked failed with the last line it printed, and the other methods' results stand. ``--resume`` reuses every
+marked failed with its one-line error (what it wrote to ``error.txt``, else the last line of its log that is
+not a progress bar), and the other methods' results stand. ``--resume`` reuses every
 stage that finished.
 """
 
@@ -26,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,14 +32,12 @@ import torch
 import yaml
 
 from alignlab.data.io import write_text_atomic
-from alignlab.errors import UserError
+from alignlab.errors import ERROR_FILE_ENV, UserError
+from alignlab.experiments.layout import RunLayout, read_metrics
+from alignlab.methods import CompareBudget
 from alignlab.train.config import resolve_bf16
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("dpo", "ppo", "ppo-rule", "grpo", "online-dpo", "iterative-dpo")
-"""Methods ``compare`` can train. ``ppo`` trains a reward model on the pairs first; ``ppo-rule`` is PPO on the
-task's reward function itself."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     # about three minutes on 2 CPU cores with a tiny model (the CI test); numbers are not meaningful
@@ -66,10 +59,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                  methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo", "iterative-dpo")),
 }
 
-COMMAND = {"dpo": "dpo", "ppo": "ppo", "ppo-rule": "ppo", "grpo": "grpo", "online-dpo": "online-dpo",
-           "iterative-dpo": "iterative-dpo", "reward-model": "reward"}
-
-
 @dataclass
 class CompareConfig:
     """Settings of ``alignlab compare``. Unset sizes come from ``--preset``."""
@@ -82,7 +71,8 @@ class CompareConfig:
     """Sizes: smoke (a tiny model, about three minutes on 2 CPU cores), default (the embedded model, within 20
     minutes on 2 CPU cores), full (for a GPU)."""
     methods: list[str] | None = None
-    """Methods to train, from dpo, ppo, ppo-rule, grpo, online-dpo, iterative-dpo (default: the preset's)."""
+    """Methods to train (``alignlab.methods``: dpo, ppo, ppo-rule, grpo, online-dpo, iterative-dpo, ...) or the
+    groups all, all-online, all-offline (default: the preset's)."""
     model_name_or_path: str | None = None
     """The base model every method starts from (default: the embedded SmolLM2-135M-Instruct)."""
     reward_funcs: list[str] | None = None
@@ -128,12 +118,20 @@ class CompareConfig:
         for name, value in preset.items():
             if name not in ("methods", "max_new_tokens_cap") and getattr(self, name, None) is None:
                 setattr(self, name, value)
-        self.methods = list(self.methods or preset["methods"])
-        unknown = [m for m in self.methods if m not in METHODS]
+        from alignlab.methods import compare_entries, method_groups
+
+        groups, known = method_groups(), compare_entries()
+        self.methods = [m for name in (self.methods or preset["methods"]) for m in groups.get(name, [name])]
+        unknown = [m for m in self.methods if m not in known]
         if unknown:
-            raise UserError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+            raise UserError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(known)} "
+                            f"or a group ({', '.join(groups)})")
         if len(set(self.methods)) != len(self.methods):
             raise UserError("--methods: a method is listed twice")
+        for name in self.methods:
+            if self.max_steps < known[name][1].min_steps:
+                raise UserError(f"{name} splits its budget over {known[name][1].min_steps} parts: "
+                                f"give --max_steps >= {known[name][1].min_steps}")
         for name in ("samples_per_prompt", "num_generations"):
             if getattr(self, name) < 2:
                 raise UserError(f"--{name} must be >= 2, got {getattr(self, name)}")
@@ -143,8 +141,6 @@ class CompareConfig:
         for name in ("num_train_prompts", "num_eval_prompts", "max_new_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if "iterative-dpo" in self.methods and self.max_steps < 2:
-            raise UserError("iterative-dpo splits --max_steps over 2 rounds: give --max_steps >= 2")
         if not 0 < self.eval_split_size < 1:
             raise UserError(f"--eval_split_size must be in (0, 1), got {self.eval_split_size}")
 
@@ -161,20 +157,25 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
+_PROGRESS_BAR = re.compile(r"\d+%\|.*\|")
+
+
 def last_line(text: str) -> str:
-    """The last non-empty line of a process's output (progress-bar carriage returns count as line breaks):
-    alignlab's one-line error when it failed."""
+    """The last non-empty line of a process's output that is not a progress bar (carriage returns count as line
+    breaks): alignlab's one-line error, or the last line of a traceback, when it failed."""
     lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    lines = [line for line in lines if not _PROGRESS_BAR.search(line)]
     return lines[-1] if lines else ""
 
 
-def run_process(argv: list[str], log_path: Path) -> dict[str, Any]:
-    """Run ``argv`` with its stdout and stderr in ``log_path``; returns ``{"returncode", "wall_seconds",
-    "peak_rss_bytes"}`` (peak resident set of the process and the children it waited for, ``os.wait4``'s
-    ``ru_maxrss``, KiB on Linux)."""
+def run_process(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``argv`` with its stdout and stderr in ``log_path`` (and ``env`` added to the environment); returns
+    ``{"returncode", "wall_seconds", "peak_rss_bytes"}`` (peak resident set of the process and the children it
+    waited for, ``os.wait4``'s ``ru_maxrss``, KiB on Linux)."""
     start = time.perf_counter()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})})
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         except BaseException:
@@ -204,11 +205,15 @@ class Compare:
     """
 
     def __init__(self, config: CompareConfig):
-        from alignlab.evaluate import resolve_task
+        from alignlab.tasks import resolve_task
+
+        from alignlab.methods import compare_entries
 
         self.config = cfg = config
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.layout = RunLayout(self.out)
+        self.entries = compare_entries(include_stages=True)
         # a built-in task's split is the task's own (seed 0), the same as `alignlab evaluate --task` uses
         train = resolve_task(cfg.task, "train", reward_funcs=cfg.reward_funcs, reward_weights=cfg.reward_weights)
         if not train.reward_funcs:
@@ -232,23 +237,23 @@ class Compare:
         if len(self.train_rows) < cfg.prompts_per_step:
             raise UserError(f"--prompts_per_step {cfg.prompts_per_step} is more than the {len(self.train_rows)} "
                             "training prompts")
-        self.lr = {m: cfg.learning_rate or (5e-6 if "dpo" in m else 1e-5) for m in METHODS}
+        self.lr = {name: cfg.learning_rate or entry.learning_rate for name, (_, entry) in self.entries.items()}
 
     # ---------------------------------------------------------------- stage 1: prompts and pairs
     def _write_prompts(self) -> None:
-        _write_jsonl([row for _, row in self.train_rows], self.out / "train.jsonl")
-        _write_jsonl([row for _, row in self.eval_rows], self.out / "eval.jsonl")
+        _write_jsonl([row for _, row in self.train_rows], self.layout.train_prompts)
+        _write_jsonl([row for _, row in self.eval_rows], self.layout.eval_prompts)
 
     def _pairs(self) -> dict[str, Any]:
         """Sample K completions per training prompt from the base model and write best-vs-worst pairs."""
-        from alignlab.algorithms.iterative_dpo import write_pairs
         from alignlab.data.prompts import build_prompt_examples
-        from alignlab.models import load_causal_lm, load_tokenizer
+        from alignlab.models import default_device, load_causal_lm, load_tokenizer
         from alignlab.rollout.experience import sample_and_score_batches
+        from alignlab.rollout.pairs import write_pairs
         from alignlab.rollout.rewards import build_reward_sources
 
         cfg = self.config
-        path, info_path = self.out / "pairs.jsonl", self.out / "pairs.json"
+        path, info_path = self.layout.pairs, self.layout.pairs_info
         info = _read_json(info_path)
         if cfg.resume and path.exists() and info:
             logger.info("pairs: reusing %s (%d pairs)", path, info["pairs"])
@@ -257,14 +262,15 @@ class Compare:
         tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
         examples, _ = build_prompt_examples(self.train_rows, tokenizer, max_prompt_length=512)
         sources = build_reward_sources(self.reward_funcs, self.reward_weights, with_reward_model=False)
-        model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code).eval()
+        device = default_device()
+        model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code).to(device).eval()
         torch.manual_seed(cfg.seed)
         k = cfg.samples_per_prompt
         with torch.no_grad():
             parts = sample_and_score_batches(
                 model, tokenizer, examples, sources, batch_size=16, progress="sampling pairs",
-                precision_fn=lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16),
-                device=torch.device("cpu"), max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
+                precision_fn=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16),
+                device=device, max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
                 num_generations=k,
             )
         n = write_pairs(parts, k, path)
@@ -275,106 +281,91 @@ class Compare:
         return info
 
     # ---------------------------------------------------------------- stage 2: training
+    def shared_budget(self) -> CompareBudget:
+        """The budget every method's run is built from (:class:`~alignlab.methods.CompareBudget`)."""
+        cfg = self.config
+        return CompareBudget(
+            prompts=str(self.layout.train_prompts), pairs=str(self.layout.pairs), max_steps=cfg.max_steps,
+            prompts_per_step=cfg.prompts_per_step, max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
+            num_generations=cfg.num_generations, num_ppo_epochs=cfg.num_ppo_epochs,
+            samples_per_prompt=cfg.samples_per_prompt, reward_funcs=self.reward_funcs,
+            reward_weights=self.reward_weights, stage_model=lambda name: str(self.layout.model_dir(name)),
+        )
+
     def method_args(self, method: str) -> dict[str, Any]:
-        """The flags of one method's run (written to ``<method>/args.yaml``)."""
-        cfg, out = self.config, self.out
-        steps, per_step, tokens = cfg.max_steps, cfg.prompts_per_step, self.max_new_tokens
+        """The flags of one method's run (written to ``<method>/args.yaml``): the shared ones, then the method's
+        own from its registry entry."""
+        cfg = self.config
         args: dict[str, Any] = {
-            "model_name_or_path": cfg.model_name_or_path, "output_dir": str(out / method / "model"),
-            "seed": cfg.seed, "bf16": cfg.bf16, "max_steps": steps, "save_steps": 0, "logging_steps": 1,
-            "learning_rate": self.lr.get(method, 1e-5), "trust_remote_code": cfg.trust_remote_code,
+            "model_name_or_path": cfg.model_name_or_path, "output_dir": str(self.layout.model_dir(method)),
+            "seed": cfg.seed, "bf16": cfg.bf16, "max_steps": cfg.max_steps, "save_steps": 0, "logging_steps": 1,
+            "learning_rate": self.lr[method], "trust_remote_code": cfg.trust_remote_code,
         }
-        rule = {"reward_funcs": self.reward_funcs, "reward_weights": self.reward_weights}
-        prompts = str(out / "train.jsonl")
-        if method == "dpo":
-            args.update(dataset_name=[str(out / "pairs.jsonl")], per_device_train_batch_size=per_step)
-        elif method == "reward-model":
-            args.update(dataset_name=str(out / "pairs.jsonl"), per_device_train_batch_size=per_step,
-                        learning_rate=cfg.learning_rate or 1e-5, logging_steps=1)
-        elif method in ("ppo", "ppo-rule"):
-            args.update(dataset_name=prompts, per_device_train_batch_size=per_step, response_length=tokens,
-                        temperature=cfg.temperature, num_ppo_epochs=cfg.num_ppo_epochs)
-            if method == "ppo":
-                args["reward_model_path"] = str(out / "reward-model" / "model")
-            else:
-                args.update(rule)
-        elif method == "grpo":
-            args.update(dataset_name=prompts, per_device_train_batch_size=per_step * cfg.num_generations,
-                        num_generations=cfg.num_generations, max_completion_length=tokens,
-                        temperature=cfg.temperature, **rule)
-        elif method == "online-dpo":
-            args.update(dataset_name=prompts, per_device_train_batch_size=per_step, max_new_tokens=tokens,
-                        temperature=cfg.temperature, **rule)
-        elif method == "iterative-dpo":
-            args.update(dataset_name=[prompts], per_device_train_batch_size=per_step, max_new_tokens=tokens,
-                        temperature=cfg.temperature, rounds=2, samples_per_prompt=cfg.samples_per_prompt,
-                        max_steps=steps // 2, **rule)
+        args.update(self.entries[method][1].args(self.shared_budget()))
         return {k: v for k, v in args.items() if v is not None}
 
     def _run_stage(self, method: str) -> dict[str, Any]:
         """Train one stage in its own process (or reuse it with ``--resume``); returns its ``result.json``."""
-        folder = self.out / method
-        result_path = folder / "result.json"
+        layout, command = self.layout, self.entries[method][0].command
+        result_path = layout.result(method)
         done = _read_json(result_path)
         if self.config.resume and done and done.get("status") == "ok":
-            logger.info("%s: finished before, reusing %s", method, folder / "model")
+            logger.info("%s: finished before, reusing %s", method, layout.model_dir(method))
             return done
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "eval.json").unlink(missing_ok=True)  # a retrained model invalidates its old evaluation
+        layout.method_dir(method).mkdir(parents=True, exist_ok=True)
+        layout.evaluation(method).unlink(missing_ok=True)  # a retrained model invalidates its old evaluation
+        layout.error(method).unlink(missing_ok=True)
         args = self.method_args(method)
-        (folder / "args.yaml").write_text(yaml.safe_dump(args, sort_keys=False), encoding="utf-8")
-        argv = [sys.executable, "-m", "alignlab.cli", COMMAND[method], "--config", str(folder / "args.yaml")]
-        logger.info("%s: training (alignlab %s --config %s; log %s)", method, COMMAND[method],
-                    folder / "args.yaml", folder / "log.txt")
-        run = run_process(argv, folder / "log.txt")
+        layout.args(method).write_text(yaml.safe_dump(args, sort_keys=False), encoding="utf-8")
+        argv = [sys.executable, "-m", "alignlab.cli", command, "--config", str(layout.args(method))]
+        logger.info("%s: training (alignlab %s --config %s; log %s)", method, command, layout.args(method),
+                    layout.log(method))
+        run = run_process(argv, layout.log(method), env={ERROR_FILE_ENV: str(layout.error(method))})
         result: dict[str, Any] = {"status": "ok" if run["returncode"] == 0 else "failed",
-                                  "command": f"alignlab {COMMAND[method]} --config {folder / 'args.yaml'}",
+                                  "command": f"alignlab {command} --config {layout.args(method)}",
                                   "wall_seconds": run["wall_seconds"], "peak_rss_bytes": run["peak_rss_bytes"],
-                                  "model_dir": str(folder / "model")}
+                                  "model_dir": str(layout.model_dir(method))}
         if run["returncode"] != 0:
-            result["error"] = last_line((folder / "log.txt").read_text(encoding="utf-8", errors="replace")) \
-                or f"exit status {run['returncode']}"
+            result["error"] = self._error(method, run["returncode"])
             logger.info("%s: FAILED after %.0f s: %s", method, run["wall_seconds"], result["error"])
         else:
-            result["num_tokens"] = self._num_tokens(folder / "model")
+            rows = read_metrics(layout.model_dir(method))
+            result["num_tokens"] = int(rows[-1]["num_tokens"]) if rows and "num_tokens" in rows[-1] else None
             logger.info("%s: done in %.0f s, peak RSS %.2f GiB", method, run["wall_seconds"],
                         run["peak_rss_bytes"] / 2**30)
         _write_json(result, result_path)
         return result
 
-    @staticmethod
-    def _num_tokens(model_dir: Path) -> int | None:
-        """Tokens through the training passes: the last ``num_tokens`` of the run's metrics (summed over the
-        rounds of iterative DPO)."""
-        files = [model_dir / "metrics.jsonl"] if (model_dir / "metrics.jsonl").exists() else \
-            sorted(model_dir.glob("round-*/model/metrics.jsonl"))
-        total = None
-        for path in files:
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if rows and "num_tokens" in rows[-1]:
-                total = (total or 0) + int(rows[-1]["num_tokens"])
-        return total
+    def _error(self, method: str, returncode: int) -> str:
+        """A failed stage's one-line error: what its process recorded, else its log's last line that is not a
+        progress bar, else its exit status."""
+        recorded = self.layout.error(method)
+        if recorded.exists() and recorded.read_text(encoding="utf-8").strip():
+            return recorded.read_text(encoding="utf-8").strip().splitlines()[-1]
+        log = self.layout.log(method).read_text(encoding="utf-8", errors="replace")
+        return last_line(log) or f"exit status {returncode}"
 
     def train(self, method: str) -> dict[str, Any]:
-        """One method's training; ``ppo`` trains its reward model on the pairs first (time and memory: the
-        reward model's and PPO's wall times added, the larger peak)."""
-        if method != "ppo":
-            return self._run_stage(method)
-        rm = self._run_stage("reward-model")
-        if rm["status"] != "ok":
-            return {**rm, "error": f"reward model: {rm['error']}", "model_dir": str(self.out / "ppo" / "model")}
-        ppo = self._run_stage("ppo")
-        ppo = dict(ppo)
-        ppo["wall_seconds"] = ppo["wall_seconds"] + rm["wall_seconds"]
-        ppo["peak_rss_bytes"] = max(ppo["peak_rss_bytes"], rm["peak_rss_bytes"])
-        ppo["reward_model_seconds"] = rm["wall_seconds"]
-        if ppo.get("num_tokens") is not None and rm.get("num_tokens") is not None:
-            ppo["num_tokens"] += rm["num_tokens"]
-        return ppo
+        """One method's training, after the stages it requires (a reward model for ``ppo``): wall times and token
+        counts added up, the largest peak memory."""
+        runs = []
+        for stage in self.entries[method][1].requires:
+            run = self._run_stage(stage)
+            if run["status"] != "ok":
+                return {**run, "error": f"{stage}: {run['error']}", "model_dir": str(self.layout.model_dir(method))}
+            runs.append((stage, run))
+        result = dict(self._run_stage(method))
+        for stage, run in runs:
+            result["wall_seconds"] += run["wall_seconds"]
+            result["peak_rss_bytes"] = max(result["peak_rss_bytes"], run["peak_rss_bytes"])
+            result[f"{stage.replace('-', '_')}_seconds"] = run["wall_seconds"]
+            if result.get("num_tokens") is not None and run.get("num_tokens") is not None:
+                result["num_tokens"] += run["num_tokens"]
+        return result
 
     # ---------------------------------------------------------------- stage 3: evaluation
     def _evaluate(self, trained: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from alignlab.evaluate import EvaluateConfig, Evaluator
+        from alignlab.experiments.evaluate import EvaluateConfig, Evaluator
 
         cfg = self.config
         todo = {"base": cfg.model_name_or_path}
@@ -382,14 +373,14 @@ class Compare:
         cached = {}
         if cfg.resume:
             for name in todo:
-                data = _read_json(self.out / name / "eval.json")
+                data = _read_json(self.layout.evaluation(name))
                 if data is not None:
                     cached[name] = data
         results: dict[str, dict[str, Any]] = {}
         if all(name in cached for name in todo):
             return cached
         ecfg = EvaluateConfig(
-            model_name_or_path=[todo["base"] or "embedded:smollm2-135m-instruct"], dataset_name=str(self.out / "eval.jsonl"),
+            model_name_or_path=[todo["base"] or "embedded:smollm2-135m-instruct"], dataset_name=str(self.layout.eval_prompts),
             reward_funcs=self.reward_funcs, reward_weights=self.reward_weights,
             samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=self.max_new_tokens,
             temperature=cfg.temperature, seed=cfg.seed, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code,
@@ -407,8 +398,8 @@ class Compare:
                     raise
                 results[name] = {"status": "failed", "error": f"evaluation: {exc}"}
                 continue
-            (self.out / name).mkdir(parents=True, exist_ok=True)
-            _write_json(results[name], self.out / name / "eval.json")
+            self.layout.method_dir(name).mkdir(parents=True, exist_ok=True)
+            _write_json(results[name], self.layout.evaluation(name))
         return results
 
     # ---------------------------------------------------------------- all stages
@@ -428,7 +419,7 @@ class Compare:
 
     def run(self) -> dict[str, Any]:
         """All stages; returns the ``results.json`` content."""
-        from alignlab.report import write_report
+        from alignlab.experiments.report import write_report
 
         cfg = self.config
         start = time.perf_counter()
@@ -453,7 +444,7 @@ class Compare:
                    "budget": self.budget(), "pairs": pairs, "methods": methods,
                    "wall_seconds": time.perf_counter() - start,
                    "config": dataclasses.asdict(cfg)}
-        _write_json(results, self.out / "results.json")
+        _write_json(results, self.layout.results)
         write_report(results, self.out)
         return results
 

@@ -32,10 +32,11 @@ from alignlab.data.io import read_rows, write_text_atomic
 from alignlab.data.prompts import build_prompt_examples
 from alignlab.errors import UserError
 from alignlab.train.config import resolve_bf16
-from alignlab.models import load_causal_lm, load_tokenizer
+from alignlab.models import default_device, load_causal_lm, load_tokenizer
 from alignlab.rollout.experience import ScoredCompletions, sample_and_score_batches
 from alignlab.rollout.generation import completion_token_logps
 from alignlab.rollout.rewards import build_reward_sources
+from alignlab.tasks import PromptSet, resolve_task
 
 logger = logging.getLogger(__name__)
 
@@ -106,41 +107,6 @@ class EvaluateConfig:
             raise UserError(f"--temperature must be > 0, got {self.temperature}")
 
 
-@dataclass
-class PromptSet:
-    """Prompt rows with the reward that goes with them."""
-
-    rows: list[tuple[str, dict[str, Any]]]
-    """``(location, row)`` pairs, as :func:`alignlab.data.io.read_rows` gives them."""
-    reward_funcs: list[str] | None
-    reward_weights: list[float] | None
-    max_new_tokens: int
-    description: str
-
-
-def resolve_task(task: str, split: str, *, reward_funcs: list[str] | None = None,
-                 reward_weights: list[float] | None = None, seed: int = 0) -> PromptSet:
-    """The ``split`` ("train" or "test") rows of a built-in task with its reward functions (the user's
-    ``reward_funcs`` win when given), or, when ``task`` is a file, all its rows with the user's reward functions.
-
-    Raises:
-        UserError: neither a built-in task nor an existing file, or a file without ``reward_funcs`` /
-            reward model.
-    """
-    from alignlab.tasks import TASKS, get_task
-
-    if task in TASKS:
-        t = get_task(task)
-        rows = [(f"task {task}, {split} split, row {i + 1}", row) for i, row in enumerate(t.rows(split, seed=seed))]
-        return PromptSet(rows, list(reward_funcs or t.reward_funcs),
-                         list(reward_weights) if reward_funcs else (list(t.reward_weights) if t.reward_weights else None),
-                         t.max_new_tokens, t.description)
-    if not os.path.exists(os.path.expanduser(task)):
-        raise UserError(f"--task: {task!r} is neither a built-in task ({', '.join(sorted(TASKS))}) nor a file")
-    return PromptSet(read_rows(os.path.expanduser(task)), reward_funcs, reward_weights, 64,
-                     f"prompts from {task}")
-
-
 def confidence_interval(values: torch.Tensor) -> tuple[float, float]:
     """95% normal-approximation interval ``mean +- 1.96 * std / sqrt(n)`` of ``(n,)`` values (std with Bessel's
     correction; the interval is the mean itself when ``n == 1``)."""
@@ -179,12 +145,12 @@ class Evaluator:
     """
 
     def __init__(self, config: EvaluateConfig):
-        from alignlab.algorithms.online import attach_reward_model
+        from alignlab.rollout.scoring import attach_reward_model
 
         self.config = config
         self.paths = list(config.model_name_or_path or [None])
         self.names = list(config.model_names or [p or "embedded" for p in self.paths])
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device()
         if config.task:
             prompt_set = resolve_task(config.task, "test", reward_funcs=config.reward_funcs,
                                       reward_weights=config.reward_weights, seed=0)

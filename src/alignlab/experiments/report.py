@@ -11,31 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from alignlab.data.io import write_text_atomic
-
-# The training metric plotted for each method: what it optimises, as it logs it.
-CURVE_METRICS = {
-    "dpo": ("rewards/margins", "DPO implicit reward margin"),
-    "ppo": ("objective/scores", "reward-model score"),
-    "ppo-rule": ("objective/scores", "task reward"),
-    "grpo": ("reward", "task reward"),
-    "online-dpo": ("objective/scores", "task reward"),
-    "iterative-dpo": ("rewards/margins", "DPO implicit reward margin (rounds one after another)"),
-}
-
-
-def _metrics_rows(model_dir: Path) -> list[dict]:
-    """A method's ``metrics.jsonl`` rows; for iterative DPO the rounds' rows, steps numbered on."""
-    if (model_dir / "metrics.jsonl").exists():
-        files = [model_dir / "metrics.jsonl"]
-    else:
-        files = sorted(model_dir.glob("round-*/model/metrics.jsonl"))
-    rows, offset = [], 0
-    for path in files:
-        part = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        rows += [{**r, "step": r["step"] + offset} for r in part]
-        offset = rows[-1]["step"] if rows else offset
-    return rows
-
+from alignlab.experiments.layout import read_metrics
+from alignlab.methods import curve_metrics
 
 def _pyplot():
     import matplotlib
@@ -59,14 +36,15 @@ def _ok(entry: dict[str, Any]) -> bool:
 
 
 def plot_training_curves(results: dict[str, Any], out: Path) -> Path | None:
-    """One panel per trained method: its training metric (:data:`CURVE_METRICS`) against step."""
+    """One panel per trained method: its training metric (its registry entry's curve metric) against step."""
     plt = _pyplot()
     curves = []
+    metrics = curve_metrics()
     for method, entry in results["methods"].items():
-        if method == "base" or method not in CURVE_METRICS or not entry.get("model_dir"):
+        if method == "base" or method not in metrics or not entry.get("model_dir"):
             continue
-        key, label = CURVE_METRICS[method]
-        pts = [(r["step"], r[key]) for r in _metrics_rows(Path(entry["model_dir"]))
+        key, label = metrics[method]
+        pts = [(r["step"], r[key]) for r in read_metrics(entry["model_dir"])
                if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         if pts:
             curves.append((method, label, pts))

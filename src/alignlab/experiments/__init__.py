@@ -1,0 +1,1 @@
+"""Experiments across methods: compare, evaluate and their report."""

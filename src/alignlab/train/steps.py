@@ -1,0 +1,87 @@
+"""One optimizer update of the training loop: the micro-batches' forwards and backwards, then the clipped
+optimizer step. Offline and online steps both come down to :func:`run_update`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+LossTerms = Iterable[tuple[torch.Tensor, dict[str, Any]]]
+"""What a loss function returns: one or more ``(scalar loss, {name: (B,) or scalar detached metric})`` terms.
+The loop back-propagates each term before asking for the next, so a term's forward can run after the previous
+term's activations are freed (PPO: the policy, then the value model); a generator or a one-element list both
+do. A micro-batch's loss is the sum of its terms, its metrics their union."""
+
+LossFn = Callable[[torch.nn.Module, dict[str, Any]], LossTerms]
+"""``loss_fn(model, batch) -> LossTerms``; called under the loop's precision context."""
+
+
+def backward_terms(accelerator, precision: Callable[[], contextlib.AbstractContextManager], loss_fn: LossFn,
+                   model, batch: dict[str, Any], scale: float) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Run ``loss_fn`` on ``batch`` and back-propagate ``scale`` times each of its terms; returns the detached
+    total loss and the merged metrics.
+
+    Raises:
+        RuntimeError: ``loss_fn`` gave no term.
+    """
+    with precision():
+        terms = iter(loss_fn(model, batch))
+    total, merged = None, {}
+    while True:
+        with precision():  # a generator's forward runs inside next()
+            term = next(terms, None)
+        if term is None:
+            break
+        loss, metrics = term
+        accelerator.backward(loss * scale)
+        total = loss.detach() if total is None else total + loss.detach()
+        merged.update(metrics)
+    if total is None:
+        raise RuntimeError("loss_fn gave no loss term")
+    return total, merged
+
+
+def evaluate_terms(precision, loss_fn: LossFn, model, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``loss_fn``'s terms on ``batch`` without gradients: the summed loss and the merged metrics."""
+    total, merged = None, {}
+    with torch.no_grad(), precision():
+        for loss, metrics in loss_fn(model, batch):
+            total = loss.detach() if total is None else total + loss.detach()
+            merged.update(metrics)
+    if total is None:
+        raise RuntimeError("loss_fn gave no loss term")
+    return total, merged
+
+
+def run_update(accelerator, precision, loss_fn: LossFn, model, micro_batches: list[dict[str, Any]],
+               record: Callable[[torch.Tensor, dict[str, Any]], None]) -> int:
+    """Forward and backward every micro-batch of one optimizer update, each loss weighted ``1 / len(update)``
+    (the update's gradient is the mean over its micro-batches), gradients synchronised across processes on the
+    last one only. ``record(loss, metrics)`` is called per micro-batch. Returns this process's tokens
+    (``attention_mask`` sums)."""
+    scale = 1.0 / len(micro_batches)
+    tokens = 0
+    for i, batch in enumerate(micro_batches):
+        sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            loss, metrics = backward_terms(accelerator, precision, loss_fn, model, batch, scale)
+        record(loss, metrics)
+        tokens += int(batch["attention_mask"].sum())
+    return tokens
+
+
+def optimizer_step(accelerator, model, optimizer, max_grad_norm: float) -> torch.Tensor:
+    """Clip the gradients to ``max_grad_norm`` (0: no clipping), step, and drop the gradients
+    (``zero_grad(set_to_none=True)``: the next backward's gradients become ``.grad`` as they are). Returns the
+    global gradient norm before clipping."""
+    if max_grad_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    else:
+        grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
