@@ -74,10 +74,41 @@ def test_other_loss_types_and_iterations_run(tiny_model_dir, prompts_file, rewar
     [
         (["--per_device_train_batch_size", "3", "--num_generations", "2"], "3 completions per step is not a multiple of --num_generations 2"),
         (["--per_device_train_batch_size", "8", "--num_generations", "1", "--gradient_accumulation_steps", "1"], "one rollout takes 8 prompts"),
-        (["--loss_type", "bnpo"], "invalid choice: 'bnpo'"),
+        (["--loss_type", "gpg"], "invalid choice: 'gpg'"),
     ],
 )
 def test_cli_errors_are_one_line(capsys, tiny_model_dir, prompts_file, rewards_file, tmp_path, extra, message):
     code, _, err = run_cli(capsys, "grpo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(prompts_file),
                            "--output_dir", str(tmp_path / "x"), "--reward_funcs", f"{rewards_file}:short", *extra)
     assert code != 0 and message in one_line(err)
+
+
+@pytest.mark.parametrize("options", [
+    {"loss_type": "bnpo"},
+    {"loss_type": "cispo", "epsilon_high": 5.0},
+    {"loss_type": "sapo"},
+    {"loss_type": "grpo", "importance_sampling_level": "sequence"},
+])
+def test_loss_types_match_the_pure_loss_on_a_rollout(tiny_model_dir, prompts_file, rewards_file, tmp_path, options):
+    # on-policy (old log-probs = current): each variant's micro-batch loss is its pure function's, reduced as
+    # its loss_type says; and one optimizer step moves the weights
+    from alignlab.losses.ppo import aggregate_token_loss, get_policy_loss
+
+    trainer = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "r", max_steps=1, **options))
+    cfg = trainer.config
+    with torch.no_grad():
+        rollout = trainer.rollout(trainer.policy, trainer.prompts[:2], 1)
+        mb = {**rollout.updates[0][0], **rollout.scalars}
+        [(loss, metrics)] = trainer.compute_loss(trainer.policy, mb)
+        logps = trainer.setup.logps(trainer.policy, mb)
+        extra = {"cispo": {"epsilon_high": 5.0}, "sapo": {}}.get(cfg.loss_type, {"cliprange": 0.2})
+        per_token, _ = get_policy_loss(cfg.loss_type)(logps, logps, mb["advantages"], mb["response_mask"].bool(),
+                                                     importance_sampling_level=cfg.importance_sampling_level, **extra)
+        expected = aggregate_token_loss(per_token, mb["response_mask"].bool(), loss_type=cfg.loss_type,
+                                        max_completion_length=cfg.max_completion_length,
+                                        num_items_in_batch=mb["num_items_in_batch"])
+    assert float(loss) == pytest.approx(float(expected), abs=1e-6)
+    assert ("clip_ratio" in metrics) == (cfg.loss_type != "sapo")
+    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())

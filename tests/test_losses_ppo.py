@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from alignlab.losses.ppo import aggregate_token_loss, clipped_policy_loss, clipped_value_loss
+from alignlab.losses.ppo import (
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    aggregate_token_loss,
+    cispo_policy_loss,
+    clipped_policy_loss,
+    clipped_value_loss,
+    get_policy_loss,
+    sapo_policy_loss,
+)
 
 
 def _flat(t):
@@ -173,7 +182,7 @@ def test_aggregate_gradients_weight_tokens():
 
 def test_aggregate_errors():
     with pytest.raises(ValueError, match="unknown loss_type"):
-        aggregate_token_loss(PER_TOKEN, AGG_MASK, loss_type="bnpo")
+        aggregate_token_loss(PER_TOKEN, AGG_MASK, loss_type="token_mean")
     with pytest.raises(ValueError, match="max_completion_length"):
         aggregate_token_loss(PER_TOKEN, AGG_MASK, loss_type="dr_grpo")
     with pytest.raises(ValueError, match="more than max_completion_length"):
@@ -230,3 +239,192 @@ def test_importance_sampling_ratio_bounds_and_metrics():
         importance_sampling_ratio(old, sampling, mask, mode="token")
     with pytest.raises(ValueError, match="clip_min"):
         importance_sampling_ratio(old, sampling, mask, clip_min=2.0, clip_max=1.0)
+
+
+# ---- GRPO loss variants (TRL 1.16 loss_type / importance_sampling_level), numbers by hand ---------------------
+# Inputs are the policy-loss inputs above: ratios [1, 1.5, 0.5] per row, logps [0, ln 1.5, ln 0.5]
+# = [0, 0.4054651, -0.6931472], advantages +1 on row 0 and -1 on row 1.
+
+
+def test_aggregate_bnpo_cispo_sapo():
+    # bnpo: local token mean 11 / 4 = 2.75, whatever num_items_in_batch says
+    got = aggregate_token_loss(PER_TOKEN, AGG_MASK, loss_type="bnpo", num_items_in_batch=22)
+    assert got.item() == pytest.approx(2.75)
+    # cispo reduces as dapo: 11 / 22 = 0.5 with TRL's count passed, 11 / 4 without
+    got = aggregate_token_loss(PER_TOKEN, AGG_MASK, loss_type="cispo", num_items_in_batch=22)
+    assert got.item() == pytest.approx(0.5)
+    assert aggregate_token_loss(PER_TOKEN, AGG_MASK, loss_type="cispo").item() == pytest.approx(2.75)
+    # sapo reduces as grpo: (2 + 5) / 2 = 3.5
+    assert aggregate_token_loss(PER_TOKEN, AGG_MASK, loss_type="sapo").item() == pytest.approx(3.5)
+
+
+def test_policy_loss_delta_two_sided_clip():
+    # delta 1.4 caps the unclipped ratio: row 1 (A = -1), ratio 1.5: max(1 * min(1.5, 1.4), 1 * 1.2) = 1.4, and
+    # its gradient is now 0; row 0's ratio-1.5 token: max(-min(1.5, 1.4), -1.2) = -1.2 (clipped, as before)
+    logps = LOGPS.clone().requires_grad_(True)
+    loss, _ = clipped_policy_loss(logps, OLD, ADV, MASK, delta=1.4)
+    assert _flat(loss) == pytest.approx([-1.0, -1.2, -0.5, 1.0, 1.4, 0.8], rel=1e-6)
+    loss.sum().backward()
+    assert _flat(logps.grad) == pytest.approx([-1.0, 0.0, -0.5, 1.0, 0.0, 0.0], rel=1e-6)
+    with pytest.raises(ValueError, match="delta"):
+        clipped_policy_loss(LOGPS, OLD, ADV, MASK, delta=0.0)
+
+
+def test_policy_loss_sequence_level_gspo():
+    # Row 0: mean log-ratio (0 + ln 1.5 + ln 0.5) / 3 = ln(0.75) / 3, s = 0.75^(1/3) = 0.9085603, in [0.8, 1.2].
+    # Row 1, last token masked: mean (0 + ln 1.5) / 2, s = sqrt(1.5) = 1.2247449.
+    # advantages (B,) = [-1, +1]:
+    #   row 0: max(1 * 0.9085603, 1 * 0.9085603) = 0.9085603 on each of its 3 tokens
+    #   row 1: max(-1.2247449, -1.2) = -1.2: clipped (moved past 1 + eps in the favoured direction), no gradient
+    # gradient of the summed loss: row 0's 3 token losses -A s each, d s / d logps_t = s / 3, so each token gets
+    # 3 * (1 * s / 3) = s = 0.9085603; row 1 gets 0. clipfrac counts sequences: 1 of 2.
+    logps = LOGPS.clone()
+    logps[1, 2] = float("nan")
+    logps.requires_grad_(True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    s0 = 0.75 ** (1 / 3)
+    advantages = torch.tensor([-1.0, 1.0])
+    loss, metrics = clipped_policy_loss(logps, OLD, advantages, mask, importance_sampling_level="sequence")
+    assert _flat(loss) == pytest.approx([s0, s0, s0, -1.2, -1.2, 0.0], rel=1e-6)
+    loss.sum().backward()
+    assert _flat(logps.grad) == pytest.approx([s0, s0, s0, 0.0, 0.0, 0.0], rel=1e-6)
+    assert metrics["policy/clipfrac"].item() == pytest.approx(0.5)
+    # approxkl stays per token: 0.5 * (ln 1.5^2 + ln 0.5^2 + ln 1.5^2) / 5 = 0.0809257 (as the masked test above)
+    assert metrics["policy/approxkl"].item() == pytest.approx(0.0809257, rel=1e-5)
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        clipped_policy_loss(LOGPS, OLD, ADV, MASK, importance_sampling_level="sentence")
+
+
+def test_cispo_hand_values_and_gradient():
+    # epsilon_high 1.2: weights sg(min(ratio, 1.2)) = [1, 1.2, 0.5] in each row
+    # loss = -w * A * logps:
+    #   row 0 (A = +1): [-1 * 0, -1.2 * 0.4054651, -0.5 * -0.6931472] = [0, -0.4865581, 0.3465736]
+    #   row 1 (A = -1): the negatives, [0, 0.4865581, -0.3465736]
+    # gradient -w * A, every token keeps one (the weight is detached): row 0 [-1, -1.2, -0.5], row 1 [1, 1.2, 0.5]
+    # clipfrac (TRL cispo_clip_ratio): ratio > 1.2 with A > 0: row 0's ratio-1.5 token, 1 of 6
+    logps = LOGPS.clone().requires_grad_(True)
+    loss, metrics = cispo_policy_loss(logps, OLD, ADV, MASK, epsilon_high=1.2)
+    assert _flat(loss) == pytest.approx([0.0, -0.4865581, 0.3465736, 0.0, 0.4865581, -0.3465736], rel=1e-6)
+    loss.sum().backward()
+    assert _flat(logps.grad) == pytest.approx([-1.0, -1.2, -0.5, 1.0, 1.2, 0.5], rel=1e-6)
+    assert metrics["policy/clipfrac"].item() == pytest.approx(1 / 6)
+    with pytest.raises(ValueError, match="epsilon_high"):
+        cispo_policy_loss(LOGPS, OLD, ADV, MASK, epsilon_high=0.0)
+
+
+def test_sapo_hand_values_and_gradient():
+    # tau_pos 1 (row 0, A = +1): f(r) = 4 sigmoid(r - 1); tau_neg 2 (row 1, A = -1): f(r) = 2 sigmoid(2 (r - 1))
+    # row 0 loss -f: r = 1: -4 * 0.5 = -2; r = 1.5: -4 * 0.6224593 = -2.4898373; r = 0.5: -4 * 0.3775407 = -1.5101627
+    # row 1 loss +f: r = 1: 2 * 0.5 = 1;   r = 1.5: 2 * 0.7310586 = 1.4621172;   r = 0.5: 2 * 0.2689414 = 0.5378828
+    # gradient -A f'(r) r with f'(r) = 4 s (1 - s), s = sigmoid(tau (r - 1)):
+    #   row 0: -[1 * 1, 0.9400148 * 1.5, 0.9400148 * 0.5] = [-1, -1.4100223, -0.4700074]
+    #   row 1: +[1 * 1, 0.7864477 * 1.5, 0.7864477 * 0.5] = [1, 1.1796716, 0.3932239]
+    logps = LOGPS.clone().requires_grad_(True)
+    loss, metrics = sapo_policy_loss(logps, OLD, ADV, MASK, sapo_temperature_pos=1.0, sapo_temperature_neg=2.0)
+    assert _flat(loss) == pytest.approx([-2.0, -2.4898373, -1.5101627, 1.0, 1.4621172, 0.5378828], rel=1e-6)
+    loss.sum().backward()
+    assert _flat(logps.grad) == pytest.approx([-1.0, -1.4100223, -0.4700074, 1.0, 1.1796716, 0.3932239], rel=1e-6)
+    assert set(metrics) == {"policy/approxkl"}
+    with pytest.raises(ValueError, match="temperatures"):
+        sapo_policy_loss(LOGPS, OLD, ADV, MASK, sapo_temperature_neg=0.0)
+
+
+def test_variants_ignore_masked_tokens():
+    # nan in a masked position changes neither the losses nor the gradients of cispo and sapo
+    logps = LOGPS.clone()
+    logps[1, 2] = float("nan")
+    logps.requires_grad_(True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    for fn, kwargs in ((cispo_policy_loss, {"epsilon_high": 5.0}), (sapo_policy_loss, {})):
+        loss, _ = fn(logps, OLD, ADV, mask, **kwargs)
+        assert loss[1, 2].item() == 0.0 and torch.isfinite(loss).all()
+        loss.sum().backward()
+        assert logps.grad[1, 2].item() == 0.0 and torch.isfinite(logps.grad).all()
+        logps.grad = None
+
+
+def test_policy_loss_registry():
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        assert get_policy_loss(loss_type) is clipped_policy_loss
+    assert get_policy_loss("cispo") is cispo_policy_loss and get_policy_loss("sapo") is sapo_policy_loss
+    # every loss type that picks a per-token loss can also reduce it
+    assert set(POLICY_LOSSES) == set(LOSS_AGGREGATIONS)
+    with pytest.raises(ValueError, match="choose from"):
+        get_policy_loss("ppo2")
+
+
+# ---- TRL 1.16 parity: GRPOTrainer._compute_loss itself, called on tensors -----------------------------------
+def _trl_grpo_loss(logps, old_logps, advantages, mask, *, loss_type, level, epsilon, epsilon_high, delta,
+                   temperature_pos, temperature_neg, num_items_in_batch, max_completion_length):
+    """TRL's loss and metrics for these tensors: ``GRPOTrainer._compute_loss`` on a stand-in trainer with one
+    process, no accumulation, no KL, no entropy mask, no vLLM, whose model returns ``logps``."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    rows, length = logps.shape
+    accelerator = SimpleNamespace(num_processes=1, reduce=lambda x, reduction="sum": x, gather=lambda x: x)
+    args = SimpleNamespace(delta=delta, sapo_temperature_pos=temperature_pos, sapo_temperature_neg=temperature_neg,
+                           steps_per_generation=1, use_bias_correction_kl=False)
+    trainer = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=0.0,
+        loss_type=loss_type, epsilon_low=epsilon, epsilon_high=epsilon_high, args=args, use_vllm=False,
+        vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, accelerator=accelerator, max_completion_length=max_completion_length,
+        _entropy_bonus_enabled=False, aux_loss_enabled=False, _metrics={"train": defaultdict(list)},
+    )
+    inputs = {
+        "prompt_ids": torch.zeros(rows, 1, dtype=torch.long), "prompt_mask": torch.ones(rows, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(rows, length, dtype=torch.long), "completion_mask": mask.long(),
+        "advantages": advantages, "old_per_token_logps": old_logps,
+        "num_items_in_batch": torch.tensor(float(num_items_in_batch)),
+    }
+    loss = GRPOTrainer._compute_loss(trainer, None, inputs)
+    return loss, {name: values[0] for name, values in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"])
+def test_grpo_loss_types_match_trl(loss_type, level):
+    g = torch.Generator().manual_seed(7)
+    rows, length = 6, 5
+    # ratios spread over about [0.4, 2.5] so that every clip branch is taken; rows of 5, 3, 1, 4, 5, 2 tokens
+    old = torch.randn(rows, length, generator=g) * 0.5 - 1.0
+    current = (old + torch.randn(rows, length, generator=g) * 0.6).requires_grad_(True)
+    mask = (torch.arange(length) < torch.tensor([5, 3, 1, 4, 5, 2]).unsqueeze(1)).long()
+    advantages = torch.randn(rows, generator=g)
+    hyper = {
+        "epsilon": 0.2,
+        "epsilon_high": 1.05 if loss_type == "cispo" else 0.28,  # cispo's is a bound on the weight itself
+        "delta": 1.6 if loss_type in ("dr_grpo", "dapo") else None,  # two-sided clip on two of the clipped types
+        "temperature_pos": 1.0,
+        "temperature_neg": 1.05,
+        "num_items_in_batch": 37,  # dapo / cispo: TRL's generation-batch token count, passed through
+        "max_completion_length": 8,
+    }
+    trl_logps = current.detach().clone().requires_grad_(True)
+    expected, trl_metrics = _trl_grpo_loss(trl_logps, old, advantages, mask, loss_type=loss_type, level=level, **hyper)
+    expected.backward()
+
+    if loss_type == "cispo":
+        kwargs = {"epsilon_high": hyper["epsilon_high"]}
+    elif loss_type == "sapo":
+        kwargs = {"sapo_temperature_pos": hyper["temperature_pos"], "sapo_temperature_neg": hyper["temperature_neg"]}
+    else:
+        kwargs = {"cliprange": hyper["epsilon"], "cliprange_high": hyper["epsilon_high"], "delta": hyper["delta"]}
+    per_token, metrics = get_policy_loss(loss_type)(current, old, advantages, mask, importance_sampling_level=level,
+                                                    **kwargs)
+    loss = aggregate_token_loss(per_token, mask, loss_type=loss_type, max_completion_length=8,
+                                num_items_in_batch=hyper["num_items_in_batch"])
+    loss.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(current.grad, trl_logps.grad, rtol=1e-5, atol=1e-7)
+    assert current.grad.abs().sum() > 0
+    if loss_type == "cispo":
+        assert metrics["policy/clipfrac"].item() == pytest.approx(trl_metrics["cispo_clip_ratio"])
+        assert 0 < trl_metrics["cispo_clip_ratio"] < 1
+    elif loss_type in ("grpo", "bnpo"):  # TRL measures its clip metrics after the delta cap, so only without it
+        assert metrics["policy/clipfrac"].item() == pytest.approx(trl_metrics["clip_ratio/region_mean"])
+        assert 0 < trl_metrics["clip_ratio/region_mean"] < 1

@@ -4,11 +4,36 @@ from __future__ import annotations
 
 import torch
 
+from alignlab.advantages.registry import AdvantageInputs, register_advantage_estimator
+
 SCALE_REWARDS = ("group", "batch", "none")
 """Accepted ``scale_rewards`` values (TRL ``GRPOConfig.scale_rewards``)."""
 
 STD_EPS = 1e-4
 """Added to the standard deviation before dividing, as TRL."""
+
+
+def checked_rewards(rewards: torch.Tensor, num_generations: int, name: str = "rewards") -> torch.Tensor:
+    """``rewards`` detached and floating-point, after checking the group layout shared by the estimators.
+
+    Raises:
+        ValueError: ``num_generations`` < 1; ``rewards`` not 1-D, empty, not a multiple of ``num_generations``
+            long, or not finite.
+    """
+    if num_generations < 1:
+        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+    if rewards.dim() != 1 or rewards.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D tensor, got shape {tuple(rewards.shape)}")
+    if rewards.numel() % num_generations:
+        raise ValueError(
+            f"the number of {name} ({rewards.numel()}) must be a multiple of num_generations ({num_generations})"
+        )
+    rewards = rewards.detach()
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    if not torch.isfinite(rewards).all():
+        raise ValueError(f"{name} must be finite")
+    return rewards
 
 
 def group_advantages(
@@ -61,19 +86,7 @@ def group_advantages(
     """
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"unknown scale_rewards {scale_rewards!r}; choose from {', '.join(SCALE_REWARDS)}")
-    if num_generations < 1:
-        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
-    if rewards.dim() != 1 or rewards.numel() == 0:
-        raise ValueError(f"rewards must be a non-empty 1-D tensor, got shape {tuple(rewards.shape)}")
-    if rewards.numel() % num_generations:
-        raise ValueError(
-            f"the number of rewards ({rewards.numel()}) must be a multiple of num_generations ({num_generations})"
-        )
-    rewards = rewards.detach()
-    if not rewards.is_floating_point():
-        rewards = rewards.float()
-    if not torch.isfinite(rewards).all():
-        raise ValueError("rewards must be finite")
+    rewards = checked_rewards(rewards, num_generations)
 
     grouped = rewards.view(-1, num_generations)
     group_mean = grouped.mean(dim=1)
@@ -93,3 +106,15 @@ def group_advantages(
         "frac_reward_zero_std": torch.isclose(group_std, torch.zeros_like(group_std)).float().mean(),
     }
     return advantages, metrics
+
+
+@register_advantage_estimator("grpo")
+def grpo_estimator(
+    inputs: AdvantageInputs, *, scale_rewards: str = "group"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Registry entry ``"grpo"``: :func:`group_advantages` of ``inputs.scores`` (``(N,)`` advantages).
+
+    Reads ``scores`` and ``num_generations``; ``kl`` and ``mask`` are not used (GRPO puts its KL term in the
+    loss, TRL ``beta``). Same numbers, metrics and errors as :func:`group_advantages`.
+    """
+    return group_advantages(inputs.scores, inputs.num_generations, scale_rewards=scale_rewards)

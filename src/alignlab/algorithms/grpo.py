@@ -20,7 +20,7 @@ import torch
 from alignlab.advantages.group import group_advantages
 from alignlab.algorithms.online import OnlineConfig, OnlineSetup
 from alignlab.errors import UserError
-from alignlab.losses.ppo import aggregate_token_loss, clipped_policy_loss
+from alignlab.losses.ppo import aggregate_token_loss, get_policy_loss
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.ops.kl import kl_k3
 from alignlab.ops.masked import masked_mean
@@ -58,10 +58,19 @@ class GRPOConfig(OnlineConfig):
     """Lower clip range of the ratio (and the upper one unless ``epsilon_high`` is set)."""
     epsilon_high: float | None = None
     """Upper clip range ("clip-higher", DAPO uses 0.28). Unset: ``epsilon``."""
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
-    """How per-token losses are averaged: grpo (per sequence, then over sequences; the paper's eq. 3), dapo
-    (over all tokens of the step; TRL 1.16's default, Yu et al. 2025) or dr_grpo (by a constant, Liu et al.
-    2025). See docs/grpo.md."""
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo"] = "dapo"
+    """The per-token policy loss and how it is averaged (TRL 1.16's names): grpo (clipped, per sequence then
+    over sequences; the paper's eq. 3), dapo (clipped, over all tokens of the step; TRL's default, Yu et al.
+    2025), dr_grpo (clipped, by a constant, Liu et al. 2025), bnpo (clipped, over the micro-batch's tokens),
+    cispo (clipped importance weight times the REINFORCE term, MiniMax-M1; averaged as dapo) and sapo (soft
+    gate instead of the clip; averaged as grpo). See docs/grpo.md and docs/advantages.md."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """token: a ratio per token; sequence: one length-normalised ratio per completion (GSPO, Zheng et al.
+    2025)."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO's gate temperature for tokens with a positive advantage (TRL's default)."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO's gate temperature for the other tokens (TRL's default)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide the group-centred rewards by the group's std (the paper), the batch's std, or nothing (Dr. GRPO)."""
     num_iterations: int = 1
@@ -84,6 +93,10 @@ class GRPOConfig(OnlineConfig):
             raise UserError(f"--epsilon must be in (0, 1), got {self.epsilon}")
         if self.epsilon_high is not None and not self.epsilon_high > 0:
             raise UserError(f"--epsilon_high must be > 0, got {self.epsilon_high}")
+        if self.loss_type == "cispo" and self.epsilon_high is None:
+            raise UserError("--loss_type cispo caps the importance weight at --epsilon_high: give it (e.g. 5.0)")
+        if not (self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0):
+            raise UserError("--sapo_temperature_pos and --sapo_temperature_neg must be > 0")
 
     @property
     def prompts_per_step(self) -> int:
@@ -155,10 +168,17 @@ class GRPOTrainer:
         mask = batch["response_mask"].bool()
         logps = self.setup.logps(model, batch)
         old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
-        per_token, policy_metrics = clipped_policy_loss(
-            logps, old_logps, batch["advantages"], mask, cliprange=cfg.epsilon, cliprange_high=cfg.epsilon_high
+        if cfg.loss_type == "cispo":
+            options = {"epsilon_high": cfg.epsilon_high}
+        elif cfg.loss_type == "sapo":
+            options = {"sapo_temperature_pos": cfg.sapo_temperature_pos, "sapo_temperature_neg": cfg.sapo_temperature_neg}
+        else:
+            options = {"cliprange": cfg.epsilon, "cliprange_high": cfg.epsilon_high}
+        per_token, policy_metrics = get_policy_loss(cfg.loss_type)(
+            logps, old_logps, batch["advantages"], mask, importance_sampling_level=cfg.importance_sampling_level,
+            **options,
         )
-        metrics = {"clip_ratio": policy_metrics["policy/clipfrac"]}
+        metrics = {"clip_ratio": policy_metrics["policy/clipfrac"]} if "policy/clipfrac" in policy_metrics else {}
         if cfg.beta > 0:
             kl = kl_k3(logps, batch["ref_logps"])
             per_token = per_token + cfg.beta * kl

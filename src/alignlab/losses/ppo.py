@@ -1,4 +1,5 @@
-"""PPO-clip losses for the policy and the critic, and the token-to-scalar reductions of GRPO and its variants.
+"""PPO-clip losses for the policy and the critic, the GRPO policy-loss variants (CISPO, SAPO, GSPO's sequence-level
+ratio), and the token-to-scalar reductions of GRPO and its variants (TRL 1.16 ``loss_type``).
 
 Notation, shared by every function: a batch of ``B`` completions right-padded to ``T`` tokens;
 
@@ -19,8 +20,12 @@ from __future__ import annotations
 
 import torch
 
-LOSS_AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
-"""Accepted ``loss_type`` values of :func:`aggregate_token_loss`."""
+LOSS_AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo")
+"""Accepted ``loss_type`` values of :func:`aggregate_token_loss` (TRL 1.16 ``GRPOConfig.loss_type``, less
+``luspo`` and ``vespo``)."""
+
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+"""Accepted ``importance_sampling_level`` values of the policy losses (TRL ``importance_sampling_level``)."""
 
 
 def _check_per_token(shape: torch.Size, **tensors: torch.Tensor) -> None:
@@ -36,59 +41,29 @@ def _token_fraction(selected: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (selected & mask).sum() / mask.sum().clamp(min=1)
 
 
-def clipped_policy_loss(
+def _policy_inputs(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    *,
-    cliprange: float = 0.2,
-    cliprange_high: float | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate, per token: ``max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high))``.
+    importance_sampling_level: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Shared checks and inputs of the policy losses.
 
-    The negative of PPO's ``min(ratio * A, clip(ratio) * A)``: pessimistic, so a token whose ratio has
-    already moved past the clip range in the direction its advantage favours gets a constant loss and no
-    gradient, while a move in the unfavoured direction is never clipped.
-
-    Source: Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (arXiv 1707.06347), eq. 7;
-    asymmetric range (``cliprange_high``, "Clip-Higher"): Yu et al. 2025, DAPO (arXiv 2503.14476),
-    section 3.1. TRL: ``PPOTrainer`` ``pg_losses`` / ``pg_losses2`` (trl 0.24); ``GRPOTrainer`` ``coef_1`` /
-    ``coef_2`` with ``epsilon`` / ``epsilon_high`` (trl 1.16, ``loss_type`` grpo/bnpo/dr_grpo/dapo, without
-    the optional ``delta`` two-sided clip). OpenRLHF: ``PolicyLoss`` (``openrlhf/models/loss.py``).
-
-    Args:
-        logps: ``(B, T)`` current log-probs (nats); the only input that gets a gradient.
-        old_logps: ``(B, T)`` sampling-time log-probs (nats), treated as a constant.
-        advantages: ``(B, T)`` per-token (PPO) or ``(B,)`` per-sequence (GRPO, broadcast over tokens),
-            treated as a constant.
-        mask: ``(B, T)`` tokens that count.
-        cliprange: ``eps_low`` in (0, 1) (TRL ``cliprange`` / ``epsilon``, default 0.2).
-        cliprange_high: ``eps_high`` > 0 (TRL ``epsilon_high``; DAPO uses 0.28); ``None`` means ``cliprange``.
-
-    Returns:
-        ``(per_token_loss, metrics)``: ``(B, T)`` losses (advantage units), 0 where masked, and
-
-        * ``policy/clipfrac``: fraction of masked tokens where the clipped branch is strictly larger, i.e.
-          gets no gradient (TRL PPO's ``pg_clipfrac``, ``pg_losses2 > pg_losses``; the same tokens as TRL GRPO's
-          ``clip_ratio/region_mean``: ratio below ``1 - eps_low`` with A < 0 or above ``1 + eps_high`` with
-          A > 0);
-        * ``policy/approxkl``: ``0.5 * mean((logps - old_logps)^2)`` over masked tokens, the ``k2`` estimate
-          of the KL between the old and the current policy (nats). TRL PPO takes this mean over *all*
-          ``B * T`` positions, padding included (where its log-ratio is 0), so its number is smaller by the
-          fraction of padding.
-
-    Raises:
-        ValueError: cliprange not in (0, 1); cliprange_high <= 0; shape mismatch.
+    Returns ``(m, advantages, log_ratio, log_weights, per_sequence)``: the bool mask; the detached advantages
+    as ``(B, T)`` or ``(B, 1)``, 0 where masked; the per-token ``logps - old_logps``, 0 where masked; the log
+    importance weights, ``log_ratio`` at token level or each sequence's mean ``log_ratio`` broadcast to
+    ``(B, T)`` at sequence level (TRL 1.16 ``log_importance_weights``); and whether the clip metrics count
+    sequences (sequence level with ``(B,)`` advantages, where every token of a sequence shares one value).
     """
-    eps_low = cliprange
-    eps_high = cliprange if cliprange_high is None else cliprange_high
-    if not 0.0 < eps_low < 1.0:
-        raise ValueError(f"cliprange must be in (0, 1), got {cliprange}")
-    if not eps_high > 0.0:
-        raise ValueError(f"cliprange_high must be positive, got {cliprange_high}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"unknown importance_sampling_level {importance_sampling_level!r}; "
+            f"choose from {', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
+        )
     _check_per_token(logps.shape, old_logps=old_logps, mask=mask)
-    if advantages.shape == logps.shape[:1]:
+    per_sequence_advantages = advantages.shape == logps.shape[:1]
+    if per_sequence_advantages:
         advantages = advantages.unsqueeze(1)
     elif advantages.shape != logps.shape:
         raise ValueError(
@@ -98,16 +73,240 @@ def clipped_policy_loss(
     m = mask.bool()
     advantages = torch.where(m, advantages.detach(), 0)
     log_ratio = torch.where(m, logps - old_logps.detach(), 0)
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
+    if importance_sampling_level == "token":
+        return m, advantages, log_ratio, log_ratio, False
+    # GSPO: log s_i = mean over the sequence's tokens of log_ratio, with its gradient through every token
+    mean_log_ratio = log_ratio.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+    return m, advantages, log_ratio, mean_log_ratio.expand_as(log_ratio), per_sequence_advantages
+
+
+def _clip_fraction(selected: torch.Tensor, mask: torch.Tensor, per_sequence: bool) -> torch.Tensor:
+    """Fraction of masked tokens (or of non-empty sequences, when ``per_sequence``) where ``selected`` holds."""
+    if not per_sequence:
+        return _token_fraction(selected, mask)
+    present = mask.any(-1)
+    return (selected & mask).any(-1).sum() / present.sum().clamp(min=1)
+
+
+def _approxkl(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``0.5 * mean((logps - old_logps)^2)`` over the masked tokens (nats), the k2 estimate of KL(old || new)."""
+    return 0.5 * (log_ratio**2).sum() / mask.sum().clamp(min=1)
+
+
+def clipped_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cliprange: float = 0.2,
+    cliprange_high: float | None = None,
+    importance_sampling_level: str = "token",
+    delta: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate, per token: ``max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high))``.
+
+    The negative of PPO's ``min(ratio * A, clip(ratio) * A)``: pessimistic, so a token whose ratio has
+    already moved past the clip range in the direction its advantage favours gets a constant loss and no
+    gradient, while a move in the unfavoured direction is never clipped.
+
+    ``importance_sampling_level="sequence"`` (GSPO) replaces each token's ratio by its sequence's
+    ``s_i = exp(mean_t (logps_t - old_logps_t))`` over the masked tokens (length-normalised sequence
+    likelihood ratio), clipped and multiplied by the advantage the same way and broadcast to every token. As
+    TRL 1.16, the gradient of ``s_i`` flows into every token of the sequence (``d s_i / d logps_t = s_i /
+    |o_i|``); only ``old_logps`` is constant. Reduce it with ``loss_type="grpo"`` to get the paper's
+    per-sequence objective (TRL warns that token-sum reductions weight each sequence by its length).
+
+    ``delta`` (two-sided clipping) bounds the unclipped ratio from above as well, ``min(ratio, delta)``, so
+    that a token with a negative advantage whose ratio has grown past ``delta`` stops getting a gradient.
+
+    Source: Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (arXiv 1707.06347), eq. 7;
+    asymmetric range (``cliprange_high``, "Clip-Higher"): Yu et al. 2025, DAPO (arXiv 2503.14476),
+    section 3.1; sequence level: Zheng et al. 2025, "Group Sequence Policy Optimization" (arXiv 2507.18071),
+    eqs. 5-7; ``delta``: INTELLECT-2 (Prime Intellect 2025, arXiv 2505.07291). TRL: ``PPOTrainer``
+    ``pg_losses`` / ``pg_losses2`` (trl 0.24); ``GRPOTrainer._compute_loss`` ``coef_1`` / ``coef_2`` with
+    ``epsilon`` / ``epsilon_high`` / ``delta`` / ``importance_sampling_level`` (trl 1.16, ``loss_type``
+    grpo/bnpo/dr_grpo/dapo). OpenRLHF: ``PolicyLoss`` (``openrlhf/models/loss.py``, ``policy_loss_type``
+    ``ppo`` / ``gspo``).
+
+    Args:
+        logps: ``(B, T)`` current log-probs (nats); the only input that gets a gradient.
+        old_logps: ``(B, T)`` sampling-time log-probs (nats), treated as a constant.
+        advantages: ``(B, T)`` per-token (PPO) or ``(B,)`` per-sequence (GRPO, broadcast over tokens),
+            treated as a constant.
+        mask: ``(B, T)`` tokens that count.
+        cliprange: ``eps_low`` in (0, 1) (TRL ``cliprange`` / ``epsilon``, default 0.2).
+        cliprange_high: ``eps_high`` > 0 (TRL ``epsilon_high``; DAPO uses 0.28); ``None`` means ``cliprange``.
+        importance_sampling_level: ``"token"`` (default) or ``"sequence"`` (GSPO; TRL
+            ``importance_sampling_level``; the GSPO paper uses ``eps`` 3e-4 / 4e-4).
+        delta: upper bound > 0 on the unclipped ratio (TRL ``delta``, default ``None``: off; recommended
+            above ``1 + eps_high``).
+
+    Returns:
+        ``(per_token_loss, metrics)``: ``(B, T)`` losses (advantage units), 0 where masked, and
+
+        * ``policy/clipfrac``: fraction of masked tokens where the clipped branch is strictly larger, i.e.
+          gets no gradient (TRL PPO's ``pg_clipfrac``, ``pg_losses2 > pg_losses``; the same tokens as TRL GRPO's
+          ``clip_ratio/region_mean``: ratio below ``1 - eps_low`` with A < 0 or above ``1 + eps_high`` with
+          A > 0). At sequence level with ``(B,)`` advantages it is the fraction of non-empty sequences, as
+          TRL counts them;
+        * ``policy/approxkl``: ``0.5 * mean((logps - old_logps)^2)`` over masked tokens, the ``k2`` estimate
+          of the KL between the old and the current policy (nats). TRL PPO takes this mean over *all*
+          ``B * T`` positions, padding included (where its log-ratio is 0), so its number is smaller by the
+          fraction of padding.
+
+    Raises:
+        ValueError: cliprange not in (0, 1); cliprange_high <= 0; delta <= 0; unknown
+            importance_sampling_level; shape mismatch.
+    """
+    eps_low = cliprange
+    eps_high = cliprange if cliprange_high is None else cliprange_high
+    if not 0.0 < eps_low < 1.0:
+        raise ValueError(f"cliprange must be in (0, 1), got {cliprange}")
+    if not eps_high > 0.0:
+        raise ValueError(f"cliprange_high must be positive, got {cliprange_high}")
+    if delta is not None and not delta > 0.0:
+        raise ValueError(f"delta must be positive, got {delta}")
+    m, advantages, log_ratio, log_weights, per_sequence = _policy_inputs(
+        logps, old_logps, advantages, mask, importance_sampling_level
+    )
+    ratio = torch.exp(log_weights)
+    unclipped = -advantages * (ratio if delta is None else torch.clamp(ratio, max=delta))
     clipped = -advantages * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token_loss = torch.where(m, torch.maximum(unclipped, clipped), 0)
     with torch.no_grad():
         metrics = {
-            "policy/clipfrac": _token_fraction(clipped > unclipped, m),
-            "policy/approxkl": 0.5 * (log_ratio**2).sum() / m.sum().clamp(min=1),
+            "policy/clipfrac": _clip_fraction(clipped > unclipped, m, per_sequence),
+            "policy/approxkl": _approxkl(log_ratio, m),
         }
     return per_token_loss, metrics
+
+
+def cispo_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon_high: float,
+    importance_sampling_level: str = "token",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CISPO, per token: ``-sg(min(ratio, epsilon_high)) * A * logps``.
+
+    The importance weight is clipped from above and detached, and multiplies a REINFORCE term: every token
+    keeps a gradient ``-w * A`` with respect to its log-prob, however far its ratio has moved (PPO's clip
+    instead drops the gradient of tokens outside the range). The loss's value is not a surrogate of the
+    objective (it contains ``logps`` itself); only its gradient matters.
+
+    Source: MiniMax 2025, "MiniMax-M1" (arXiv 2506.13585), section 3.1, eqs. 4-5 (CISPO, with the lower bound
+    disabled); ``epsilon_high`` as the ScaleRL paper's ``eps_max`` (Khatri et al. 2025, arXiv 2510.13786,
+    recommended 5.0). TRL 1.16: ``GRPOTrainer._compute_loss`` ``loss_type="cispo"``
+    (``clamped_ratios = torch.clamp(coef_1, max=epsilon_high).detach()``). TRL falls back to ``epsilon``
+    (0.2) when ``epsilon_high`` is unset, which scales every gradient by 0.2: pass the bound explicitly.
+
+    Args:
+        logps, old_logps, advantages, mask: as :func:`clipped_policy_loss`.
+        epsilon_high: upper bound > 0 on the importance weight itself (not ``1 + eps``).
+        importance_sampling_level: ``"token"`` or ``"sequence"`` (the weight is then the sequence's
+            ``exp(mean log-ratio)``), as :func:`clipped_policy_loss`.
+
+    Returns:
+        ``(per_token_loss, metrics)``: ``(B, T)`` losses, 0 where masked; ``policy/clipfrac`` is TRL's
+        ``cispo_clip_ratio`` (fraction of masked tokens with ``ratio > epsilon_high`` and ``A > 0``; per
+        sequence at sequence level with ``(B,)`` advantages); ``policy/approxkl`` as :func:`clipped_policy_loss`.
+
+    Raises:
+        ValueError: epsilon_high <= 0; unknown importance_sampling_level; shape mismatch.
+    """
+    if not epsilon_high > 0.0:
+        raise ValueError(f"epsilon_high must be positive, got {epsilon_high}")
+    m, advantages, log_ratio, log_weights, per_sequence = _policy_inputs(
+        logps, old_logps, advantages, mask, importance_sampling_level
+    )
+    ratio = torch.exp(log_weights)
+    weights = torch.clamp(ratio, max=epsilon_high).detach()
+    per_token_loss = torch.where(m, -weights * advantages * torch.where(m, logps, 0), 0)
+    with torch.no_grad():
+        metrics = {
+            "policy/clipfrac": _clip_fraction((ratio > epsilon_high) & (advantages > 0), m, per_sequence),
+            "policy/approxkl": _approxkl(log_ratio, m),
+        }
+    return per_token_loss, metrics
+
+
+def sapo_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    importance_sampling_level: str = "token",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SAPO, per token: ``-f(ratio) * A`` with the soft gate ``f(r) = sigmoid(tau * (r - 1)) * 4 / tau``.
+
+    ``tau`` is ``sapo_temperature_pos`` where ``A > 0`` and ``sapo_temperature_neg`` elsewhere. ``f(1) = 2 /
+    tau`` and ``f'(r) = 4 sigmoid(tau (r - 1)) (1 - sigmoid(tau (r - 1)))``, which is 1 at ``r = 1`` (the
+    on-policy gradient of ``-r A``) and decays smoothly as the ratio moves away, instead of PPO's hard cut;
+    a larger ``tau`` decays faster, so the default ``tau_neg > tau_pos`` damps negative-advantage tokens more.
+
+    Source: Gao et al. 2025, "Soft Adaptive Policy Optimization" (arXiv 2511.20347), the soft-gated
+    objective. TRL 1.16: ``GRPOTrainer._compute_loss`` ``loss_type="sapo"``
+    (``torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures``; TRL reduces it as ``"grpo"``).
+
+    Args:
+        logps, old_logps, advantages, mask: as :func:`clipped_policy_loss`.
+        sapo_temperature_pos: ``tau`` > 0 for tokens with positive advantage (TRL, default 1.0).
+        sapo_temperature_neg: ``tau`` > 0 for the others (TRL, default 1.05).
+        importance_sampling_level: ``"token"`` or ``"sequence"``, as :func:`clipped_policy_loss`.
+
+    Returns:
+        ``(per_token_loss, metrics)``: ``(B, T)`` losses (advantage units), 0 where masked; ``policy/approxkl``
+        as :func:`clipped_policy_loss` (no clip fraction: nothing is clipped, and TRL logs none).
+
+    Raises:
+        ValueError: a temperature <= 0; unknown importance_sampling_level; shape mismatch.
+    """
+    if not (sapo_temperature_pos > 0.0 and sapo_temperature_neg > 0.0):
+        raise ValueError(
+            f"sapo temperatures must be positive, got pos {sapo_temperature_pos} and neg {sapo_temperature_neg}"
+        )
+    m, advantages, log_ratio, log_weights, _ = _policy_inputs(
+        logps, old_logps, advantages, mask, importance_sampling_level
+    )
+    ratio = torch.exp(log_weights)
+    temperatures = torch.where(advantages > 0, sapo_temperature_pos, sapo_temperature_neg).to(ratio.dtype)
+    gate = torch.sigmoid(temperatures * (ratio - 1)) * 4 / temperatures
+    per_token_loss = torch.where(m, -gate * advantages, 0)
+    with torch.no_grad():
+        metrics = {"policy/approxkl": _approxkl(log_ratio, m)}
+    return per_token_loss, metrics
+
+
+POLICY_LOSSES = {
+    "grpo": clipped_policy_loss,
+    "bnpo": clipped_policy_loss,
+    "dr_grpo": clipped_policy_loss,
+    "dapo": clipped_policy_loss,
+    "cispo": cispo_policy_loss,
+    "sapo": sapo_policy_loss,
+}
+"""The per-token policy loss of each TRL 1.16 ``GRPOConfig.loss_type``; reduce its output with
+:func:`aggregate_token_loss` under the same ``loss_type``. Keywords differ: ``cliprange`` / ``cliprange_high``
+/ ``delta`` (clipped), ``epsilon_high`` (cispo), ``sapo_temperature_pos`` / ``_neg`` (sapo); all take
+``importance_sampling_level``."""
+
+
+def get_policy_loss(loss_type: str):
+    """The per-token policy loss for a TRL ``loss_type`` (see :data:`POLICY_LOSSES`).
+
+    Raises:
+        ValueError: unknown ``loss_type``; the message lists the choices.
+    """
+    if loss_type not in POLICY_LOSSES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose from {', '.join(POLICY_LOSSES)}")
+    return POLICY_LOSSES[loss_type]
 
 
 def clipped_value_loss(
@@ -174,13 +373,19 @@ def aggregate_token_loss(
     * ``"grpo"``: ``mean_i( sum_t loss_it / max(|o_i|, 1) )``, each sequence weighs the same whatever its
       length (Shao et al. 2024, arXiv 2402.03300, eq. 3: ``1/G sum_i 1/|o_i| sum_t``). TRL 1.16
       ``loss_type="grpo"``. A sequence with no token counts as a 0 in the mean, as TRL.
+    * ``"bnpo"``: ``S / max(number of masked tokens, 1)``, each token of this (micro-)batch weighs the same;
+      ``num_items_in_batch`` is ignored. TRL 1.16 ``loss_type="bnpo"`` ("batch-normalised"; TRL notes it
+      equals ``"grpo"`` with one sequence per device).
     * ``"dapo"``: ``S / num_items_in_batch``, each token weighs the same (Yu et al. 2025, DAPO, arXiv
       2503.14476, eq. 8: the ``1 / sum_i |o_i|`` token-level normalisation, section 3.3). ``num_items_in_batch``
-      defaults to the number of masked tokens, clamped at 1 (that is TRL 1.16 ``loss_type="bnpo"``); a value
+      defaults to the number of masked tokens, clamped at 1 (then it equals ``"bnpo"``); a value
       you pass is used as given. TRL 1.16's ``"dapo"`` (its default)
       divides instead by the token count of the whole generation batch, across processes, rescaled to one
       micro-batch (``num_items_in_batch / num_processes * grad_accum_steps / steps_per_generation``): pass
       that number to reproduce it under gradient accumulation; for one process and one micro-batch they agree.
+    * ``"cispo"``: as ``"dapo"`` (TRL reduces :func:`cispo_policy_loss` so); ``"sapo"``: as ``"grpo"`` (TRL
+      reduces :func:`sapo_policy_loss` so). They are accepted so that one ``loss_type`` picks both the
+      per-token loss (:data:`POLICY_LOSSES`) and its reduction.
     * ``"dr_grpo"``: ``S / (B * max_completion_length)``, a constant normaliser, so neither the sequence
       length nor the batch's token count rescales the gradient (Liu et al. 2025, "Understanding R1-Zero-Like
       Training: A Critical Perspective" (Dr. GRPO), arXiv 2503.20783). TRL 1.16 ``loss_type="dr_grpo"``.
@@ -191,9 +396,9 @@ def aggregate_token_loss(
     Args:
         per_token_loss: ``(B, T)`` e.g. from :func:`clipped_policy_loss` (plus ``beta * kl_k3`` for GRPO).
         mask: ``(B, T)`` tokens that count.
-        loss_type: ``"grpo"``, ``"dapo"`` or ``"dr_grpo"``.
+        loss_type: one of :data:`LOSS_AGGREGATIONS`.
         max_completion_length: the generation limit, needed by ``"dr_grpo"`` (>= ``T``), ignored otherwise.
-        num_items_in_batch: ``"dapo"``'s token count (see above), ignored otherwise.
+        num_items_in_batch: ``"dapo"``'s and ``"cispo"``'s token count (see above), ignored otherwise.
 
     Raises:
         ValueError: unknown loss_type; shape mismatch; ``"dr_grpo"`` without a positive
@@ -204,9 +409,11 @@ def aggregate_token_loss(
     _check_per_token(per_token_loss.shape, mask=mask)
     m = mask.bool()
     selected = torch.where(m, per_token_loss, 0)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return (selected.sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    if loss_type == "dapo":
+    if loss_type == "bnpo":
+        return selected.sum() / m.sum().clamp(min=1)
+    if loss_type in ("dapo", "cispo"):
         if num_items_in_batch is None:
             return selected.sum() / m.sum().clamp(min=1)
         return selected.sum() / num_items_in_batch
