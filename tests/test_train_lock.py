@@ -45,7 +45,8 @@ def test_a_second_run_is_refused_while_the_first_is_alive(tmp_path, holder):
     with pytest.raises(UserError) as info:
         OutputDirLock(out).acquire()
     message = str(info.value)
-    assert message.startswith(f"output_dir {out} is in use by a live run (pid {holder.pid} on host {socket.gethostname()}, started 20")
+    host = socket.gethostname()
+    assert message.startswith(f"output_dir {out} is in use by a live run (pid {holder.pid} on host {host}, started 20")
     assert message.endswith("stop it or choose another --output_dir")
     assert "\n" not in message
     assert holder.poll() is None  # refusing did not disturb the holder

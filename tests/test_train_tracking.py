@@ -31,7 +31,8 @@ def test_names_are_split_deduplicated_and_kept_in_order():
 
 
 def test_unknown_mixed_and_missing_trackers_are_one_line_errors(monkeypatch):
-    with pytest.raises(UserError, match=r"--report_to 'tensorbored' is not a known tracker: choose from none, all, tensorboard, wandb"):
+    known = r"--report_to 'tensorbored' is not a known tracker: choose from none, all, tensorboard, wandb"
+    with pytest.raises(UserError, match=known):
         resolve_report_to(["tensorboard", "tensorbored"])
     with pytest.raises(UserError, match="'none' and 'all' cannot be combined"):
         resolve_report_to("none tensorboard")
@@ -39,7 +40,8 @@ def test_unknown_mixed_and_missing_trackers_are_one_line_errors(monkeypatch):
 
     monkeypatch.setattr(accelerate.utils, "is_mlflow_available", lambda: False)
     monkeypatch.setattr(accelerate.utils, "is_comet_ml_available", lambda: False)
-    with pytest.raises(UserError, match=r"^--report_to mlflow: the mlflow package is not installed \(pip install mlflow\)$"):
+    missing = r"^--report_to mlflow: the mlflow package is not installed \(pip install mlflow\)$"
+    with pytest.raises(UserError, match=missing):
         resolve_report_to("mlflow")
     with pytest.raises(UserError, match=r"\(pip install comet-ml\)$"):
         resolve_report_to(["comet_ml"])

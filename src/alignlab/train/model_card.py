@@ -82,9 +82,10 @@ def _how_to_load(method: str, peft: bool) -> str:
             'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")'
         )
         intro = "A causal language model:"
-    usage = "" if method in SCORE_METHODS else (
-        "\n\nOr sample from it with alignlab:\n\n" + _fence("alignlab generate --model_name_or_path path/to/this/folder", "bash")
-    )
+    usage = ""
+    if method not in SCORE_METHODS:
+        generate = _fence("alignlab generate --model_name_or_path path/to/this/folder", "bash")
+        usage = f"\n\nOr sample from it with alignlab:\n\n{generate}"
     return f"{intro}\n\n{_fence(code, 'python')}{usage}"
 
 

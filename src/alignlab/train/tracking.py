@@ -85,7 +85,9 @@ def resolve_report_to(value: list[str] | str | None) -> list[str]:
                 f"--report_to {name!r} is not a known tracker: choose from none, all, {', '.join(TRACKERS)}"
             )
         if not _installed(name):
-            raise UserError(f"--report_to {name}: the {name} package is not installed (pip install {TRACKERS[name][0]})")
+            raise UserError(
+                f"--report_to {name}: the {name} package is not installed (pip install {TRACKERS[name][0]})"
+            )
         if name not in resolved:
             resolved.append(name)
     return resolved
