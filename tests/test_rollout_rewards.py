@@ -1,13 +1,24 @@
 """Reward functions named by the user, their validation, weights, and the reward model as a source."""
 
+import logging
 import math
+import re
 import sys
+
+import numpy as np
 
 import pytest
 import torch
 
 from alignlab.errors import UserError
-from alignlab.rollout.rewards import build_reward_sources, call_reward_func, compute_rewards, load_reward_func
+from alignlab.rollout.rewards import (
+    build_reward_sources,
+    call_reward_func,
+    compute_rewards,
+    load_reward_func,
+    run_reward_func,
+    validate_rewards,
+)
 
 
 @pytest.fixture
@@ -20,6 +31,10 @@ def funcs_file(tmp_path):
         "    return [float(a) + len(ids) for a, ids in zip(answer, completion_ids)]\n"
         "def maybe(prompts, completions, **kw):\n"
         "    return [None if c == 'skip' else 1.0 for c in completions]\n"
+        "def boom(prompts, completions, **kw):\n"
+        "    raise KeyError('answer')\n"
+        "def half_bad(prompts, completions, **kw):\n"
+        "    return [float('nan') if c == 'skip' else 2.0 for c in completions]\n"
         "NOT_CALLABLE = 3\n"
     )
     return path
@@ -102,3 +117,85 @@ def test_reward_model_source_scores_the_last_real_token(tiny_model_dir, tiny_tok
         alone = sequence_scores(model, torch.tensor([[8, 9]]), torch.tensor([[1, 1]]))
     assert torch.allclose(per["reward_model"][1], alone[0], atol=1e-5)
     assert torch.allclose(total, 0.5 * per["reward_model"])
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        # wrong count / not a list: the whole call is bad
+        ([1.0], "must return a list of 3 numbers, got 1 values"),
+        ({"a": 1.0}, "must return a list of 3 numbers, got dict"),
+        ("1.0 2.0 3.0", "must return a list of 3 numbers, got str"),
+        ((v for v in [1.0, 2.0, 3.0]), "must return a list of 3 numbers, got generator"),
+        (torch.ones(3, 1), "must return a list of 3 numbers, got Tensor"),
+        (2.0, "must return a list of 3 numbers, got float"),
+        # bad entries: the first one is named with its index, and the count
+        ([1.0, math.inf, "x"], r"returned inf for completion 1 \(2 of 3 bad\): expected a finite number or None"),
+        ([1.0, 2.0, -math.inf], r"returned -inf for completion 2 \(1 of 3 bad\)"),
+        ([math.nan, None, 1.0], r"returned nan for completion 0 \(1 of 3 bad\)"),
+        ([None, "0.5", 1.0], r"returned '0.5' for completion 1 \(1 of 3 bad\)"),
+        ([True, 1.0, 1.0], r"returned True for completion 0"),
+        ([1.0, [1.0], 1.0], r"returned \[1.0\] for completion 1"),
+        ([1.0, 1.0, np.float32(np.nan)], r"returned np.float32\(nan\) for completion 2"),
+    ],
+)
+def test_bad_return_values_are_one_line_errors_naming_the_function(values, message):
+    with pytest.raises(UserError, match=f"^reward function rewards.py:score {message}") as info:
+        validate_rewards(values, 3, "rewards.py:score")
+    assert "\n" not in str(info.value)
+
+
+def test_good_values_none_numpy_and_tensors():
+    # None is "not applicable": NaN here, not bad; numpy and 0-d tensor numbers count as numbers
+    rewards, bad = validate_rewards([None, np.float32(0.5), torch.tensor(2), 3], 4, "f")
+    assert math.isnan(rewards[0]) and rewards[1:].tolist() == [0.5, 2.0, 3.0]
+    assert rewards.dtype == torch.float32 and not bad.any()
+    rewards, bad = validate_rewards(torch.tensor([1.0, -1.0]), 2, "f")
+    assert rewards.tolist() == [1.0, -1.0] and not bad.any()
+    rewards, _ = validate_rewards(np.array([0.25, 4.0]), 2, "f")
+    assert rewards.tolist() == [0.25, 4.0]
+
+
+def test_drop_marks_bad_entries_and_keeps_the_rest(caplog):
+    caplog.set_level(logging.WARNING, logger="alignlab.rollout.rewards")
+    rewards, bad = validate_rewards([1.0, "x", None, math.inf], 4, "f.py:g", on_error="drop")
+    assert rewards[0] == 1.0 and all(math.isnan(v) for v in rewards[1:].tolist())
+    assert bad.tolist() == [False, True, False, True]  # None (row 2) is not bad
+    assert "reward function f.py:g returned 'x' for completion 1 (2 of 4 bad)" in caplog.text
+    rewards, bad = validate_rewards([1.0], 3, "f.py:g", on_error="drop")  # wrong count: every row
+    assert bad.tolist() == [True] * 3 and torch.isnan(rewards).all()
+    with pytest.raises(ValueError, match="on_error"):
+        validate_rewards([1.0], 1, "f", on_error="ignore")
+
+
+def test_a_raising_function_is_named_by_its_spec_on_one_line(funcs_file):
+    def multi_line(prompts, completions, **kw):
+        raise RuntimeError("first line\nsecond line")
+
+    with pytest.raises(UserError, match=r"^reward function my.py:multi_line raised RuntimeError: first line$"):
+        call_reward_func(multi_line, "my.py:multi_line", ["a"], ["x"])
+    rewards, bad = run_reward_func(multi_line, "my.py:multi_line", ["a", "b"], ["x", "y"], on_error="drop")
+    assert bad.tolist() == [True, True] and torch.isnan(rewards).all()
+
+    spec = f"{funcs_file}:boom"
+    sources = build_reward_sources([f"{funcs_file}:length", spec], None, with_reward_model=False)
+    assert sources[1].spec == spec and sources[1].name == "boom"
+    with pytest.raises(UserError, match=f"^reward function {re.escape(spec)} raised KeyError: 'answer'$"):
+        compute_rewards(sources, prompts=["p"], completions=["abc"], completion_ids=[[1]], columns={})
+
+
+def test_compute_rewards_drop_makes_the_total_nan_only_where_a_function_failed(funcs_file):
+    sources = build_reward_sources(
+        [f"{funcs_file}:length", f"{funcs_file}:half_bad", f"{funcs_file}:maybe"], None, with_reward_model=False
+    )
+    first_bad = re.escape(f"reward function {funcs_file}:half_bad returned nan for completion 1")
+    with pytest.raises(UserError, match=first_bad):
+        compute_rewards(sources, prompts=["p", "q"], completions=["abc", "skip"], completion_ids=[[1], [2]], columns={})
+    total, per = compute_rewards(
+        sources, prompts=["p", "q", "r"], completions=["abc", "skip", "de"], completion_ids=[[1], [2], [3]],
+        columns={}, on_error="drop",
+    )
+    # completion 0: 3 + 2 + 1 = 6; completion 1: half_bad dropped -> NaN (maybe's None alone would count 0);
+    # completion 2: 2 + 2 + 1 = 5
+    assert total[0] == 6.0 and math.isnan(total[1]) and total[2] == 5.0
+    assert per["length"].tolist() == [3.0, 4.0, 2.0] and math.isnan(per["half_bad"][1])

@@ -10,6 +10,11 @@ is then ``[{"role": "assistant", "content": text}]``); ``kwargs`` holds ``comple
 and every other column of the prompt rows as a list, one entry per completion. ``None`` means "does not
 apply" and counts as 0 in the weighted sum (TRL: NaN, summed with ``nansum``).
 
+What a function returns is checked (:func:`validate_rewards`): an exception, a count other than N, a non-list,
+NaN, infinities or non-numbers are a one-line :class:`~alignlab.errors.UserError` naming the function by its
+spec and the first bad value with its index; or, with ``on_error="drop"``, those completions are marked bad
+and their rewards are NaN.
+
 A function is loaded only from a place the user names: ``path/to/file.py:name`` (the file is imported) or
 ``package.module:name`` (imported from the Python path).
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
 import numbers
 import sys
@@ -32,6 +38,8 @@ from alignlab.errors import UserError
 from alignlab.rollout.scoring import sequence_scores
 
 RewardFunc = Callable[..., list]
+
+logger = logging.getLogger(__name__)
 
 
 def load_reward_func(spec: str) -> RewardFunc:
@@ -69,41 +77,146 @@ def load_reward_func(spec: str) -> RewardFunc:
     return fn
 
 
+REWARD_FUNC_ERRORS = ("raise", "drop")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` on one line, cut to ``limit`` characters."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _as_number(value: Any) -> float | None:
+    """``value`` as a float when it is a real number (a 0-d tensor or array counts); ``None`` otherwise.
+
+    ``bool`` is not a number here: a reward function returning ``True``/``False`` most likely forgot to score.
+    """
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_complex() and value.dtype != torch.bool:
+        value = value.item()
+    elif getattr(value, "ndim", None) == 0 and hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()  # numpy scalar or 0-d array
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _bad_call(message: str, n: int, on_error: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row bad: raise, or (all NaN, all True) after a warning."""
+    if on_error == "raise":
+        raise UserError(message)
+    logger.warning("%s; dropping all %d completions", message, n)
+    return torch.full((n,), math.nan), torch.ones(n, dtype=torch.bool)
+
+
+def validate_rewards(
+    values: Any, n: int, func_name: str, *, on_error: str = "raise"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check what a reward function returned for ``n`` completions and turn it into a tensor.
+
+    Good values: a list or tuple (or 1-D tensor or array) of ``n`` entries, each a finite real number or ``None``
+    (TRL's "does not apply": NaN here, counted as 0 in the weighted sum as TRL's ``nansum`` does).
+    Bad: another type, another length, or an entry that is NaN, infinite, a ``bool`` or not a number.
+
+    Args:
+        values: what the function returned.
+        n: the number of completions it was given.
+        func_name: how messages name the function, e.g. its spec ``my_rewards.py:length``.
+        on_error: ``"raise"``: the first problem is a :class:`UserError`. ``"drop"``: bad entries become NaN and
+            are marked in the mask (a whole-call problem marks every row); a warning names the first bad value.
+
+    Returns:
+        ``(rewards, bad)``: ``(n,)`` float32 with NaN for ``None`` and for dropped entries, and ``(n,)`` bool,
+        True where the entry was bad (always all False with ``on_error="raise"``).
+
+    Raises:
+        UserError: (``on_error="raise"``) one line naming the function, the first bad value and its index.
+        ValueError: ``on_error`` is not ``"raise"`` or ``"drop"``.
+    """
+    if on_error not in REWARD_FUNC_ERRORS:
+        raise ValueError(f"on_error must be one of {REWARD_FUNC_ERRORS}, got {on_error!r}")
+    if isinstance(values, torch.Tensor) or (hasattr(values, "tolist") and getattr(values, "ndim", None) == 1):
+        values = values.tolist() if values.ndim == 1 else values  # a 0-d or 2-d tensor is reported as bad below
+    if not isinstance(values, (list, tuple)):
+        return _bad_call(
+            f"reward function {func_name} must return a list of {n} numbers, got {type(values).__name__}",
+            n, on_error,
+        )
+    if len(values) != n:
+        return _bad_call(f"reward function {func_name} must return a list of {n} numbers, got {len(values)} values",
+                         n, on_error)
+    out = torch.full((n,), math.nan)
+    bad = torch.zeros(n, dtype=torch.bool)
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        number = _as_number(v)
+        if number is None or not math.isfinite(number):
+            bad[i] = True
+        else:
+            out[i] = number
+    if bad.any():
+        first = int(bad.nonzero()[0])
+        message = (
+            f"reward function {func_name} returned {_short(values[first])} for completion {first} "
+            f"({int(bad.sum())} of {n} bad): expected a finite number or None"
+        )
+        if on_error == "raise":
+            raise UserError(message)
+        logger.warning("%s; dropping those completions", message)
+    return out, bad
+
+
+def run_reward_func(
+    fn: RewardFunc, name: str, prompts: list, completions: list, *, on_error: str = "raise", **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Call one reward function on N completions and validate the result (:func:`validate_rewards`).
+
+    Args:
+        fn: the reward function (TRL signature).
+        name: how messages name it (its spec, ``file.py:name``).
+        prompts, completions: N of each.
+        on_error: ``"raise"`` or ``"drop"``; with ``"drop"`` a function that raises marks every row bad.
+        kwargs: ``completion_ids`` and the prompt rows' other columns.
+
+    Returns:
+        ``(rewards, bad)``: ``(N,)`` float32 (NaN for ``None`` and dropped rows) and ``(N,)`` bool.
+
+    Raises:
+        UserError: (``on_error="raise"``) the function raised, or returned bad values.
+    """
+    n = len(completions)
+    try:
+        values = fn(prompts, completions, **kwargs)
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return _bad_call(f"reward function {name} raised {type(exc).__name__}" + (f": {detail}" if detail else ""),
+                         n, on_error)
+    return validate_rewards(values, n, name, on_error=on_error)
+
+
 def call_reward_func(fn: RewardFunc, name: str, prompts: list, completions: list, **kwargs: Any) -> torch.Tensor:
     """``(N,)`` float32 rewards from one reward function, ``NaN`` where it returned ``None``.
 
     Raises:
         UserError: the function raised, returned something other than a list of N numbers or ``None``, or
-            returned a non-finite number.
+            returned a non-finite number (:func:`run_reward_func` with ``on_error="raise"``).
     """
-    try:
-        values = fn(prompts, completions, **kwargs)
-    except Exception as exc:
-        raise UserError(f"reward function {name!r} raised {type(exc).__name__}: {exc}") from exc
-    if isinstance(values, torch.Tensor):
-        values = values.tolist()
-    if not isinstance(values, (list, tuple)) or len(values) != len(completions):
-        got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
-        raise UserError(f"reward function {name!r} must return a list of {len(completions)} numbers, got {got}")
-    out = []
-    for i, v in enumerate(values):
-        if v is None:
-            out.append(math.nan)
-        elif isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v):
-            out.append(float(v))
-        else:
-            raise UserError(f"reward function {name!r} returned {v!r} for completion {i}: expected a finite number or None")
-    return torch.tensor(out, dtype=torch.float32)
+    return run_reward_func(fn, name, prompts, completions, on_error="raise", **kwargs)[0]
 
 
 @dataclass
 class RewardSource:
-    """One weighted source of reward: a Python function or a reward model."""
+    """One weighted source of reward: a Python function or a reward model.
+
+    ``name`` is the metric name (``rewards/<name>/mean``); ``spec`` is how the user named a function
+    (``file.py:name``), used in error messages.
+    """
 
     name: str
     weight: float
     func: RewardFunc | None = None
     model: torch.nn.Module | None = None
+    spec: str | None = None
 
 
 def build_reward_sources(
@@ -130,10 +243,10 @@ def build_reward_sources(
             "(the reward functions in order, then the reward model)"
         )
     sources, seen = [], {}
-    for fn, w in zip(funcs, weights):
+    for spec, fn, w in zip(reward_funcs or [], funcs, weights):
         base = getattr(fn, "__name__", "reward_func")
         seen[base] = seen.get(base, 0) + 1
-        sources.append(RewardSource(base if seen[base] == 1 else f"{base}_{seen[base]}", w, func=fn))
+        sources.append(RewardSource(base if seen[base] == 1 else f"{base}_{seen[base]}", w, func=fn, spec=spec))
     if with_reward_model:
         sources.append(RewardSource("reward_model", weights[-1]))
     return sources
@@ -148,6 +261,7 @@ def compute_rewards(
     columns: dict[str, list],
     reward_inputs: dict[str, torch.Tensor] | None = None,
     padding_free: bool = False,
+    on_error: str = "raise",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of every source's rewards for N completions.
 
@@ -160,21 +274,28 @@ def compute_rewards(
             model reads them (needed when a source is a model); the score is read at the last real token.
         padding_free: score right-padded ``reward_inputs`` in packed rows, no compute on padding
             (:func:`~alignlab.rollout.scoring.token_scores`).
+        on_error: what a reward function's failure or bad value does (:func:`validate_rewards`): ``"raise"``
+            a :class:`UserError`; ``"drop"`` the completion: its ``total`` is NaN (not 0, so that a dropped
+            completion is told apart from a ``None`` reward; ``torch.isnan(total)`` is the drop mask).
 
     Returns:
         ``(total, per_source)``: ``(N,)`` float32 ``sum_k w_k r_k`` with ``None`` counting as 0 (TRL
         ``GRPOTrainer``: ``nansum(rewards_per_func * reward_weights)``), and ``{name: (N,)}`` unweighted, NaN
-        where not applicable.
+        where not applicable or dropped.
 
     Raises:
-        UserError: a reward function failed or returned bad values.
+        UserError: (``on_error="raise"``) a reward function failed or returned bad values; the message names
+            the function by its spec.
     """
     per_source: dict[str, torch.Tensor] = {}
+    dropped = torch.zeros(len(completions), dtype=torch.bool)
     for source in sources:
         if source.func is not None:
-            per_source[source.name] = call_reward_func(
-                source.func, source.name, prompts, completions, completion_ids=completion_ids, **columns
+            per_source[source.name], bad = run_reward_func(
+                source.func, source.spec or source.name, prompts, completions, on_error=on_error,
+                completion_ids=completion_ids, **columns,
             )
+            dropped |= bad
         else:
             if source.model is None or reward_inputs is None:
                 raise ValueError("a reward-model source needs its model and reward_inputs")
@@ -187,4 +308,5 @@ def compute_rewards(
     total = torch.zeros(len(completions))
     for source in sources:
         total = total + torch.nan_to_num(per_source[source.name] * source.weight, nan=0.0)
+    total[dropped] = math.nan
     return total, per_source
