@@ -1,6 +1,7 @@
 """``alignlab evaluate`` and ``alignlab compare``: the statistics by hand, the shared budget, and the smoke
 preset end to end on the tiny model (report, failure of one method, resume)."""
 
+import html
 import json
 import math
 
@@ -133,6 +134,10 @@ def test_smoke_preset_end_to_end(capsys, tiny_model_dir, tmp_path):
         assert (out / name).stat().st_size > 1000
     assert results["budget"]["max_steps"] == 2 and results["budget"]["prompts_per_step"] == 4
     assert math.isfinite(results["methods"]["ppo"]["reward_model_seconds"])
+    verdict = results["verdict"]  # paired comparisons on the 8 held-out prompts, named in the report
+    assert verdict["best"] in results["methods"] and verdict["sentence"] in html.unescape(page)
+    assert set(verdict["pareto_front"]) <= set(results["methods"])
+    assert all(len(results["methods"][m]["prompt_scores"][0]) == 8 for m in results["methods"])
 
 
 def test_a_failing_method_is_marked_and_resume_reuses_the_rest(tiny_model_dir, prompts_file, rewards_file,

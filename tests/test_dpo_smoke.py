@@ -134,3 +134,25 @@ def test_several_loss_types_are_weighted(tiny_model_dir, pairs_file, tmp_path):
     train_dpo(_config(tiny_model_dir, pairs_file, tmp_path / "mix", loss_type=["sigmoid", "sft"],
                       loss_weights=[1.0, 0.0], max_steps=1))
     assert read_metrics(tmp_path / "mix")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_report_to_tensorboard_model_card_and_output_dir_lock(tiny_model_dir, pairs_file, tmp_path):
+    from huggingface_hub import ModelCard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from alignlab.errors import UserError
+    from alignlab.train.lock import OutputDirLock
+
+    out = tmp_path / "tb"
+    train_dpo(_config(tiny_model_dir, pairs_file, out, report_to=["tensorboard"]))
+    rows = read_metrics(out)
+    events = EventAccumulator(str(next((out / "runs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [s for s, _ in logged] == [1, 2, 3]
+    assert [v for _, v in logged] == pytest.approx([r["loss"] for r in rows])
+    card = ModelCard.load(out / "README.md")
+    assert "DPO" in card.text and f"{rows[-1]['loss']:.4g}"[:4] in card.text
+    with OutputDirLock(out):  # a live run holds the folder: a second one is refused
+        with pytest.raises(UserError, match="in use by a live run"):
+            train_dpo(_config(tiny_model_dir, pairs_file, out))

@@ -199,4 +199,4 @@ def test_cli_reports_a_failing_reward_function(capsys, tiny_model_dir, prompts_f
     code, _, err = run_cli(capsys, "ppo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(prompts_file),
                            "--output_dir", str(tmp_path / "x"), "--reward_funcs", f"{bad}:f", "--bf16", "false",
                            "--per_device_train_batch_size", "2", "--response_length", "3", "--max_steps", "1")
-    assert code == 1 and "reward function 'f' must return a list of 2 numbers, got 1 values" in one_line(err)
+    assert code == 1 and f"reward function {bad}:f must return a list of 2 numbers, got 1 values" in one_line(err)

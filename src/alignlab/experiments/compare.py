@@ -402,6 +402,20 @@ class Compare:
             _write_json(results[name], self.layout.evaluation(name))
         return results
 
+    @staticmethod
+    def _verdict(methods: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        """Paired comparisons over the held-out prompts (:func:`alignlab.experiments.stats.verdict`): each method
+        against the base and against the best, the winner or the methods tied with the best, the Pareto front
+        of reward against KL. ``None`` with fewer than one evaluated method besides the base."""
+        from alignlab.experiments.stats import pareto_front, verdict
+
+        ok = {m: e for m, e in methods.items() if e.get("status") == "ok" and "prompt_scores" in e}
+        if "base" not in ok or len(ok) < 2:
+            return None
+        result = verdict({m: e["prompt_scores"] for m, e in ok.items()}).to_dict()
+        result["pareto_front"] = pareto_front({m: (e["kl_to_base"], e["mean_reward"]) for m, e in ok.items()})
+        return result
+
     # ---------------------------------------------------------------- all stages
     def budget(self) -> dict[str, Any]:
         """The shared budget, as stated in the report."""
@@ -441,7 +455,7 @@ class Compare:
             entry["status"] = status
             methods[method] = entry
         results = {"task": cfg.task, "description": self.description, "preset": cfg.preset,
-                   "budget": self.budget(), "pairs": pairs, "methods": methods,
+                   "budget": self.budget(), "pairs": pairs, "methods": methods, "verdict": self._verdict(methods),
                    "wall_seconds": time.perf_counter() - start,
                    "config": dataclasses.asdict(cfg)}
         _write_json(results, self.layout.results)

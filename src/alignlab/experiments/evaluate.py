@@ -223,6 +223,8 @@ class Evaluator:
             "mean_length": float(lengths.mean()),
             "eos_rate": float(torch.cat([p.has_eos for p in parts]).float().mean()),
             "completions": int(scores.numel()),
+            # (samples_per_prompt, prompts): every completion's reward, for paired comparisons between models
+            "prompt_scores": scores.view(-1, cfg.samples_per_prompt).t().tolist(),
             "generated_tokens": int(lengths.sum()),
         }
         for source in self.sources:

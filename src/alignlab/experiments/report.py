@@ -166,10 +166,14 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
                 f"<div class=r>reward {e['samples'][i]['reward']:.3f}</div></td>" for _, e in ok)
             body += f"<tr><td class=p>{esc(prompt)}</td>{cells}</tr>"
         samples_html = f"<table class=samples>{head}{body}</table>"
-    best = max((e["mean_reward"], m) for m, e in ok if m != "base") if len(ok) > 1 else None
-    verdict = (f"<p class=verdict>Highest held-out reward: <b>{esc(best[1])}</b> ({best[0]:.3f}; base "
-               f"{results['methods']['base']['mean_reward']:.3f}). Overlapping intervals mean the difference is "
-               "within sampling noise.</p>") if best else ""
+    found = results.get("verdict")
+    verdict = ""
+    if found:
+        front = ", ".join(found.get("pareto_front", []))
+        verdict = (f"<p class=verdict>{esc(found['sentence'])}</p><p>{esc(found['base_sentence'])}</p>"
+                   f"<p>Reward-against-KL Pareto front (no other model has both more reward and less KL): "
+                   f"{esc(front)}. Paired 95% bootstrap intervals over the held-out prompts "
+                   "(docs/statistics.md).</p>")
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>alignlab compare: {esc(results['task'])}</title>
 <style>

@@ -117,6 +117,10 @@ class TrainConfig:
     # --- logging, evaluation, checkpoints --------------------------------------------------------------
     logging_steps: int = 10
     """Write a row to ``metrics.jsonl`` every this many optimizer steps (and at the last step)."""
+    report_to: list[str] | None = None
+    """Experiment trackers that also get every ``metrics.jsonl`` row (TRL's flag, through accelerate):
+    tensorboard, wandb, trackio, ... several at once, or none (the default). Local trackers write under
+    ``output_dir/runs`` (wandb under ``output_dir/wandb``; ``WANDB_MODE=offline`` needs no network)."""
     eval_steps: int | None = None
     """Evaluate every this many steps; evaluation also runs once at the end whenever an eval set is given."""
     save_steps: int = 500
@@ -170,6 +174,9 @@ class TrainConfig:
             raise UserError("--output_dir is required")
         if not self.dataset_name:
             raise UserError("--dataset_name is required")
+        from alignlab.train.tracking import resolve_report_to
+
+        self.report_to = resolve_report_to(self.report_to)
 
 
 def field_docs(cls: type) -> dict[str, str]:

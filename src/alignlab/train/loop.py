@@ -19,6 +19,7 @@ Both shapes of step come down to optimizer updates, each a list of micro-batches
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -40,8 +41,11 @@ from alignlab.train.checkpoint import (  # noqa: F401 - re-exported: the loop's 
     STATE_FILE, LoopState, find_latest_checkpoint, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
 )
 from alignlab.train.config import TrainConfig
+from alignlab.train.lock import OutputDirLock
 from alignlab.train.metrics import MetricsLog, plot_metrics
+from alignlab.train.model_card import write_model_card
 from alignlab.train.steps import LossFn, evaluate_terms, optimizer_step, run_update
+from alignlab.train.tracking import Tracking, accelerator_tracking_kwargs
 from alignlab.train.window import MetricsWindow
 
 logger = logging.getLogger(__name__)
@@ -98,6 +102,7 @@ def build_accelerator(config: TrainConfig):
         cpu=no_accelerator,
         mixed_precision="no",
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        **accelerator_tracking_kwargs(config.report_to, config.output_dir),
     )
     set_seed(config.seed)
     cpu_kernels.configure(config.cpu_kernels)
@@ -295,9 +300,20 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
-        """Run to ``max_steps`` (or ``num_train_epochs``), then evaluate, save the model and draw plots."""
-        with cpu_kernels.training(self.config.cpu_kernels):
-            return self._train()
+        """Run to ``max_steps`` (or ``num_train_epochs``), then evaluate, save the model (with its model card)
+        and draw plots. The main process holds ``output_dir``'s lock for the length of the run.
+
+        Raises:
+            UserError: another live run holds ``output_dir``; a bad ``--resume_from_checkpoint``.
+        """
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        lock = OutputDirLock(self.output_dir) if self.accelerator.is_main_process else contextlib.nullcontext()
+        with lock, cpu_kernels.training(self.config.cpu_kernels):
+            tracking = Tracking(self.accelerator, config=asdict(self.config), run_name=self.output_dir.name)
+            try:
+                return self._train(tracking)
+            finally:
+                tracking.end_training()
 
     def _setup(self, online: bool):
         """Optimizer, schedule, prepared model and loader, and the step count."""
@@ -339,7 +355,7 @@ class Trainer:
                     stale.unlink()
         return LoopState()
 
-    def _train(self) -> TrainResult:
+    def _train(self, tracking: Tracking) -> TrainResult:
         from tqdm.auto import tqdm
 
         cfg, acc = self.config, self.accelerator
@@ -383,6 +399,7 @@ class Trainer:
                         row["grad_norm"] = float(grad_norm)
                         if acc.is_main_process:
                             self.metrics.append(row)
+                        tracking.log(row, state.global_step)
                         bar.set_postfix(loss=f"{row['loss']:.4f}")
                         last_train = row
                     if self.eval_dataset is not None and cfg.eval_steps and state.global_step % cfg.eval_steps == 0 \
@@ -404,11 +421,13 @@ class Trainer:
 
         if self.eval_dataset is not None:
             last_eval = self.evaluate(model, state.global_step)
+            tracking.log(last_eval, state.global_step)
         acc.wait_for_everyone()
         plots: list[Path] = []
         if acc.is_main_process:
             to_save = self.model_to_save(acc.unwrap_model(model))
             save_pretrained(to_save, self.tokenizer, self.output_dir, merge_lora=cfg.merge_lora)
+            self._write_model_card(to_save, {**last_train, **last_eval})
             plots = plot_metrics(self.metrics.rows(), self.output_dir / "plots", self.plot_panels)
         acc.wait_for_everyone()
         self.model = acc.unwrap_model(model)
@@ -420,6 +439,24 @@ class Trainer:
             train_metrics=last_train,
             eval_metrics=last_eval,
             train_seconds=train_seconds,
+        )
+
+    def _write_model_card(self, model, final_metrics: dict[str, float]) -> None:
+        """``README.md`` beside the saved model: base model, method, data, settings, final metrics, command."""
+        import sys
+
+        from alignlab.models import is_peft_model
+
+        cfg = self.config
+        data = cfg.dataset_name if isinstance(cfg.dataset_name, list) else [cfg.dataset_name]
+        write_model_card(
+            self.output_dir, base_model=cfg.model_name_or_path or "SmolLM2-135M-Instruct (embedded)",
+            method=type(cfg).__name__.removesuffix("Config"), datasets=[str(d) for d in data if d],
+            hyperparameters={k: v for k, v in asdict(cfg).items() if not isinstance(v, (dict, list)) or v},
+            final_metrics={k: v for k, v in final_metrics.items() if isinstance(v, (int, float))},
+            command_line=" ".join(["alignlab", *sys.argv[1:]]) if sys.argv and "alignlab" in sys.argv[0]
+            else " ".join(sys.argv),
+            peft=is_peft_model(model) and not cfg.merge_lora,
         )
 
     def _save_checkpoint(self, state: LoopState) -> None:
