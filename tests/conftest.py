@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -58,6 +59,16 @@ def pairs_file(tmp_path) -> Path:
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def tiny_config(config_cls, model, data, out, **overrides):
+    """``config_cls`` for a short float32 run of the tiny model on ``data`` into ``out``: 3 steps of 4 examples,
+    a row logged every step, no checkpoints, a learning rate that visibly moves a random model."""
+    settings = dict(model_name_or_path=model, dataset_name=str(data), output_dir=str(out), per_device_train_batch_size=4,
+                    max_steps=3, logging_steps=1, learning_rate=1e-3, save_steps=0, bf16=False)
+    if "max_length" in {f.name for f in dataclasses.fields(config_cls)}:
+        settings["max_length"] = 64
+    return config_cls(**{**settings, **overrides})
 
 
 def read_metrics(output_dir) -> list[dict]:

@@ -9,24 +9,11 @@ import yaml
 from safetensors.torch import load_file
 
 from alignlab.algorithms.dpo import DPOConfig, train_dpo
-from tests.conftest import read_metrics
+from tests.conftest import read_metrics, tiny_config
 
 
 def _config(model, data, out, **kw):
-    base = dict(
-        model_name_or_path=model,
-        dataset_name=str(data),
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        max_steps=3,
-        logging_steps=1,
-        learning_rate=1e-3,
-        save_steps=0,
-        bf16=False,
-        max_length=64,
-    )
-    base.update(kw)
-    return DPOConfig(**base)
+    return tiny_config(DPOConfig, model, data, out, **kw)
 
 
 def test_full_dpo_writes_outputs_and_updates_weights(tiny_model_dir, pairs_file, tmp_path):

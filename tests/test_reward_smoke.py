@@ -13,24 +13,11 @@ from safetensors.torch import load_file
 
 from alignlab.algorithms.reward import RewardConfig, RewardTrainer, collate_reward_pairs, sequence_scores, train_reward
 from alignlab.models import load_reward_model
-from tests.conftest import one_line, read_metrics, run_cli
+from tests.conftest import one_line, read_metrics, run_cli, tiny_config
 
 
 def _config(model, data, out, **kw):
-    base = dict(
-        model_name_or_path=model,
-        dataset_name=str(data),
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        max_steps=3,
-        logging_steps=1,
-        learning_rate=1e-3,
-        save_steps=0,
-        bf16=False,
-        max_length=64,
-    )
-    base.update(kw)
-    return RewardConfig(**base)
+    return tiny_config(RewardConfig, model, data, out, **kw)
 
 
 def test_score_is_read_at_the_last_real_token(tiny_model_dir, tiny_tokenizer):

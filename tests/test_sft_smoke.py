@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from alignlab.algorithms.dpo import DPOConfig, train_dpo
 from alignlab.algorithms.sft import SFTConfig, SFTTrainer, train_sft
 from alignlab.data.sft import collate_sft
-from tests.conftest import one_line, read_metrics, run_cli
+from tests.conftest import one_line, read_metrics, run_cli, tiny_config
 
 
 @pytest.fixture
@@ -42,20 +42,7 @@ def chat_file(tmp_path) -> Path:
 
 
 def _config(model, data, out, **kw):
-    base = dict(
-        model_name_or_path=model,
-        dataset_name=str(data),
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        max_steps=3,
-        logging_steps=1,
-        learning_rate=1e-3,
-        save_steps=0,
-        bf16=False,
-        max_length=64,
-    )
-    base.update(kw)
-    return SFTConfig(**base)
+    return tiny_config(SFTConfig, model, data, out, **kw)
 
 
 def test_sft_writes_outputs_updates_weights_and_feeds_dpo(tiny_model_dir, sft_file, pairs_file, tmp_path):

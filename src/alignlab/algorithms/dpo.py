@@ -15,16 +15,17 @@ from typing import Literal
 
 import torch
 
+from alignlab.algorithms.base import Algorithm
 from alignlab.data.preference import build_pair_examples, collate_pairs
 from alignlab.errors import UserError
 from alignlab.losses.dpo import (
     PREFERENCE_LOSSES, PairLogps, combined_reward_kind, get_preference_loss, preference_loss, preference_metrics,
 )
 from alignlab.methods import CompareBudget, CompareEntry, Method, register_method
-from alignlab.models import is_peft_model, load_causal_lm, load_tokenizer
+from alignlab.models import is_peft_model, load_causal_lm
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
-from alignlab.train.loop import Trainer, TrainResult, autocast, build_accelerator
+from alignlab.train.loop import TrainResult, autocast
 from alignlab.train.steps import LossTerms
 from alignlab.train.setup import load_train_eval, prepare_model
 
@@ -197,7 +198,7 @@ class DPOConfig(TrainConfig):
                 "simpo_gamma": self.simpo_gamma, "cpo_alpha": self.cpo_alpha}
 
 
-class DPOTrainer:
+class DPOTrainer(Algorithm):
     """DPO of a causal LM on preference pairs.
 
     >>> trainer = DPOTrainer(DPOConfig(dataset_name="builtin:concise", output_dir="runs/dpo", max_steps=10))
@@ -212,9 +213,7 @@ class DPOTrainer:
     """
 
     def __init__(self, config: DPOConfig):
-        self.config = config
-        self.accelerator = build_accelerator(config)
-        self.tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        super().__init__(config)
         build_kwargs = dict(
             is_main_process=self.accelerator.is_main_process,
             max_length=config.max_length,
@@ -341,8 +340,7 @@ class DPOTrainer:
             metrics["contrastive/accuracies"] = wins.float().detach()
         return [(loss, metrics)]
 
-    def train(self) -> TrainResult:
-        """Train, evaluate, save; returns where everything went."""
+    def loop_inputs(self) -> dict:
         contrastive = self.config.contrastive_weight > 0
         plots = dict(DPO_PLOTS)
         if len(self.config.objectives) > 1:
@@ -351,21 +349,9 @@ class DPOTrainer:
             plots["objectives_margins"] = [f"{name}/rewards/margins" for name in names]
         if contrastive:
             plots["contrastive"] = ["contrastive/loss", "contrastive/accuracies"]
-        trainer = Trainer(
-            self.config,
-            self.accelerator,
-            self.policy,
-            self.tokenizer,
-            self.train_examples,
-            eval_dataset=self.eval_examples,
-            collate_fn=lambda ex: collate_pairs(ex, self.tokenizer.pad_token_id, contrastive=contrastive),
-            loss_fn=self.compute_loss,
-            plot_panels=plots,
-        )
-        result = trainer.train()
-        self.policy = trainer.model
-        return result
-
+        return {"model": self.policy, "train_dataset": self.train_examples, "eval_dataset": self.eval_examples,
+                "collate_fn": lambda ex: collate_pairs(ex, self.tokenizer.pad_token_id, contrastive=contrastive),
+                "plot_panels": plots}
 
 def train_dpo(config: DPOConfig) -> TrainResult:
     """Run DPO as configured; the Python twin of ``alignlab dpo``."""

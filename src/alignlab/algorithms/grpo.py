@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from alignlab.advantages.group import group_advantages
+from alignlab.algorithms.base import OnlineAlgorithm
 from alignlab.algorithms.online import OnlineConfig, OnlineSetup
 from alignlab.errors import UserError
 from alignlab.losses.ppo import aggregate_token_loss, get_policy_loss
@@ -25,7 +26,7 @@ from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.ops.kl import kl_k3
 from alignlab.ops.masked import masked_mean
 from alignlab.rollout.generation import slice_rows
-from alignlab.train.loop import Rollout, Trainer, TrainResult, autocast
+from alignlab.train.loop import Rollout, TrainResult, autocast
 from alignlab.train.steps import LossTerms
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class GRPOConfig(OnlineConfig):
         return self.per_device_train_batch_size * self.gradient_accumulation_steps // self.num_generations
 
 
-class GRPOTrainer:
+class GRPOTrainer(OnlineAlgorithm):
     """GRPO of a causal LM against reward functions and/or a reward model.
 
     Raises:
@@ -189,23 +190,7 @@ class GRPOTrainer:
         )
         return [(loss, metrics)]
 
-    def train(self) -> TrainResult:
-        """Train, save the policy; returns where everything went."""
-        trainer = Trainer(
-            self.config,
-            self.accelerator,
-            self.policy,
-            self.tokenizer,
-            self.prompts,
-            collate_fn=list,
-            loss_fn=self.compute_loss,
-            plot_panels=GRPO_PLOTS,
-            rollout_fn=self.rollout,
-            rollout_batch_size=self.config.prompts_per_step,
-        )
-        result = trainer.train()
-        self.policy = trainer.model
-        return result
+    plot_panels = GRPO_PLOTS
 
 
 def train_grpo(config: GRPOConfig) -> TrainResult:

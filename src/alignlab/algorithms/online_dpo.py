@@ -16,12 +16,13 @@ from typing import Literal
 
 import torch
 
+from alignlab.algorithms.base import OnlineAlgorithm
 from alignlab.algorithms.online import OnlineConfig, OnlineSetup
 from alignlab.errors import UserError
 from alignlab.losses.dpo import PairLogps, preference_loss, preference_metrics
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.rollout.generation import slice_rows
-from alignlab.train.loop import Rollout, Trainer, TrainResult, autocast
+from alignlab.train.loop import Rollout, TrainResult, autocast
 from alignlab.train.steps import LossTerms
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def pick_chosen(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return base + (~first_wins).long(), base + first_wins.long()
 
 
-class OnlineDPOTrainer:
+class OnlineDPOTrainer(OnlineAlgorithm):
     """Online DPO of a causal LM against a reward model and/or reward functions.
 
     Raises:
@@ -146,16 +147,7 @@ class OnlineDPOTrainer:
         metrics["objective/kl"] = torch.cat([chosen_logratios, rejected_logratios]).detach()
         return [(losses.mean(), metrics)]
 
-    def train(self) -> TrainResult:
-        """Train, save the policy; returns where everything went."""
-        trainer = Trainer(
-            self.config, self.accelerator, self.policy, self.tokenizer, self.prompts,
-            collate_fn=list, loss_fn=self.compute_loss, plot_panels=ONLINE_DPO_PLOTS,
-            rollout_fn=self.rollout, rollout_batch_size=self.config.prompts_per_step,
-        )
-        result = trainer.train()
-        self.policy = trainer.model
-        return result
+    plot_panels = ONLINE_DPO_PLOTS
 
 
 def train_online_dpo(config: OnlineDPOConfig) -> TrainResult:

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from alignlab.advantages.gae import compute_gae, kl_penalized_rewards
+from alignlab.algorithms.base import OnlineAlgorithm
 from alignlab.algorithms.online import OnlineConfig, OnlineSetup
 from alignlab.errors import UserError
 from alignlab.losses.ppo import clipped_policy_loss, clipped_value_loss
@@ -32,7 +33,7 @@ from alignlab.models import load_reward_model
 from alignlab.ops.kl import KL_ESTIMATORS
 from alignlab.ops.masked import masked_mean, masked_var, masked_whiten
 from alignlab.rollout.generation import completion_token_logps, slice_rows, token_values
-from alignlab.train.loop import Rollout, Trainer, TrainResult, autocast
+from alignlab.train.loop import Rollout, TrainResult, autocast
 from alignlab.train.steps import LossTerms
 from alignlab.train.setup import prepare_model
 
@@ -145,7 +146,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return 1 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8)
 
 
-class PPOTrainer:
+class PPOTrainer(OnlineAlgorithm):
     """PPO of a causal LM against a reward model and/or reward functions.
 
     >>> PPOTrainer(PPOConfig(dataset_name="prompts.jsonl", reward_funcs=["rewards.py:short"], output_dir="runs/ppo",
@@ -269,24 +270,11 @@ class PPOTrainer:
         value_loss = masked_mean(vf, mask)
         return self.config.vf_coef * value_loss, {"loss/value": value_loss.detach(), **metrics}
 
-    def train(self) -> TrainResult:
-        """Train, save the policy; returns where everything went."""
-        trainer = Trainer(
-            self.config,
-            self.accelerator,
-            self.model,
-            self.tokenizer,
-            self.prompts,
-            collate_fn=list,
-            loss_fn=self.compute_loss,
-            plot_panels=PPO_PLOTS,
-            rollout_fn=self.rollout,
-            rollout_batch_size=self.config.rollout_batch_size,
-            model_to_save=lambda wrapper: wrapper.policy,
-        )
-        result = trainer.train()
-        self.model = trainer.model
-        return result
+    plot_panels = PPO_PLOTS
+
+    def loop_inputs(self) -> dict:
+        return {"model": self.model, "train_dataset": self.prompts, "collate_fn": list, "rollout_fn": self.rollout,
+                "rollout_batch_size": self.config.rollout_batch_size, "model_to_save": lambda wrapper: wrapper.policy}
 
 
 def train_ppo(config: PPOConfig) -> TrainResult:

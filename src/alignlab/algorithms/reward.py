@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from alignlab.algorithms.base import Algorithm
 from alignlab.data.io import read_rows
 from alignlab.data.preference import PairStats, build_pair_examples, collate_pairs
 from alignlab.errors import DataError, UserError
@@ -26,7 +27,7 @@ from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.models import load_reward_model, load_tokenizer
 from alignlab.rollout.scoring import sequence_scores
 from alignlab.train.config import TrainConfig, resolve_bf16
-from alignlab.train.loop import Trainer, TrainResult, autocast, build_accelerator
+from alignlab.train.loop import TrainResult, autocast
 from alignlab.train.steps import LossTerms
 from alignlab.train.setup import load_train_eval, prepare_model
 
@@ -148,7 +149,7 @@ def collate_reward_pairs(examples: list[dict[str, Any]], pad_token_id: int) -> d
 
 
 # ----------------------------------------------------------------------------------------------------------
-class RewardTrainer:
+class RewardTrainer(Algorithm):
     """A Bradley-Terry reward model trained on preference pairs.
 
     >>> result = RewardTrainer(RewardConfig(dataset_name="builtin:concise", output_dir="runs/rm", max_steps=10)).train()
@@ -161,9 +162,7 @@ class RewardTrainer:
     """
 
     def __init__(self, config: RewardConfig):
-        self.config = config
-        self.accelerator = build_accelerator(config)
-        self.tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        super().__init__(config)
         self.train_examples, self.eval_examples = load_train_eval(
             config,
             build_reward_examples,
@@ -199,22 +198,11 @@ class RewardTrainer:
         )
         return [(losses.mean(), metrics)]
 
-    def train(self) -> TrainResult:
-        """Train, evaluate, save; returns where everything went."""
-        trainer = Trainer(
-            self.config,
-            self.accelerator,
-            self.model,
-            self.tokenizer,
-            self.train_examples,
-            eval_dataset=self.eval_examples,
-            collate_fn=lambda ex: collate_reward_pairs(ex, self.tokenizer.pad_token_id),
-            loss_fn=self.compute_loss,
-            plot_panels=REWARD_PLOTS,
-        )
-        result = trainer.train()
-        self.model = trainer.model
-        return result
+    plot_panels = REWARD_PLOTS
+
+    def loop_inputs(self) -> dict:
+        return {"model": self.model, "train_dataset": self.train_examples, "eval_dataset": self.eval_examples,
+                "collate_fn": lambda ex: collate_reward_pairs(ex, self.tokenizer.pad_token_id)}
 
 
 def train_reward(config: RewardConfig) -> TrainResult:

@@ -13,13 +13,14 @@ from typing import Literal
 
 import torch
 
+from alignlab.algorithms.base import Algorithm
 from alignlab.data.sft import build_sft_examples, collate_sft, pack_sft_examples
 from alignlab.errors import UserError
 from alignlab.methods import Method, register_method
-from alignlab.models import load_causal_lm, load_tokenizer
+from alignlab.models import load_causal_lm
 from alignlab.ops.logprobs import selective_log_softmax, supports_packing
 from alignlab.train.config import TrainConfig
-from alignlab.train.loop import Trainer, TrainResult, build_accelerator
+from alignlab.train.loop import TrainResult
 from alignlab.train.steps import LossTerms
 from alignlab.train.setup import load_train_eval, prepare_model
 
@@ -130,7 +131,7 @@ def target_token_logps(
     return token_logps, correct
 
 
-class SFTTrainer:
+class SFTTrainer(Algorithm):
     """Supervised fine-tuning of a causal LM.
 
     >>> result = SFTTrainer(SFTConfig(dataset_name="data.jsonl", output_dir="runs/sft", max_steps=10)).train()
@@ -145,9 +146,7 @@ class SFTTrainer:
     """
 
     def __init__(self, config: SFTConfig):
-        self.config = config
-        self.accelerator = build_accelerator(config)
-        self.tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        super().__init__(config)
         self.train_examples, self.eval_examples = load_train_eval(
             config,
             build_sft_examples,
@@ -201,22 +200,11 @@ class SFTTrainer:
         loss = -token_logps.sum() / count
         return [(loss, {"mean_token_accuracy": correct.float().sum() / count})]
 
-    def train(self) -> TrainResult:
-        """Train, evaluate, save; returns where everything went."""
-        trainer = Trainer(
-            self.config,
-            self.accelerator,
-            self.model,
-            self.tokenizer,
-            self.train_examples,
-            eval_dataset=self.eval_examples,
-            collate_fn=lambda ex: collate_sft(ex, self.tokenizer.pad_token_id),
-            loss_fn=self.compute_loss,
-            plot_panels=SFT_PLOTS,
-        )
-        result = trainer.train()
-        self.model = trainer.model
-        return result
+    plot_panels = SFT_PLOTS
+
+    def loop_inputs(self) -> dict:
+        return {"model": self.model, "train_dataset": self.train_examples, "eval_dataset": self.eval_examples,
+                "collate_fn": lambda ex: collate_sft(ex, self.tokenizer.pad_token_id)}
 
 
 def train_sft(config: SFTConfig) -> TrainResult:

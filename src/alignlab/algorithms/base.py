@@ -1,0 +1,58 @@
+"""What every algorithm class shares: one ``train()`` that hands the algorithm's model, data, loss and (online)
+rollout to the training loop. An algorithm class says only what differs, in :meth:`Algorithm.loop_inputs`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alignlab.models import load_tokenizer
+from alignlab.train.loop import Trainer, TrainResult, build_accelerator
+from alignlab.train.steps import LossTerms
+
+
+class Algorithm:
+    """Base of the algorithm classes (``DPOTrainer``, ``GRPOTrainer``, ...).
+
+    A subclass has ``config``, ``accelerator`` and ``tokenizer`` (offline ones from ``Algorithm.__init__``), a
+    class attribute
+    ``plot_panels`` (file stem -> metric names for ``plots/*.png``), and defines :meth:`compute_loss` and
+    :meth:`loop_inputs`.
+    """
+
+    plot_panels: dict[str, list[str]] = {}
+
+    def __init__(self, config):
+        """The offline algorithms' start: ``config``, the accelerator (before any model is loaded) and the
+        tokenizer. Online algorithms get both from :class:`~alignlab.algorithms.online.OnlineSetup` instead."""
+        self.config = config
+        self.accelerator = build_accelerator(config)
+        self.tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+
+    def compute_loss(self, model, batch: dict[str, Any]) -> LossTerms:
+        """The loss terms of one micro-batch (:data:`alignlab.train.steps.LossFn`)."""
+        raise NotImplementedError
+
+    def loop_inputs(self) -> dict[str, Any]:
+        """The :class:`~alignlab.train.loop.Trainer` arguments that are the algorithm's own: ``model``,
+        ``train_dataset`` and ``collate_fn`` (offline, with ``eval_dataset``), or ``rollout_fn`` and
+        ``rollout_batch_size`` (online), ``model_to_save``, and ``plot_panels`` when they depend on the config."""
+        raise NotImplementedError
+
+    def train(self) -> TrainResult:
+        """Train, evaluate when there is an eval set, save; returns where everything went."""
+        inputs = {"plot_panels": self.plot_panels, **self.loop_inputs()}
+        return Trainer(self.config, self.accelerator, tokenizer=self.tokenizer, loss_fn=self.compute_loss,
+                       **inputs).train()
+
+
+class OnlineAlgorithm(Algorithm):
+    """Base of the online algorithms: the policy samples ``config.prompts_per_step`` prompts per process and
+    step from ``self.prompts`` through ``self.rollout``."""
+
+    def rollout(self, model, examples: list[dict], step: int):
+        """Sample, score and build the step's updates (:class:`~alignlab.train.loop.Rollout`)."""
+        raise NotImplementedError
+
+    def loop_inputs(self) -> dict[str, Any]:
+        return {"model": self.policy, "train_dataset": self.prompts, "collate_fn": list,
+                "rollout_fn": self.rollout, "rollout_batch_size": self.config.prompts_per_step}
