@@ -107,6 +107,7 @@ REQUIRED = ("mean_reward", "reward_ci95", "win_rate_vs_base", "kl_to_base", "mea
             "peak_rss_bytes")
 
 
+@pytest.mark.integration  # one process per method
 def test_smoke_preset_end_to_end(capsys, tiny_model_dir, tmp_path):
     out = tmp_path / "cmp"
     code, stdout, err = run_cli(capsys, "compare", "--preset", "smoke", "--task", "kid-stories",
@@ -140,6 +141,7 @@ def test_smoke_preset_end_to_end(capsys, tiny_model_dir, tmp_path):
     assert all(len(results["methods"][m]["prompt_scores"][0]) == 8 for m in results["methods"])
 
 
+@pytest.mark.integration  # one process per method
 def test_a_failing_method_is_marked_and_resume_reuses_the_rest(tiny_model_dir, prompts_file, rewards_file,
                                                                tmp_path, monkeypatch):
     out = tmp_path / "cmp"

@@ -63,10 +63,21 @@ def test_no_reference_without_beta_and_dapo_normalises_over_the_whole_step(tiny_
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
 def test_other_loss_types_and_iterations_run(tiny_model_dir, prompts_file, rewards_file, tmp_path, loss_type):
+    # two iterations on one sampled batch: the first update is on-policy (ratio 1, nothing clipped); the
+    # second starts from the updated policy, so its ratios move away from 1 and the old log-probs stay put
     out = tmp_path / loss_type
-    GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, out, loss_type=loss_type, num_iterations=2,
-                        epsilon_high=0.28, max_steps=1)).train()
-    assert math.isfinite(read_metrics(out)[0]["loss"])
+    trainer = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, out, loss_type=loss_type,
+                                  num_iterations=2, epsilon_high=0.28, max_steps=1))
+    with torch.no_grad():
+        rollout = trainer.rollout(trainer.policy, trainer.prompts[:2], 1)
+    assert len(rollout.updates) == 2 and "old_logps" in rollout.updates[0][0]
+    first = {**rollout.updates[0][0], **rollout.scalars}
+    with torch.no_grad():
+        [(_, metrics)] = trainer.compute_loss(trainer.policy, first)
+    assert float(metrics["clip_ratio"]) == 0.0
+    trainer.train()
+    row = read_metrics(out)[0]
+    assert math.isfinite(row["loss"]) and row["grad_norm"] > 0
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,10 @@ def test_lora_and_ipo(tiny_model_dir, prompts_file, rewards_file, tmp_path):
                                        lora_alpha=8, loss_type="ipo", max_steps=1))
     assert trainer.setup.ref_model is None
     trainer.train()
-    assert math.isfinite(read_metrics(out)[0]["loss"]) and (out / "adapter_model.safetensors").exists()
+    # LoRA starts at zero, so the policy is the reference: every log-ratio is 0 and IPO's loss is
+    # (0 - 1 / (2 beta))^2 = (1 / 0.2)^2 = 25 at beta 0.1
+    assert read_metrics(out)[0]["loss"] == pytest.approx(25.0, rel=1e-4)
+    assert (out / "adapter_model.safetensors").exists()
 
 
 def test_cli_errors_are_one_line(capsys, tiny_model_dir, prompts_file, rewards_file, tmp_path):

@@ -110,10 +110,13 @@ def test_packing_run_and_lora_on_conversations(tiny_model_dir, sft_file, chat_fi
 
     from transformers import AutoModelForCausalLM
 
-    lora = tmp_path / "lora"
+    lora, full = tmp_path / "lora", tmp_path / "full"
     train_sft(_config(tiny_model_dir, chat_file, lora, use_peft=True, lora_r=4, lora_alpha=8, max_steps=2))
+    train_sft(_config(tiny_model_dir, chat_file, full, max_steps=1))
     assert (lora / "adapter_model.safetensors").exists()
-    assert all(math.isfinite(r["loss"]) for r in read_metrics(lora))
+    # LoRA's B matrices start at zero: its first step's loss is the base model's, as full fine-tuning's is
+    assert read_metrics(lora)[0]["loss"] == pytest.approx(read_metrics(full)[0]["loss"], rel=1e-5)
+    assert read_metrics(lora)[1]["loss"] != read_metrics(lora)[0]["loss"]
     assert hasattr(AutoModelForCausalLM.from_pretrained(lora), "peft_config")
 
 
