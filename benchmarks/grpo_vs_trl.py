@@ -46,9 +46,6 @@ TRL 1.16 settings that differ from its defaults, and why:
   ``use_cpu=True`` when there is no CUDA device: transformers refuses ``bf16=True`` on a CPU without it.
 * Both: ``use_vllm=False`` (the default), ``save_strategy="no"``, ``report_to="none"``, ``logging_steps=1``,
   ``seed=42``.
-* alignlab's sampler: ``--rollout-weights`` (default ``policy``: the policy samples, as TRL does without vLLM)
-  is passed on as ``--rollout_weights``; ``bfloat16`` samples from a bf16 copy of the policy with truncated
-  importance weights in the loss (docs/rollouts.md).
 * Online DPO: TRL 1.16's ``OnlineDPOTrainer`` (``trl.experimental.online_dpo``) accepts Python reward
   functions through ``reward_funcs`` (called as ``fn(prompts=, completions=, completion_ids=, **columns)``), so
   the same ``target_length`` is used on both sides. Its ``max_length`` (prompt + completion kept for the
@@ -83,7 +80,7 @@ What is measured, for each side in its own process, the two one after the other:
   so the mean completion length of the last step is printed next to each side's reward.
 
     .venv/bin/python benchmarks/grpo_vs_trl.py [--steps 6] [--algo grpo|online-dpo|both] [--only alignlab|trl]
-        [--bf16 auto|true|false] [--max-completion-length 64] [--rollout-weights policy|bfloat16]
+        [--bf16 auto|true|false] [--max-completion-length 64]
 """
 
 from __future__ import annotations
@@ -242,7 +239,6 @@ def alignlab_command(algo: str, model_path: str, train: str, out: str, steps: in
         "--gradient_checkpointing", "false", "--save_steps", "0", "--logging_steps", "1", "--sample_steps", "0",
         "--seed", str(SEED), "--top_p", "1.0",
     ]
-    cmd += ["--rollout_weights", os.environ.get("ALIGNLAB_ROLLOUT_WEIGHTS", "policy")]
     if algo == "grpo":
         cmd += ["--num_generations", str(NUM_GENERATIONS), "--per_device_train_batch_size", str(GRPO_BATCH),
                 "--max_completion_length", str(max_len), "--temperature", str(GRPO_TEMPERATURE), "--beta", "0.0",
@@ -350,8 +346,6 @@ def main() -> None:
                         help="bf16 autocast on both sides; auto: only where bf16 matmuls are fast (default auto)")
     parser.add_argument("--max-completion-length", type=int, default=64,
                         help="most tokens per completion, both algos (default 64; small values for a quick check)")
-    parser.add_argument("--rollout-weights", choices=["policy", "bfloat16"], default="policy",
-                        help="alignlab's --rollout_weights (default policy: the policy samples, as TRL's does)")
     parser.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -361,8 +355,6 @@ def main() -> None:
     if args.steps < 1 or args.max_completion_length < 1:
         raise SystemExit("--steps and --max-completion-length must be >= 1")
 
-    os.environ["ALIGNLAB_ROLLOUT_WEIGHTS"] = args.rollout_weights  # read by the alignlab child
-    print(f"alignlab rollouts: --rollout_weights {args.rollout_weights}")
     bf16 = resolve_bf16(args.bf16)
     print(f"precision: {'bf16 autocast (float32 weights)' if bf16 else 'float32'} on both sides "
           f"(--bf16 {args.bf16}{', resolved by fast_bf16_available()' if args.bf16 == 'auto' else ''})")

@@ -1,14 +1,13 @@
 #!/bin/bash
 # Host-memory policy of the training process, measured on the Online DPO job of grpo_vs_trl.py (embedded
 # model, 16 prompts x 2 completions of <= 64 tokens, temperature 0.9, beta 0.1, lr 1e-5, bf16 autocast,
-# 6 steps). Four variants, each an `alignlab online-dpo` process of its own, one after the other:
-#   base   THP_MEM_ALLOC_ENABLE=0, --reuse_host_memory false  (glibc, mmap/trim thresholds 32/64 MB, malloc_trim every step)
-#   thp    THP_MEM_ALLOC_ENABLE=1, --reuse_host_memory false  (PyTorch's huge pages only)
-#   reuse  THP_MEM_ALLOC_ENABLE=0, --reuse_host_memory true   (freed memory kept for reuse only)
-#   all    THP_MEM_ALLOC_ENABLE=1, --reuse_host_memory true   (both: the alignlab command's default)
+# 6 steps). Variants, each an `alignlab online-dpo` process of its own, one after the other:
+#   base   THP_MEM_ALLOC_ENABLE=0, --cpu_kernels off   (plain PyTorch and glibc: malloc_trim every step)
+#   thp    THP_MEM_ALLOC_ENABLE=1, --cpu_kernels off   (PyTorch's huge pages only)
+#   all    THP_MEM_ALLOC_ENABLE=1, --cpu_kernels auto  (the CPU speed layer: the alignlab command's default)
 # Prints, per variant, /usr/bin/time's peak RSS, minor page faults and wall time, then the mean over steps
 # 2-6 of the logged time/generation, time/scoring and time/training (seconds).
-#   bash benchmarks/host_memory.sh [variant ...]    (default: base thp reuse all base all)
+#   bash benchmarks/host_memory.sh [variant ...]    (default: base thp all base all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)
@@ -20,14 +19,14 @@ with open(sys.argv[1], "w") as handle:
     handle.writelines(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows[:96])
 PY
 run() {
-  name=$1; reuse=$2; thp=$3
+  name=$1; kernels=$2; thp=$3
   dir="$out/$name-$RANDOM"
   THP_MEM_ALLOC_ENABLE=$thp /usr/bin/time -f "$name peak RSS %M KB, minor faults %R, wall %e s" \
     .venv/bin/alignlab online-dpo --model_name_or_path "$model" --dataset_name "$out/prompts.jsonl" \
     --output_dir "$dir" --reward_funcs examples/reward_funcs.py:target_length --max_steps 6 \
     --learning_rate 1e-5 --bf16 true --gradient_checkpointing false --save_steps 0 --sample_steps 0 --seed 42 \
     --per_device_train_batch_size 16 --max_new_tokens 64 --temperature 0.9 --beta 0.1 \
-    --reuse_host_memory "$reuse" 2>&1 | grep "peak RSS"
+    --cpu_kernels "$kernels" 2>&1 | grep "peak RSS"
   .venv/bin/python - "$dir/metrics.jsonl" "$name" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])][1:]
@@ -37,13 +36,12 @@ print(f"{sys.argv[2]} generation {parts[0]:.2f} scoring {parts[1]:.2f} training 
       f"sum {sum(parts):.2f} (steps 2-6), completions {mean('completions/mean_length'):.1f} tokens")
 PY
 }
-for variant in "${@:-base thp reuse all base all}"; do
+for variant in "${@:-base thp all base all}"; do
   for v in $variant; do
     case $v in
-      base) run base false 0 ;;
-      thp) run thp false 1 ;;
-      reuse) run reuse true 0 ;;
-      all) run all true 1 ;;
+      base) run base off 0 ;;
+      thp) run thp off 1 ;;
+      all) run all auto 1 ;;
       *) echo "unknown variant $v" >&2; exit 2 ;;
     esac
   done

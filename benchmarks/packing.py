@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from alignlab.models import embedded_model_path, load_causal_lm  # noqa: E402
 from alignlab.ops import attention  # noqa: E402
 from alignlab.ops.logprobs import completion_logps  # noqa: E402
-from alignlab.train.memory import configure_host_memory  # noqa: E402
+from alignlab.ops.memory import configure_host_memory  # noqa: E402
 
 
 def ppo_like_job() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -47,13 +47,10 @@ bf16 on by default; its ``gradient_checkpointing=True`` default is never applied
 model), TRL treats the prompt's own ``<|im_end|>`` tokens as padding in its attention masks.
 
     .venv/bin/python benchmarks/ppo_vs_trl.py [--steps 3] [--only alignlab|trl] [--trl-python PATH]
-        [--bf16 false|true] [--rollout-weights policy|bfloat16]
+        [--bf16 false|true]
 
 ``--bf16 true`` runs both sides in bf16 autocast over float32 weights (TRL: ``bf16=True``); the default is
 float32, as in the issue. ``ALIGNLAB_BF16=true|false`` in the environment overrides the alignlab side alone.
-``--rollout-weights`` (default ``policy``: the policy samples, as TRL's does) is passed on as alignlab's
-``--rollout_weights``; ``bfloat16`` samples from a bf16 copy with truncated importance weights
-(docs/rollouts.md).
 """
 
 from __future__ import annotations
@@ -209,7 +206,6 @@ def child(side: str, model_path: str, rm_dir: str, train: str, evalset: str, out
             "--learning_rate", str(LEARNING_RATE), "--bf16", os.environ.get("ALIGNLAB_BF16", "false"), "--save_steps", "0",
             "--logging_steps", "1", "--sample_steps", "0",
         ]
-        cmd += ["--rollout_weights", os.environ.get("ALIGNLAB_ROLLOUT_WEIGHTS", "policy")]
     else:
         cmd = [trl_python, "-c", TRL_SCRIPT, model_path, rm_dir, train, evalset, out, str(steps), str(BATCH),
                str(RESPONSE_LENGTH), str(PPO_EPOCHS), str(LEARNING_RATE)]
@@ -262,8 +258,6 @@ def main() -> None:
     parser.add_argument("--trl-python", default=str(TRL_PYTHON), help="python of a venv with trl==0.24.0")
     parser.add_argument("--bf16", choices=["false", "true"], default="false",
                         help="bf16 autocast on both sides (default false: float32, the issue's setting)")
-    parser.add_argument("--rollout-weights", choices=["policy", "bfloat16"], default="policy",
-                        help="alignlab's --rollout_weights (default policy: the policy samples, as TRL's does)")
     parser.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -271,12 +265,10 @@ def main() -> None:
         child(side, model_path, rm_dir, train, evalset, out, int(steps), trl_python)
         return
 
-    os.environ["ALIGNLAB_ROLLOUT_WEIGHTS"] = args.rollout_weights  # read by the alignlab child
     os.environ["TRL_BF16"] = args.bf16  # read by the TRL script
     os.environ.setdefault("ALIGNLAB_BF16", args.bf16)  # an explicit ALIGNLAB_BF16 still wins
     print(f"precision: TRL {'bf16 autocast' if args.bf16 == 'true' else 'float32'}, alignlab "
           f"{'bf16 autocast' if os.environ['ALIGNLAB_BF16'] == 'true' else 'float32'}")
-    print(f"alignlab rollouts: --rollout_weights {args.rollout_weights}")
     sys.path.insert(0, str(ROOT / "src"))
     from alignlab.models import embedded_model_path
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from alignlab.algorithms.ppo import PPOConfig, PPOTrainer  # noqa: E402
 from alignlab.models import embedded_model_path  # noqa: E402
-from alignlab.train import loop  # noqa: E402
+from alignlab.train import loop, steps  # noqa: E402
 
 
 def main() -> None:
@@ -56,12 +56,13 @@ def main() -> None:
     del reward_model
 
     state: dict = {"step": 0, "profiler": None, "done": False}
-    online_step, backward_terms = loop.Trainer._online_step, loop.Trainer._backward_terms
+    online_step, backward_terms = loop.Trainer._online_step, steps.backward_terms
 
-    def timed_online_step(self, model, optimizer, prompts, step, store):
+    def timed_online_step(self, model, optimizer, prompts, step, window):
         state["step"] = step
-        result = online_step(self, model, optimizer, prompts, step, store)
-        print(f"step {step}: training {result[2]:.1f} s", flush=True)
+        before = window.train_seconds
+        result = online_step(self, model, optimizer, prompts, step, window)
+        print(f"step {step}: training {window.train_seconds - before:.1f} s", flush=True)
         profiler, state["profiler"] = state["profiler"], None
         if profiler is not None:
             profiler.__exit__(None, None, None)
@@ -71,15 +72,15 @@ def main() -> None:
                                                                          row_limit=args.rows))
         return result
 
-    def profiled_backward_terms(self, *a, **k):
+    def profiled_backward_terms(*a, **k):
         if state["step"] == args.step and state["profiler"] is None and not state["done"]:
             state["profiler"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                        record_shapes=True)
             state["profiler"].__enter__()
-        return backward_terms(self, *a, **k)
+        return backward_terms(*a, **k)
 
     loop.Trainer._online_step = timed_online_step
-    loop.Trainer._backward_terms = profiled_backward_terms
+    steps.backward_terms = profiled_backward_terms
     config = PPOConfig(
         model_name_or_path=model_path, dataset_name=str(tmp / "prompts.jsonl"), output_dir=str(tmp / "out"),
         reward_model_path=str(tmp / "reward-model"), max_steps=args.step, per_device_train_batch_size=16,
