@@ -443,6 +443,7 @@ class Trainer:
 
     def _write_model_card(self, model, final_metrics: dict[str, float]) -> None:
         """``README.md`` beside the saved model: base model, method, data, settings, final metrics, command."""
+        import shlex
         import sys
 
         from alignlab.models import is_peft_model
@@ -454,8 +455,7 @@ class Trainer:
             method=type(cfg).__name__.removesuffix("Config"), datasets=[str(d) for d in data if d],
             hyperparameters={k: v for k, v in asdict(cfg).items() if not isinstance(v, (dict, list)) or v},
             final_metrics={k: v for k, v in final_metrics.items() if isinstance(v, (int, float))},
-            command_line=" ".join(["alignlab", *sys.argv[1:]]) if sys.argv and "alignlab" in sys.argv[0]
-            else " ".join(sys.argv),
+            command_line=shlex.join(["alignlab", *sys.argv[1:]] if "alignlab" in sys.argv[0] else sys.argv),
             peft=is_peft_model(model) and not cfg.merge_lora,
         )
 

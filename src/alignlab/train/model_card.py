@@ -159,39 +159,25 @@ reward models, PPO, GRPO, DPO and its variants) with TRL's names and formulas.
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
-def write_model_card(
-    output_dir: str | os.PathLike,
-    *,
-    base_model: str,
-    method: str,
-    datasets: Iterable[str],
-    hyperparameters: Mapping[str, Any],
-    final_metrics: Mapping[str, Any],
-    command_line: str,
-    peft: bool,
-    model_name: str | None = None,
-) -> Path:
+def write_model_card(output_dir: str | os.PathLike, **fields: Any) -> Path:
     """Write ``output_dir/README.md``, the model card of the model saved there, atomically.
 
     Args:
         output_dir: the folder holding the saved model (created if missing).
-        base_model: the model training started from (Hub id or local path).
-        method: the alignlab command, e.g. ``dpo``, ``grpo``, ``reward``.
-        datasets: the training data as the user named it (Hub ids, built-in names or files).
-        hyperparameters: settings to list (name -> value), e.g. the config's non-default fields.
-        final_metrics: the last logged values (TRL metric names -> number).
-        command_line: the exact command that trained the model (``shlex.join(sys.argv)``).
-        peft: whether the folder holds a LoRA adapter rather than full weights.
-        model_name: the card's title (default: ``<method> of <base model name>``).
+        fields: the keyword arguments of :func:`build_model_card`: ``base_model`` (the model training started
+            from, Hub id or local path), ``method`` (e.g. ``dpo``), ``datasets`` (the training data as the user
+            named it), ``hyperparameters`` (name -> value), ``final_metrics`` (TRL metric names -> number),
+            ``command_line`` (the exact command), ``peft`` (a LoRA adapter rather than full weights) and
+            optionally ``model_name`` (the card's title; default ``<method> of <base model name>``).
 
     Returns:
         The path of ``README.md``. The card is written to a temporary file in ``output_dir`` and moved into place
         with ``os.replace``, so a crash leaves the old card or the new one, never half of one.
+
+    Raises:
+        TypeError: a missing or unknown field.
     """
-    card = build_model_card(
-        base_model=base_model, method=method, datasets=datasets, hyperparameters=hyperparameters,
-        final_metrics=final_metrics, command_line=command_line, peft=peft, model_name=model_name,
-    )
+    card = build_model_card(**fields)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "README.md"
