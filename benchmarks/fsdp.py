@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _measure import run_measured  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs-2000.jsonl.gz"
+HH = next((p / "data" / "hh-rlhf-harmless" / "pairs-2000.jsonl.gz" for p in (ROOT.parent / "shared", Path("/work/shared"))
+           if (p / "data" / "hh-rlhf-harmless" / "pairs-2000.jsonl.gz").exists()), Path("missing"))
 
 
 def build_model(path: Path) -> None:
