@@ -31,3 +31,143 @@ def test_torchrun_two_processes(tiny_model_dir, pairs_file, tmp_path):
     assert any("eval_rewards/accuracies" in r for r in rows)
     assert (out / "model.safetensors").exists() and (out / "checkpoint-1" / "trainer_state.json").exists()
     assert proc.stdout.count("trained model:") == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FSDP2 (--fsdp full_shard) on two CPU processes. Offline methods against one process with the same global
+# batch (two micro-batches of 2 accumulated = two processes of 2); online methods against DDP on two processes
+# (the same seeds and prompt shards, so the same completions). float32 throughout.
+
+_TIME = ("time/", "tokens_per_second", "train_runtime")
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(Path(__file__).parents[1] / "src")
+    return env
+
+
+def _torchrun(port: int, *argv: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "alignlab.cli", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _one_process(*argv: str) -> None:
+    cmd = [sys.executable, "-m", "alignlab.cli", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _assert_same_trajectory(a_dir, b_dir, rel=1e-4):
+    a, b = read_metrics(a_dir), read_metrics(b_dir)
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 3
+    compared = 0
+    for row_a, row_b in zip(a, b):
+        assert set(row_a) == set(row_b)
+        for key, value in row_a.items():
+            if key.startswith(_TIME) or not isinstance(value, (int, float)):
+                continue
+            assert row_b[key] == pytest.approx(value, rel=rel, abs=1e-6), (row_a["step"], key)
+            compared += 1
+    assert compared > 10
+
+
+def _pairs(tmp_path) -> Path:
+    import json
+
+    rows = [{"prompt": f"What is {i} plus {i}?", "chosen": f"{2 * i}.", "rejected": f"Well, it might be {2 * i + 1}, maybe."}
+            for i in range(16)]
+    path = tmp_path / "pairs16.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["dpo", "sft", "reward"])
+def test_fsdp_matches_one_process(method, tiny_model_dir, tmp_path):
+    import json
+
+    if method == "sft":
+        rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(16)]
+        data = tmp_path / "sft.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        data = _pairs(tmp_path)
+    common = ["--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--max_steps", "4",
+              "--per_device_train_batch_size", "2", "--logging_steps", "1", "--learning_rate", "1e-3", "--bf16", "false"]
+    if method == "sft":  # LoRA under FSDP2: trainable adapters on a frozen, sharded base
+        common += ["--use_peft", "--lora_r", "4", "--lora_dropout", "0"]
+    fsdp = tmp_path / "fsdp"
+    port = {"dpo": 29531, "sft": 29532, "reward": 29533}[method]
+    proc = _torchrun(port, method, *common, "--output_dir", str(fsdp), "--fsdp", "full_shard auto_wrap",
+                     "--save_steps", "2")
+    one = tmp_path / "one"
+    _one_process(method, *common, "--output_dir", str(one), "--gradient_accumulation_steps", "2", "--save_steps", "0")
+    _assert_same_trajectory(one, fsdp)
+    assert proc.stdout.count("trained model:") == 1
+    assert (fsdp / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # sharded checkpoint (each process its part)
+
+    # the saved folder is a plain Hugging Face model: the same weights as the one-process run's
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if method == "sft" else "model.safetensors"
+    a, b = load_file(one / name), load_file(fsdp / name)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        torch_close = (a[key] - b[key]).abs().max().item() <= 1e-5 * max(1.0, a[key].abs().max().item())
+        assert torch_close, key
+    if method != "dpo":
+        return
+
+    # the saved model loads in one plain process and generates
+    gen = subprocess.run([sys.executable, "-m", "alignlab.cli", "generate", "--model_name_or_path", str(fsdp),
+                          "--prompt", "Hello", "--max_new_tokens", "4"],
+                         capture_output=True, text=True, env=_env(), timeout=600, cwd=Path(__file__).parents[1])
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout.strip()
+
+    # resumed from checkpoint-2 (as after a crash there): the same steps 3-4 and the same final model
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    import shutil
+
+    shutil.copytree(fsdp / "checkpoint-2", resumed / "checkpoint-2")
+    (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in (fsdp / "metrics.jsonl").read_text().splitlines()[:2]))
+    _torchrun(29534, method, *common, "--output_dir", str(resumed), "--fsdp", "full_shard auto_wrap",
+              "--save_steps", "2", "--resume_from_checkpoint", "true")
+    _assert_same_trajectory(fsdp, resumed, rel=1e-6)
+    c = load_file(resumed / "model.safetensors")
+    assert all((b[key] - c[key]).abs().max().item() == 0 for key in b)
+
+
+def _prompts(tmp_path) -> Path:
+    import json
+
+    rows = [{"prompt": [{"role": "user", "content": f"Say something about {i}."}]} for i in range(8)]
+    path = tmp_path / "prompts8.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method, extra", [
+    ("grpo", ["--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "8"]),
+    ("ppo", ["--per_device_train_batch_size", "2", "--response_length", "8"]),
+    ("online-dpo", ["--per_device_train_batch_size", "2", "--max_new_tokens", "8"]),
+])
+def test_fsdp_online_matches_ddp(method, extra, tiny_model_dir, rewards_file, tmp_path):
+    common = ["--model_name_or_path", tiny_model_dir, "--dataset_name", str(_prompts(tmp_path)), "--max_steps", "3",
+              "--logging_steps", "1", "--learning_rate", "1e-3", "--bf16", "false", "--save_steps", "0",
+              "--reward_funcs", f"{rewards_file}:short", "--sample_steps", "1", *extra]
+    port = {"grpo": 29541, "ppo": 29543, "online-dpo": 29545}[method]
+    _torchrun(port, method, *common, "--output_dir", str(tmp_path / "ddp"))
+    _torchrun(port + 1, method, *common, "--output_dir", str(tmp_path / "fsdp"), "--fsdp", "full_shard")
+    ddp_samples = (tmp_path / "ddp" / "samples.jsonl").read_text().splitlines()
+    assert len(ddp_samples) >= 3 * 2  # every step, the main process's prompts
+    assert (tmp_path / "fsdp" / "samples.jsonl").read_text().splitlines() == ddp_samples  # the same completions
+    _assert_same_trajectory(tmp_path / "ddp", tmp_path / "fsdp")
+    assert (tmp_path / "fsdp" / "model.safetensors").exists()

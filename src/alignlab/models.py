@@ -284,21 +284,65 @@ def is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
-def save_pretrained(model, tokenizer, output_dir: str | os.PathLike, *, merge_lora: bool = False) -> None:
+def save_pretrained(model, tokenizer, output_dir: str | os.PathLike, *, merge_lora: bool = False,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Save model and tokenizer in Hugging Face format (safetensors) into ``output_dir``.
 
     A peft model is saved as its adapter (loadable with ``AutoModelForCausalLM.from_pretrained`` when peft is
     installed), or merged into a full model with ``merge_lora``. Files are written to a temporary folder
     first and then moved into place one by one, so an interrupted save never leaves a truncated file.
+
+    ``state_dict``: the model's full weights when ``model`` itself holds only a shard of them (FSDP2: gathered
+    on the main process by :func:`alignlab.train.distributed.full_state_dict`, keys as ``model.state_dict()``);
+    the folder written is the same as for an unsharded model. With ``merge_lora`` the adapters are merged into
+    those weights (``W + scaling * B @ A``, as peft's ``merge_and_unload``).
     """
     out = Path(output_dir)
     partial = out / ".model.partial"
     if partial.exists():
         shutil.rmtree(partial)
-    if merge_lora and is_peft_model(model):
-        model = model.merge_and_unload()
-    model.save_pretrained(partial, safe_serialization=True)
+    if state_dict is None:
+        if merge_lora and is_peft_model(model):
+            model = model.merge_and_unload()
+        model.save_pretrained(partial, safe_serialization=True)
+    elif merge_lora and is_peft_model(model):
+        base = model.get_base_model()
+        base.save_pretrained(partial, safe_serialization=True, state_dict=_merged_lora_state_dict(model, state_dict))
+    else:
+        model.save_pretrained(partial, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(partial)
     for item in partial.iterdir():
         os.replace(item, out / item.name)
     partial.rmdir()
+
+
+def _merged_lora_state_dict(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every LoRA adapter of peft ``model`` merged in, from ``model``'s full
+    ``state_dict`` (keys ``base_model.model.<name>``): ``W + scaling * B @ A`` (transposed for ``fan_in_fan_out``
+    layers), the weights of ``modules_to_save`` copies taken over; Hu et al. 2021, eq. 3; peft ``merge_and_unload``.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    adapter = model.active_adapter
+    prefix = "base_model.model."
+    merged: dict[str, torch.Tensor] = {}
+    lora_modules = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    for key, value in state_dict.items():
+        if ".lora_" in key or not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        if ".original_module." in name:
+            continue  # modules_to_save: the trained copy below wins
+        name = name.replace(f".modules_to_save.{adapter}.", ".").replace(".base_layer.", ".")
+        merged[name] = value
+    for module_name, module in lora_modules.items():
+        if adapter not in module.lora_A:
+            continue
+        a = state_dict[f"{module_name}.lora_A.{adapter}.weight"]
+        b = state_dict[f"{module_name}.lora_B.{adapter}.weight"]
+        delta = (b.float() @ a.float()) * module.scaling[adapter]
+        if getattr(module, "fan_in_fan_out", False):
+            delta = delta.T
+        name = module_name[len(prefix):] + ".weight"
+        merged[name] = (merged[name].float() + delta).to(merged[name].dtype)
+    return merged

@@ -17,6 +17,7 @@ from alignlab.rollout.generation import completion_token_logps
 from alignlab.rollout.rewards import build_reward_sources
 from alignlab.rollout.scoring import attach_reward_model
 from alignlab.train.config import TrainConfig
+from alignlab.train.distributed import gathered_parameters
 from alignlab.train.loop import autocast, build_accelerator
 from alignlab.train.setup import prepare_model
 
@@ -154,12 +155,17 @@ class OnlineSetup:
     def sample(self, policy: torch.nn.Module, examples: list[dict], *, max_new_tokens: int,
                num_generations: int = 1, return_logps: bool = False) -> ScoredCompletions:
         """Sample and score completions for ``examples`` with the (unwrapped) ``policy``; ``return_logps``: keep
-        the sampled tokens' log-probs (``sequences["sampling_logps"]``)."""
+        the sampled tokens' log-probs (``sequences["sampling_logps"]``).
+
+        A policy sharded with FSDP2 is all-gathered once for the whole call (every process calls it) and
+        resharded after it (:func:`alignlab.train.distributed.gathered_parameters`), so decoding runs on full
+        weights, as in one process or DDP."""
         cfg, device = self.config, self.accelerator.device
-        return sample_and_score(
-            policy, self.tokenizer, examples, self.sources, device=device, precision=autocast(cfg, device),
-            max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-            num_generations=num_generations, missing_eos_penalty=cfg.missing_eos_penalty,
-            reward_tokenizer=self.reward_tokenizer, return_logps=return_logps,
-            padding_free=cfg.padding_free,
-        )
+        with gathered_parameters(policy):
+            return sample_and_score(
+                policy, self.tokenizer, examples, self.sources, device=device, precision=autocast(cfg, device),
+                max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                num_generations=num_generations, missing_eos_penalty=cfg.missing_eos_penalty,
+                reward_tokenizer=self.reward_tokenizer, return_logps=return_logps,
+                padding_free=cfg.padding_free,
+            )

@@ -33,6 +33,7 @@ from alignlab.models import load_reward_model
 from alignlab.ops.kl import KL_ESTIMATORS
 from alignlab.ops.masked import masked_mean, masked_var, masked_whiten
 from alignlab.rollout.generation import completion_token_logps, slice_rows, token_values
+from alignlab.train.distributed import is_sharded
 from alignlab.train.loop import Rollout, TrainResult, autocast
 from alignlab.train.steps import LossTerms
 from alignlab.train.setup import prepare_model
@@ -244,8 +245,9 @@ class PPOTrainer(OnlineAlgorithm):
         other (:data:`alignlab.train.steps.LossTerms`): the policy's forward and backward, then the value
         model's, so the two models' activations are never held at once. The gradient is the same: the models
         share no parameters. DDP-wrapped, both forwards run first and their sum is one term (DDP expects one
-        backward per forward)."""
-        if isinstance(model, PolicyAndValue):
+        backward per forward); so does a module sharded with FSDP2 (its root's forward gathers and its backward
+        hooks reduce)."""
+        if isinstance(model, PolicyAndValue) and not is_sharded(model):
             yield self._policy_loss(model.policy_logps(batch), batch)
             yield self._value_loss(model.values(batch), batch)
             return

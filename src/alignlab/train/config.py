@@ -134,6 +134,17 @@ class TrainConfig:
     dataloader_num_workers: int = 0
     """Worker processes for data loading."""
 
+    # --- several processes (FSDP2) ---------------------------------------------------------------------
+    fsdp: str = ""
+    """Shard the trained model's parameters, gradients and optimizer state across processes with PyTorch
+    FSDP2 (TrainingArguments' flag): ``full_shard``, ``shard_grad_op`` (parameters stay gathered between
+    forward and backward), optionally with ``auto_wrap`` and ``offload``, space-separated; empty: DDP
+    (``torchrun``) or one process. ``accelerate launch`` with an FSDP config needs no flag. docs/distributed.md."""
+    fsdp_config: str | None = None
+    """FSDP settings: a JSON or YAML file, a JSON string, or (Python) a dict, with transformers' keys:
+    ``min_num_params``, ``transformer_layer_cls_to_wrap``, ``reshard_after_forward``, ``offload_params``,
+    ``activation_checkpointing``, ``cpu_ram_efficient_loading``, ``state_dict_type``."""
+
     def __post_init__(self) -> None:
         self.bf16 = resolve_bf16(self.bf16)
         positive_ints = (
@@ -174,6 +185,12 @@ class TrainConfig:
             raise UserError("--output_dir is required")
         if not self.dataset_name:
             raise UserError("--dataset_name is required")
+        from alignlab.train.distributed import load_fsdp_config, parse_fsdp_flag
+
+        parse_fsdp_flag(self.fsdp)
+        load_fsdp_config(self.fsdp_config)
+        if self.fsdp_config and not self.fsdp:
+            raise UserError("--fsdp_config needs --fsdp (e.g. --fsdp full_shard)")
         from alignlab.train.tracking import resolve_report_to
 
         self.report_to = resolve_report_to(self.report_to)

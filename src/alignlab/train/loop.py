@@ -40,6 +40,7 @@ from alignlab.ops import cpu_kernels
 from alignlab.train.checkpoint import (  # noqa: F401 - re-exported: the loop's public names
     STATE_FILE, LoopState, find_latest_checkpoint, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
 )
+from alignlab.train import distributed
 from alignlab.train.config import TrainConfig
 from alignlab.train.lock import OutputDirLock
 from alignlab.train.metrics import MetricsLog, plot_metrics
@@ -85,6 +86,9 @@ def build_accelerator(config: TrainConfig):
     Precision is not delegated to accelerate: its mixed-precision mode wraps the model's forward and casts
     every output back to float32, which for a language model is a ``(B, T, vocab)`` float32 copy of the
     logits per forward. :func:`autocast` is applied around the loss function instead.
+
+    With ``--fsdp`` (or an ``accelerate launch`` FSDP config) the trained model is sharded with FSDP2
+    (:mod:`alignlab.train.distributed`), on accelerators and on CPU processes alike.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -98,12 +102,16 @@ def build_accelerator(config: TrainConfig):
         no_accelerator = torch.accelerator.current_accelerator() is None
     else:  # torch < 2.6
         no_accelerator = not torch.cuda.is_available()
+    fsdp_plugin = distributed.build_fsdp_plugin(config.fsdp, config.fsdp_config)
     accelerator = Accelerator(
         cpu=no_accelerator,
         mixed_precision="no",
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        fsdp_plugin=fsdp_plugin,
         **accelerator_tracking_kwargs(config.report_to, config.output_dir),
     )
+    distributed.enable_on_cpu(accelerator, fsdp_plugin)
+    distributed.keep_loading_whole()
     set_seed(config.seed)
     cpu_kernels.configure(config.cpu_kernels)
     return accelerator
@@ -329,7 +337,11 @@ class Trainer:
             eps=cfg.adam_epsilon,
             fused=_fused_adamw_supported([p for g in groups for p in g["params"]]),
         )
+        if distributed.is_fsdp(acc):
+            distributed.set_wrap_classes(acc, self.model)
         model, optimizer, train_loader = acc.prepare(self.model, optimizer, train_loader)
+        if distributed.is_fsdp(acc):
+            distributed.initialize(model)
         per_step = 1 if online else cfg.gradient_accumulation_steps
         steps_per_epoch = max(1, math.ceil(len(train_loader) / per_step))
         total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
@@ -424,9 +436,13 @@ class Trainer:
             tracking.log(last_eval, state.global_step)
         acc.wait_for_everyone()
         plots: list[Path] = []
+        unwrapped = acc.unwrap_model(model)
+        to_save = self.model_to_save(unwrapped)
+        state_dict = None
+        if distributed.is_sharded(unwrapped):  # every process takes part in gathering the full weights
+            state_dict = distributed.sub_state_dict(distributed.full_state_dict(unwrapped), unwrapped, to_save)
         if acc.is_main_process:
-            to_save = self.model_to_save(acc.unwrap_model(model))
-            save_pretrained(to_save, self.tokenizer, self.output_dir, merge_lora=cfg.merge_lora)
+            save_pretrained(to_save, self.tokenizer, self.output_dir, merge_lora=cfg.merge_lora, state_dict=state_dict)
             self._write_model_card(to_save, {**last_train, **last_eval})
             plots = plot_metrics(self.metrics.rows(), self.output_dir / "plots", self.plot_panels)
         acc.wait_for_everyone()
