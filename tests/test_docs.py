@@ -26,7 +26,8 @@ HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.M)
 FORBIDDEN = re.compile(r"\b(sessions?|issues?)\b", re.I)
 FLAG = re.compile(r"(?<![\w-])--([A-Za-z][\w-]*)")
 # flags that are not config fields: argparse's, the --config loader's, and torchrun's
-NOT_CONFIG_FLAGS = {"help", "config", "nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port"}
+NOT_CONFIG_FLAGS = {"help", "config", "nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port",
+                    "config_file"}  # the launchers' own (torchrun, accelerate launch)
 
 
 def _prose(text: str) -> str:
