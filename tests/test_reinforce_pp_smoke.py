@@ -70,7 +70,7 @@ def test_baseline_estimator_with_kl_and_epochs(tiny_model_dir, prompts_file, rew
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--advantage_estimator", "reinforce_baseline", "--n_samples_per_prompt", "1"], "needs --n_samples_per_prompt >= 2"),
+        (["--advantage_estimator", "reinforce_baseline", "--n_samples_per_prompt", "1"], "--n_samples_per_prompt must be >= 2 with --advantage_estimator reinforce_baseline"),
         (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
         (["--n_samples_per_prompt", "3"], "not a multiple of the 3 completions per prompt"),
     ],

@@ -13,13 +13,11 @@ from tests.conftest import one_line, read_metrics, run_cli
 
 
 def _config(model, data, rewards, out, **kw):
-    base = dict(
-        model_name_or_path=model, dataset_name=str(data), output_dir=str(out), reward_funcs=[f"{rewards}:short"],
-        per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4, max_completion_length=6,
-        max_steps=2, learning_rate=1e-3, save_steps=0, bf16=False,
-    )
-    base.update(kw)
-    return RLOOConfig(**base)
+    """2 prompts x 4 completions of at most 6 tokens per step, in 2 micro-batches of 4."""
+    return RLOOConfig(**{"model_name_or_path": model, "dataset_name": str(data), "output_dir": str(out),
+                         "reward_funcs": [f"{rewards}:short"], "num_generations": 4, "max_completion_length": 6,
+                         "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 2,
+                         "learning_rate": 1e-3, "save_steps": 0, "bf16": False, **kw})
 
 
 def test_rloo_trains_with_trl_metric_names_and_leave_one_out_advantages(tiny_model_dir, prompts_file, rewards_file,

@@ -209,19 +209,10 @@ def train_kto(config: KTOConfig) -> TrainResult:
 
 
 register_method(Method(
-    command="kto",
+    command="kto", config=KTOConfig, train=train_kto, online=False, curve_metric="rewards/margins",
     summary="KTO: desirable / undesirable completions without pairs (or pairs split into them)",
-    config=KTOConfig,
-    train=train_kto,
-    online=False,
-    curve_metric="rewards/margins",
-    eval_metric="eval_rewards/margins",
-    final_metrics=("rewards/margins", "kl"),
-    compare=(CompareEntry(
-        name="kto",
-        # compare's pairs, split: each step sees prompts_per_step pairs' worth of completions (2 per pair)
-        args=lambda b: {"dataset_name": b.pairs, "per_device_train_batch_size": 2 * b.prompts_per_step},
-        learning_rate=5e-6,
-        curve_label="KTO implicit reward margin",
-    ),),
+    eval_metric="eval_rewards/margins", final_metrics=("rewards/margins", "kl"),
+    # compare's pairs, split: each step sees prompts_per_step pairs' worth of completions (2 per pair)
+    compare=(CompareEntry(name="kto", learning_rate=5e-6, curve_label="KTO implicit reward margin",
+                          args=lambda b: {"dataset_name": b.pairs, "per_device_train_batch_size": 2 * b.prompts_per_step}),),
 ))

@@ -22,8 +22,7 @@ import torch
 
 from alignlab.advantages.registry import AdvantageInputs, get_advantage_estimator
 from alignlab.algorithms.online import OnlineConfig
-from alignlab.algorithms.rloo import SampledPolicyGradient, group_sampling_args
-from alignlab.errors import UserError
+from alignlab.algorithms.rloo import SampledPolicyGradient, check_flags, group_sampling_args
 from alignlab.losses.ppo import aggregate_token_loss, clipped_policy_loss
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.train.loop import TrainResult
@@ -62,19 +61,18 @@ class ReinforcePPConfig(OnlineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("n_samples_per_prompt", "max_completion_length", "max_epochs"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.advantage_estimator == "reinforce_baseline" and self.n_samples_per_prompt < 2:
-            raise UserError("--advantage_estimator reinforce_baseline needs --n_samples_per_prompt >= 2")
-        if self.advantage_estimator == "reinforce_baseline" and self.gamma != 1.0:
-            raise UserError(f"--advantage_estimator reinforce_baseline uses --gamma 1 (as OpenRLHF), got {self.gamma}")
-        if not self.init_kl_coef >= 0:
-            raise UserError(f"--init_kl_coef must be >= 0, got {self.init_kl_coef}")
-        if not 0 <= self.gamma <= 1:
-            raise UserError(f"--gamma must be in [0, 1], got {self.gamma}")
-        if not 0 < self.eps_clip < 1:
-            raise UserError(f"--eps_clip must be in (0, 1), got {self.eps_clip}")
+        baseline = self.advantage_estimator == "reinforce_baseline"
+        check_flags(self, [
+            ("n_samples_per_prompt", self.n_samples_per_prompt >= 1, ">= 1"),
+            ("max_completion_length", self.max_completion_length >= 1, ">= 1"),
+            ("max_epochs", self.max_epochs >= 1, ">= 1"),
+            ("n_samples_per_prompt", not baseline or self.n_samples_per_prompt >= 2,
+             ">= 2 with --advantage_estimator reinforce_baseline"),
+            ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
+            ("gamma", not baseline or self.gamma == 1.0, "1 with --advantage_estimator reinforce_baseline (as OpenRLHF)"),
+            ("init_kl_coef", self.init_kl_coef >= 0, ">= 0"),
+            ("eps_clip", 0 < self.eps_clip < 1, "in (0, 1)"),
+        ])
 
 
 class ReinforcePPTrainer(SampledPolicyGradient):
@@ -116,17 +114,9 @@ def train_reinforce_pp(config: ReinforcePPConfig) -> TrainResult:
 
 
 register_method(Method(
-    command="reinforce-pp",
+    command="reinforce-pp", config=ReinforcePPConfig, train=train_reinforce_pp, online=True, curve_metric="reward",
     summary="REINFORCE++: per-token KL-shaped returns whitened over the batch, no value model",
-    config=ReinforcePPConfig,
-    train=train_reinforce_pp,
-    online=True,
-    curve_metric="reward",
     final_metrics=("reward", "kl"),
-    compare=(CompareEntry(
-        name="reinforce-pp",
-        args=lambda b: {**group_sampling_args(b, "n_samples_per_prompt"), "advantage_estimator": "reinforce_baseline"},
-        learning_rate=1e-5,
-        curve_label="task reward",
-    ),),
+    compare=(CompareEntry(name="reinforce-pp", learning_rate=1e-5, curve_label="task reward", args=lambda b: {
+        **group_sampling_args(b, "n_samples_per_prompt"), "advantage_estimator": "reinforce_baseline"}),),
 ))

@@ -131,6 +131,14 @@ def reward_spread(scored: ScoredCompletions) -> dict[str, float]:
     return out
 
 
+def check_flags(config, rules: list[tuple[str, bool, str]]) -> None:
+    """Raise ``UserError("--<flag> must be <rule>, got <value>")`` for the first ``(flag, holds, rule)`` that does
+    not hold."""
+    for flag, holds, rule in rules:
+        if not holds:
+            raise UserError(f"--{flag} must be {rule}, got {getattr(config, flag)}")
+
+
 @dataclass
 class RLOOConfig(OnlineConfig):
     """Settings of ``alignlab rloo``; names and defaults follow TRL 1.16's ``RLOOConfig`` unless a field's
@@ -160,17 +168,14 @@ class RLOOConfig(OnlineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("max_completion_length", "num_iterations"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_generations < 2:
-            raise UserError(f"--num_generations must be >= 2 (the leave-one-out baseline), got {self.num_generations}")
-        if not self.beta >= 0:
-            raise UserError(f"--beta must be >= 0, got {self.beta}")
-        if not 0 < self.epsilon < 1:
-            raise UserError(f"--epsilon must be in (0, 1), got {self.epsilon}")
-        if self.epsilon_high is not None and not self.epsilon_high > 0:
-            raise UserError(f"--epsilon_high must be > 0, got {self.epsilon_high}")
+        check_flags(self, [
+            ("num_generations", self.num_generations >= 2, ">= 2 (the leave-one-out baseline)"),
+            ("max_completion_length", self.max_completion_length >= 1, ">= 1"),
+            ("num_iterations", self.num_iterations >= 1, ">= 1"),
+            ("beta", self.beta >= 0, ">= 0"),
+            ("epsilon", 0 < self.epsilon < 1, "in (0, 1)"),
+            ("epsilon_high", self.epsilon_high is None or self.epsilon_high > 0, "> 0"),
+        ])
         if self.reward_clip_range is not None:
             clip = list(self.reward_clip_range)
             if len(clip) != 2 or not clip[0] < clip[1]:
@@ -259,12 +264,8 @@ def train_rloo(config: RLOOConfig) -> TrainResult:
 
 
 register_method(Method(
-    command="rloo",
+    command="rloo", config=RLOOConfig, train=train_rloo, online=True, curve_metric="reward",
     summary="RLOO: REINFORCE with a leave-one-out baseline over several completions per prompt, no value model",
-    config=RLOOConfig,
-    train=train_rloo,
-    online=True,
-    curve_metric="reward",
     final_metrics=("reward", "kl"),
     compare=(CompareEntry(name="rloo", args=lambda b: group_sampling_args(b, "num_generations"), learning_rate=1e-5,
                           curve_label="task reward"),),
