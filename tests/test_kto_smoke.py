@@ -153,3 +153,28 @@ def test_batch_of_one_is_refused(capsys, tiny_model_dir, unpaired_file, tmp_path
     code, _, err = run_cli(capsys, "kto", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(unpaired_file),
                            "--output_dir", str(tmp_path / "o"), "--per_device_train_batch_size", "1")
     assert code != 0 and "--per_device_train_batch_size must be >= 2" in one_line(err)
+
+
+@pytest.mark.integration
+def test_two_processes_reduce_subset_metrics_without_hanging(tiny_model_dir, unpaired_file, tmp_path):
+    """Batches of 2 per process over 9 rows (3 undesirable): some micro-batches hold one class on one process and
+    none on the other, so the per-subset sums and counts must be reduced across processes (a per-example gather
+    of unequal sizes would fail or hang)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "alignlab.cli", "kto", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(unpaired_file),
+           "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "2", "--logging_steps", "1",
+           "--learning_rate", "1e-3", "--save_steps", "0", "--bf16", "false", "--eval_split_size", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-6) and rows[0]["kl"] == 0.0
+    assert all(math.isfinite(r["rewards/chosen"]) for r in rows)

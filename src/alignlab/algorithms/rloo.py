@@ -11,6 +11,7 @@ averaged over sequences. No value model, no KL term in the loss (the KL is in th
 
 from __future__ import annotations
 
+import abc
 import time
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from alignlab.train.loop import Rollout, Trainer, TrainResult, autocast
 from alignlab.train.steps import LossTerms
 
 
-class SampledPolicyGradient:
+class SampledPolicyGradient(abc.ABC):
     """The rollout of the critic-free REINFORCE-style methods (RLOO, REINFORCE++): sample ``group_size``
     completions per prompt, score them, take the sampling-time log-probs (and the reference's when
     ``kl_coef > 0``), hand the per-token k1 KL and the scores to :meth:`advantages`, and cut the sampled batch
@@ -61,12 +62,13 @@ class SampledPolicyGradient:
         self.prompts, self.policy = self.setup.prompts, self.setup.policy
         self.shuffle = torch.Generator().manual_seed(config.seed)
 
+    @abc.abstractmethod
     def advantages(self, inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(N,)`` or ``(N, L)`` detached advantages and their metrics, from the registry's estimator."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
-        raise NotImplementedError
+        """The loss terms of one micro-batch (a slice of the rollout's data)."""
 
     def rollout(self, model, examples: list[dict], step: int) -> Rollout:
         """Sample, score, compute the advantages; returns ``iterations`` updates of shuffled micro-batches."""
