@@ -33,7 +33,7 @@ import yaml
 
 from alignlab.data.io import write_text_atomic
 from alignlab.errors import ERROR_FILE_ENV, UserError
-from alignlab.experiments.layout import RunLayout, read_metrics
+from alignlab.experiments.layout import RunLayout, calibration_name, read_metrics, run_name
 from alignlab.methods import CompareBudget
 from alignlab.train.config import resolve_bf16
 
@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # about three minutes on 2 CPU cores with a tiny model (the CI test); numbers are not meaningful
     "smoke": dict(num_train_prompts=16, num_eval_prompts=8, samples_per_prompt=2, eval_samples_per_prompt=1,
                   max_steps=2, prompts_per_step=4, num_generations=2, max_new_tokens=16, num_ppo_epochs=1,
-                  learning_rate=None, max_new_tokens_cap=None,
+                  learning_rate=None, max_new_tokens_cap=None, seeds=1,
                   methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo")),
     # the embedded 135M model within 20 minutes on 2 CPU cores without native bf16 (float32 training passes run
     # at about 80 tokens/s there): small steps, short completions, one PPO epoch, a learning rate that moves a
@@ -51,12 +51,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(num_train_prompts=32, num_eval_prompts=32, samples_per_prompt=4, eval_samples_per_prompt=1,
                     max_steps=8, prompts_per_step=4, num_generations=4, max_new_tokens=None, num_ppo_epochs=1,
                     max_new_tokens_cap=40,
-                    learning_rate=2e-5, methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo")),
+                    learning_rate=2e-5, seeds=1, methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo")),
     # a GPU: the whole task
     "full": dict(num_train_prompts=None, num_eval_prompts=None, samples_per_prompt=8, eval_samples_per_prompt=4,
                  max_steps=200, prompts_per_step=16, num_generations=8, max_new_tokens=None, num_ppo_epochs=4,
-                 learning_rate=None, max_new_tokens_cap=None,
-                 methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo", "iterative-dpo")),
+                 learning_rate=None, max_new_tokens_cap=None, seeds=3,
+                 methods=("dpo", "simpo", "kto", "ppo", "ppo-rule", "grpo", "rloo", "reinforce-pp", "online-dpo",
+                          "iterative-dpo")),
 }
 
 @dataclass
@@ -90,6 +91,14 @@ class CompareConfig:
     """Completions per held-out prompt and model in the evaluation."""
     max_steps: int | None = None
     """Optimizer steps per method (iterative-dpo: split over its 2 rounds)."""
+    budget: str | None = None
+    """Instead of --max_steps, what each method may spend: training tokens (``200000tokens``: the loop's
+    ``num_tokens``) or seconds of training (``600s``; loading, saving and evaluation not counted). A short
+    calibration run of each method (``<method>/calibration``) measures its tokens and seconds per step, and the
+    method then trains for as many steps as the budget buys (at least its minimum)."""
+    seeds: int | None = None
+    """Train every method this many times, with seeds seed, seed+1, ... (default: the preset's; 3 for full):
+    the table reports each method's mean and spread over seeds, the verdict compares over prompts and seeds."""
     prompts_per_step: int | None = None
     """Prompts (dpo: pairs) per step for every method: the shared budget."""
     num_generations: int | None = None
@@ -114,6 +123,10 @@ class CompareConfig:
         self.bf16 = resolve_bf16(self.bf16)
         if not self.output_dir:
             raise UserError("--output_dir is required")
+        if self.budget is not None:
+            if self.max_steps is not None:
+                raise UserError("give --budget or --max_steps, not both")
+            parse_budget(self.budget)
         preset = PRESETS[self.preset]
         for name, value in preset.items():
             if name not in ("methods", "max_new_tokens_cap") and getattr(self, name, None) is None:
@@ -135,7 +148,7 @@ class CompareConfig:
         for name in ("samples_per_prompt", "num_generations"):
             if getattr(self, name) < 2:
                 raise UserError(f"--{name} must be >= 2, got {getattr(self, name)}")
-        for name in ("max_steps", "prompts_per_step", "eval_samples_per_prompt"):
+        for name in ("max_steps", "prompts_per_step", "eval_samples_per_prompt", "seeds"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_train_prompts", "num_eval_prompts", "max_new_tokens"):
@@ -143,6 +156,51 @@ class CompareConfig:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.eval_split_size < 1:
             raise UserError(f"--eval_split_size must be in (0, 1), got {self.eval_split_size}")
+
+
+CALIBRATION_STEPS = 3
+"""Steps of a ``--budget`` calibration run; the first step (warm-up) is left out of the seconds per step."""
+
+_BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(tokens|s)\s*$")
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """``"200000tokens"`` -> ``("tokens", 200000.0)``; ``"600s"`` -> ``("seconds", 600.0)``.
+
+    Raises:
+        UserError: anything else, or an amount of 0.
+    """
+    match = _BUDGET.match(str(text))
+    if not match or not float(match.group(1)) > 0:
+        raise UserError(f"--budget {text!r}: give training tokens (200000tokens) or seconds (600s), more than 0")
+    return ("tokens" if match.group(2) == "tokens" else "seconds"), float(match.group(1))
+
+
+def cost_per_step(rows: list[dict]) -> dict[str, float]:
+    """Tokens and wall seconds per optimizer step from a run's ``metrics.jsonl`` rows (one row per step): tokens
+    from the last ``num_tokens`` over the steps, seconds from each row's tokens over its ``tokens_per_second``
+    (the time of that step), the first step left out when there are more.
+
+    Raises:
+        ValueError: no training rows with ``num_tokens`` and ``tokens_per_second``.
+    """
+    rows = [r for r in rows if "num_tokens" in r and r.get("tokens_per_second")]
+    if not rows:
+        raise ValueError("the calibration run logged no tokens")
+    seconds, previous = [], 0
+    for row in rows:
+        seconds.append((row["num_tokens"] - previous) / row["tokens_per_second"])
+        previous = row["num_tokens"]
+    timed = seconds[1:] or seconds
+    return {"steps": rows[-1]["step"], "tokens_per_step": rows[-1]["num_tokens"] / rows[-1]["step"],
+            "seconds_per_step": sum(timed) / len(timed)}
+
+
+def steps_for_budget(budget: str, cost: dict[str, float], min_steps: int = 1) -> int:
+    """Optimizer steps that ``budget`` buys at ``cost`` (:func:`cost_per_step`), at least ``min_steps``."""
+    kind, amount = parse_budget(budget)
+    per_step = cost["tokens_per_step"] if kind == "tokens" else cost["seconds_per_step"]
+    return max(min_steps, int(amount // per_step) if per_step > 0 else min_steps)
 
 
 def _write_jsonl(rows: list[dict], path: Path) -> None:
@@ -238,6 +296,13 @@ class Compare:
             raise UserError(f"--prompts_per_step {cfg.prompts_per_step} is more than the {len(self.train_rows)} "
                             "training prompts")
         self.lr = {name: cfg.learning_rate or entry.learning_rate for name, (_, entry) in self.entries.items()}
+        self.seeds = [cfg.seed + k for k in range(cfg.seeds)]
+        self.seed = cfg.seed  # the seed of the runs being built
+        self.steps: dict[str, int] = {}  # --budget: each method's steps, from its calibration run
+
+    def run_name(self, method: str) -> str:
+        """The run folder of ``method`` (or a stage) for the current seed (:func:`~.layout.run_name`)."""
+        return run_name(method, self.seed, self.seeds)
 
     # ---------------------------------------------------------------- stage 1: prompts and pairs
     def _write_prompts(self) -> None:
@@ -281,55 +346,61 @@ class Compare:
         return info
 
     # ---------------------------------------------------------------- stage 2: training
-    def shared_budget(self) -> CompareBudget:
-        """The budget every method's run is built from (:class:`~alignlab.methods.CompareBudget`)."""
+    def shared_budget(self, max_steps: int | None = None) -> CompareBudget:
+        """The budget every method's run is built from (:class:`~alignlab.methods.CompareBudget`); ``max_steps``
+        replaces ``--max_steps`` (a method's steps under ``--budget``)."""
         cfg = self.config
         return CompareBudget(
-            prompts=str(self.layout.train_prompts), pairs=str(self.layout.pairs), max_steps=cfg.max_steps,
+            prompts=str(self.layout.train_prompts), pairs=str(self.layout.pairs), max_steps=max_steps or cfg.max_steps,
             prompts_per_step=cfg.prompts_per_step, max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
             num_generations=cfg.num_generations, num_ppo_epochs=cfg.num_ppo_epochs,
             samples_per_prompt=cfg.samples_per_prompt, reward_funcs=self.reward_funcs,
-            reward_weights=self.reward_weights, stage_model=lambda name: str(self.layout.model_dir(name)),
+            reward_weights=self.reward_weights,
+            stage_model=lambda name: str(self.layout.model_dir(self.run_name(name))),
         )
 
     def method_args(self, method: str) -> dict[str, Any]:
-        """The flags of one method's run (written to ``<method>/args.yaml``): the shared ones, then the method's
-        own from its registry entry."""
+        """The flags of one method's run for the current seed (written to its ``args.yaml``): the shared ones, then
+        the method's own from its registry entry."""
         cfg = self.config
+        steps = self.steps.get(method, cfg.max_steps)
         args: dict[str, Any] = {
-            "model_name_or_path": cfg.model_name_or_path, "output_dir": str(self.layout.model_dir(method)),
-            "seed": cfg.seed, "bf16": cfg.bf16, "max_steps": cfg.max_steps, "save_steps": 0, "logging_steps": 1,
+            "model_name_or_path": cfg.model_name_or_path, "output_dir": str(self.layout.model_dir(self.run_name(method))),
+            "seed": self.seed, "bf16": cfg.bf16, "max_steps": steps, "save_steps": 0, "logging_steps": 1,
             "learning_rate": self.lr[method], "trust_remote_code": cfg.trust_remote_code,
         }
-        args.update(self.entries[method][1].args(self.shared_budget()))
+        args.update(self.entries[method][1].args(self.shared_budget(steps)))
         return {k: v for k, v in args.items() if v is not None}
 
-    def _run_stage(self, method: str) -> dict[str, Any]:
-        """Train one stage in its own process (or reuse it with ``--resume``); returns its ``result.json``."""
+    def _run_stage(self, method: str, name: str | None = None) -> dict[str, Any]:
+        """Train one stage in its own process (or reuse it with ``--resume``) as run ``name`` (default: the
+        method's run for the current seed); returns its ``result.json``."""
         layout, command = self.layout, self.entries[method][0].command
-        result_path = layout.result(method)
+        name = name or self.run_name(method)
+        result_path = layout.result(name)
         done = _read_json(result_path)
         if self.config.resume and done and done.get("status") == "ok":
-            logger.info("%s: finished before, reusing %s", method, layout.model_dir(method))
+            logger.info("%s: finished before, reusing %s", name, layout.model_dir(name))
             return done
-        layout.method_dir(method).mkdir(parents=True, exist_ok=True)
-        layout.evaluation(method).unlink(missing_ok=True)  # a retrained model invalidates its old evaluation
-        layout.error(method).unlink(missing_ok=True)
-        args = self.method_args(method)
-        layout.args(method).write_text(yaml.safe_dump(args, sort_keys=False), encoding="utf-8")
-        argv = [sys.executable, "-m", "alignlab.cli", command, "--config", str(layout.args(method))]
-        logger.info("%s: training (alignlab %s --config %s; log %s)", method, command, layout.args(method),
-                    layout.log(method))
-        run = run_process(argv, layout.log(method), env={ERROR_FILE_ENV: str(layout.error(method))})
+        layout.method_dir(name).mkdir(parents=True, exist_ok=True)
+        layout.evaluation(name).unlink(missing_ok=True)  # a retrained model invalidates its old evaluation
+        layout.error(name).unlink(missing_ok=True)
+        args = {**self.method_args(method), "output_dir": str(layout.model_dir(name))}
+        layout.args(name).write_text(yaml.safe_dump(args, sort_keys=False), encoding="utf-8")
+        argv = [sys.executable, "-m", "alignlab.cli", command, "--config", str(layout.args(name))]
+        logger.info("%s: training (alignlab %s --config %s; log %s)", name, command, layout.args(name),
+                    layout.log(name))
+        run = run_process(argv, layout.log(name), env={ERROR_FILE_ENV: str(layout.error(name))})
         result: dict[str, Any] = {"status": "ok" if run["returncode"] == 0 else "failed",
-                                  "command": f"alignlab {command} --config {layout.args(method)}",
+                                  "command": f"alignlab {command} --config {layout.args(name)}",
                                   "wall_seconds": run["wall_seconds"], "peak_rss_bytes": run["peak_rss_bytes"],
-                                  "model_dir": str(layout.model_dir(method))}
+                                  "model_dir": str(layout.model_dir(name)), "seed": self.seed,
+                                  "max_steps": args["max_steps"]}
         if run["returncode"] != 0:
-            result["error"] = self._error(method, run["returncode"])
-            logger.info("%s: FAILED after %.0f s: %s", method, run["wall_seconds"], result["error"])
+            result["error"] = self._error(name, run["returncode"])
+            logger.info("%s: FAILED after %.0f s: %s", name, run["wall_seconds"], result["error"])
         else:
-            rows = read_metrics(layout.model_dir(method))
+            rows = read_metrics(layout.model_dir(name))
             result["num_tokens"] = int(rows[-1]["num_tokens"]) if rows and "num_tokens" in rows[-1] else None
             logger.info("%s: done in %.0f s, peak RSS %.2f GiB", method, run["wall_seconds"],
                         run["peak_rss_bytes"] / 2**30)
@@ -345,16 +416,41 @@ class Compare:
         log = self.layout.log(method).read_text(encoding="utf-8", errors="replace")
         return last_line(log) or f"exit status {returncode}"
 
+    def _calibrate(self, method: str) -> dict[str, Any]:
+        """``--budget``: a :data:`CALIBRATION_STEPS`-step run of ``method`` (its stages already trained), whose
+        cost per step sets ``self.steps[method]``; returns the run's result with ``cost`` and ``steps`` added."""
+        entry = self.entries[method][1]
+        self.steps[method] = max(CALIBRATION_STEPS, entry.min_steps)
+        name = calibration_name(method)
+        run = self._run_stage(method, name)
+        del self.steps[method]
+        if run["status"] != "ok":
+            return run
+        cost = cost_per_step(read_metrics(self.layout.model_dir(name)))
+        self.steps[method] = steps_for_budget(self.config.budget, cost, entry.min_steps)
+        logger.info("%s: %.0f tokens and %.1f s per step: %d steps for --budget %s", method, cost["tokens_per_step"],
+                    cost["seconds_per_step"], self.steps[method], self.config.budget)
+        return {**run, "cost": cost, "steps": self.steps[method]}
+
     def train(self, method: str) -> dict[str, Any]:
-        """One method's training, after the stages it requires (a reward model for ``ppo``): wall times and token
-        counts added up, the largest peak memory."""
+        """One method's training for the current seed, after the stages it requires (a reward model for ``ppo``)
+        and, with ``--budget``, its calibration run: wall times and token counts added up (the calibration's
+        aside), the largest peak memory."""
         runs = []
         for stage in self.entries[method][1].requires:
             run = self._run_stage(stage)
             if run["status"] != "ok":
-                return {**run, "error": f"{stage}: {run['error']}", "model_dir": str(self.layout.model_dir(method))}
+                return {**run, "error": f"{stage}: {run['error']}",
+                        "model_dir": str(self.layout.model_dir(self.run_name(method)))}
             runs.append((stage, run))
+        calibration = None
+        if self.config.budget and method not in self.steps:
+            calibration = self._calibrate(method)
+            if calibration["status"] != "ok":
+                return {**calibration, "error": f"calibration: {calibration['error']}"}
         result = dict(self._run_stage(method))
+        if calibration is not None:
+            result["calibration"] = {k: calibration[k] for k in ("cost", "steps", "wall_seconds")}
         for stage, run in runs:
             result["wall_seconds"] += run["wall_seconds"]
             result["peak_rss_bytes"] = max(result["peak_rss_bytes"], run["peak_rss_bytes"])
@@ -425,7 +521,8 @@ class Compare:
             "train_prompts": len(self.train_rows), "eval_prompts": len(self.eval_rows),
             "samples_per_prompt_for_pairs": cfg.samples_per_prompt,
             "eval_samples_per_prompt": cfg.eval_samples_per_prompt,
-            "max_steps": cfg.max_steps, "prompts_per_step": cfg.prompts_per_step,
+            "max_steps": {m: self.steps[m] for m in cfg.methods if m in self.steps} if cfg.budget else cfg.max_steps,
+            "budget": cfg.budget, "seeds": self.seeds, "prompts_per_step": cfg.prompts_per_step,
             "grpo_num_generations": cfg.num_generations, "max_new_tokens": self.max_new_tokens,
             "temperature": cfg.temperature, "ppo_epochs": cfg.num_ppo_epochs,
             "learning_rate": {m: self.lr[m] for m in cfg.methods}, "seed": cfg.seed, "bf16": cfg.bf16,
@@ -443,17 +540,27 @@ class Compare:
                     pairs["prompts"], pairs["samples_per_prompt"], pairs["base_mean_reward"])
         trained = {}
         for i, method in enumerate(cfg.methods, 1):
-            logger.info("[%d/%d] %s", i, len(cfg.methods), method)
-            trained[method] = self.train(method)
+            for seed in self.seeds:
+                self.seed = seed
+                logger.info("[%d/%d] %s%s", i, len(cfg.methods), method,
+                            f" (seed {seed})" if len(self.seeds) > 1 else "")
+                trained[self.run_name(method)] = self.train(method)
+        self.seed = cfg.seed
         evaluated = self._evaluate(trained)
-        methods: dict[str, dict[str, Any]] = {"base": {"status": "ok", **evaluated["base"]}}
-        for method, run in trained.items():
+        runs: dict[str, dict[str, Any]] = {}
+        for name, run in trained.items():
             entry = {k: v for k, v in run.items() if k != "status"}
-            figures = evaluated.get(method, {})
+            figures = evaluated.get(name, {})
             status = "ok" if run["status"] == "ok" and figures.get("status") != "failed" else "failed"
             entry.update(figures)
             entry["status"] = status
-            methods[method] = entry
+            runs[name] = entry
+        methods: dict[str, dict[str, Any]] = {"base": {"status": "ok", **evaluated["base"]}}
+        for method in cfg.methods:
+            if len(self.seeds) == 1:
+                methods[method] = runs[method]
+            else:
+                methods[method] = over_seeds({seed: runs[run_name(method, seed, self.seeds)] for seed in self.seeds})
         results = {"task": cfg.task, "description": self.description, "preset": cfg.preset,
                    "budget": self.budget(), "pairs": pairs, "methods": methods, "verdict": self._verdict(methods),
                    "wall_seconds": time.perf_counter() - start,
@@ -461,6 +568,52 @@ class Compare:
         _write_json(results, self.layout.results)
         write_report(results, self.out)
         return results
+
+
+SEED_FIELDS = ("status", "error", "mean_reward", "win_rate_vs_base", "kl_to_base", "mean_length", "wall_seconds",
+               "num_tokens", "max_steps", "model_dir")
+"""What ``results.json`` keeps of each seed's run under its method's ``seeds``."""
+
+
+def over_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One method's ``results.json`` entry from its runs with several seeds (``{seed: entry}``).
+
+    Over the seeds whose training and evaluation succeeded: ``mean_reward``, ``win_rate_vs_base``, ``kl_to_base``,
+    ``mean_length``, ``wall_seconds`` (per run) and ``num_tokens`` are means; ``seed_spread`` is
+    :func:`~alignlab.experiments.stats.seed_spread` of the seeds' mean rewards; ``reward_ci95`` the normal
+    interval over every completion of every seed; ``prompt_scores`` stacks the seeds' ``(samples, P)`` scores
+    into ``(K * samples, P)`` for the paired verdict; ``peak_rss_bytes`` the largest; ``samples`` and
+    ``model_dir`` (the training curve) the first seed's. ``seeds`` keeps each run's figures, ``failed_seeds`` the
+    errors of those that failed; the method failed when every seed did.
+    """
+    from alignlab.experiments.evaluate import confidence_interval
+    from alignlab.experiments.stats import seed_spread
+
+    ok = {seed: e for seed, e in runs.items() if e.get("status") == "ok" and "mean_reward" in e}
+    failed = {str(seed): e.get("error", "failed") for seed, e in runs.items() if seed not in ok}
+    per_seed = {str(seed): {k: e[k] for k in SEED_FIELDS if k in e} for seed, e in runs.items()}
+    if not ok:
+        seed, error = next(iter(failed.items()))
+        return {"status": "failed", "error": f"seed {seed}: {error}", "seeds": per_seed, "failed_seeds": failed}
+
+    def mean(key: str) -> float | None:
+        values = [e[key] for e in ok.values() if e.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    first = ok[min(ok)]
+    scores = [row for e in ok.values() for row in e["prompt_scores"]]
+    low, high = confidence_interval(torch.tensor(scores, dtype=torch.float64).flatten())
+    entry = {"status": "ok", "mean_reward": mean("mean_reward"), "reward_ci95": [low, high],
+             "seed_spread": seed_spread([e["mean_reward"] for e in ok.values()]),
+             "win_rate_vs_base": mean("win_rate_vs_base"), "kl_to_base": mean("kl_to_base"),
+             "mean_length": mean("mean_length"), "wall_seconds": mean("wall_seconds"),
+             "peak_rss_bytes": max(e.get("peak_rss_bytes") or 0 for e in ok.values()) or None,
+             "num_tokens": None if mean("num_tokens") is None else int(mean("num_tokens")),
+             "prompt_scores": scores, "samples": first.get("samples", []), "model_dir": first.get("model_dir"),
+             "seeds": per_seed}
+    if failed:
+        entry["failed_seeds"] = failed
+    return entry
 
 
 def compare(config: CompareConfig) -> dict[str, Any]:

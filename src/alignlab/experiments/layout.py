@@ -10,6 +10,9 @@ report and the tests read::
     <method>/result.json        status, error, wall time, peak RSS, tokens processed
     <method>/eval.json          its held-out figures (base/eval.json for the base model)
     results.json                {"task", "preset", "budget", "methods": {"base": {...}, "dpo": {...}, ...}}
+    <method>/seed-<seed>/...    with ``--seeds K`` > 1: each seed's run (args.yaml, model/, log.txt, result.json,
+                                eval.json) one level down (:func:`run_name`)
+    <method>/calibration/...    with ``--budget``: the short run that measured the method's cost per step
     report.html, *.png          the report (self-contained: images embedded) and its plots
 
 Every training command writes ``metrics.jsonl`` at the top of its output_dir (multi-round pipelines too, their
@@ -75,6 +78,17 @@ class RunLayout:
 
     def evaluation(self, name: str) -> Path:
         return self.root / name / "eval.json"
+
+
+def run_name(method: str, seed: int, seeds: list[int]) -> str:
+    """The name (folder under the root) of ``method``'s training run with ``seed``: ``method`` itself when
+    ``compare`` trains one seed (the single-seed layout), else ``<method>/seed-<seed>``."""
+    return method if len(seeds) == 1 else f"{method}/seed-{seed}"
+
+
+def calibration_name(method: str) -> str:
+    """The name of ``method``'s calibration run (``compare --budget``)."""
+    return f"{method}/calibration"
 
 
 def read_metrics(model_dir: str | Path) -> list[dict]:

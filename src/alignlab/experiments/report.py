@@ -112,18 +112,19 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
 
 
 def results_rows(results: dict[str, Any]) -> list[list[str]]:
-    """The results table as strings: method, status, mean reward [95% CI], win rate, KL, length, wall time,
-    peak RSS, tokens. Used by the HTML report and the README table."""
+    """The results table as strings: method, status, mean reward [95% CI], its mean and spread over seeds, win
+    rate, KL, length, wall time, peak RSS, tokens. Used by the HTML report and the README table."""
     rows = []
     for method, e in results["methods"].items():
         if not _ok(e):
-            rows.append([method, f"failed: {e.get('error', '')}"] + [""] * 7)
+            rows.append([method, f"failed: {e.get('error', '')}"] + [""] * (len(RESULT_HEADERS) - 2))
             continue
         low, high = e["reward_ci95"]
         wall = e.get("wall_seconds")
         rss = e.get("peak_rss_bytes")
         rows.append([
-            method, "ok", f"{e['mean_reward']:.3f} [{low:.3f}, {high:.3f}]", f"{e['win_rate_vs_base']:.2f}",
+            method, "ok", f"{e['mean_reward']:.3f} [{low:.3f}, {high:.3f}]", seed_spread_cell(e.get("seed_spread")),
+            f"{e['win_rate_vs_base']:.2f}",
             f"{e['kl_to_base']:.2f}", f"{e['mean_length']:.1f}",
             "–" if method == "base" else f"{wall:.0f} s" if wall is not None else "–",
             "–" if rss is None else f"{rss / 2**30:.2f} GiB",
@@ -132,8 +133,16 @@ def results_rows(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-RESULT_HEADERS = ["method", "status", "held-out mean reward [95% CI]", "win rate vs base", "KL to base",
-                  "mean length (tokens)", "training wall time", "peak RSS", "tokens trained on"]
+def seed_spread_cell(spread: dict[str, Any] | None) -> str:
+    """``compare --seeds``'s cell: the mean reward over seeds +- their sample std, and how many seeds (``-`` for
+    one seed or none)."""
+    if not spread or spread.get("std") is None:
+        return "–"
+    return f"{spread['mean']:.3f} ± {spread['std']:.3f} ({spread['n_seeds']} seeds)"
+
+
+RESULT_HEADERS = ["method", "status", "held-out mean reward [95% CI]", "over seeds (mean ± sd)", "win rate vs base",
+                  "KL to base", "mean length (tokens)", "training wall time", "peak RSS", "tokens trained on"]
 
 
 def _img(path: Path | None) -> str:
@@ -193,7 +202,9 @@ img {{ max-width: 100%; margin: 0.5em 0; }}
 <p>Mean reward over sampled completions of the held-out prompts with a 95% normal-approximation interval; win rate
 against the base model by reward, ties counted half; KL to the base model as the sampled estimate
 mean(sum_t log pi - log pi_base) in nats per completion; wall time and peak resident memory of each method's
-training process (ppo: its reward model's training added).</p>
+training process (ppo: its reward model's training added). With several seeds: every figure is the mean over
+the seeds (wall time and tokens per run), the interval is over every seed's completions, and "over seeds" gives
+the seeds' mean rewards' mean and sample standard deviation.</p>
 {_img(bars)}{_img(scatter)}
 <h2>Training curves</h2>
 {_img(curves)}

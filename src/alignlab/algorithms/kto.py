@@ -1,0 +1,218 @@
+"""KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", arXiv 2402.01306):
+glue between unpaired data (:mod:`alignlab.data.unpaired`), :mod:`alignlab.losses.kto` and the shared loop.
+
+Flow of a micro-batch (TRL 1.16 ``KTOTrainer``): rows ``(x_i, y_i, label_i)`` and the mismatched pairs
+``(x_i, y_{i-1})`` of the same batch -> the policy's summed completion log-probs of both (the mismatched ones
+without gradient) and the reference's -> ``z0 = max(0, mean over processes of mean(log pi - log pi_ref) of the
+mismatched pairs)`` -> ``v = beta (log pi(y|x) - log pi_ref(y|x) - z0)`` -> ``desirable_weight (1 - sigmoid(v))``
+or ``undesirable_weight (1 - sigmoid(-v))`` -> mean over the micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from alignlab.data.unpaired import build_unpaired_examples, collate_unpaired
+from alignlab.errors import UserError
+from alignlab.losses.kto import kto_loss
+from alignlab.methods import CompareEntry, Method, register_method
+from alignlab.models import load_causal_lm, load_tokenizer
+from alignlab.ops.logprobs import completion_logps
+from alignlab.train.config import TrainConfig
+from alignlab.train.loop import Trainer, TrainResult, build_accelerator
+from alignlab.train.setup import load_train_eval, prepare_model
+from alignlab.train.steps import LossTerms
+
+logger = logging.getLogger(__name__)
+
+KTO_PLOTS = {
+    "rewards": ["rewards/chosen", "rewards/rejected"],
+    "rewards_margins": ["rewards/margins"],
+    "logps": ["logps/chosen", "logps/rejected"],
+    "kl": ["kl"],
+}
+
+SUBSET_METRICS = ("rewards/chosen", "logps/chosen", "rewards/rejected", "logps/rejected")
+""":func:`~alignlab.losses.kto.kto_loss`'s metrics over the desirable or the undesirable examples only."""
+
+
+def subset_means(metrics: dict[str, torch.Tensor], gather: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The subset metrics of one micro-batch as TRL 1.16 logs them: each the sum over every process's examples of
+    that subset divided by their number (``rewards/chosen = gathered sum / gathered count``), and
+    ``rewards/margins`` the difference of the two reward means, each present only when its subsets have an
+    example on some process.
+
+    Every process gets the same 0-d values, so the loop's window (which gathers per-example tensors of one size
+    across processes) averages them over the micro-batches of a logging window, as TRL's ``log`` does.
+
+    Args:
+        metrics: ``{name: (n,)}`` per-example values of the subsets present on this process (absent: none).
+        gather: ``(k,) tensor -> (k * processes,)`` (accelerate's gather, the identity on one process).
+    """
+    local = torch.tensor([[float(metrics[name].sum()), float(metrics[name].numel())] if name in metrics else [0.0, 0.0]
+                          for name in SUBSET_METRICS])
+    totals = gather(local.reshape(-1)).reshape(-1, len(SUBSET_METRICS), 2).sum(0)
+    out = {name: totals[i, 0] / totals[i, 1] for i, name in enumerate(SUBSET_METRICS) if totals[i, 1] > 0}
+    if "rewards/chosen" in out and "rewards/rejected" in out:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
+
+
+@dataclass
+class KTOConfig(TrainConfig):
+    """Settings of ``alignlab kto``; names and defaults follow TRL 1.16's ``KTOConfig`` (``loss_type="kto"``)."""
+
+    learning_rate: float = 1e-6
+    """Peak AdamW learning rate (TRL's KTO default)."""
+    beta: float = 0.1
+    """Strength of the pull toward the reference model (the paper's beta)."""
+    desirable_weight: float = 1.0
+    """Weight of the desirable examples' losses (the paper's lambda_D)."""
+    undesirable_weight: float = 1.0
+    """Weight of the undesirable examples' losses (lambda_U). With unequal counts the paper (eq. 8) suggests
+    lambda_D n_D / (lambda_U n_U) in [1, 4/3]; a warning says when the weights are outside it."""
+    max_length: int | None = 1024
+    """Cap on prompt+completion tokens (the end is cut); rows whose prompt alone fills it are dropped."""
+    padding_free: bool = True
+    """Pack sequences without padding for every forward (as ``alignlab dpo``; same numbers as padded rows)."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt."""
+    completion_column: str = "completion"
+    """Column holding the completion (unpaired data)."""
+    label_column: str = "label"
+    """Column holding true (desirable) or false (undesirable) (unpaired data)."""
+    chosen_column: str = "chosen"
+    """With preference pairs: the preferred completion (becomes a desirable row)."""
+    rejected_column: str = "rejected"
+    """With preference pairs: the dispreferred completion (becomes an undesirable row)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.beta > 0:
+            raise UserError(f"--beta must be > 0, got {self.beta}")
+        if self.desirable_weight < 0 or self.undesirable_weight < 0:
+            raise UserError("--desirable_weight and --undesirable_weight must be >= 0")
+        if self.per_device_train_batch_size < 2:
+            raise UserError("--per_device_train_batch_size must be >= 2: KTO's KL estimate pairs each prompt with "
+                            "another example's completion of the same batch")
+        if self.max_length is not None and self.max_length < 2:
+            raise UserError(f"--max_length must be >= 2, got {self.max_length}")
+
+    @property
+    def columns(self) -> dict[str, str]:
+        return {name: getattr(self, name) for name in
+                ("prompt_column", "completion_column", "label_column", "chosen_column", "rejected_column")}
+
+
+def check_class_weights(n_desirable: int, n_undesirable: int, desirable_weight: float,
+                        undesirable_weight: float) -> str | None:
+    """TRL's advice (from the paper's eq. 8) when the two classes differ in size: a message suggesting weight
+    ranges when neither weight is in its range, else ``None``."""
+    n_d, n_u = max(n_desirable, 1), max(n_undesirable, 1)
+    if n_d == n_u:
+        return None
+    d_low, d_high = round(n_u * undesirable_weight / n_d, 2), round(n_u * undesirable_weight / n_d * 1.33, 2)
+    u_low, u_high = round(n_d * desirable_weight / n_u / 1.33, 2), round(n_d * desirable_weight / n_u, 2)
+    if d_low <= desirable_weight <= d_high or u_low <= undesirable_weight <= u_high:
+        return None
+    return (f"{n_desirable} desirable and {n_undesirable} undesirable examples: use --desirable_weight in "
+            f"[{d_low}, {d_high}] or --undesirable_weight in [{u_low}, {u_high}] (not both)")
+
+
+class KTOTrainer:
+    """KTO of a causal LM on unpaired desirable / undesirable completions (or preference pairs split into them).
+
+    The reference model is a frozen copy of the initial policy, or with ``use_peft`` the policy with its
+    adapters disabled.
+
+    Raises:
+        UserError / DataError: bad flags, unreadable data, a bad row (named by file and line or row).
+    """
+
+    def __init__(self, config: KTOConfig):
+        self.config = config
+        self.accelerator = build_accelerator(config)
+        self.tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        self.train_examples, self.eval_examples = load_train_eval(
+            config, build_unpaired_examples, self.tokenizer, is_main_process=self.accelerator.is_main_process,
+            max_length=config.max_length, **config.columns)
+        labels = [e["label"] for e in self.train_examples]
+        advice = check_class_weights(sum(labels), len(labels) - sum(labels), config.desirable_weight,
+                                     config.undesirable_weight)
+        if advice and self.accelerator.is_main_process:
+            logger.warning("%s", advice)
+        policy = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code,
+                                use_kernels=config.use_kernels)
+        self.ref_model = None
+        if not config.use_peft:
+            self.ref_model = copy.deepcopy(policy).to(self.accelerator.device).eval().requires_grad_(False)
+        self.policy = prepare_model(policy, config, self.accelerator.device)
+
+    def _gather(self, value: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(value.to(self.accelerator.device)).cpu()
+
+    def _sequence_logps(self, model, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+        """``(B,)`` summed completion log-probs of the ``prefix`` rows (``""`` matched, ``"KL_"`` mismatched)."""
+        return completion_logps(model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"],
+                                batch[f"{prefix}completion_mask"], padding_free=self.config.padding_free,
+                                pad_token_id=self.tokenizer.pad_token_id)[1]
+
+    @contextlib.contextmanager
+    def _reference(self, model):
+        """The reference network: the frozen copy, or the unwrapped policy with its adapters disabled."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        policy = self.accelerator.unwrap_model(model)
+        with policy.disable_adapter():
+            yield policy
+
+    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
+        """KTO loss and TRL's metrics on a collated batch (:func:`~alignlab.data.unpaired.collate_unpaired`).
+
+        Metrics: ``kl`` (the reference point ``z0``), ``rewards/chosen``, ``rewards/rejected``, ``logps/chosen``,
+        ``logps/rejected`` and ``rewards/margins`` reduced over processes per micro-batch (:func:`subset_means`).
+        """
+        cfg = self.config
+        logps = self._sequence_logps(model, batch)
+        with torch.no_grad():
+            kl_logps = self._sequence_logps(model, batch, "KL_")
+            with self._reference(model) as reference:
+                ref_logps = self._sequence_logps(reference, batch)
+                ref_kl_logps = self._sequence_logps(reference, batch, "KL_")
+            # TRL: the mean log-ratio of the mismatched pairs, averaged over processes, then clamped at 0
+            z0 = self._gather((kl_logps - ref_kl_logps).mean().reshape(1).float()).mean().clamp(min=0)
+        losses, metrics = kto_loss(logps, ref_logps, batch["label"], z0.to(logps.device), beta=cfg.beta,
+                                   desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
+        return [(losses.mean(), {"kl": metrics["kl"], **subset_means(metrics, self._gather)})]
+
+    def train(self) -> TrainResult:
+        """Train, evaluate, save; returns where everything went."""
+        pad, max_length = self.tokenizer.pad_token_id, self.config.max_length
+        loop = Trainer(self.config, self.accelerator, self.policy, self.tokenizer, self.train_examples,
+                       eval_dataset=self.eval_examples, plot_panels=KTO_PLOTS, loss_fn=self.compute_loss,
+                       collate_fn=lambda examples: collate_unpaired(examples, pad, max_length=max_length))
+        result = loop.train()
+        self.policy = loop.model
+        return result
+
+
+def train_kto(config: KTOConfig) -> TrainResult:
+    """Run KTO as configured; the Python twin of ``alignlab kto``."""
+    return KTOTrainer(config).train()
+
+
+register_method(Method(
+    command="kto", config=KTOConfig, train=train_kto, online=False, curve_metric="rewards/margins",
+    summary="KTO: desirable / undesirable completions without pairs (or pairs split into them)",
+    eval_metric="eval_rewards/margins", final_metrics=("rewards/margins", "kl"),
+    # compare's pairs, split: each step sees prompts_per_step pairs' worth of completions (2 per pair)
+    compare=(CompareEntry(name="kto", learning_rate=5e-6, curve_label="KTO implicit reward margin",
+                          args=lambda b: {"dataset_name": b.pairs, "per_device_train_batch_size": 2 * b.prompts_per_step}),),
+))

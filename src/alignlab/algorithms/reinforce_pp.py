@@ -1,0 +1,122 @@
+"""REINFORCE++ (Hu 2025, arXiv 2501.03262): REINFORCE with a per-token KL penalty folded into the reward and the
+returns whitened over the whole batch; no critic. Glue between the shared critic-free rollout
+(:class:`~alignlab.algorithms.rloo.SampledPolicyGradient`), :mod:`alignlab.advantages.reinforce` and the loop.
+
+Flow of one step (OpenRLHF ``--advantage_estimator reinforce`` / ``reinforce_baseline``): prompts ->
+``n_samples_per_prompt`` completions each -> rewards -> sampling-time and reference log-probs -> token rewards
+``-init_kl_coef * k1_t`` plus the score on the last token -> discounted returns (``gamma``) -> whitened over every
+completion token of the batch -> ``max_epochs`` optimizer steps on the per-token PPO clipped surrogate
+(``eps_clip``), averaged over the micro-batch's tokens (OpenRLHF's token-level loss).
+
+Flag names are OpenRLHF's where it has the setting (``init_kl_coef``, ``gamma``, ``n_samples_per_prompt``,
+``eps_clip``, ``max_epochs``, ``advantage_estimator``, ``no_advantage_std_norm``) and the other alignlab online
+commands' (TRL's) for sampling and data (``max_completion_length``, ``temperature``, ``reward_funcs``, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from alignlab.advantages.registry import AdvantageInputs, get_advantage_estimator
+from alignlab.algorithms.online import OnlineConfig
+from alignlab.algorithms.rloo import SampledPolicyGradient, check_flags, group_sampling_args
+from alignlab.losses.ppo import aggregate_token_loss, clipped_policy_loss
+from alignlab.methods import CompareEntry, Method, register_method
+from alignlab.train.loop import TrainResult
+from alignlab.train.steps import LossTerms
+
+ESTIMATORS = {"reinforce": "reinforce_plus_plus", "reinforce_baseline": "reinforce_plus_plus_baseline"}
+"""OpenRLHF's ``--advantage_estimator`` names -> alignlab's advantage-registry names."""
+
+
+@dataclass
+class ReinforcePPConfig(OnlineConfig):
+    """Settings of ``alignlab reinforce-pp``. ``per_device_train_batch_size`` counts completions: one step samples
+    ``per_device_train_batch_size * gradient_accumulation_steps`` completions per process, ``n_samples_per_prompt``
+    for each prompt."""
+
+    learning_rate: float = 5e-7
+    """Peak AdamW learning rate (OpenRLHF's ``actor_learning_rate`` default)."""
+    advantage_estimator: Literal["reinforce", "reinforce_baseline"] = "reinforce"
+    """reinforce: REINFORCE++ (KL-shaped returns whitened over the batch); reinforce_baseline: each score minus
+    its prompt's mean score first (the paper's "REINFORCE++ w/ baseline"; needs ``n_samples_per_prompt`` >= 2)."""
+    n_samples_per_prompt: int = 1
+    """Completions per prompt (OpenRLHF's name and default)."""
+    max_completion_length: int = 256
+    """Most tokens sampled per completion (OpenRLHF ``generate_max_len``; the name of the other online commands)."""
+    init_kl_coef: float = 0.01
+    """KL coefficient: each completion token's reward is ``-init_kl_coef * (log pi_old - log pi_ref)`` (k1), the
+    score is added on the last token (OpenRLHF's name and default; 0: no reference model is loaded)."""
+    gamma: float = 1.0
+    """Discount of the token rewards in the returns (OpenRLHF ``gamma``); reinforce_baseline needs 1."""
+    eps_clip: float = 0.2
+    """Clip range of the per-token ratio in the PPO surrogate (OpenRLHF's ``eps_clip``)."""
+    max_epochs: int = 1
+    """Optimizer steps per sampled batch (OpenRLHF ``max_epochs``). Above 1 the old log-probs are kept."""
+    no_advantage_std_norm: bool = False
+    """Only subtract the batch mean of the returns; do not divide by their std (OpenRLHF)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        baseline = self.advantage_estimator == "reinforce_baseline"
+        check_flags(self, [
+            ("n_samples_per_prompt", self.n_samples_per_prompt >= 1, ">= 1"),
+            ("max_completion_length", self.max_completion_length >= 1, ">= 1"),
+            ("max_epochs", self.max_epochs >= 1, ">= 1"),
+            ("n_samples_per_prompt", not baseline or self.n_samples_per_prompt >= 2,
+             ">= 2 with --advantage_estimator reinforce_baseline"),
+            ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
+            ("gamma", not baseline or self.gamma == 1.0, "1 with --advantage_estimator reinforce_baseline (as OpenRLHF)"),
+            ("init_kl_coef", self.init_kl_coef >= 0, ">= 0"),
+            ("eps_clip", 0 < self.eps_clip < 1, "in (0, 1)"),
+        ])
+
+
+class ReinforcePPTrainer(SampledPolicyGradient):
+    """REINFORCE++ of a causal LM against reward functions and/or a reward model.
+
+    Raises:
+        UserError / DataError: bad flags, unreadable data or models, a bad row, a failing reward function.
+    """
+
+    plots = {"reward": ["reward"], "return": ["return"], "kl": ["kl"], "clip_ratio": ["clip_ratio"],
+             "completion_length": ["completions/mean_length"]}
+
+    def __init__(self, config: ReinforcePPConfig):
+        super().__init__(config, group_size=config.n_samples_per_prompt, iterations=config.max_epochs,
+                         kl_coef=config.init_kl_coef)
+
+    def advantages(self, inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(N, L)`` advantages from the registry's ``reinforce_plus_plus[_baseline]`` estimator."""
+        cfg = self.config
+        return get_advantage_estimator(ESTIMATORS[cfg.advantage_estimator])(
+            inputs, kl_coef=cfg.init_kl_coef, gamma=cfg.gamma, no_std_norm=cfg.no_advantage_std_norm)
+
+    def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
+        """Per-token clipped surrogate with the per-token advantages, averaged over the micro-batch's completion
+        tokens (OpenRLHF ``PolicyLoss`` with its token-level mean). Metrics: ``clip_ratio`` (fraction of clipped
+        tokens) and ``policy/approxkl``."""
+        mask = batch["response_mask"].bool()
+        logps = self.setup.logps(model, batch)
+        old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
+        per_token, metrics = clipped_policy_loss(logps, old_logps, batch["advantages"], mask,
+                                                 cliprange=self.config.eps_clip)
+        loss = aggregate_token_loss(per_token, mask, loss_type="bnpo")
+        return [(loss, {"clip_ratio": metrics["policy/clipfrac"], "policy/approxkl": metrics["policy/approxkl"]})]
+
+
+def train_reinforce_pp(config: ReinforcePPConfig) -> TrainResult:
+    """Run REINFORCE++ as configured; the Python twin of ``alignlab reinforce-pp``."""
+    return ReinforcePPTrainer(config).train()
+
+
+register_method(Method(
+    command="reinforce-pp", config=ReinforcePPConfig, train=train_reinforce_pp, online=True, curve_metric="reward",
+    summary="REINFORCE++: per-token KL-shaped returns whitened over the batch, no value model",
+    final_metrics=("reward", "kl"),
+    compare=(CompareEntry(name="reinforce-pp", learning_rate=1e-5, curve_label="task reward", args=lambda b: {
+        **group_sampling_args(b, "n_samples_per_prompt"), "advantage_estimator": "reinforce_baseline"}),),
+))
