@@ -46,13 +46,18 @@ class Algorithm:
 
 
 class OnlineAlgorithm(Algorithm):
-    """Base of the online algorithms: the policy samples ``config.prompts_per_step`` prompts per process and
-    step from ``self.prompts`` through ``self.rollout``."""
+    """Base of the online algorithms: the policy samples :attr:`prompts_per_step` prompts per process and step
+    from ``self.prompts`` through ``self.rollout``."""
 
     def rollout(self, model, examples: list[dict], step: int):
         """Sample, score and build the step's updates (:class:`~alignlab.train.loop.Rollout`)."""
         raise NotImplementedError
 
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts per process per step."""
+        return self.config.prompts_per_step
+
     def loop_inputs(self) -> dict[str, Any]:
         return {"model": self.policy, "train_dataset": self.prompts, "collate_fn": list,
-                "rollout_fn": self.rollout, "rollout_batch_size": self.config.prompts_per_step}
+                "rollout_fn": self.rollout, "rollout_batch_size": self.prompts_per_step}

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
+from alignlab.algorithms.base import Algorithm
 from alignlab.data.unpaired import build_unpaired_examples, collate_unpaired
 from alignlab.errors import UserError
 from alignlab.losses.kto import kto_loss
 from alignlab.methods import CompareEntry, Method, register_method
-from alignlab.models import load_causal_lm, load_tokenizer
+from alignlab.models import load_causal_lm
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
-from alignlab.train.loop import Trainer, TrainResult, build_accelerator
+from alignlab.train.loop import TrainResult
 from alignlab.train.setup import load_train_eval, prepare_model
 from alignlab.train.steps import LossTerms
 
@@ -125,7 +126,7 @@ def check_class_weights(n_desirable: int, n_undesirable: int, desirable_weight: 
             f"[{d_low}, {d_high}] or --undesirable_weight in [{u_low}, {u_high}] (not both)")
 
 
-class KTOTrainer:
+class KTOTrainer(Algorithm):
     """KTO of a causal LM on unpaired desirable / undesirable completions (or preference pairs split into them).
 
     The reference model is a frozen copy of the initial policy, or with ``use_peft`` the policy with its
@@ -135,10 +136,10 @@ class KTOTrainer:
         UserError / DataError: bad flags, unreadable data, a bad row (named by file and line or row).
     """
 
+    plot_panels = KTO_PLOTS
+
     def __init__(self, config: KTOConfig):
-        self.config = config
-        self.accelerator = build_accelerator(config)
-        self.tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        super().__init__(config)
         self.train_examples, self.eval_examples = load_train_eval(
             config, build_unpaired_examples, self.tokenizer, is_main_process=self.accelerator.is_main_process,
             max_length=config.max_length, **config.columns)
@@ -192,16 +193,10 @@ class KTOTrainer:
                                    desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
         return [(losses.mean(), {"kl": metrics["kl"], **subset_means(metrics, self._gather)})]
 
-    def train(self) -> TrainResult:
-        """Train, evaluate, save; returns where everything went."""
+    def loop_inputs(self) -> dict:
         pad, max_length = self.tokenizer.pad_token_id, self.config.max_length
-        loop = Trainer(self.config, self.accelerator, self.policy, self.tokenizer, self.train_examples,
-                       eval_dataset=self.eval_examples, plot_panels=KTO_PLOTS, loss_fn=self.compute_loss,
-                       collate_fn=lambda examples: collate_unpaired(examples, pad, max_length=max_length))
-        result = loop.train()
-        self.policy = loop.model
-        return result
-
+        return {"model": self.policy, "train_dataset": self.train_examples, "eval_dataset": self.eval_examples,
+                "collate_fn": lambda examples: collate_unpaired(examples, pad, max_length=max_length)}
 
 def train_kto(config: KTOConfig) -> TrainResult:
     """Run KTO as configured; the Python twin of ``alignlab kto``."""

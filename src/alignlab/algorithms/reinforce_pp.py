@@ -82,7 +82,7 @@ class ReinforcePPTrainer(SampledPolicyGradient):
         UserError / DataError: bad flags, unreadable data or models, a bad row, a failing reward function.
     """
 
-    plots = {"reward": ["reward"], "return": ["return"], "kl": ["kl"], "clip_ratio": ["clip_ratio"],
+    plot_panels = {"reward": ["reward"], "return": ["return"], "kl": ["kl"], "clip_ratio": ["clip_ratio"],
              "completion_length": ["completions/mean_length"]}
 
     def __init__(self, config: ReinforcePPConfig):

@@ -19,6 +19,7 @@ import torch
 
 from alignlab.advantages.registry import AdvantageInputs
 from alignlab.advantages.rloo import rloo_advantages, sequence_kl
+from alignlab.algorithms.base import OnlineAlgorithm
 from alignlab.algorithms.online import OnlineConfig, OnlineSetup
 from alignlab.errors import UserError
 from alignlab.losses.ppo import clipped_policy_loss
@@ -27,16 +28,17 @@ from alignlab.ops.kl import kl_k1
 from alignlab.ops.masked import masked_mean
 from alignlab.rollout.experience import ScoredCompletions
 from alignlab.rollout.generation import slice_rows
-from alignlab.train.loop import Rollout, Trainer, TrainResult, autocast
+from alignlab.train.loop import Rollout, TrainResult, autocast
 from alignlab.train.steps import LossTerms
 
 
-class SampledPolicyGradient(abc.ABC):
+class SampledPolicyGradient(OnlineAlgorithm, abc.ABC):
     """The rollout of the critic-free REINFORCE-style methods (RLOO, REINFORCE++): sample ``group_size``
     completions per prompt, score them, take the sampling-time log-probs (and the reference's when
     ``kl_coef > 0``), hand the per-token k1 KL and the scores to :meth:`advantages`, and cut the sampled batch
     into micro-batches of ``per_device_train_batch_size`` completions, reshuffled for each of ``iterations``
-    optimizer steps. A subclass sets :attr:`plots`, and defines :meth:`advantages` and :meth:`compute_loss`.
+    optimizer steps. A subclass sets :attr:`plot_panels`, and defines :meth:`advantages` and
+    :meth:`compute_loss`.
 
     Args:
         config: an :class:`~alignlab.algorithms.online.OnlineConfig` subclass.
@@ -48,7 +50,6 @@ class SampledPolicyGradient(abc.ABC):
         UserError / DataError: bad flags, unreadable data or models, a bad row, a failing reward function.
     """
 
-    plots: dict[str, list[str]] = {}
 
     def __init__(self, config: OnlineConfig, *, group_size: int, iterations: int, kl_coef: float):
         per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
@@ -106,15 +107,6 @@ class SampledPolicyGradient(abc.ABC):
             order = torch.randperm(n, generator=self.shuffle).to(self.accelerator.device)
             updates.append([slice_rows(data, order[i : i + micro]) for i in range(0, n, micro)])
         return Rollout(updates=updates, metrics=metrics, samples=samples)
-
-    def train(self) -> TrainResult:
-        """Train, save the policy; returns where everything went."""
-        loop = Trainer(self.config, self.accelerator, self.policy, self.tokenizer, self.prompts, collate_fn=list,
-                       loss_fn=self.compute_loss, plot_panels=self.plots, rollout_fn=self.rollout,
-                       rollout_batch_size=self.prompts_per_step)
-        result = loop.train()
-        self.policy = loop.model
-        return result
 
     @property
     def prompts_per_step(self) -> int:
@@ -192,7 +184,7 @@ class RLOOTrainer(SampledPolicyGradient):
         UserError / DataError: bad flags, unreadable data or models, a bad row, a failing reward function.
     """
 
-    plots = {"reward": ["reward"], "reward_std": ["reward_std"], "kl": ["kl"],
+    plot_panels = {"reward": ["reward"], "reward_std": ["reward_std"], "kl": ["kl"],
              "clip_ratio": ["clip_ratio/region_mean"], "completion_length": ["completions/mean_length"]}
 
     def __init__(self, config: RLOOConfig):
