@@ -13,12 +13,20 @@ The resident set size (``psutil``, the training process itself) is read from ins
 every optimizer step, before the step's memory release: the child wraps
 :func:`alignlab.ops.cpu_kernels.after_optimizer_step`, which the loop calls once per optimizer step. Every 10
 steps it writes the highest of those 10 readings (a periodic trim cannot hide a peak). Printed per job: that
-value at step 100 and at the last step, their ratio, the peak, the wall time and the curve.
+value at step 100 and at the last step, their ratio, the peak, the process's peak RSS over the whole
+run (``ru_maxrss``, which sees the inside of a step too), the wall time and the curve.
 ``--trim_interval N`` sets :data:`alignlab.ops.memory.TRIM_INTERVAL` in the child (0: the reuse setting never
 trims, as before that setting existed).
 
     python benchmarks/soak.py                       # both jobs, --cpu_kernels auto and off
     python benchmarks/soak.py --jobs dpo --dpo_steps 500 --settings auto --trim_interval 0
+
+``--allocations N`` runs instead N rounds of a training step's allocation pattern without a model (three
+``(8, T, 49152 / 4)`` float32 tensors, 20 of ``(T, 4096)`` and 200 small ones, ``T`` drawn from 40-128 per
+round, all written then freed, :func:`alignlab.ops.memory.release_free_memory` after each round), one
+process per host-memory variant (run at the same time), and prints the highest RSS of every 100 rounds:
+
+    python benchmarks/soak.py --allocations 1500
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -87,6 +96,7 @@ def child(rss_path: str, trim_interval: int | None, argv: list[str]) -> int:
         state["step"] += 1
         if state["step"] % EVERY == 0:
             handle.write(json.dumps({"step": state["step"], "rss": state["peak"],
+                                     "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                                      "seconds": time.perf_counter() - state["start"]}) + "\n")
             handle.flush()
             state["peak"] = 0
@@ -96,6 +106,60 @@ def child(rss_path: str, trim_interval: int | None, argv: list[str]) -> int:
         return cli.main(argv)
     finally:
         handle.close()
+
+
+ALLOCATION_VARIANTS = {  # name: (THP_MEM_ALLOC_ENABLE, reuse, TRIM_INTERVAL)
+    "huge pages + reuse, no trim": ("1", True, 0),
+    "huge pages + reuse, trim every 100": ("1", True, 100),
+    "reuse, no huge pages, no trim": ("0", True, 0),
+    "huge pages, glibc's policy": ("1", False, 0),
+}
+
+
+def allocation_child(thp: str, reuse: bool, trim_interval: int, rounds: int) -> list[float]:
+    """The allocation rounds in this process (``THP_MEM_ALLOC_ENABLE`` set before torch is imported)."""
+    import random
+
+    os.environ["THP_MEM_ALLOC_ENABLE"] = thp
+    from alignlab.ops import memory
+
+    memory.TRIM_INTERVAL = trim_interval
+    memory.configure_host_memory(reuse)
+    import psutil
+    import torch
+
+    proc, rng, peak, out = psutil.Process(), random.Random(0), 0, []
+    for i in range(rounds):
+        t = rng.randint(40, 128)
+        big = [torch.ones(8 * t * 49152 // 4) for _ in range(3)]
+        small = [torch.ones(rng.randint(1000, 300000)) for _ in range(200)]
+        mid = [torch.ones(t * 4096) for _ in range(20)]
+        rss = proc.memory_info().rss  # the round's working set, before the release
+        del big, small, mid
+        memory.release_free_memory()
+        peak = max(peak, rss, proc.memory_info().rss)
+        if i % 100 == 99:
+            out.append(round(peak / 2**20))
+            peak = 0
+    return out
+
+
+def run_allocations(rounds: int) -> None:
+    """Each variant in a process of its own, all at once (RSS does not depend on the others)."""
+    pythonpath = os.pathsep.join([str(ROOT / "src"), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    procs = {}
+    for name, (thp, reuse, trim) in ALLOCATION_VARIANTS.items():
+        code = (f"import json; from soak import allocation_child; "
+                f"print(json.dumps(allocation_child({thp!r}, {reuse}, {trim}, {rounds})))")
+        procs[name] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                       env={**os.environ, "PYTHONPATH": pythonpath}, cwd=tempfile.gettempdir())
+    for name, proc in procs.items():
+        stdout, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"{name} failed with status {proc.returncode}")
+        curve = json.loads(stdout.strip().splitlines()[-1])
+        print(f"{name:<36} highest RSS per 100 rounds (MiB): {curve}; first {curve[0]}, last {curve[-1]}, "
+              f"max {max(curve)}", flush=True)
 
 
 def run_job(job: str, model: Path, work: Path, steps: int, setting: str, trim_interval: int | None) -> dict:
@@ -116,7 +180,8 @@ def run_job(job: str, model: Path, work: Path, steps: int, setting: str, trim_in
     last = rows[-1]["rss"]
     return {"job": job, "setting": setting, "trim_interval": trim_interval, "steps": rows[-1]["step"], "rss_100_mib": first / 2**20,
             "rss_end_mib": last / 2**20, "growth_pct": 100 * (last / first - 1),
-            "peak_mib": max(r["rss"] for r in rows) / 2**20, "wall_s": wall,
+            "peak_mib": max(r["rss"] for r in rows) / 2**20, "max_rss_mib": rows[-1]["max_rss"] / 2**20,
+            "wall_s": wall,
             "curve_mib": [round(r["rss"] / 2**20, 1) for r in rows[:: max(1, len(rows) // 10)]]}
 
 
@@ -132,8 +197,13 @@ def main() -> None:
     parser.add_argument("--trim_interval", type=int, help="alignlab.ops.memory.TRIM_INTERVAL in the training "
                         "process (default: the library's)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--allocations", type=int, help="run this many allocation rounds per host-memory "
+                        "variant instead of the training jobs")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
+    if args.allocations:
+        run_allocations(args.allocations)
+        return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -145,7 +215,7 @@ def main() -> None:
                 results.append(result)
                 print(f"{job:<5} cpu_kernels={setting:<4} trim_interval={args.trim_interval} steps {result['steps']:>5}  RSS at step 100 "
                       f"{result['rss_100_mib']:7.1f} MiB  at the end {result['rss_end_mib']:7.1f} MiB  "
-                      f"({result['growth_pct']:+.1f}%)  peak {result['peak_mib']:7.1f} MiB  "
+                      f"({result['growth_pct']:+.1f}%)  peak {result['peak_mib']:7.1f} MiB  ru_maxrss {result['max_rss_mib']:7.1f} MiB  "
                       f"wall {result['wall_s']:6.0f} s  curve {result['curve_mib']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
