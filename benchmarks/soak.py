@@ -12,14 +12,12 @@ setting is the command's (``--cpu_kernels auto``: freed memory kept for reuse, `
 The resident set size (``psutil``, the training process itself) is read from inside the process at the end of
 every optimizer step, before the step's memory release: the child wraps
 :func:`alignlab.ops.cpu_kernels.after_optimizer_step`, which the loop calls once per optimizer step. Every 10
-steps it writes the highest of those 10 readings (a periodic trim cannot hide a peak). Printed per job: that
+steps it writes the highest of those 10 readings. Printed per job: that
 value at step 100 and at the last step, their ratio, the peak, the process's peak RSS over the whole
 run (``ru_maxrss``, which sees the inside of a step too), the wall time and the curve.
-``--trim_interval N`` sets :data:`alignlab.ops.memory.TRIM_INTERVAL` in the child (0: the reuse setting never
-trims, as before that setting existed).
 
     python benchmarks/soak.py                       # both jobs, --cpu_kernels auto and off
-    python benchmarks/soak.py --jobs dpo --dpo_steps 500 --settings auto --trim_interval 0
+    python benchmarks/soak.py --jobs dpo --dpo_steps 500 --settings auto
 
 ``--allocations N`` runs instead N rounds of a training step's allocation pattern without a model (three
 ``(8, T, 49152 / 4)`` float32 tensors, 20 of ``(T, 4096)`` and 200 small ones, ``T`` drawn from 40-128 per
@@ -75,16 +73,14 @@ def job_argv(job: str, model: Path, out: Path, steps: int, setting: str) -> list
             "--sample_steps", "0", "--reward_funcs", f"{ROOT / 'examples' / 'reward_funcs.py'}:target_length"]
 
 
-def child(rss_path: str, trim_interval: int | None, argv: list[str]) -> int:
+def child(rss_path: str, argv: list[str]) -> int:
     """In the training process: at each optimizer step's end read the RSS, and every ``EVERY`` steps write
     ``{"step", "rss" (the highest of those readings), "seconds"}``."""
     import psutil
 
     from alignlab import cli
-    from alignlab.ops import cpu_kernels, memory
+    from alignlab.ops import cpu_kernels
 
-    if trim_interval is not None:
-        memory.TRIM_INTERVAL = trim_interval
     proc = psutil.Process()
     original = cpu_kernels.after_optimizer_step
     state = {"step": 0, "peak": 0, "start": time.perf_counter()}
@@ -108,22 +104,20 @@ def child(rss_path: str, trim_interval: int | None, argv: list[str]) -> int:
         handle.close()
 
 
-ALLOCATION_VARIANTS = {  # name: (THP_MEM_ALLOC_ENABLE, reuse, TRIM_INTERVAL)
-    "huge pages + reuse, no trim": ("1", True, 0),
-    "huge pages + reuse, trim every 100": ("1", True, 100),
-    "reuse, no huge pages, no trim": ("0", True, 0),
-    "huge pages, glibc's policy": ("1", False, 0),
+ALLOCATION_VARIANTS = {  # name: (THP_MEM_ALLOC_ENABLE, reuse)
+    "huge pages + reuse (the default)": ("1", True),
+    "reuse, no huge pages": ("0", True),
+    "huge pages, glibc's policy": ("1", False),
 }
 
 
-def allocation_child(thp: str, reuse: bool, trim_interval: int, rounds: int) -> list[float]:
+def allocation_child(thp: str, reuse: bool, rounds: int) -> list[float]:
     """The allocation rounds in this process (``THP_MEM_ALLOC_ENABLE`` set before torch is imported)."""
     import random
 
     os.environ["THP_MEM_ALLOC_ENABLE"] = thp
     from alignlab.ops import memory
 
-    memory.TRIM_INTERVAL = trim_interval
     memory.configure_host_memory(reuse)
     import psutil
     import torch
@@ -148,9 +142,9 @@ def run_allocations(rounds: int) -> None:
     """Each variant in a process of its own, all at once (RSS does not depend on the others)."""
     pythonpath = os.pathsep.join([str(ROOT / "src"), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
     procs = {}
-    for name, (thp, reuse, trim) in ALLOCATION_VARIANTS.items():
+    for name, (thp, reuse) in ALLOCATION_VARIANTS.items():
         code = (f"import json; from soak import allocation_child; "
-                f"print(json.dumps(allocation_child({thp!r}, {reuse}, {trim}, {rounds})))")
+                f"print(json.dumps(allocation_child({thp!r}, {reuse}, {rounds})))")
         procs[name] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                                        env={**os.environ, "PYTHONPATH": pythonpath}, cwd=tempfile.gettempdir())
     for name, proc in procs.items():
@@ -162,10 +156,10 @@ def run_allocations(rounds: int) -> None:
               f"max {max(curve)}", flush=True)
 
 
-def run_job(job: str, model: Path, work: Path, steps: int, setting: str, trim_interval: int | None) -> dict:
+def run_job(job: str, model: Path, work: Path, steps: int, setting: str) -> dict:
     out = work / f"{job}-{setting}"
     rss_path = work / f"{job}-{setting}.rss.jsonl"
-    cmd = [sys.executable, __file__, "--_child", str(rss_path), str(trim_interval), "--",
+    cmd = [sys.executable, __file__, "--_child", str(rss_path), "--",
            *job_argv(job, model, out, steps, setting)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     start = time.perf_counter()
@@ -178,7 +172,7 @@ def run_job(job: str, model: Path, work: Path, steps: int, setting: str, trim_in
     at = {r["step"]: r["rss"] for r in rows}
     first = at.get(100, rows[0]["rss"])
     last = rows[-1]["rss"]
-    return {"job": job, "setting": setting, "trim_interval": trim_interval, "steps": rows[-1]["step"], "rss_100_mib": first / 2**20,
+    return {"job": job, "setting": setting, "steps": rows[-1]["step"], "rss_100_mib": first / 2**20,
             "rss_end_mib": last / 2**20, "growth_pct": 100 * (last / first - 1),
             "peak_mib": max(r["rss"] for r in rows) / 2**20, "max_rss_mib": rows[-1]["max_rss"] / 2**20,
             "wall_s": wall,
@@ -188,14 +182,12 @@ def run_job(job: str, model: Path, work: Path, steps: int, setting: str, trim_in
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--_child":
         sep = sys.argv.index("--")
-        raise SystemExit(child(sys.argv[2], None if sys.argv[3] == "None" else int(sys.argv[3]), sys.argv[sep + 1 :]))
+        raise SystemExit(child(sys.argv[2], sys.argv[sep + 1 :]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", nargs="+", default=["dpo", "grpo"], choices=["dpo", "grpo"])
     parser.add_argument("--settings", nargs="+", default=["auto", "off"], choices=["auto", "off"])
     parser.add_argument("--dpo_steps", type=int, default=2000)
     parser.add_argument("--grpo_steps", type=int, default=300)
-    parser.add_argument("--trim_interval", type=int, help="alignlab.ops.memory.TRIM_INTERVAL in the training "
-                        "process (default: the library's)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--allocations", type=int, help="run this many allocation rounds per host-memory "
                         "variant instead of the training jobs")
@@ -211,9 +203,9 @@ def main() -> None:
         for job in args.jobs:
             for setting in args.settings:
                 steps = args.dpo_steps if job == "dpo" else args.grpo_steps
-                result = run_job(job, work / "tiny", work, steps, setting, args.trim_interval)
+                result = run_job(job, work / "tiny", work, steps, setting)
                 results.append(result)
-                print(f"{job:<5} cpu_kernels={setting:<4} trim_interval={args.trim_interval} steps {result['steps']:>5}  RSS at step 100 "
+                print(f"{job:<5} cpu_kernels={setting:<4} steps {result['steps']:>5}  RSS at step 100 "
                       f"{result['rss_100_mib']:7.1f} MiB  at the end {result['rss_end_mib']:7.1f} MiB  "
                       f"({result['growth_pct']:+.1f}%)  peak {result['peak_mib']:7.1f} MiB  ru_maxrss {result['max_rss_mib']:7.1f} MiB  "
                       f"wall {result['wall_s']:6.0f} s  curve {result['curve_mib']}", flush=True)

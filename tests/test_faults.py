@@ -346,36 +346,3 @@ def test_without_bad_rewards_drops_whole_groups():
     with pytest.raises(UserError, match="every one of the 4 completions"):
         all_bad.without_bad_rewards(2)
 
-
-# --- heap growth under reuse ----------------------------------------------------------------------------------
-def test_reuse_still_trims_the_heap_every_trim_interval_steps(monkeypatch):
-    from alignlab.ops import memory
-
-    class FakeLibc:
-        def __init__(self):
-            self.trims, self.mallopts = 0, []
-
-        def malloc_trim(self, pad):
-            self.trims += 1
-
-        def mallopt(self, param, value):
-            self.mallopts.append((param, value))
-
-    fake = FakeLibc()
-    monkeypatch.setattr(memory, "_LIBC", fake)
-    monkeypatch.setattr(memory, "_reuse", False)
-    monkeypatch.setattr(memory, "_steps_since_trim", 0)
-    monkeypatch.setattr(memory, "TRIM_INTERVAL", 3)
-    assert memory.configure_host_memory(True)
-    for _ in range(7):
-        memory.release_free_memory()
-    assert fake.trims == 2  # steps 3 and 6
-    memory.configure_host_memory(False)
-    memory.release_free_memory()
-    memory.release_free_memory()
-    assert fake.trims == 4  # without reuse: every step
-    monkeypatch.setattr(memory, "TRIM_INTERVAL", 0)
-    memory.configure_host_memory(True)
-    for _ in range(10):
-        memory.release_free_memory()
-    assert fake.trims == 4  # 0: reuse never trims

@@ -19,15 +19,6 @@ Two settings, both from the libraries underneath, not an allocator of alignlab's
   its own; large ones come from the heap) and a trim threshold of 2 GB (the largest ``mallopt`` takes), so
   freed memory stays mapped and the next step reuses it without faults. The process then holds about its
   peak heap until it exits; the measured peak RSS was at most 0.7 GiB higher (benchmarks/README.md).
-
-Heap growth under reuse: with huge pages on, PyTorch asks for 2 MB-aligned blocks (``posix_memalign``); from a
-heap that never maps blocks on their own, a freed aligned block is reused only by a request that fits it at an
-aligned offset, so with tensor sizes that vary from step to step (batches of different lengths) the heap keeps
-growing: measured, 673 MB -> 989 MB over 1,500 rounds of varying sizes, where reuse without huge pages stayed
-at 586 MB and glibc's own policy at 579 MB (benchmarks/README.md, "Soak"). So under reuse
-:func:`release_free_memory` still trims every :data:`TRIM_INTERVAL` optimizer steps: ``malloc_trim`` hands the
-free pages inside the heap back (``MADV_DONTNEED``), the resident size falls to what is in use, and the next
-step faults in only what it touches (one step's faults in ``TRIM_INTERVAL``).
 """
 
 from __future__ import annotations
@@ -61,10 +52,6 @@ def _load_glibc():
 
 _LIBC = _load_glibc()
 _reuse = False
-_steps_since_trim = 0
-
-TRIM_INTERVAL = 100
-"""Under reuse, :func:`release_free_memory` trims the heap every this many calls (optimizer steps); 0: never."""
 
 
 def request_huge_pages() -> None:
@@ -87,10 +74,9 @@ def configure_host_memory(reuse: bool) -> bool:
     Returns:
         True if the setting took effect (glibc on Linux), False elsewhere (nothing is changed).
     """
-    global _reuse, _steps_since_trim
+    global _reuse
     if _LIBC is None:
         return False
-    _steps_since_trim = 0  # the periodic trim under reuse counts from here
     if reuse:
         _LIBC.mallopt(_M_MMAP_MAX, 0)
         _LIBC.mallopt(_M_TRIM_THRESHOLD, _LARGEST_TRIM_THRESHOLD)
@@ -103,19 +89,12 @@ def configure_host_memory(reuse: bool) -> bool:
 
 
 def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``): after every call without reuse, every
-    :data:`TRIM_INTERVAL` calls with reuse (:func:`configure_host_memory`); a no-op without glibc. Called once
-    per optimizer step.
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``), unless :func:`configure_host_memory`
+    chose reuse; a no-op without glibc.
 
     Without reuse, glibc keeps freed small blocks in its arenas, so the resident size creeps up step after
     step; trimming after the optimizer step keeps the steady-state footprint at weights + optimizer state, at
-    the price of faulting the pages in again on the next step. With reuse, the occasional trim bounds the
-    heap's growth from fragmentation (module docstring) at the price of one step's faults per interval.
+    the price of faulting the pages in again on the next step.
     """
-    global _steps_since_trim
-    if _LIBC is None:
-        return
-    _steps_since_trim += 1
-    if not _reuse or (TRIM_INTERVAL and _steps_since_trim >= TRIM_INTERVAL):
+    if _LIBC is not None and not _reuse:
         _LIBC.malloc_trim(0)
-        _steps_since_trim = 0
