@@ -122,7 +122,7 @@ class GRPOTrainer(OnlineAlgorithm):
         )
         self.accelerator, self.tokenizer, self.prompts = setup.accelerator, setup.tokenizer, setup.prompts
         self.policy = setup.policy
-        self.shuffle = torch.Generator().manual_seed(config.seed)
+        self.shuffle = setup.checkpointed_generator(config.seed)  # saved in checkpoints
 
     def rollout(self, model, examples: list[dict], step: int) -> Rollout:
         """Sample a group per prompt, score, compute group advantages; returns ``num_iterations`` updates."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from typing import Literal
 import torch
 
 from alignlab.data.io import read_rows
@@ -22,6 +23,21 @@ from alignlab.train.loop import autocast, build_accelerator
 from alignlab.train.setup import prepare_model
 
 logger = logging.getLogger(__name__)
+
+
+class GeneratorState:
+    """A ``torch.Generator`` as accelerate's checkpointable object (``state_dict`` / ``load_state_dict``):
+    ``accelerator.save_state`` saves its random state, ``load_state`` restores it. accelerate saves the global
+    random states (Python, NumPy, torch) itself; generators of one's own need this."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"rng_state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["rng_state"])
 
 
 @dataclass
@@ -55,6 +71,11 @@ class OnlineConfig(TrainConfig):
     policy's and the reference's log-probs, the reward model's scores and, in PPO, the value model."""
     prompt_column: str = "prompt"
     """Column holding the prompt (text or messages); rows without it may be preference pairs."""
+    reward_func_errors: Literal["raise", "drop"] = "raise"
+    """A reward function that raises or returns a bad value (NaN, infinite, not a number, a list of the wrong
+    length): raise stops the run with a one-line error naming the function; drop leaves the completions it
+    failed on out of the step's update (with GRPO and Online DPO, their prompt's whole group or pair), logs
+    how many as ``rewards/dropped`` and goes on (alignlab's flag; TRL has none). PPO supports raise only."""
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.reward_model_path and not self.reward_funcs:
@@ -69,6 +90,8 @@ class OnlineConfig(TrainConfig):
             raise UserError(f"--sample_steps must be >= 0, got {self.sample_steps}")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise UserError(f"--missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
+        if self.reward_func_errors not in ("raise", "drop"):
+            raise UserError(f"--reward_func_errors must be raise or drop, got {self.reward_func_errors!r}")
         if self.eval_dataset_name or self.eval_split_size:
             raise UserError("online training has no evaluation pass: drop --eval_dataset_name / --eval_split_size")
 
@@ -125,6 +148,14 @@ class OnlineSetup:
 
         self.reward_tokenizer = attach_reward_model(self.sources, config, tok, device)
 
+    def checkpointed_generator(self, seed: int) -> torch.Generator:
+        """A ``torch.Generator`` seeded with ``seed`` whose state is saved in every checkpoint and restored on
+        resume (registered with the accelerator), so that a resumed run draws what the uninterrupted one would
+        (the rollouts' shuffles into mini- and micro-batches). Call it in the same order on every run."""
+        generator = torch.Generator().manual_seed(seed)
+        self.accelerator.register_for_checkpointing(GeneratorState(generator))
+        return generator
+
     def logps(self, model: torch.nn.Module, sequences: dict[str, torch.Tensor], *,
               temperature: float | None = None) -> torch.Tensor:
         """``(N, L)`` completion-token log-probs under ``model`` at ``temperature`` (default: the sampling
@@ -155,17 +186,20 @@ class OnlineSetup:
     def sample(self, policy: torch.nn.Module, examples: list[dict], *, max_new_tokens: int,
                num_generations: int = 1, return_logps: bool = False) -> ScoredCompletions:
         """Sample and score completions for ``examples`` with the (unwrapped) ``policy``; ``return_logps``: keep
-        the sampled tokens' log-probs (``sequences["sampling_logps"]``).
+        the sampled tokens' log-probs (``sequences["sampling_logps"]``). With ``--reward_func_errors drop`` the
+        completions a reward function failed on are left out, with their prompt's group
+        (:meth:`~alignlab.rollout.experience.ScoredCompletions.without_bad_rewards`).
 
         A policy sharded with FSDP2 is all-gathered once for the whole call (every process calls it) and
         resharded after it (:func:`alignlab.train.distributed.gathered_parameters`), so decoding runs on full
         weights, as in one process or DDP."""
         cfg, device = self.config, self.accelerator.device
         with gathered_parameters(policy):
-            return sample_and_score(
+            scored = sample_and_score(
                 policy, self.tokenizer, examples, self.sources, device=device, precision=autocast(cfg, device),
                 max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                 num_generations=num_generations, missing_eos_penalty=cfg.missing_eos_penalty,
                 reward_tokenizer=self.reward_tokenizer, return_logps=return_logps,
-                padding_free=cfg.padding_free,
+                padding_free=cfg.padding_free, on_error=cfg.reward_func_errors,
             )
+        return scored.without_bad_rewards(num_generations) if cfg.reward_func_errors == "drop" else scored

@@ -89,6 +89,8 @@ class PPOConfig(OnlineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.reward_func_errors != "raise":
+            raise UserError("ppo supports --reward_func_errors raise only (its mini-batches are fixed fractions of a rollout)")
         for name in ("response_length", "num_ppo_epochs", "num_mini_batches"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -174,7 +176,7 @@ class PPOTrainer(OnlineAlgorithm):
             setup.policy, value_model, temperature=cfg.temperature, padding_free=cfg.padding_free,
             pad_token_id=tok.pad_token_id,
         )
-        self.shuffle = torch.Generator().manual_seed(config.seed)
+        self.shuffle = setup.checkpointed_generator(config.seed)  # saved in checkpoints
 
     @property
     def ref_model(self):

@@ -4,6 +4,7 @@ log-prob, value and advantage computations on top."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ from typing import Any
 import torch
 
 from alignlab.data.preference import tokenize_text
-from alignlab.rollout.generation import Completions, build_sequences, sample_completions
+from alignlab.errors import UserError
+from alignlab.rollout.generation import Completions, build_sequences, sample_completions, slice_rows
 from alignlab.rollout.rewards import RewardSource, compute_rewards
 
 
@@ -28,6 +30,7 @@ class ScoredCompletions:
         scores: ``(N,)`` float32 weighted reward, ``missing_eos_penalty`` applied.
         per_source: ``{name: (N,)}`` unweighted rewards per source, NaN where not applicable.
         generation_seconds, scoring_seconds: wall time of sampling and of computing rewards.
+        dropped: completions left out for a bad reward by :meth:`without_bad_rewards` (``None``: not asked).
     """
 
     examples: list[dict[str, Any]]
@@ -38,6 +41,7 @@ class ScoredCompletions:
     per_source: dict[str, torch.Tensor]
     generation_seconds: float
     scoring_seconds: float
+    dropped: int | None = None
 
     @property
     def has_eos(self) -> torch.Tensor:
@@ -59,7 +63,40 @@ class ScoredCompletions:
         }
         for name, values in self.per_source.items():
             out[f"rewards/{name}/mean"] = torch.nanmean(values)
+        if self.dropped is not None:
+            out["rewards/dropped"] = float(self.dropped)
         return out
+
+    def without_bad_rewards(self, group_size: int = 1) -> "ScoredCompletions":
+        """These completions less those whose score is NaN (a reward function failed on them, see
+        :func:`~alignlab.rollout.rewards.compute_rewards` with ``on_error="drop"``) and, with ``group_size``
+        > 1, less every group of ``group_size`` adjacent completions (one prompt's) holding one: a group's
+        advantages (GRPO) or a pair (Online DPO) need all of it. ``dropped`` counts what was left out.
+
+        Raises:
+            UserError: every completion was left out (nothing to train on).
+        """
+        bad = torch.isnan(self.scores)
+        if not bad.any():
+            return dataclasses.replace(self, dropped=self.dropped or 0)
+        bad = bad.view(-1, group_size).any(dim=1).repeat_interleave(group_size)
+        keep = (~bad).nonzero().flatten()
+        if keep.numel() == 0:
+            raise UserError(f"every one of the {bad.numel()} completions of this step has a bad reward "
+                            "(--reward_func_errors drop): nothing left to train on")
+        rows = keep.tolist()
+        c = self.completions
+        completions = Completions(ids=[c.ids[i] for i in rows], has_eos=[c.has_eos[i] for i in rows],
+                                  prompt_index=[c.prompt_index[i] for i in rows],
+                                  logps=None if c.logps is None else [c.logps[i] for i in rows])
+        return ScoredCompletions(
+            examples=[self.examples[i] for i in rows], completions=completions,
+            sequences=slice_rows(self.sequences, keep.to(self.sequences["input_ids"].device)),
+            texts=[self.texts[i] for i in rows], scores=self.scores[keep],
+            per_source={name: values[keep] for name, values in self.per_source.items()},
+            generation_seconds=self.generation_seconds, scoring_seconds=self.scoring_seconds,
+            dropped=(self.dropped or 0) + int(bad.sum()),
+        )
 
     def sample_rows(self, step: int) -> list[dict[str, Any]]:
         """``samples.jsonl`` rows: step, prompt, completion, score and each source's reward."""
@@ -118,6 +155,7 @@ def sample_and_score(
     reward_tokenizer=None,
     return_logps: bool = False,
     padding_free: bool = False,
+    on_error: str = "raise",
 ) -> ScoredCompletions:
     """Sample ``num_generations`` completions per prompt example and score them.
 
@@ -137,9 +175,12 @@ def sample_and_score(
         return_logps: put the ``(N, L)`` log-probs of the sampled tokens under the sampling distribution in
             ``sequences["sampling_logps"]`` (0 on padding); PPO takes its old log-probs from them, as TRL does.
         padding_free: the reward models score packed rows (no compute on padding).
+        on_error: a reward function that fails or returns a bad value: ``"raise"`` a :class:`UserError`;
+            ``"drop"``: the completion's score is NaN (:func:`~alignlab.rollout.rewards.compute_rewards`); the
+            caller leaves it out with :meth:`ScoredCompletions.without_bad_rewards`.
 
     Raises:
-        UserError: a reward function failed or returned bad values.
+        UserError: (``on_error="raise"``) a reward function failed or returned bad values.
     """
     prompt_ids = [ex["prompt_ids"] for ex in examples]
     start = time.perf_counter()
@@ -172,7 +213,7 @@ def sample_and_score(
             inputs = sequences if reward_tokenizer is None else reward_model_inputs(reward_tokenizer, per_completion, texts)
         scores, per_source = compute_rewards(
             sources, prompts=prompts, completions=shown, completion_ids=completions.ids, columns=columns,
-            reward_inputs=inputs, padding_free=padding_free,
+            reward_inputs=inputs, padding_free=padding_free, on_error=on_error,
         )
     if missing_eos_penalty is not None:
         scores = scores - missing_eos_penalty * (~torch.tensor(completions.has_eos)).float()

@@ -145,6 +145,13 @@ class TrainConfig:
     ``min_num_params``, ``transformer_layer_cls_to_wrap``, ``reshard_after_forward``, ``offload_params``,
     ``activation_checkpointing``, ``cpu_ram_efficient_loading``, ``state_dict_type``."""
 
+    # --- faults ----------------------------------------------------------------------------------------
+    max_nonfinite_steps: int = 10
+    """An optimizer update whose loss or gradient norm is NaN or infinite is skipped (no optimizer step, its
+    gradients dropped) and counted (``nonfinite_steps`` in ``metrics.jsonl``); more than this many skipped
+    updates stop the run with a one-line error, the checkpoints written so far kept (0: stop at the first).
+    alignlab's own flag: transformers and TRL have none (docs/faults.md)."""
+
     def __post_init__(self) -> None:
         self.bf16 = resolve_bf16(self.bf16)
         positive_ints = (
@@ -158,6 +165,8 @@ class TrainConfig:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_nonfinite_steps < 0:
+            raise UserError(f"--max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
         for name in ("eval_steps", "save_total_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:

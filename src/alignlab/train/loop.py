@@ -23,6 +23,9 @@ import contextlib
 import json
 import logging
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -45,7 +48,9 @@ from alignlab.train.config import TrainConfig
 from alignlab.train.lock import OutputDirLock
 from alignlab.train.metrics import MetricsLog, plot_metrics
 from alignlab.train.model_card import write_model_card
-from alignlab.train.steps import LossFn, evaluate_terms, optimizer_step, run_update
+from alignlab.train.steps import (
+    LossFn, NonfiniteSteps, all_finite, evaluate_terms, guarded_optimizer_step, run_update,
+)
 from alignlab.train.tracking import Tracking, accelerator_tracking_kwargs
 from alignlab.train.window import MetricsWindow
 
@@ -141,6 +146,50 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class TrainingInterrupted(SystemExit):
+    """The run stopped on SIGTERM or SIGINT after writing a checkpoint of its last completed step. A
+    ``SystemExit`` whose code is the shell's for the signal (``128 + signum``: 143 for SIGTERM, 130 for SIGINT),
+    so the ``alignlab`` command exits with it; ``checkpoint`` is the checkpoint written (or found)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        super().__init__(128 + signum)
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+class StopSignals:
+    """SIGTERM and SIGINT, caught for the length of a run (a context manager): the first one only sets
+    :attr:`signum`, and the loop stops at the end of the step under way, after a checkpoint (pre-emption: a
+    scheduler's SIGTERM, a Ctrl-C). A second one of the same kind does not wait: SIGINT raises
+    ``KeyboardInterrupt``, SIGTERM exits with status 143 at once. The previous handlers come back on exit.
+    Installed only in the main thread (Python delivers signals there; elsewhere this does nothing)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum == signum:  # asked twice: stop now
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        logger.warning("%s received: stopping after the current step (send it again to stop at once)",
+                       signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 @dataclass
@@ -264,11 +313,41 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------------------------------------------
-    def _offline_step(self, model, optimizer, micro_batches: list[dict], window: MetricsWindow) -> torch.Tensor:
+    def _update(self, model, optimizer, micro_batches: list[dict], window: MetricsWindow, step: int) -> torch.Tensor:
+        """Forwards, backwards and the optimizer step of one update; an update whose loss or gradient is not
+        finite is skipped and counted (:func:`~alignlab.train.steps.guarded_optimizer_step`). Returns the grad
+        norm.
+
+        Raises:
+            UserError: more than ``max_nonfinite_steps`` updates were skipped.
+        """
+        losses = []
+
+        def record(loss, metrics):
+            losses.append(loss)
+            window.add("loss", loss)
+            window.add_all(metrics)
+
+        window.tokens += run_update(self.accelerator, self._precision, self.loss_fn, model, micro_batches, record)
+        grad_norm, stepped = guarded_optimizer_step(self.accelerator, model, optimizer, self.config.max_grad_norm,
+                                                    losses_finite=all_finite(self.accelerator, losses))
+        if not stepped:
+            over = self.nonfinite.record()
+            logger.warning("step %d: non-finite loss or gradient (grad_norm %s), update skipped (%d so far)",
+                           step, float(grad_norm), self.nonfinite.count)
+            if over:
+                latest = find_latest_checkpoint(self.output_dir)
+                raise UserError(
+                    f"{self.nonfinite.count} updates had a non-finite loss or gradient, more than "
+                    f"--max_nonfinite_steps {self.config.max_nonfinite_steps}; stopped at step {step}, "
+                    f"last checkpoint: {latest if latest else 'none'}"
+                )
+        return grad_norm
+
+    def _offline_step(self, model, optimizer, micro_batches: list[dict], window: MetricsWindow,
+                      step: int = 0) -> torch.Tensor:
         """One optimizer update from ``gradient_accumulation_steps`` data-loader batches; returns the grad norm."""
-        window.tokens += run_update(self.accelerator, self._precision, self.loss_fn, model, micro_batches,
-                                    record=lambda loss, metrics: (window.add("loss", loss), window.add_all(metrics)))
-        return optimizer_step(self.accelerator, model, optimizer, self.config.max_grad_norm)
+        return self._update(model, optimizer, micro_batches, window, step)
 
     def _online_step(self, model, optimizer, prompts: list, step: int, window: MetricsWindow) -> torch.Tensor:
         """One rollout and its updates; returns the last update's grad norm."""
@@ -285,9 +364,7 @@ class Trainer:
         grad_norm = torch.tensor(0.0)
         for micro_batches in rollout.updates:
             batches = [{**batch, **rollout.scalars} for batch in micro_batches]
-            window.tokens += run_update(acc, self._precision, self.loss_fn, model, batches,
-                                        record=lambda loss, metrics: (window.add("loss", loss), window.add_all(metrics)))
-            grad_norm = optimizer_step(acc, model, optimizer, self.config.max_grad_norm)
+            grad_norm = self._update(model, optimizer, batches, window, step)
         seconds = time.perf_counter() - start
         window.train_seconds += seconds
         window.add("time/training", seconds)
@@ -311,12 +388,16 @@ class Trainer:
         """Run to ``max_steps`` (or ``num_train_epochs``), then evaluate, save the model (with its model card)
         and draw plots. The main process holds ``output_dir``'s lock for the length of the run.
 
+        SIGTERM and SIGINT stop the run after the step under way, with a checkpoint of it (:class:`StopSignals`).
+
         Raises:
-            UserError: another live run holds ``output_dir``; a bad ``--resume_from_checkpoint``.
+            UserError: another live run holds ``output_dir``; a bad ``--resume_from_checkpoint``; more than
+                ``max_nonfinite_steps`` updates skipped for a non-finite loss or gradient.
+            TrainingInterrupted: SIGTERM or SIGINT; the checkpoint is written.
         """
         self.output_dir.mkdir(parents=True, exist_ok=True)
         lock = OutputDirLock(self.output_dir) if self.accelerator.is_main_process else contextlib.nullcontext()
-        with lock, cpu_kernels.training(self.config.cpu_kernels):
+        with lock, cpu_kernels.training(self.config.cpu_kernels), StopSignals() as self._signals:
             tracking = Tracking(self.accelerator, config=asdict(self.config), run_name=self.output_dir.name)
             try:
                 return self._train(tracking)
@@ -377,6 +458,8 @@ class Trainer:
                 yaml.safe_dump(asdict(cfg), handle, sort_keys=False)
         online = self.rollout_fn is not None
         model, optimizer, scheduler, train_loader, per_step, steps_per_epoch, total_steps = self._setup(online)
+        self.nonfinite = NonfiniteSteps(cfg.max_nonfinite_steps)
+        acc.register_for_checkpointing(self.nonfinite)  # before _start: a resumed run goes on counting
         state = self._start()
         done_rows = self.metrics.rows() if acc.is_main_process and state.global_step else []
         window = MetricsWindow(self._gather, num_tokens=int(done_rows[-1].get("num_tokens", 0)) if done_rows else 0)
@@ -396,7 +479,7 @@ class Trainer:
                     if online:
                         grad_norm = self._online_step(model, optimizer, update, state.global_step + 1, window)
                     else:
-                        grad_norm = self._offline_step(model, optimizer, update, window)
+                        grad_norm = self._offline_step(model, optimizer, update, window, state.global_step + 1)
                     scheduler.step()
                     cpu_kernels.after_optimizer_step(acc.device)
                     state.global_step += 1
@@ -409,6 +492,7 @@ class Trainer:
                         row.update(window.row(online=online))
                         row["learning_rate"] = scheduler.get_last_lr()[0]
                         row["grad_norm"] = float(grad_norm)
+                        row["nonfinite_steps"] = self.nonfinite.count
                         if acc.is_main_process:
                             self.metrics.append(row)
                         tracking.log(row, state.global_step)
@@ -418,9 +502,12 @@ class Trainer:
                             and not is_last:
                         last_eval = self.evaluate(model, state.global_step)
                         window.restart_clock()
-                    if cfg.save_steps and state.global_step % cfg.save_steps == 0 and not is_last:
+                    saved = bool(cfg.save_steps) and state.global_step % cfg.save_steps == 0 and not is_last
+                    if saved:
                         self._save_checkpoint(state)
                         window.restart_clock()
+                    if not is_last and self._stop_requested():
+                        self._stop(state, saved)
                     if is_last:
                         break
                 else:
@@ -475,7 +562,44 @@ class Trainer:
             peft=is_peft_model(model) and not cfg.merge_lora,
         )
 
+    def _stop_requested(self) -> bool:
+        """Whether SIGTERM or SIGINT came (on any process: every process stops at the same step)."""
+        signals = getattr(self, "_signals", None)
+        signum = float(signals.signum or 0) if signals is not None else 0.0
+        if self.accelerator.num_processes > 1:
+            signum = float(self._gather(torch.tensor([signum])).max())
+        if signum and signals is not None and not signals.signum:
+            signals.signum = int(signum)
+        return bool(signum)
+
+    def _stop(self, state: LoopState, saved: bool) -> None:
+        """Write the checkpoint of the last completed step (unless this step's was just written), say so on one
+        line, and raise :class:`TrainingInterrupted`."""
+        signum = self._signals.signum
+        if not saved:
+            self._save_checkpoint(state)
+        path = self.output_dir / f"checkpoint-{state.global_step}"
+        if self.accelerator.is_main_process:
+            print(f"training stopped by {signal.Signals(signum).name} after step {state.global_step}: {path} written; "
+                  "resume with --resume_from_checkpoint true", file=sys.stderr, flush=True)
+        raise TrainingInterrupted(signum, state.global_step, path)
+
     def _save_checkpoint(self, state: LoopState) -> None:
-        save_checkpoint(self.accelerator, self.output_dir, state, keep=self.config.save_total_limit)
+        """Write ``checkpoint-N`` atomically. A failure to write it (a full disk, a quota, a lost mount) removes
+        the partial folder and is a one-line :class:`UserError`; the earlier checkpoints are untouched.
+
+        Raises:
+            UserError: an ``OSError`` while writing the checkpoint.
+        """
+        import shutil
+
+        try:
+            save_checkpoint(self.accelerator, self.output_dir, state, keep=self.config.save_total_limit)
+        except OSError as exc:
+            partial = self.output_dir / f".checkpoint-{state.global_step}.partial"
+            if self.accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise UserError(f"could not write checkpoint-{state.global_step} in {self.output_dir}: {exc} "
+                            "(the earlier checkpoints are intact)") from exc
         if self.accelerator.is_main_process:
             plot_metrics(self.metrics.rows(), self.output_dir / "plots", self.plot_panels)

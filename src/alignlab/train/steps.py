@@ -77,11 +77,74 @@ def optimizer_step(accelerator, model, optimizer, max_grad_norm: float) -> torch
     """Clip the gradients to ``max_grad_norm`` (0: no clipping), step, and drop the gradients
     (``zero_grad(set_to_none=True)``: the next backward's gradients become ``.grad`` as they are). Returns the
     global gradient norm before clipping."""
-    if max_grad_norm > 0:
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    else:
-        grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
+    grad_norm = _clipped_grad_norm(accelerator, model, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def _clipped_grad_norm(accelerator, model, max_grad_norm: float) -> torch.Tensor:
+    """The global gradient norm before clipping; the gradients clipped to ``max_grad_norm`` (0: not clipped)."""
+    if max_grad_norm > 0:
+        return accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
+
+
+def all_finite(accelerator, values: Iterable[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor in ``values`` is finite on every process (one gather when there are
+    several processes, so that all of them take the same decision)."""
+    ok = all(bool(torch.isfinite(v.detach()).all()) for v in values)
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(ok)], device=accelerator.device)
+        ok = bool(accelerator.gather(flag).min() > 0)
+    return ok
+
+
+def guarded_optimizer_step(accelerator, model, optimizer, max_grad_norm: float, *,
+                           losses_finite: bool = True) -> tuple[torch.Tensor, bool]:
+    """:func:`optimizer_step`, skipped when the update is not finite: if ``losses_finite`` is False (the loss of
+    a micro-batch was NaN or infinite on some process, see :func:`all_finite`) or the global gradient norm is
+    not finite, the gradients are dropped and the optimizer does not step (its moments and step count stay as
+    they were), so one bad batch cannot write NaN into the weights. The gradient norm is computed after the
+    gradients are synchronised, so every process decides alike.
+
+    The same guard as mixed-precision loss scaling's skipped steps (``torch.amp.GradScaler``: ``optimizer.step``
+    is skipped when the unscaled gradients hold inf or NaN), applied to every update.
+
+    Returns:
+        ``(grad_norm, stepped)``: the global gradient norm before clipping (NaN or inf when skipped for the
+        gradient) and whether the optimizer stepped.
+    """
+    grad_norm = _clipped_grad_norm(accelerator, model, max_grad_norm)
+    stepped = losses_finite and bool(torch.isfinite(grad_norm))
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, stepped
+
+
+class NonfiniteSteps:
+    """How many optimizer updates were skipped for a non-finite loss or gradient, and the limit on them.
+
+    Registered with accelerate's ``register_for_checkpointing`` (``state_dict`` / ``load_state_dict``), so a
+    resumed run goes on counting from the checkpoint's number.
+
+    Args:
+        limit: ``--max_nonfinite_steps``: more skipped updates than this stop the run.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"nonfinite_steps": self.count}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.count = int(state["nonfinite_steps"])
+
+    def record(self) -> bool:
+        """Count one skipped update; returns whether the count is now over the limit."""
+        self.count += 1
+        return self.count > self.limit
