@@ -12,6 +12,7 @@ from alignlab.data.io import read_rows
 from alignlab.data.prompts import build_prompt_examples
 from alignlab.errors import UserError
 from alignlab.models import is_peft_model, load_causal_lm, load_tokenizer
+from alignlab.rollout.engines import BACKENDS
 from alignlab.rollout.experience import ScoredCompletions, sample_and_score
 from alignlab.rollout.generation import completion_token_logps
 from alignlab.rollout.rewards import build_reward_sources
@@ -54,6 +55,10 @@ class OnlineConfig(TrainConfig):
     policy's and the reference's log-probs, the reward model's scores and, in PPO, the value model."""
     prompt_column: str = "prompt"
     """Column holding the prompt (text or messages); rows without it may be preference pairs."""
+    generation_backend: str = "auto"
+    """How completions are sampled (docs/rollouts.md): ``generate`` (transformers ``generate``, dynamic KV
+    cache), ``static`` (static KV cache, compiled decode step), ``paged`` (transformers' continuous batching,
+    paged KV cache) or ``auto`` (the fastest measured on the device type)."""
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.reward_model_path and not self.reward_funcs:
@@ -68,6 +73,8 @@ class OnlineConfig(TrainConfig):
             raise UserError(f"--sample_steps must be >= 0, got {self.sample_steps}")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise UserError(f"--missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
+        if self.generation_backend not in BACKENDS:
+            raise UserError(f"--generation_backend must be one of {', '.join(BACKENDS)}, got {self.generation_backend!r}")
         if self.eval_dataset_name or self.eval_split_size:
             raise UserError("online training has no evaluation pass: drop --eval_dataset_name / --eval_split_size")
 
@@ -161,5 +168,5 @@ class OnlineSetup:
             max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
             num_generations=num_generations, missing_eos_penalty=cfg.missing_eos_penalty,
             reward_tokenizer=self.reward_tokenizer, return_logps=return_logps,
-            padding_free=cfg.padding_free,
+            padding_free=cfg.padding_free, generation_backend=cfg.generation_backend,
         )

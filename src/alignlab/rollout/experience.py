@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from alignlab.data.preference import tokenize_text
-from alignlab.rollout.generation import Completions, build_sequences, sample_completions
+from alignlab.rollout.engines import SamplingParams, engine_for
+from alignlab.rollout.generation import Completions, build_sequences, completion_token_logps
 from alignlab.rollout.rewards import RewardSource, compute_rewards
 
 
@@ -118,6 +119,7 @@ def sample_and_score(
     reward_tokenizer=None,
     return_logps: bool = False,
     padding_free: bool = False,
+    generation_backend: str = "auto",
 ) -> ScoredCompletions:
     """Sample ``num_generations`` completions per prompt example and score them.
 
@@ -137,6 +139,9 @@ def sample_and_score(
         return_logps: put the ``(N, L)`` log-probs of the sampled tokens under the sampling distribution in
             ``sequences["sampling_logps"]`` (0 on padding); PPO takes its old log-probs from them, as TRL does.
         padding_free: the reward models score packed rows (no compute on padding).
+        generation_backend: the engine that samples (:func:`alignlab.rollout.engines.engine_for`, pointed at
+            ``policy``'s current weights first); an engine that cannot return log-probs has them recomputed with
+            one forward when ``return_logps``.
 
     Raises:
         UserError: a reward function failed or returned bad values.
@@ -144,11 +149,11 @@ def sample_and_score(
     prompt_ids = [ex["prompt_ids"] for ex in examples]
     start = time.perf_counter()
     with precision:
-        completions = sample_completions(
-            policy, prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
-            num_generations=num_generations, return_logps=return_logps,
-        )
+        engine = engine_for(policy, generation_backend)
+        params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
+                                num_generations=num_generations, return_logps=return_logps)
+        completions = engine.generate(prompt_ids, params)
         generation_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -162,6 +167,11 @@ def sample_and_score(
                 logps[i, : len(row)] = torch.tensor(row)
             sequences["sampling_logps"] = logps
         sequences = {k: v.to(device) for k, v in sequences.items()}
+        if return_logps and completions.logps is None:  # the engine returns none: one forward
+            with torch.no_grad():
+                sequences["sampling_logps"] = completion_token_logps(
+                    policy, sequences, temperature=temperature, padding_free=padding_free,
+                    pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(completions.ids, skip_special_tokens=True)
         prompts = [ex["prompt"] for ex in per_completion]
         shown = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
