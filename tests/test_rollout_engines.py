@@ -7,6 +7,7 @@ import torch
 from alignlab.errors import UserError
 from alignlab.rollout.engines import (
     AUTO,
+    AUTO_UNDER_AUTOCAST,
     BACKENDS,
     GenerateEngine,
     PagedEngine,
@@ -146,9 +147,18 @@ def test_engines_see_the_weights_after_an_optimizer_step(model, name):
 def test_backend_names():
     assert BACKENDS == ("auto", "generate", "static", "paged")
     assert resolve_backend("auto", "cpu") == AUTO["cpu"] and resolve_backend("paged", "cpu") == "paged"
+    assert resolve_backend("auto", "cpu", autocast_differs=True) == AUTO_UNDER_AUTOCAST["cpu"] != "paged"
     assert resolve_backend("auto", "meta") == "generate"
     with pytest.raises(ValueError, match="generation_backend"):
         resolve_backend("vllm", "cpu")
+
+
+def test_auto_leaves_paged_out_under_autocast_to_another_dtype(model):
+    assert type(engine_for(model, "auto")).name == AUTO["cpu"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(engine_for(model, "auto")).name == AUTO_UNDER_AUTOCAST["cpu"]
+        with pytest.raises(UserError, match="autocast"):
+            PagedEngine(model).generate(PROMPTS, greedy())
 
 
 def test_generation_backend_flag_is_checked(tmp_path):

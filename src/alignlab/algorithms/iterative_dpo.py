@@ -86,7 +86,8 @@ class IterativeDPOConfig(DPOConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.generation_backend not in BACKENDS:
-            raise UserError(f"--generation_backend must be one of {', '.join(BACKENDS)}, got {self.generation_backend!r}")
+            raise UserError(f"--generation_backend must be one of {', '.join(BACKENDS)}, "
+                            f"got {self.generation_backend!r}")
         if len(self.objectives) > 1 or self.objectives[0].weight is not None:
             raise UserError("iterative-dpo takes one prompt set in --dataset_name (no weights)")
         if self.rounds < 1:

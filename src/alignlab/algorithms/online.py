@@ -74,7 +74,8 @@ class OnlineConfig(TrainConfig):
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise UserError(f"--missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
         if self.generation_backend not in BACKENDS:
-            raise UserError(f"--generation_backend must be one of {', '.join(BACKENDS)}, got {self.generation_backend!r}")
+            raise UserError(f"--generation_backend must be one of {', '.join(BACKENDS)}, "
+                            f"got {self.generation_backend!r}")
         if self.eval_dataset_name or self.eval_split_size:
             raise UserError("online training has no evaluation pass: drop --eval_dataset_name / --eval_split_size")
 

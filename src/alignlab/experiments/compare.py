@@ -150,7 +150,8 @@ class CompareConfig:
         if not 0 < self.eval_split_size < 1:
             raise UserError(f"--eval_split_size must be in (0, 1), got {self.eval_split_size}")
         if self.generation_backend not in engines.BACKENDS:
-            raise UserError(f"--generation_backend must be one of {', '.join(engines.BACKENDS)}, got {self.generation_backend!r}")
+            raise UserError(f"--generation_backend must be one of {', '.join(engines.BACKENDS)}, "
+                            f"got {self.generation_backend!r}")
 
 
 def _write_jsonl(rows: list[dict], path: Path) -> None:

@@ -111,7 +111,8 @@ class EvaluateConfig:
         if not self.temperature > 0:
             raise UserError(f"--temperature must be > 0, got {self.temperature}")
         if self.generation_backend not in BACKENDS:
-            raise UserError(f"--generation_backend must be one of {', '.join(BACKENDS)}, got {self.generation_backend!r}")
+            raise UserError(f"--generation_backend must be one of {', '.join(BACKENDS)}, "
+                            f"got {self.generation_backend!r}")
 
 
 def confidence_interval(values: torch.Tensor) -> tuple[float, float]:

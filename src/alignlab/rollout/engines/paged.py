@@ -6,7 +6,14 @@ import torch
 
 from alignlab.errors import UserError
 from alignlab.ops import cpu_kernels
-from alignlab.rollout.engines.base import Completions, GenerationEngine, SamplingParams, check_prompts, cut_at_eos, repeated
+from alignlab.rollout.engines.base import (
+    Completions,
+    GenerationEngine,
+    SamplingParams,
+    check_prompts,
+    cut_at_eos,
+    repeated,
+)
 
 
 PAGE_SIZE = 64
