@@ -133,3 +133,21 @@ def test_inverse_cdf_sampling_draws_from_the_softmax():
     logps = torch.cat(sampler.logps, dim=1)  # (2, n)
     assert {round(p, 4) for p in logps[0].exp().tolist()} == {0.1, 0.2, 0.3, 0.4}
     assert (logps[1] == 0).all()
+
+
+def test_greedy_sampling_takes_the_argmax_and_its_logp(tiny_model_dir):
+    model = load_causal_lm(tiny_model_dir).eval()
+    prompt = [11, 12, 13]
+    out = sample_completions(model, [prompt], max_new_tokens=3, eos_token_id=10**6, pad_token_id=0,
+                             do_sample=False, return_logps=True, generation_backend="generate")
+    ids, expected_logps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(3):
+            logp = F.log_softmax(model(torch.tensor([ids])).logits[0, -1], -1)
+            ids.append(int(logp.argmax()))
+            expected_logps.append(float(logp.max()))
+    assert out.ids == [ids[3:]] and out.has_eos == [False]
+    assert torch.allclose(torch.tensor(out.logps[0]), torch.tensor(expected_logps), atol=1e-4)
+    with pytest.raises(ValueError, match="generation_backend"):
+        sample_completions(model, [prompt], max_new_tokens=1, eos_token_id=2, pad_token_id=0,
+                           generation_backend="vllm")

@@ -36,6 +36,7 @@ from alignlab.data.prompts import build_prompt_examples
 from alignlab.errors import UserError
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.models import load_causal_lm, load_tokenizer
+from alignlab.rollout.engines import BACKENDS
 from alignlab.rollout.experience import ScoredCompletions, sample_and_score_batches
 from alignlab.rollout.pairs import write_pairs
 from alignlab.rollout.rewards import build_reward_sources
@@ -77,9 +78,16 @@ class IterativeDPOConfig(DPOConfig):
     """Subtract this from the score of completions without EOS."""
     generation_batch_size: int = 16
     """Prompts per ``generate`` call while sampling."""
+    generation_backend: str = "auto"
+    """How completions are sampled (docs/rollouts.md): ``generate`` (transformers ``generate``, dynamic KV
+    cache), ``static`` (static KV cache, compiled decode step), ``paged`` (transformers' continuous batching,
+    paged KV cache) or ``auto`` (the fastest measured on the device type)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.generation_backend not in BACKENDS:
+            raise UserError(f"--generation_backend must be one of {', '.join(BACKENDS)}, "
+                            f"got {self.generation_backend!r}")
         if len(self.objectives) > 1 or self.objectives[0].weight is not None:
             raise UserError("iterative-dpo takes one prompt set in --dataset_name (no weights)")
         if self.rounds < 1:
@@ -130,6 +138,7 @@ class IterativeDPO:
             precision_fn=lambda: autocast(cfg, self.device), device=self.device, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, top_p=cfg.top_p, num_generations=k,
             missing_eos_penalty=cfg.missing_eos_penalty, reward_tokenizer=self.reward_tokenizer,
+            generation_backend=cfg.generation_backend,
         )
 
     def held_out_reward(self, model_path: str | None) -> float | None:

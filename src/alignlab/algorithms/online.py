@@ -13,6 +13,7 @@ from alignlab.data.io import read_rows
 from alignlab.data.prompts import build_prompt_examples
 from alignlab.errors import UserError
 from alignlab.models import is_peft_model, load_causal_lm, load_tokenizer
+from alignlab.rollout.engines import BACKENDS
 from alignlab.rollout.experience import ScoredCompletions, sample_and_score
 from alignlab.rollout.generation import completion_token_logps
 from alignlab.rollout.rewards import build_reward_sources
@@ -76,6 +77,10 @@ class OnlineConfig(TrainConfig):
     length): raise stops the run with a one-line error naming the function; drop leaves the completions it
     failed on out of the step's update (with GRPO and Online DPO, their prompt's whole group or pair), logs
     how many as ``rewards/dropped`` and goes on (alignlab's flag; TRL has none). PPO supports raise only."""
+    generation_backend: str = "auto"
+    """How completions are sampled (docs/rollouts.md): ``generate`` (transformers ``generate``, dynamic KV
+    cache), ``static`` (static KV cache, compiled decode step), ``paged`` (transformers' continuous batching,
+    paged KV cache) or ``auto`` (the fastest measured on the device type)."""
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.reward_model_path and not self.reward_funcs:
@@ -92,6 +97,9 @@ class OnlineConfig(TrainConfig):
             raise UserError(f"--missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
         if self.reward_func_errors not in ("raise", "drop"):
             raise UserError(f"--reward_func_errors must be raise or drop, got {self.reward_func_errors!r}")
+        if self.generation_backend not in BACKENDS:
+            raise UserError(f"--generation_backend must be one of {', '.join(BACKENDS)}, "
+                            f"got {self.generation_backend!r}")
         if self.eval_dataset_name or self.eval_split_size:
             raise UserError("online training has no evaluation pass: drop --eval_dataset_name / --eval_split_size")
 
@@ -201,5 +209,6 @@ class OnlineSetup:
                 num_generations=num_generations, missing_eos_penalty=cfg.missing_eos_penalty,
                 reward_tokenizer=self.reward_tokenizer, return_logps=return_logps,
                 padding_free=cfg.padding_free, on_error=cfg.reward_func_errors,
+                generation_backend=cfg.generation_backend,
             )
         return scored.without_bad_rewards(num_generations) if cfg.reward_func_errors == "drop" else scored

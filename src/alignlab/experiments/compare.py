@@ -35,6 +35,7 @@ from alignlab.data.io import write_text_atomic
 from alignlab.errors import ERROR_FILE_ENV, UserError
 from alignlab.experiments.layout import RunLayout, calibration_name, read_metrics, run_name
 from alignlab.methods import CompareBudget
+from alignlab.rollout import engines
 from alignlab.train.config import resolve_bf16
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,11 @@ class CompareConfig:
     resume: bool = False
     """Reuse the stages a previous run in ``output_dir`` finished (pairs, each method, each evaluation)."""
     seed: int = 42
+    generation_backend: str = "auto"
+    """How completions are sampled (docs/rollouts.md): ``generate`` (transformers ``generate``, dynamic KV
+    cache), ``static`` (static KV cache, compiled decode step), ``paged`` (transformers' continuous batching,
+    paged KV cache) or ``auto`` (the fastest measured on the device type),
+    for every stage: the pairs, the online methods' runs and the evaluation."""
     bf16: bool | None = None
     """bf16 autocast; unset: on where bf16 matrix products are fast (``alignlab.train.config.fast_bf16_available``)."""
     trust_remote_code: bool = False
@@ -156,6 +162,9 @@ class CompareConfig:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.eval_split_size < 1:
             raise UserError(f"--eval_split_size must be in (0, 1), got {self.eval_split_size}")
+        if self.generation_backend not in engines.BACKENDS:
+            raise UserError(f"--generation_backend must be one of {', '.join(engines.BACKENDS)}, "
+                            f"got {self.generation_backend!r}")
 
 
 CALIBRATION_STEPS = 3
@@ -336,7 +345,7 @@ class Compare:
                 model, tokenizer, examples, sources, batch_size=16, progress="sampling pairs",
                 precision_fn=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16),
                 device=device, max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
-                num_generations=k,
+                num_generations=k, generation_backend=cfg.generation_backend,
             )
         n = write_pairs(parts, k, path)
         scores = torch.cat([p.scores for p in parts])
@@ -370,6 +379,9 @@ class Compare:
             "learning_rate": self.lr[method], "trust_remote_code": cfg.trust_remote_code,
         }
         args.update(self.entries[method][1].args(self.shared_budget(steps)))
+        if cfg.generation_backend != "auto" and "generation_backend" in {
+                f.name for f in dataclasses.fields(self.entries[method][0].config)}:
+            args["generation_backend"] = cfg.generation_backend  # the methods that sample
         return {k: v for k, v in args.items() if v is not None}
 
     def _run_stage(self, method: str, name: str | None = None) -> dict[str, Any]:
@@ -480,6 +492,7 @@ class Compare:
             reward_funcs=self.reward_funcs, reward_weights=self.reward_weights,
             samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=self.max_new_tokens,
             temperature=cfg.temperature, seed=cfg.seed, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code,
+            generation_backend=cfg.generation_backend,
         )
         evaluator = Evaluator(ecfg)
         for name, path in todo.items():  # base first: the others are measured against it

@@ -33,6 +33,7 @@ from alignlab.data.prompts import build_prompt_examples
 from alignlab.errors import UserError
 from alignlab.train.config import resolve_bf16
 from alignlab.models import default_device, load_causal_lm, load_tokenizer
+from alignlab.rollout.engines import BACKENDS
 from alignlab.rollout.experience import ScoredCompletions, sample_and_score_batches
 from alignlab.rollout.generation import completion_token_logps
 from alignlab.rollout.rewards import build_reward_sources
@@ -79,6 +80,10 @@ class EvaluateConfig:
     token, so larger batches cost little more per step)."""
     seed: int = 42
     """Seed of the sampling noise, reset before every model so all models see the same draws."""
+    generation_backend: str = "auto"
+    """How completions are sampled (docs/rollouts.md): ``generate`` (transformers ``generate``, dynamic KV
+    cache), ``static`` (static KV cache, compiled decode step), ``paged`` (transformers' continuous batching,
+    paged KV cache) or ``auto`` (the fastest measured on the device type)."""
     bf16: bool | None = None
     """bf16 autocast; unset: on where bf16 matrix products are fast (``alignlab.train.config.fast_bf16_available``)."""
     samples_to_keep: int = 8
@@ -105,6 +110,9 @@ class EvaluateConfig:
             raise UserError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.temperature > 0:
             raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        if self.generation_backend not in BACKENDS:
+            raise UserError(f"--generation_backend must be one of {', '.join(BACKENDS)}, "
+                            f"got {self.generation_backend!r}")
 
 
 def confidence_interval(values: torch.Tensor) -> tuple[float, float]:
@@ -179,6 +187,7 @@ class Evaluator:
             precision_fn=self._precision, progress=f"evaluating {name}", device=self.device,
             max_new_tokens=self.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
             num_generations=cfg.samples_per_prompt, reward_tokenizer=self.reward_tokenizer,
+            generation_backend=cfg.generation_backend,
         )
 
     def _kl(self, model, parts: list[ScoredCompletions]) -> torch.Tensor:

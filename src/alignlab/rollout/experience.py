@@ -14,7 +14,8 @@ import torch
 
 from alignlab.data.preference import tokenize_text
 from alignlab.errors import UserError
-from alignlab.rollout.generation import Completions, build_sequences, sample_completions, slice_rows
+from alignlab.rollout.engines import SamplingParams, engine_for
+from alignlab.rollout.generation import Completions, build_sequences, completion_token_logps, slice_rows
 from alignlab.rollout.rewards import RewardSource, compute_rewards
 
 
@@ -156,6 +157,7 @@ def sample_and_score(
     return_logps: bool = False,
     padding_free: bool = False,
     on_error: str = "raise",
+    generation_backend: str = "auto",
 ) -> ScoredCompletions:
     """Sample ``num_generations`` completions per prompt example and score them.
 
@@ -178,6 +180,9 @@ def sample_and_score(
         on_error: a reward function that fails or returns a bad value: ``"raise"`` a :class:`UserError`;
             ``"drop"``: the completion's score is NaN (:func:`~alignlab.rollout.rewards.compute_rewards`); the
             caller leaves it out with :meth:`ScoredCompletions.without_bad_rewards`.
+        generation_backend: the engine that samples (:func:`alignlab.rollout.engines.engine_for`, pointed at
+            ``policy``'s current weights first); an engine that cannot return log-probs has them recomputed with
+            one forward when ``return_logps``.
 
     Raises:
         UserError: (``on_error="raise"``) a reward function failed or returned bad values.
@@ -185,11 +190,11 @@ def sample_and_score(
     prompt_ids = [ex["prompt_ids"] for ex in examples]
     start = time.perf_counter()
     with precision:
-        completions = sample_completions(
-            policy, prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
-            num_generations=num_generations, return_logps=return_logps,
-        )
+        engine = engine_for(policy, generation_backend)
+        params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
+                                num_generations=num_generations, return_logps=return_logps)
+        completions = engine.generate(prompt_ids, params)
         generation_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -203,6 +208,11 @@ def sample_and_score(
                 logps[i, : len(row)] = torch.tensor(row)
             sequences["sampling_logps"] = logps
         sequences = {k: v.to(device) for k, v in sequences.items()}
+        if return_logps and completions.logps is None:  # the engine returns none: one forward
+            with torch.no_grad():
+                sequences["sampling_logps"] = completion_token_logps(
+                    policy, sequences, temperature=temperature, padding_free=padding_free,
+                    pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(completions.ids, skip_special_tokens=True)
         prompts = [ex["prompt"] for ex in per_completion]
         shown = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]

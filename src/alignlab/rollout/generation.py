@@ -1,71 +1,22 @@
 """Sampling completions from the policy, and laying prompt+completion sequences out for scoring and training.
 
-Generation is transformers' ``generate`` (batched, left-padded prompts, KV cache, its temperature / top-k /
-top-p warpers); alignlab chooses the sampling settings, draws each token with its own logits processor
-(:class:`InverseCDFSampling`, cheaper than ``torch.multinomial``) and cuts each completion after its first EOS
-token.
+Sampling goes through a generation engine (:mod:`alignlab.rollout.engines`, ``--generation_backend``):
+transformers ``generate`` with a dynamic or a static, compiled KV cache, or transformers' continuous
+batching. alignlab chooses the sampling settings and cuts each completion after its first EOS token.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from alignlab.ops import cpu_kernels
 from alignlab.ops.logprobs import completion_logps
+from alignlab.rollout.engines import engine_for
+from alignlab.rollout.engines.base import Completions, SamplingParams
+from alignlab.rollout.engines.hf_generate import InverseCDFSampling
 from alignlab.rollout.scoring import token_scores
 
-
-@dataclass
-class Completions:
-    """Sampled completions of a batch of prompts, in prompt order (``num_generations`` per prompt, adjacent).
-
-    Attributes:
-        ids: token ids of each completion, cut after its first EOS token (the EOS kept).
-        has_eos: whether each completion ended with EOS within the length limit.
-        prompt_index: for each completion, the index of its prompt in the batch.
-        logps: with ``return_logps``, the log-prob of each completion token under the distribution it was
-            sampled from (the sampler's logits after temperature / top-p / top-k), else ``None``.
-    """
-
-    ids: list[list[int]]
-    has_eos: list[bool]
-    prompt_index: list[int]
-    logps: list[list[float]] | None = None
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(c) for c in self.ids]
-
-
-class InverseCDFSampling:
-    """A logits processor that draws each row's next token from ``softmax(scores)`` and returns scores whose
-    only finite entry (0) is the drawn token, so that ``generate``'s greedy argmax picks it.
-
-    Inverse transform sampling: one uniform ``u`` per row, the token is the first whose cumulative probability
-    (float64) reaches ``u`` times the total; a token of probability 0 is never drawn. It is the same
-    distribution ``generate``'s own ``do_sample`` path draws from with ``torch.multinomial``, at a fraction of
-    the cost: ``multinomial`` draws one exponential variate per vocabulary entry, this draws one uniform per
-    row and makes one pass over the probabilities (19 ms saved per 116 ms decode step for 16 rows over the
-    49k vocabulary of the embedded model on the 2-core CPU measured; ``benchmarks/generation.py``,
-    docs/rollouts.md). Uses the global torch generator, as ``multinomial``.
-
-    ``logps`` collects, per call, the ``(rows, 1)`` float32 log-probability of the drawn tokens under
-    ``softmax(scores)``: the sampling distribution after the warpers before it.
-    """
-
-    def __init__(self) -> None:
-        self.logps: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(scores.float(), dim=-1)  # (rows, V)
-        cdf = logp.exp().double().cumsum_(dim=-1)
-        u = (1.0 - torch.rand((cdf.shape[0], 1), dtype=torch.float64, device=cdf.device)) * cdf[:, -1:]  # (0, total]
-        tokens = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[1] - 1)  # (rows, 1)
-        self.logps.append(logp.gather(1, tokens))
-        return torch.full_like(scores, -math.inf).scatter_(1, tokens, 0.0)
+__all__ = ["Completions", "InverseCDFSampling", "SamplingParams", "build_sequences", "completion_token_logps",
+           "sample_completions", "slice_rows", "token_values"]
 
 
 def sample_completions(
@@ -81,14 +32,17 @@ def sample_completions(
     num_generations: int = 1,
     batch_size: int | None = None,
     return_logps: bool = False,
+    do_sample: bool = True,
+    generation_backend: str = "auto",
 ) -> Completions:
-    """Sample ``num_generations`` completions for each prompt with ``model.generate`` and the KV cache.
+    """Sample ``num_generations`` completions for each prompt with the ``generation_backend`` engine of
+    ``model`` (:func:`alignlab.rollout.engines.engine_for`: built once per model, pointed at its current
+    weights before the call).
 
-    Prompts are left-padded (so every row's next token is at the same position) in chunks of ``batch_size``
-    prompts; generation stops per row at ``eos_token_id`` or after ``max_new_tokens``. Only temperature,
-    top-p and top-k act on the distribution (the checkpoint's own generation defaults, e.g. a repetition
-    penalty, are not applied), so the tokens are draws from ``softmax(logits / temperature)`` restricted
-    by top-p / top-k: with ``top_p=1`` and ``top_k=0`` this is exactly the distribution whose log-probs
+    Generation stops per completion at ``eos_token_id`` or after ``max_new_tokens``. Only temperature, top-p and
+    top-k act on the distribution (the checkpoint's own generation defaults, e.g. a repetition penalty, are not
+    applied), so the tokens are draws from ``softmax(logits / temperature)`` restricted by top-p / top-k: with
+    ``top_p=1`` and ``top_k=0`` this is exactly the distribution whose log-probs
     :func:`completion_token_logps` computes (TRL PPO: ``top_k=0, top_p=1``).
 
     Args:
@@ -100,79 +54,26 @@ def sample_completions(
         top_p: nucleus threshold in (0, 1].
         top_k: keep the k most likely tokens; 0 disables.
         num_generations: completions per prompt (GRPO's group size).
-        batch_size: prompts per ``generate`` call (default: all at once).
-        return_logps: also return each sampled token's log-prob under the sampling distribution (recorded by
-            :class:`InverseCDFSampling` as it draws), which PPO takes as its old log-probs.
-
-    Tokens are drawn by :class:`InverseCDFSampling` at the end of ``generate``'s logits processors, on its
-    greedy path (``do_sample=False``): the same distribution as ``do_sample=True``, without
-    ``torch.multinomial``'s per-entry exponential draws. The call runs inside the CPU speed layer's decoding
-    context (:func:`alignlab.ops.cpu_kernels.decoding`: on the CPU, linear layers decode from weights reordered
-    once per call; a no-op elsewhere or with ``--cpu_kernels off``).
+        batch_size: prompts per ``generate`` call (default: all at once; the ``paged`` engine schedules all
+            prompts itself).
+        return_logps: also return each sampled token's float32 log-prob under the sampling distribution, which
+            PPO takes as its old log-probs.
+        do_sample: ``False``: greedy decoding.
+        generation_backend: ``auto``, ``generate``, ``static`` or ``paged`` (:data:`alignlab.rollout.engines.BACKENDS`).
 
     Returns:
         :class:`Completions`, ``len(prompt_ids) * num_generations`` of them.
 
     Raises:
-        ValueError: temperature <= 0, top_p outside (0, 1], max_new_tokens < 1, or an empty prompt.
+        ValueError: temperature <= 0, top_p outside (0, 1], max_new_tokens < 1, an empty prompt or an unknown
+            backend.
     """
-    from transformers import (
-        GenerationConfig,
-        LogitsProcessorList,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                            temperature=temperature, top_p=top_p, top_k=top_k, num_generations=num_generations,
+                            batch_size=batch_size, return_logps=return_logps, do_sample=do_sample)
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
-    # generate samples through its greedy path: the warpers below shape the distribution and the last
-    # processor draws the token (see InverseCDFSampling), so generate's argmax returns the draw
-    sampler = InverseCDFSampling()
-    processors = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
-    if top_k:
-        processors.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0:
-        processors.append(TopPLogitsWarper(top_p))
-    processors.append(sampler)
-    config = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        use_cache=True,
-    )
-    device = next(model.parameters()).device
-    batch_size = batch_size or len(prompt_ids)
-    ids, has_eos, prompt_index, logps = [], [], [], []
-    # one reordered copy of the weights for all chunks (the rows hint: a full chunk)
-    with cpu_kernels.decoding(model, rows=min(batch_size, len(prompt_ids)) * num_generations):
-        for start in range(0, len(prompt_ids), batch_size):
-            # each prompt repeated num_generations times (generate's num_return_sequences does the same, but
-            # refuses the greedy path)
-            chunk = [p for p in prompt_ids[start : start + batch_size] for _ in range(num_generations)]
-            width = max(len(p) for p in chunk)
-            input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in chunk], device=device)
-            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-            sampler.logps.clear()
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                 logits_processor=processors)
-            sequences = out[:, width:]
-            step_logps = torch.cat(sampler.logps, dim=1).tolist() if return_logps else None  # (rows, new tokens)
-            for row, seq in enumerate(sequences.tolist()):
-                cut = seq.index(eos_token_id) + 1 if eos_token_id in seq else len(seq)
-                ids.append(seq[:cut])
-                has_eos.append(eos_token_id in seq)
-                prompt_index.append(start + row // num_generations)
-                if return_logps:
-                    logps.append(step_logps[row][:cut])
-    return Completions(ids=ids, has_eos=has_eos, prompt_index=prompt_index, logps=logps if return_logps else None)
+    return engine_for(model, generation_backend).generate(prompt_ids, params)
 
 
 def build_sequences(
