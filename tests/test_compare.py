@@ -34,6 +34,33 @@ def test_prompt_text_and_last_line():
     assert prompt_text("plain") == "plain"
     assert last_line("training: 10%\rtraining: 20%\n\nalignlab dpo: error: bad row\n\n") == "alignlab dpo: error: bad row"
     assert last_line("") == ""
+    # a process killed mid-step leaves the progress bar last: it is never the error
+    assert last_line("Traceback ...\nRuntimeError: CUDA error\ntraining:   0%|          | 0/2 [00:00<?, ?step/s]") \
+        == "RuntimeError: CUDA error"
+
+
+def test_the_cli_records_a_failed_commands_error_line(capsys, tmp_path, monkeypatch, pairs_file):
+    # compare reads each method's error from the file ALIGNLAB_ERROR_FILE names: a user error's one line, or
+    # an unexpected exception's last line (its traceback still printed)
+    from alignlab.errors import ERROR_FILE_ENV
+
+    error_file = tmp_path / "error.txt"
+    monkeypatch.setenv(ERROR_FILE_ENV, str(error_file))
+    code, _, _ = run_cli(capsys, "dpo", "--dataset_name", str(pairs_file), "--output_dir", str(tmp_path / "x"),
+                         "--beta", "-1")
+    assert code == 1 and error_file.read_text().strip() == "alignlab dpo: error: --beta must be > 0, got -1.0"
+
+    import dataclasses
+
+    from alignlab import methods
+
+    def crash(config):
+        raise RuntimeError("CUDA error: out of memory\nmore details")
+
+    monkeypatch.setitem(methods._METHODS, "dpo", dataclasses.replace(methods.get_method("dpo"), train=crash))
+    with pytest.raises(RuntimeError):
+        run_cli(capsys, "dpo", "--dataset_name", str(pairs_file), "--output_dir", str(tmp_path / "y"))
+    assert error_file.read_text().strip() == "RuntimeError: more details"
 
 
 def test_every_method_gets_the_same_budget(tmp_path):
