@@ -171,3 +171,15 @@ def test_fsdp_online_matches_ddp(method, extra, tiny_model_dir, rewards_file, tm
     assert (tmp_path / "fsdp" / "samples.jsonl").read_text().splitlines() == ddp_samples  # the same completions
     _assert_same_trajectory(tmp_path / "ddp", tmp_path / "fsdp")
     assert (tmp_path / "fsdp" / "model.safetensors").exists()
+
+
+def test_a_broken_fsdp_config_file_is_one_line_with_its_line(tmp_path):
+    from alignlab.errors import UserError
+    from alignlab.train.distributed import load_fsdp_config
+
+    bad = tmp_path / "fsdp.yaml"
+    bad.write_text("reshard_after_forward: true\nmin_num_params: [1, 2\n")
+    with pytest.raises(UserError) as info:
+        load_fsdp_config(str(bad))
+    message = str(info.value)
+    assert "\n" not in message and f"{bad}:" in message and "not JSON or YAML" in message

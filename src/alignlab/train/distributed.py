@@ -79,7 +79,10 @@ def load_fsdp_config(value: str | dict | None) -> dict[str, Any]:
             try:
                 data = yaml.safe_load(Path(text).read_text(encoding="utf-8"))  # JSON is YAML
             except yaml.YAMLError as exc:
-                raise UserError(f"--fsdp_config: {text}: not JSON or YAML: {exc}") from exc
+                mark = getattr(exc, "problem_mark", None)
+                where = f"{text}:{mark.line + 1}" if mark else text
+                raise UserError(f"--fsdp_config: {where}: not JSON or YAML: {getattr(exc, 'problem', None) or exc}") \
+                    from exc
         else:
             try:
                 data = json.loads(text)
