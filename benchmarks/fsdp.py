@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -68,6 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--jobs", default="dpo,grpo")
+    parser.add_argument("--modes", default="one,ddp,fsdp", help="of one, ddp, fsdp")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="alignlab-fsdp-bench-"))
@@ -77,8 +79,9 @@ def main() -> None:
     env_py = os.environ.get("PYTHON", sys.executable)
     rows = []
     for job in args.jobs.split(","):
-        for mode in ("one", "ddp", "fsdp"):
+        for mode in args.modes.split(","):
             out = work / f"{job}-{mode}"
+            shutil.rmtree(out, ignore_errors=True)  # a previous run's metrics.jsonl would read as this run's rows
             argv = job_args(job, model, out, args.steps, 1 if mode == "one" else 2)
             if mode == "one":
                 cmd = [env_py, "-m", "alignlab.cli", *argv]
@@ -107,7 +110,8 @@ def main() -> None:
               f"{r['wall_seconds']:.1f} s | {', '.join(f'{x:.4f}' for x in r['loss'])} |")
     for job in args.jobs.split(","):
         by = {r["mode"]: r for r in rows if r["job"] == job}
-        print(f"{job}: FSDP2 / DDP peak RSS = {by['fsdp']['peak_rss_gib'] / by['ddp']['peak_rss_gib']:.2f}")
+        if "fsdp" in by and "ddp" in by:
+            print(f"{job}: FSDP2 / DDP peak RSS = {by['fsdp']['peak_rss_gib'] / by['ddp']['peak_rss_gib']:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,19 +2,23 @@
 
 Two jobs on a tiny random model (2-layer Llama, hidden 64, the embedded model's tokenizer and its 49k vocabulary),
 each an ``alignlab`` process of its own, run through the ``alignlab`` command's own entry point so the host-memory
-setting is the command's (``--cpu_kernels auto``: freed memory kept for reuse, ``mallopt(M_MMAP_MAX, 0)``;
-``off``: glibc's policy plus ``malloc_trim`` after each step):
+setting is the command's (``--cpu_kernels auto``, the default: oneDNN linear layers with bounded caches, glibc's
+memory policy plus ``malloc_trim`` after each step; ``reuse_memory``: freed memory kept for reuse,
+``mallopt(M_MMAP_MAX, 0)``, and huge pages; ``off``: plain PyTorch and glibc's policy plus the trim):
 
 * DPO: ``builtin:concise`` pairs, 4 pairs per step, ``--max_length 128``, 2,000 optimizer steps by default;
 * GRPO: ``builtin:concise`` prompts, 8 completions per step (1 prompt x 8 generations, TRL's default group),
   up to 32 tokens each, ``examples/reward_funcs.py:target_length``, 300 steps by default.
 
 The resident set size (``psutil``, the training process itself) is read from inside the process at the end of
-every optimizer step, before the step's memory release: the child wraps
+every optimizer step, before the step's memory release and after it: the child wraps
 :func:`alignlab.ops.cpu_kernels.after_optimizer_step`, which the loop calls once per optimizer step. Every 10
-steps it writes the highest of those 10 readings. Printed per job: that
+steps it writes the highest of those 10 readings of each kind. Before the release, a reading includes what
+the step itself allocated (so it varies with the batch); after it, what the process keeps between steps. Printed per job: that
 value at step 100 and at the last step, their ratio, the peak, the process's peak RSS over the whole
-run (``ru_maxrss``, which sees the inside of a step too), the wall time and the curve.
+run (``ru_maxrss``, which sees the inside of a step too), the wall time, the curve, and the work per step
+near step 100 and at the end (GRPO's mean completion length; DPO's tokens per logged interval), since a
+job whose steps grow legitimately needs more memory.
 
     python benchmarks/soak.py                       # both jobs, --cpu_kernels auto and off
     python benchmarks/soak.py --jobs dpo --dpo_steps 500 --settings auto
@@ -83,19 +87,20 @@ def child(rss_path: str, argv: list[str]) -> int:
 
     proc = psutil.Process()
     original = cpu_kernels.after_optimizer_step
-    state = {"step": 0, "peak": 0, "start": time.perf_counter()}
+    state = {"step": 0, "peak": 0, "retained": 0, "start": time.perf_counter()}
     handle = open(rss_path, "w", encoding="utf-8")
 
     def after_optimizer_step(device):
         state["peak"] = max(state["peak"], proc.memory_info().rss)
         original(device)
+        state["retained"] = max(state["retained"], proc.memory_info().rss)  # after the release
         state["step"] += 1
         if state["step"] % EVERY == 0:
-            handle.write(json.dumps({"step": state["step"], "rss": state["peak"],
+            handle.write(json.dumps({"step": state["step"], "rss": state["peak"], "retained": state["retained"],
                                      "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                                      "seconds": time.perf_counter() - state["start"]}) + "\n")
             handle.flush()
-            state["peak"] = 0
+            state["peak"] = state["retained"] = 0
 
     cpu_kernels.after_optimizer_step = after_optimizer_step
     try:
@@ -170,12 +175,32 @@ def run_job(job: str, model: Path, work: Path, steps: int, setting: str) -> dict
         raise SystemExit(f"{job} ({setting}) failed with status {proc.returncode}")
     rows = [json.loads(line) for line in rss_path.read_text().splitlines()]
     at = {r["step"]: r["rss"] for r in rows}
+    # the work per step: tokens per row of metrics.jsonl near step 100 and at the end (GRPO's completions grow
+    # as it learns the length reward, which legitimately needs more memory)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if "loss" in r]
+    key = "completions/mean_length" if job == "grpo" else "num_tokens"
+    values = [r.get(key) for r in logged]
+    if key == "num_tokens":  # cumulative: tokens per logged interval
+        values = [b - a for a, b in zip([0] + values[:-1], values)]
+    near_100 = min(range(len(logged)), key=lambda i: abs(logged[i]["step"] - 100))
     first = at.get(100, rows[0]["rss"])
     last = rows[-1]["rss"]
+    # less noisy (one reading is the largest batch of its 10 steps): the mean reading over steps 101-200 against
+    # the mean over the last 100 steps
+    early = [r["rss"] for r in rows if 100 < r["step"] <= 200] or [first]
+    late = [r["rss"] for r in rows[-10:]]
+    window_growth = 100 * (sum(late) / len(late) / (sum(early) / len(early)) - 1)
+    # what the process keeps between steps (read after the step's release): the footprint a creep would grow
+    kept = {r["step"]: r["retained"] for r in rows}
+    kept_first, kept_last = kept.get(100, rows[0]["retained"]), rows[-1]["retained"]
     return {"job": job, "setting": setting, "steps": rows[-1]["step"], "rss_100_mib": first / 2**20,
-            "rss_end_mib": last / 2**20, "growth_pct": 100 * (last / first - 1),
+            "rss_end_mib": last / 2**20, "growth_pct": 100 * (last / first - 1), "window_growth_pct": window_growth,
+            "retained_100_mib": kept_first / 2**20, "retained_end_mib": kept_last / 2**20,
+            "retained_growth_pct": 100 * (kept_last / kept_first - 1),
             "peak_mib": max(r["rss"] for r in rows) / 2**20, "max_rss_mib": rows[-1]["max_rss"] / 2**20,
-            "wall_s": wall,
+            "wall_s": wall, "length_key": key, "length_100": round(values[near_100], 1),
+            "length_end": round(values[-1], 1),
             "curve_mib": [round(r["rss"] / 2**20, 1) for r in rows[:: max(1, len(rows) // 10)]]}
 
 
@@ -185,7 +210,8 @@ def main() -> None:
         raise SystemExit(child(sys.argv[2], sys.argv[sep + 1 :]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", nargs="+", default=["dpo", "grpo"], choices=["dpo", "grpo"])
-    parser.add_argument("--settings", nargs="+", default=["auto", "off"], choices=["auto", "off"])
+    parser.add_argument("--settings", nargs="+", default=["auto", "off"], choices=["auto", "reuse_memory", "off"])
+    parser.add_argument("--workdir", help="keep the runs here (default: a temporary folder, removed)")
     parser.add_argument("--dpo_steps", type=int, default=2000)
     parser.add_argument("--grpo_steps", type=int, default=300)
     parser.add_argument("--json", help="also write the results here")
@@ -198,17 +224,21 @@ def main() -> None:
         return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         make_tiny_model(work / "tiny")
         for job in args.jobs:
             for setting in args.settings:
                 steps = args.dpo_steps if job == "dpo" else args.grpo_steps
                 result = run_job(job, work / "tiny", work, steps, setting)
                 results.append(result)
-                print(f"{job:<5} cpu_kernels={setting:<4} steps {result['steps']:>5}  RSS at step 100 "
+                print(f"{job:<5} cpu_kernels={setting:<12} steps {result['steps']:>5}  RSS at step 100 "
                       f"{result['rss_100_mib']:7.1f} MiB  at the end {result['rss_end_mib']:7.1f} MiB  "
-                      f"({result['growth_pct']:+.1f}%)  peak {result['peak_mib']:7.1f} MiB  ru_maxrss {result['max_rss_mib']:7.1f} MiB  "
-                      f"wall {result['wall_s']:6.0f} s  curve {result['curve_mib']}", flush=True)
+                      f"({result['growth_pct']:+.1f}%; means of steps 101-200 and the last 100: "
+                      f"{result['window_growth_pct']:+.1f}%)  after the release: {result['retained_100_mib']:.1f} -> "
+                      f"{result['retained_end_mib']:.1f} MiB ({result['retained_growth_pct']:+.1f}%)  peak {result['peak_mib']:7.1f} MiB  ru_maxrss {result['max_rss_mib']:7.1f} MiB  "
+                      f"wall {result['wall_s']:6.0f} s  curve {result['curve_mib']}  "
+                      f"{result['length_key']} {result['length_100']} -> {result['length_end']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -183,3 +183,48 @@ def test_a_broken_fsdp_config_file_is_one_line_with_its_line(tmp_path):
         load_fsdp_config(str(bad))
     message = str(info.value)
     assert "\n" not in message and f"{bad}:" in message and "not JSON or YAML" in message
+
+
+_FROZEN_SCRIPT = """
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from alignlab.train.config import TrainConfig
+from alignlab.train.distributed import is_sharded
+from alignlab.train.loop import build_accelerator
+from alignlab.train.setup import frozen_model
+
+path, out = sys.argv[1], sys.argv[2]
+acc = build_accelerator(TrainConfig(model_name_or_path=path, dataset_name="builtin:concise", output_dir=out,
+                                    fsdp="full_shard", bf16=False))
+whole = AutoModelForCausalLM.from_pretrained(path).eval()
+ref = frozen_model(AutoModelForCausalLM.from_pretrained(path), acc)
+local = sum(p.to_local().numel() for p in ref.parameters())
+total = sum(p.numel() for p in whole.parameters())
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+layers = sum(isinstance(m, LlamaDecoderLayer) and is_sharded(m) for m in ref.modules())
+ids = torch.tensor([[1, 2, 3, 4, 5, 6]]) + 7 * acc.process_index  # other tokens on each process
+with torch.no_grad():
+    diff = (ref(input_ids=ids).logits - whole(input_ids=ids).logits).abs().max().item()
+print(f"RESULT {acc.process_index} {local} {total} {layers} {diff} {any(p.requires_grad for p in ref.parameters())}")
+"""
+
+
+@pytest.mark.integration
+def test_frozen_models_are_sharded_under_fsdp(tiny_model_dir, tmp_path):
+    """The reference (and reward) model under --fsdp: each process holds half the weights, each decoder layer is
+    a unit, and a forward (different inputs on each process) gives the whole model's logits."""
+    script = tmp_path / "frozen.py"
+    script.write_text(_FROZEN_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551",
+           str(script), tiny_model_dir, str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert sorted(r[0] for r in results) == ["0", "1"]
+    for _, local, total, layers, diff, trainable in results:
+        assert abs(int(local) - int(total) / 2) <= 64  # half the weights, up to the rounding of odd dimensions
+        assert int(layers) == 2 and float(diff) < 1e-5 and trainable == "False"

@@ -43,7 +43,7 @@ def _args(method: str, model: str, out: Path, data: Path, rewards: Path) -> list
               "--seed", "7"]
     if method == "dpo":
         return ["dpo", *common, "--per_device_train_batch_size", "4", "--max_length", "64", "--max_steps", "7"]
-    online = ["--reward_funcs", f"{rewards}:short", "--sample_steps", "0", "--max_steps", "6"]
+    online = ["--reward_funcs", f"{rewards}:short", "--sample_steps", "1", "--max_steps", "6"]
     if method == "grpo":
         return ["grpo", *common, *online, "--per_device_train_batch_size", "4", "--num_generations", "4",
                 "--gradient_accumulation_steps", "2",
@@ -106,6 +106,11 @@ def test_kill_9_then_resume_ends_like_the_uninterrupted_run(method, tiny_model_d
     _run(argv + ["--resume_from_checkpoint", "true"])
     _assert_same_rows(_rows(out), full)
     assert not list(out.glob(".checkpoint-*"))  # a partial checkpoint left by a kill is gone
+    if method != "dpo":  # the samples too: each step's once, the same completions as the uninterrupted run's
+        def samples(folder):
+            return [(s["step"], s["completion"]) for s in map(json.loads, (folder / "samples.jsonl").read_text().splitlines())]
+
+        assert samples(out) == samples(full_out) and samples(out)
 
 
 def test_the_rollout_shuffle_is_saved_in_checkpoints_and_restored(tiny_model_dir, prompts_file, rewards_file, tmp_path):
@@ -125,6 +130,17 @@ def test_the_rollout_shuffle_is_saved_in_checkpoints_and_restored(tiny_model_dir
     assert torch.equal(torch.randperm(8, generator=trainer.shuffle), expected)
     fresh = torch.Generator().manual_seed(cfg.seed)
     assert not torch.equal(torch.randperm(8, generator=fresh), expected)  # the seed alone would not give it
+
+    # a checkpoint written by another number of processes is refused in one line, before anything is loaded
+    import json
+
+    from alignlab.errors import UserError
+
+    state = json.loads((path / "trainer_state.json").read_text())
+    assert state["num_processes"] == 1
+    (path / "trainer_state.json").write_text(json.dumps({**state, "num_processes": 2}))
+    with pytest.raises(UserError, match=r"written by 2 process\(es\) and this run has 1; resume with 2"):
+        load_checkpoint(trainer.accelerator, path)
 
 
 # --- SIGTERM / SIGINT -----------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def test_optimizer_step_drops_gradients():
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.ones(1, 3)).sum().backward()
     # d/dW sum(W x + b) with x = [1, 1, 1]: every weight gradient 1, bias gradients 1: norm sqrt(8)
-    accelerator = SimpleNamespace(clip_grad_norm_=torch.nn.utils.clip_grad_norm_)
+    accelerator = SimpleNamespace(clip_grad_norm_=torch.nn.utils.clip_grad_norm_, device=torch.device("cpu"))
     before = model.weight.detach().clone()
     grad_norm = optimizer_step(accelerator, model, optimizer, max_grad_norm=1.0)
     assert float(grad_norm) == pytest.approx(8 ** 0.5) and not torch.equal(model.weight, before)
@@ -98,7 +98,8 @@ def test_optimizer_step_drops_gradients():
 
 
 def test_cpu_kernels_switch(monkeypatch):
-    # one switch: auto keeps freed memory for reuse and enters the oneDNN linear layers; off does neither
+    # one switch: auto enters the oneDNN linear layers and leaves memory to glibc; reuse_memory also keeps freed
+    # memory for reuse (with huge pages); off does none of it
     from alignlab.ops import cpu_kernels
     from alignlab.ops.linear import _LINEAR_FORWARD
 
@@ -107,13 +108,22 @@ def test_cpu_kernels_switch(monkeypatch):
             assert not on and not cpu_kernels.enabled() and not memory._reuse
             assert torch.nn.Linear.forward is _LINEAR_FORWARD
         with cpu_kernels.training("auto") as on:
+            assert on and cpu_kernels.enabled() and not memory._reuse
+            assert torch.nn.Linear.forward is not _LINEAR_FORWARD
+        with cpu_kernels.training("reuse_memory") as on:
             assert on and cpu_kernels.enabled() and memory._reuse
         with pytest.raises(ValueError, match="cpu_kernels"):
             cpu_kernels.configure("fast")
         monkeypatch.delenv(memory.HUGE_PAGES_ENV, raising=False)
+        for name in cpu_kernels.PRIMITIVE_CACHE_ENVS:
+            monkeypatch.delenv(name, raising=False)
         cpu_kernels.prepare_process(["--cpu_kernels", "off"])
         assert memory.HUGE_PAGES_ENV not in os.environ and not cpu_kernels.enabled()
+        assert not any(name in os.environ for name in cpu_kernels.PRIMITIVE_CACHE_ENVS)
         cpu_kernels.prepare_process(["--beta", "0.1"])
-        assert os.environ[memory.HUGE_PAGES_ENV] == "1" and cpu_kernels.enabled()
+        assert memory.HUGE_PAGES_ENV not in os.environ and cpu_kernels.enabled() and not memory._reuse
+        assert all(os.environ[name] == "16" for name in cpu_kernels.PRIMITIVE_CACHE_ENVS)
+        cpu_kernels.prepare_process(["--cpu_kernels=reuse_memory"])
+        assert os.environ[memory.HUGE_PAGES_ENV] == "1" and memory._reuse
     finally:
         cpu_kernels.configure("auto")

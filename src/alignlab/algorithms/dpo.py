@@ -27,7 +27,7 @@ from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
 from alignlab.train.loop import TrainResult, autocast
 from alignlab.train.steps import LossTerms
-from alignlab.train.setup import load_train_eval, prepare_model
+from alignlab.train.setup import frozen_model, load_train_eval, prepare_model
 
 
 DPO_PLOTS = {
@@ -244,9 +244,9 @@ class DPOTrainer(Algorithm):
         if config.ref_model_name_or_path:
             ref = load_causal_lm(config.ref_model_name_or_path,
                                  trust_remote_code=config.trust_remote_code, use_kernels=config.use_kernels)
-            self.ref_model = ref.to(self.accelerator.device).eval().requires_grad_(False)
+            self.ref_model = frozen_model(ref, self.accelerator)
         elif config.needs_reference and not config.use_peft:  # with LoRA: the network, adapters disabled
-            self.ref_model = copy.deepcopy(policy).to(self.accelerator.device).eval().requires_grad_(False)
+            self.ref_model = frozen_model(copy.deepcopy(policy), self.accelerator)
         self.policy = prepare_model(policy, config, self.accelerator.device)
 
         if config.precompute_ref_log_probs and config.needs_reference:

@@ -27,7 +27,7 @@ from alignlab.models import load_causal_lm
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
 from alignlab.train.loop import TrainResult
-from alignlab.train.setup import load_train_eval, prepare_model
+from alignlab.train.setup import frozen_model, load_train_eval, prepare_model
 from alignlab.train.steps import LossTerms
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class KTOTrainer(Algorithm):
                                 use_kernels=config.use_kernels)
         self.ref_model = None
         if not config.use_peft:
-            self.ref_model = copy.deepcopy(policy).to(self.accelerator.device).eval().requires_grad_(False)
+            self.ref_model = frozen_model(copy.deepcopy(policy), self.accelerator)
         self.policy = prepare_model(policy, config, self.accelerator.device)
 
     def _gather(self, value: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from alignlab.rollout.scoring import attach_reward_model
 from alignlab.train.config import TrainConfig
 from alignlab.train.distributed import gathered_parameters
 from alignlab.train.loop import autocast, build_accelerator
-from alignlab.train.setup import prepare_model
+from alignlab.train.setup import frozen_model, prepare_model
 
 logger = logging.getLogger(__name__)
 
@@ -151,10 +151,10 @@ class OnlineSetup:
         self.has_reference = need_reference
         self.ref_model = None
         if need_reference and not config.use_peft:  # with LoRA the reference is the policy, adapters disabled
-            self.ref_model = copy.deepcopy(policy).to(device).eval().requires_grad_(False)
+            self.ref_model = frozen_model(copy.deepcopy(policy), acc)
         self.policy = prepare_model(policy, config, device)
 
-        self.reward_tokenizer = attach_reward_model(self.sources, config, tok, device)
+        self.reward_tokenizer = attach_reward_model(self.sources, config, tok, device, acc)
 
     def checkpointed_generator(self, seed: int) -> torch.Generator:
         """A ``torch.Generator`` seeded with ``seed`` whose state is saved in every checkpoint and restored on

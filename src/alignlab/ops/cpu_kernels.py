@@ -1,4 +1,4 @@
-"""The CPU speed layer behind one switch, ``--cpu_kernels auto|off``.
+"""The CPU speed layer behind one switch, ``--cpu_kernels auto|reuse_memory|off``.
 
 Three measures made CPU training and sampling faster on the machines measured (benchmarks/README.md); this
 module owns all three, and nothing outside it (and the training loop, which enters :func:`training`) knows
@@ -11,14 +11,19 @@ about them:
 * transparent huge pages for large tensors (PyTorch's ``THP_MEM_ALLOC_ENABLE``), which must be requested
   before PyTorch's first allocation: the ``alignlab`` command calls :func:`prepare_process` first thing.
 
-``auto`` (the default) turns them on, each where it applies (float32 CPU layers, glibc on Linux); every
-piece is feature-detected and falls back to plain PyTorch. ``off`` runs plain PyTorch and glibc's own memory
-policy. The setting is process-wide: the last :func:`configure` wins.
+``auto`` (the default) turns on the oneDNN layers where they apply (float32 CPU layers) and leaves memory to
+glibc, with ``malloc_trim`` after each optimizer step. ``reuse_memory`` adds heap reuse and huge pages: a few
+percent faster per online step on the machines measured, but the heap fragments when tensor sizes change
+from batch to batch, and a long DPO run's resident memory grows (soak table in benchmarks/README.md); huge
+pages without reuse were slower, so they come only with it. ``off`` runs plain PyTorch and glibc's memory
+policy. Every piece is feature-detected and falls back to plain PyTorch. The setting is process-wide: the last
+:func:`configure` wins.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -26,14 +31,24 @@ import torch
 from alignlab.ops import memory
 from alignlab.ops.linear import onednn_float32_linear, reordered_linear_weights
 
-CHOICES = ("auto", "off")
+CHOICES = ("auto", "reuse_memory", "off")
 """Values of ``--cpu_kernels``."""
+
+PRIMITIVE_CACHE_ENVS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+"""The sizes of oneDNN's primitive cache and of ideep's (PyTorch's oneDNN layer) computation cache."""
+PRIMITIVE_CACHE_CAPACITY = 16
+"""Entries kept in each of those caches per process (their default: 1024). A training forward's matrix products
+get new entries whenever the number of tokens changes, which is every step, and are never used again after
+it; with 1024 kept, a DPO run's resident memory rose for hundreds of steps (soak table in
+benchmarks/README.md), with 16 it did not. A step or a ``generate`` call uses about ten shapes, which stay
+cached while it runs."""
 
 _enabled = True
 
 
 def configure(setting: str) -> bool:
-    """Turn the speed layer on (``"auto"``) or off (``"off"``) for this process; returns whether it is on.
+    """Turn the speed layer on (``"auto"``, or ``"reuse_memory"`` with heap reuse) or off (``"off"``) for this
+    process; returns whether it is on.
 
     Raises:
         ValueError: a setting other than :data:`CHOICES`.
@@ -41,8 +56,8 @@ def configure(setting: str) -> bool:
     global _enabled
     if setting not in CHOICES:
         raise ValueError(f"cpu_kernels must be one of {', '.join(CHOICES)}, got {setting!r}")
-    _enabled = setting == "auto"
-    memory.configure_host_memory(_enabled)
+    _enabled = setting != "off"
+    memory.configure_host_memory(setting == "reuse_memory")
     return _enabled
 
 
@@ -52,15 +67,26 @@ def enabled() -> bool:
 
 
 def prepare_process(argv: Sequence[str]) -> None:
-    """First thing in the ``alignlab`` command, before PyTorch allocates: ask for huge pages unless
-    ``--cpu_kernels off`` is on the command line (or ``THP_MEM_ALLOC_ENABLE`` is already set), and keep freed
-    memory for reuse until a command applies its own setting."""
+    """First thing in the ``alignlab`` command, before PyTorch allocates: unless ``--cpu_kernels off`` is on the
+    command line, bound oneDNN's caches (:data:`PRIMITIVE_CACHE_CAPACITY`, unless the variables are already
+    set); with ``reuse_memory``, ask for huge pages (unless
+    ``THP_MEM_ALLOC_ENABLE`` is already set) and keep freed memory for reuse from the start. Then apply the
+    setting given (default ``auto``)."""
     args = list(argv)
-    off = any(a == "--cpu_kernels=off" or (a == "--cpu_kernels" and args[i + 1:i + 2] == ["off"])
-              for i, a in enumerate(args))
-    if not off:
+    setting = "auto"
+    for i, a in enumerate(args):
+        if a.startswith("--cpu_kernels="):
+            setting = a.split("=", 1)[1]
+        elif a == "--cpu_kernels" and i + 1 < len(args):
+            setting = args[i + 1]
+    if setting not in CHOICES:
+        return  # the command's own parsing reports it
+    if setting != "off":
+        for name in PRIMITIVE_CACHE_ENVS:  # read at oneDNN's first use
+            os.environ.setdefault(name, str(PRIMITIVE_CACHE_CAPACITY))
+    if setting == "reuse_memory":
         memory.request_huge_pages()
-    configure("off" if off else "auto")
+    configure(setting)
 
 
 @contextlib.contextmanager
@@ -72,10 +98,29 @@ def training(setting: str) -> Iterator[bool]:
         yield on
 
 
-def decoding(model: torch.nn.Module, rows: int):
+@contextlib.contextmanager
+def decoding(model: torch.nn.Module, rows: int) -> Iterator[None]:
     """A context for a ``generate`` call of ``model`` over about ``rows`` sequences: its CPU linear layers
-    decode from oneDNN-reordered weights when the layer is on, unchanged otherwise."""
-    return reordered_linear_weights(model, rows) if _enabled else contextlib.nullcontext()
+    decode from oneDNN-reordered weights when the layer is on, unchanged otherwise. On exit the reordered
+    copies (one more copy of the policy's linear weights, held in glibc's heap) are handed back to the OS unless
+    memory is kept for reuse, so the training pass that follows does not run on top of them."""
+    if not _enabled:
+        yield
+        return
+    try:
+        with reordered_linear_weights(model, rows):
+            yield
+    finally:
+        memory.release_free_memory()
+
+
+def after_backward(device: torch.device) -> None:
+    """After the last backward of an optimizer step, before the step: hand the activations' freed memory back
+    to the OS unless the layer keeps it for reuse, so the step's peak is not the activations plus the
+    optimizer's work on top of a fragmented heap (under FSDP2 the gathered layers' and unsharded gradients'
+    blocks too)."""
+    if device.type == "cpu":
+        memory.release_free_memory()
 
 
 def after_optimizer_step(device: torch.device) -> None:

@@ -13,12 +13,15 @@ Two settings, both from the libraries underneath, not an allocator of alignlab's
   variable ``THP_MEM_ALLOC_ENABLE`` is set (PyTorch PR #115990, torch >= 2.2); the kernel then maps them
   2 MB at a time where transparent huge pages are ``always`` or ``madvise``. PyTorch reads the variable at
   its first allocation, so :func:`request_huge_pages` must run before that: the ``alignlab`` command calls
-  it first thing (through :func:`alignlab.ops.cpu_kernels.prepare_process`, which owns both settings). Huge pages without reuse measured slower than neither setting;
+  it first thing under ``--cpu_kernels reuse_memory`` (through :func:`alignlab.ops.cpu_kernels.prepare_process`,
+  which owns both settings). Huge pages without reuse measured slower than neither setting;
   with reuse, their share of the gain is not settled (benchmarks/README.md).
 * reuse (:func:`configure_host_memory`): glibc's ``mallopt`` with ``M_MMAP_MAX = 0`` (no block is mapped on
   its own; large ones come from the heap) and a trim threshold of 2 GB (the largest ``mallopt`` takes), so
   freed memory stays mapped and the next step reuses it without faults. The process then holds about its
-  peak heap until it exits; the measured peak RSS was at most 0.7 GiB higher (benchmarks/README.md).
+  peak heap until it exits; the measured peak RSS was at most 0.7 GiB higher, and when tensor sizes vary from
+  batch to batch the heap fragments and grows over a long run (benchmarks/README.md, soak table), so it is
+  opt-in (``--cpu_kernels reuse_memory``).
 """
 
 from __future__ import annotations

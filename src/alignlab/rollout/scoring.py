@@ -93,9 +93,10 @@ def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     return torch.where(attention_mask.to(flat.device).bool(), flat, 0.0)
 
 
-def attach_reward_model(sources: list, config, tokenizer, device: torch.device):
+def attach_reward_model(sources: list, config, tokenizer, device: torch.device, accelerator=None):
     """Load ``config.reward_model_path`` (if set) frozen onto ``device`` into the ``reward_model`` source (the
-    last of ``sources``). Returns the reward model's tokenizer when its vocabulary differs from ``tokenizer``'s
+    last of ``sources``); given the training run's ``accelerator``, sharded with FSDP2 when the trained model is
+    (:func:`~alignlab.train.setup.frozen_model`). Returns the reward model's tokenizer when its vocabulary differs from ``tokenizer``'s
     (the completions are then re-tokenized for it), else ``None``."""
     if not config.reward_model_path:
         return None
@@ -104,5 +105,8 @@ def attach_reward_model(sources: list, config, tokenizer, device: torch.device):
     rtok = load_tokenizer(config.reward_model_path, trust_remote_code=config.trust_remote_code)
     model = load_reward_model(config.reward_model_path, pad_token_id=rtok.pad_token_id,
                               trust_remote_code=config.trust_remote_code)
-    sources[-1].model = model.to(device).eval().requires_grad_(False)
+    from alignlab.train.setup import frozen_model
+
+    model = model.to(device).eval().requires_grad_(False)
+    sources[-1].model = frozen_model(model, accelerator) if accelerator is not None else model
     return rtok if rtok.get_vocab() != tokenizer.get_vocab() else None

@@ -81,7 +81,8 @@ def save_checkpoint(accelerator, output_dir: Path, state: LoopState, *, keep: in
     acc.wait_for_everyone()
     if acc.is_main_process:
         (partial / STATE_FILE).write_text(json.dumps({"global_step": state.global_step, "epoch": state.epoch,
-                                                      "steps_in_epoch": state.steps_in_epoch}))
+                                                      "steps_in_epoch": state.steps_in_epoch,
+                                                      "num_processes": acc.num_processes}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)  # a crash before this line leaves the previous checkpoint intact
@@ -93,7 +94,18 @@ def save_checkpoint(accelerator, output_dir: Path, state: LoopState, *, keep: in
 
 
 def load_checkpoint(accelerator, path: Path) -> LoopState:
-    """Restore accelerate's state from ``path``; returns where the loop was."""
-    accelerator.load_state(str(path))
+    """Restore accelerate's state from ``path``; returns where the loop was.
+
+    Raises:
+        UserError: ``path`` was written by another number of processes than this run has. Each process's data
+            position and random state are saved apart (and under FSDP2 its shard), so the continuation would
+            not be the uninterrupted run's.
+    """
     data = json.loads((path / STATE_FILE).read_text())
+    written_by = data.get("num_processes")  # absent in checkpoints written before it was recorded
+    if written_by is not None and written_by != accelerator.num_processes:
+        raise UserError(f"--resume_from_checkpoint: {path} was written by {written_by} process(es) and this run "
+                        f"has {accelerator.num_processes}; resume with {written_by} (e.g. torchrun "
+                        f"--nproc_per_node {written_by})")
+    accelerator.load_state(str(path))
     return LoopState(data["global_step"], data["epoch"], data["steps_in_epoch"])

@@ -97,11 +97,12 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory at ~30% more compute. Off by default
     (TRL turns it on): models of the size trained on CPU fit without it."""
-    cpu_kernels: Literal["auto", "off"] = "auto"
-    """The CPU speed layer (:mod:`alignlab.ops.cpu_kernels`): auto turns on, where they apply, oneDNN linear
-    layers for float32 training forwards and for decoding, freed memory kept for reuse between steps, and huge
-    pages for large tensors (each measured faster on the CPUs benchmarked: benchmarks/README.md); off runs plain
-    PyTorch. No effect on GPU computations."""
+    cpu_kernels: Literal["auto", "reuse_memory", "off"] = "auto"
+    """The CPU speed layer (:mod:`alignlab.ops.cpu_kernels`): auto turns on oneDNN linear layers for float32
+    training forwards and for decoding where they apply (measured faster on the CPUs benchmarked:
+    benchmarks/README.md); reuse_memory also keeps freed memory for reuse between steps, with huge pages (a few
+    percent faster per online step, but resident memory grows over long runs whose batch shapes vary); off runs
+    plain PyTorch. No effect on GPU computations."""
 
     # --- LoRA (peft) -----------------------------------------------------------------------------------
     use_peft: bool = False

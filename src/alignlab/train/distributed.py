@@ -14,8 +14,10 @@ environment; :func:`~alignlab.train.loop.build_accelerator` hands it to accelera
   ``unshard()``/``reshard()``), instead of once per decoded token;
 * saving: :func:`full_state_dict` gathers the full weights on the main process for a Hugging Face folder.
 
-Frozen models (the reference, a reward model) are not sharded: each process keeps them whole
-(docs/distributed.md says why). The TRL counterparts are ``TrainingArguments.fsdp`` / ``fsdp_config``.
+* frozen models (the reference, a reward model): :func:`shard_frozen` shards them too, decoder layer by decoder
+  layer, as TRL's ``prepare_fsdp`` does for its reference model.
+
+The TRL counterparts are ``TrainingArguments.fsdp`` / ``fsdp_config``.
 """
 
 from __future__ import annotations
@@ -165,8 +167,8 @@ def build_fsdp_plugin(fsdp: str | list[str] | None, fsdp_config: str | dict | No
 
 def keep_loading_whole() -> None:
     """Undo the environment switch that makes transformers load weights on rank 0 only
-    (``FSDP_CPU_RAM_EFFICIENT_LOADING``, set by accelerate's plugin): alignlab's frozen models are kept whole on
-    every process and are loaded (or copied from the policy) the ordinary way. With
+    (``FSDP_CPU_RAM_EFFICIENT_LOADING``, set by accelerate's plugin): alignlab loads every model (or copies the
+    frozen ones from the policy) whole on each process, then shards it. With
     ``cpu_ram_efficient_loading`` accelerate still broadcasts the main process's weights into the shards."""
     os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING", None)
 
@@ -221,6 +223,20 @@ def _pretrained_models(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
+def _layer_class_names(plugin, models: list[torch.nn.Module]) -> list[str]:
+    """The decoder-layer classes to wrap: ``transformer_layer_cls_to_wrap`` when given, else the classes in the
+    ``_no_split_modules`` of ``models`` that are present in them."""
+    names = list(plugin.transformer_cls_names_to_wrap or [])
+    if names:
+        return names
+    for inner in models:
+        for name in getattr(inner, "_no_split_modules", None) or []:
+            present = any(type(m).__name__ == name for m in inner.modules())
+            if present and name not in names:
+                names.append(name)
+    return names
+
+
 def set_wrap_classes(accelerator, model: torch.nn.Module) -> None:
     """Name the classes accelerate wraps in ``model`` before ``prepare``: the decoder layers
     (``_no_split_modules`` of every Hugging Face model inside ``model``, unless ``transformer_layer_cls_to_wrap``
@@ -234,18 +250,42 @@ def set_wrap_classes(accelerator, model: torch.nn.Module) -> None:
     if getattr(policy, "func", policy) is not transformer_auto_wrap_policy:
         return
     models = _pretrained_models(model)
-    names = list(plugin.transformer_cls_names_to_wrap or [])
-    if not names:
-        for inner in models:
-            for name in getattr(inner, "_no_split_modules", None) or []:
-                present = any(type(m).__name__ == name for m in inner.modules())
-                if present and name not in names:
-                    names.append(name)
+    names = _layer_class_names(plugin, models)
     if len(models) > 1 or (models and models[0] is not model and not _is_peft_wrapper(model, models[0])):
         for inner in models:
             if type(inner).__name__ not in names:
                 names.append(type(inner).__name__)
     plugin.transformer_cls_names_to_wrap = names or None
+
+
+def shard_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """Shard a frozen model (the reference, a reward model) with FSDP2 when ``accelerator`` shards the trained
+    one; otherwise return it unchanged.
+
+    Each decoder layer (the classes of ``_no_split_modules``, or ``transformer_layer_cls_to_wrap``) is one unit
+    and the rest of the model (embeddings, final norm, heads) the root, all resharded after their forward
+    (``--fsdp_config offload_params`` keeps the shards on the CPU), so a process holds ``1/N`` of the weights
+    plus one gathered layer at a time. The counterpart of TRL's ``prepare_fsdp`` for its reference model,
+    which shards the root only. Every process must run each forward of a sharded model (an all-gather is
+    collective): the algorithms call the reference and reward model once per step on every process.
+
+    ``model`` must already be frozen (``requires_grad_(False)``) and on ``accelerator.device``; it is sharded
+    in place and returned.
+    """
+    if not is_fsdp(accelerator) or is_sharded(model):
+        return model
+    from torch.distributed.fsdp import OffloadPolicy, fully_shard
+
+    plugin = accelerator.state.fsdp_plugin
+    kwargs: dict[str, Any] = {"reshard_after_forward": True}
+    if isinstance(plugin.cpu_offload, OffloadPolicy):
+        kwargs["offload_policy"] = plugin.cpu_offload
+    names = set(_layer_class_names(plugin, _pretrained_models(model)))
+    for module in list(model.modules()):
+        if module is not model and type(module).__name__ in names:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
 
 
 def _is_peft_wrapper(model: torch.nn.Module, inner: torch.nn.Module) -> bool:

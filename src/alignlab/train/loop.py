@@ -438,8 +438,9 @@ class Trainer:
         resume = resolve_resume(self.config.resume_from_checkpoint, self.output_dir)
         if resume is not None:
             state = load_checkpoint(acc, resume)
-            if acc.is_main_process:
+            if acc.is_main_process:  # rows the interrupted run wrote after the checkpoint come again
                 self.metrics.truncate_after(state.global_step)
+                MetricsLog(self.samples_path).truncate_after(state.global_step)
             logger.info("resumed from %s at step %d", resume, state.global_step)
             return state
         if acc.is_main_process:

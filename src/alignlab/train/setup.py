@@ -64,6 +64,16 @@ def load_train_eval(
     return train, evals
 
 
+def frozen_model(model: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """``model`` as a frozen model (a reference or reward model): on ``accelerator.device``, in eval mode, without
+    gradients, and sharded with FSDP2 when the trained model is (:func:`alignlab.train.distributed.shard_frozen`).
+    Returns the same module."""
+    from alignlab.train.distributed import shard_frozen
+
+    model = model.to(accelerator.device).eval().requires_grad_(False)
+    return shard_frozen(accelerator, model)
+
+
 def prepare_model(
     model: torch.nn.Module,
     config: TrainConfig,

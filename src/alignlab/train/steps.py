@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from alignlab.ops import cpu_kernels
+
 LossTerms = Iterable[tuple[torch.Tensor, dict[str, Any]]]
 """What a loss function returns: one or more ``(scalar loss, {name: (B,) or scalar detached metric})`` terms.
 The loop back-propagates each term before asking for the next, so a term's forward can run after the previous
@@ -77,6 +79,7 @@ def optimizer_step(accelerator, model, optimizer, max_grad_norm: float) -> torch
     """Clip the gradients to ``max_grad_norm`` (0: no clipping), step, and drop the gradients
     (``zero_grad(set_to_none=True)``: the next backward's gradients become ``.grad`` as they are). Returns the
     global gradient norm before clipping."""
+    cpu_kernels.after_backward(accelerator.device)
     grad_norm = _clipped_grad_norm(accelerator, model, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
