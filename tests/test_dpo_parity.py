@@ -55,7 +55,8 @@ def _explicit_rows(tokenizer) -> list[dict[str, str]]:
     return rows
 
 
-def _run_alignlab(model_path: str, data_path: Path, output_dir: Path) -> list[dict]:
+def _run_alignlab(model_path: str, data_path: Path, output_dir: Path, loss_args: dict | None = None) -> list[dict]:
+    """alignlab's DPO for 2 steps; ``loss_args`` overrides the loss settings (loss_type, beta, ...)."""
     from alignlab.algorithms.dpo import DPOConfig, train_dpo
 
     cfg = DPOConfig(
@@ -77,20 +78,20 @@ def _run_alignlab(model_path: str, data_path: Path, output_dir: Path) -> list[di
         gradient_checkpointing=False,
         logging_steps=1,
         save_steps=0,
-        beta=BETA,
-        loss_type="sigmoid",
-        label_smoothing=0.0,
         max_length=MAX_LENGTH,
         truncation_mode="keep_start",
         seed=SEED,
         disable_dropout=True,
+        **{"beta": BETA, "loss_type": "sigmoid", "label_smoothing": 0.0, **(loss_args or {})},
     )
     result = train_dpo(cfg)
     rows = [json.loads(line) for line in Path(result.metrics_path).read_text().splitlines() if line.strip()]
     return [r for r in rows if "loss" in r]  # training rows only
 
 
-def _run_trl(model_path: str, rows: list[dict[str, str]], output_dir: Path) -> list[dict]:
+def _run_trl(model_path: str, rows: list[dict[str, str]], output_dir: Path,
+             loss_args: dict | None = None) -> list[dict]:
+    """TRL's DPOTrainer for 2 steps; ``loss_args`` overrides the loss settings as in :func:`_run_alignlab`."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -119,13 +120,11 @@ def _run_trl(model_path: str, rows: list[dict[str, str]], output_dir: Path) -> l
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        beta=BETA,
-        loss_type="sigmoid",
-        label_smoothing=0.0,
         max_length=MAX_LENGTH,
         truncation_mode="keep_start",
         seed=SEED,
         disable_dropout=True,
+        **{"beta": BETA, "loss_type": "sigmoid", "label_smoothing": 0.0, **(loss_args or {})},
         model_init_kwargs={"dtype": torch.float32},
         dataloader_num_workers=0,
     )

@@ -123,3 +123,40 @@ def test_loss_types_match_the_pure_loss_on_a_rollout(tiny_model_dir, prompts_fil
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     trainer.train()
     assert any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
+
+
+def test_kl_bias_correction_keeps_the_value_on_policy_and_adds_kl_times_grad_logp(tiny_model_dir, prompts_file,
+                                                                                   rewards_file, tmp_path):
+    # use_bias_correction_kl (TRL 1.16's default): the k3 KL times the importance weight, which is 1 on-policy
+    # but whose gradient adds beta * kl * grad log pi (reduced as the loss); off, the plain k3 term
+    import dataclasses
+
+    from alignlab.ops.kl import kl_k3
+
+    trainer = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "r", beta=0.1, max_steps=1,
+                                  loss_type="grpo"))
+    assert trainer.config.use_bias_correction_kl
+    with torch.no_grad():
+        rollout = trainer.rollout(trainer.policy, trainer.prompts[:2], 1)
+    mb = {**rollout.updates[0][0], **rollout.scalars}
+    mask = mb["response_mask"].bool()
+    mb["ref_logps"] = mb["ref_logps"] - 0.3 * mask  # a reference that differs from the policy: kl > 0
+    params = [p for p in trainer.policy.parameters() if p.requires_grad]
+    losses, grads = {}, {}
+    for correction in (True, False):
+        trainer.config = dataclasses.replace(trainer.config, use_bias_correction_kl=correction)
+        trainer.policy.zero_grad()
+        [(loss, metrics)] = trainer.compute_loss(trainer.policy, mb)
+        loss.backward()
+        losses[correction] = float(loss.detach())
+        grads[correction] = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+        assert float(metrics["kl"]) > 0
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    trainer.policy.zero_grad()
+    logps = trainer.setup.logps(trainer.policy, mb)
+    extra = aggregate_token_loss(0.1 * kl_k3(logps, mb["ref_logps"]).detach() * logps, mask, loss_type="grpo")
+    extra.backward()
+    difference = [a - b for a, b in zip(grads[True], grads[False])]
+    assert any(d.abs().max() > 0 for d in difference)
+    for d, p in zip(difference, params):
+        torch.testing.assert_close(d, torch.zeros_like(p) if p.grad is None else p.grad, rtol=1e-4, atol=1e-7)

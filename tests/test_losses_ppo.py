@@ -13,6 +13,7 @@ from alignlab.losses.ppo import (
     clipped_policy_loss,
     clipped_value_loss,
     get_policy_loss,
+    importance_weights,
     sapo_policy_loss,
 )
 
@@ -355,9 +356,11 @@ def test_policy_loss_registry():
 
 # ---- TRL 1.16 parity: GRPOTrainer._compute_loss itself, called on tensors -----------------------------------
 def _trl_grpo_loss(logps, old_logps, advantages, mask, *, loss_type, level, epsilon, epsilon_high, delta,
-                   temperature_pos, temperature_neg, num_items_in_batch, max_completion_length):
+                   temperature_pos, temperature_neg, num_items_in_batch, max_completion_length, beta=0.0,
+                   ref_logps=None, use_bias_correction_kl=False):
     """TRL's loss and metrics for these tensors: ``GRPOTrainer._compute_loss`` on a stand-in trainer with one
-    process, no accumulation, no KL, no entropy mask, no vLLM, whose model returns ``logps``."""
+    process, no accumulation, no entropy mask, no vLLM, whose model returns ``logps``; the KL term only with
+    ``beta`` > 0 (against ``ref_logps``)."""
     from collections import defaultdict
     from types import SimpleNamespace
 
@@ -366,10 +369,10 @@ def _trl_grpo_loss(logps, old_logps, advantages, mask, *, loss_type, level, epsi
     rows, length = logps.shape
     accelerator = SimpleNamespace(num_processes=1, reduce=lambda x, reduction="sum": x, gather=lambda x: x)
     args = SimpleNamespace(delta=delta, sapo_temperature_pos=temperature_pos, sapo_temperature_neg=temperature_neg,
-                           steps_per_generation=1, use_bias_correction_kl=False)
+                           steps_per_generation=1, use_bias_correction_kl=use_bias_correction_kl)
     trainer = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=0.0,
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
         loss_type=loss_type, epsilon_low=epsilon, epsilon_high=epsilon_high, args=args, use_vllm=False,
         vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
         current_gradient_accumulation_steps=1, accelerator=accelerator, max_completion_length=max_completion_length,
@@ -381,6 +384,8 @@ def _trl_grpo_loss(logps, old_logps, advantages, mask, *, loss_type, level, epsi
         "advantages": advantages, "old_per_token_logps": old_logps,
         "num_items_in_batch": torch.tensor(float(num_items_in_batch)),
     }
+    if beta:
+        inputs["ref_per_token_logps"] = ref_logps
     loss = GRPOTrainer._compute_loss(trainer, None, inputs)
     return loss, {name: values[0] for name, values in trainer._metrics["train"].items()}
 
@@ -428,3 +433,58 @@ def test_grpo_loss_types_match_trl(loss_type, level):
     elif loss_type in ("grpo", "bnpo"):  # TRL measures its clip metrics after the delta cap, so only without it
         assert metrics["policy/clipfrac"].item() == pytest.approx(trl_metrics["clip_ratio/region_mean"])
         assert 0 < trl_metrics["clip_ratio/region_mean"] < 1
+
+
+def test_importance_weights_token_and_sequence_values_and_gradients():
+    # one row: log-ratios ln 2 and 0 on the two real tokens, a masked third position holding garbage
+    logps = torch.tensor([[math.log(2.0), 0.0, 5.0]])
+    old, mask = torch.zeros(1, 3), torch.tensor([[1, 1, 0]])
+    assert _flat(importance_weights(logps, old, mask)) == pytest.approx([2.0, 1.0, 1.0])
+    # sequence level: exp(mean log-ratio over the 2 real tokens) = sqrt(2), on every position of the row
+    assert _flat(importance_weights(logps, old, mask, importance_sampling_level="sequence")) == pytest.approx(
+        [math.sqrt(2.0)] * 3)
+    # on-policy the weight is 1 but has a gradient: d/dlogps sum(k * w * mask) = k (token level) or, per
+    # sequence, the mean of k over its tokens on each real token; none on the masked position
+    k = torch.tensor([[0.2, 0.4, 9.0]])
+    for level, expected in (("token", [0.2, 0.4, 0.0]), ("sequence", [0.3, 0.3, 0.0])):
+        current = logps.clone().requires_grad_(True)
+        w = importance_weights(current, current.detach(), mask, importance_sampling_level=level)
+        assert _flat(w.detach()) == pytest.approx([1.0, 1.0, 1.0])
+        (k * w * mask).sum().backward()
+        assert _flat(current.grad) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        importance_weights(logps, old, mask, importance_sampling_level="tokens")
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_grpo_kl_term_matches_trl(level, bias_correction):
+    # GRPOTrainer.compute_loss's KL term: + beta * k3, times the importance weight with use_bias_correction_kl
+    # (TRL 1.16's default), against TRL's _compute_loss with the same beta, reference and old log-probs
+    from alignlab.ops.kl import kl_k3
+    from alignlab.ops.masked import masked_mean
+
+    g = torch.Generator().manual_seed(3)
+    rows, length, beta = 4, 5, 0.04
+    old = torch.randn(rows, length, generator=g) * 0.5 - 1.0
+    current = (old + torch.randn(rows, length, generator=g) * 0.3).requires_grad_(True)
+    ref = old + torch.randn(rows, length, generator=g) * 0.4
+    mask = (torch.arange(length) < torch.tensor([5, 2, 4, 3]).unsqueeze(1)).long()
+    advantages = torch.randn(rows, generator=g)
+    trl_logps = current.detach().clone().requires_grad_(True)
+    expected, trl_metrics = _trl_grpo_loss(
+        trl_logps, old, advantages, mask, loss_type="grpo", level=level, epsilon=0.2, epsilon_high=0.28, delta=None,
+        temperature_pos=1.0, temperature_neg=1.05, num_items_in_batch=mask.sum(), max_completion_length=length,
+        beta=beta, ref_logps=ref, use_bias_correction_kl=bias_correction)
+    expected.backward()
+
+    per_token, _ = clipped_policy_loss(current, old, advantages, mask, cliprange=0.2, cliprange_high=0.28,
+                                       importance_sampling_level=level)
+    kl = kl_k3(current, ref)
+    if bias_correction:
+        kl = kl * importance_weights(current, old, mask, importance_sampling_level=level)
+    loss = aggregate_token_loss(per_token + beta * kl, mask, loss_type="grpo")
+    loss.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(current.grad, trl_logps.grad, rtol=1e-5, atol=1e-7)
+    assert masked_mean(kl.detach(), mask).item() == pytest.approx(trl_metrics["kl"], rel=1e-6)

@@ -21,7 +21,7 @@ from alignlab.advantages.group import group_advantages
 from alignlab.algorithms.base import OnlineAlgorithm
 from alignlab.algorithms.online import OnlineConfig, OnlineSetup
 from alignlab.errors import UserError
-from alignlab.losses.ppo import aggregate_token_loss, get_policy_loss
+from alignlab.losses.ppo import aggregate_token_loss, get_policy_loss, importance_weights
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.ops.kl import kl_k3
 from alignlab.ops.masked import masked_mean
@@ -55,6 +55,11 @@ class GRPOConfig(OnlineConfig):
     """Most tokens sampled per completion."""
     beta: float = 0.0
     """Weight of the per-token k3 KL to the reference (TRL 1.16's default 0: no reference model is loaded)."""
+    use_bias_correction_kl: bool = True
+    """With ``beta`` > 0, multiply each token's k3 KL by its importance weight (the ratio of the clipped loss,
+    per sequence with ``importance_sampling_level`` sequence), so that its gradient is the unbiased
+    reverse-KL gradient (DeepSeek-V3.2, arXiv 2512.02556; TRL 1.16's ``use_bias_correction_kl``, default on).
+    It changes the gradient even on-policy, where the weight is 1: its derivative adds ``kl * grad logp``."""
     epsilon: float = 0.2
     """Lower clip range of the ratio (and the upper one unless ``epsilon_high`` is set)."""
     epsilon_high: float | None = None
@@ -164,7 +169,8 @@ class GRPOTrainer(OnlineAlgorithm):
                        scalars={"num_items_in_batch": float(mask.sum()) / n_micro})
 
     def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
-        """Clipped surrogate (+ ``beta`` k3 KL) per token, reduced by ``loss_type``, on one micro-batch."""
+        """Clipped surrogate (+ ``beta`` k3 KL, times the importance weight with ``use_bias_correction_kl``) per
+        token, reduced by ``loss_type``, on one micro-batch."""
         cfg = self.config
         mask = batch["response_mask"].bool()
         logps = self.setup.logps(model, batch)
@@ -182,6 +188,9 @@ class GRPOTrainer(OnlineAlgorithm):
         metrics = {"clip_ratio": policy_metrics["policy/clipfrac"]} if "policy/clipfrac" in policy_metrics else {}
         if cfg.beta > 0:
             kl = kl_k3(logps, batch["ref_logps"])
+            if cfg.use_bias_correction_kl:  # TRL 1.16: per_token_kl * coef_1
+                kl = kl * importance_weights(logps, old_logps, mask,
+                                             importance_sampling_level=cfg.importance_sampling_level)
             per_token = per_token + cfg.beta * kl
             metrics["kl"] = masked_mean(kl.detach(), mask)
         loss = aggregate_token_loss(

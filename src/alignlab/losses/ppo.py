@@ -73,11 +73,48 @@ def _policy_inputs(
     m = mask.bool()
     advantages = torch.where(m, advantages.detach(), 0)
     log_ratio = torch.where(m, logps - old_logps.detach(), 0)
+    log_weights = _log_importance_weights(log_ratio, m, importance_sampling_level)
+    return m, advantages, log_ratio, log_weights, per_sequence_advantages and importance_sampling_level == "sequence"
+
+
+def _log_importance_weights(log_ratio: torch.Tensor, m: torch.Tensor, importance_sampling_level: str) -> torch.Tensor:
+    """``(B, T)`` log importance weights from the masked per-token ``log_ratio``: itself at token level; at
+    sequence level (GSPO) each sequence's mean over its masked tokens, broadcast, with its gradient through
+    every token (TRL 1.16 ``log_importance_weights``)."""
     if importance_sampling_level == "token":
-        return m, advantages, log_ratio, log_ratio, False
-    # GSPO: log s_i = mean over the sequence's tokens of log_ratio, with its gradient through every token
+        return log_ratio
     mean_log_ratio = log_ratio.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
-    return m, advantages, log_ratio, mean_log_ratio.expand_as(log_ratio), per_sequence_advantages
+    return mean_log_ratio.expand_as(log_ratio)
+
+
+def importance_weights(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    importance_sampling_level: str = "token",
+) -> torch.Tensor:
+    """``(B, T)`` importance weights ``exp(log_weights)`` of the policy losses, with their gradient in ``logps``.
+
+    Token level: ``exp(logps - old_logps)``; sequence level (GSPO): each sequence's
+    ``exp(mean_t (logps_t - old_logps_t))`` over its masked tokens, broadcast to all its positions (masked
+    positions get 1 at token level; mask them out downstream either way). TRL 1.16's ``coef_1``, which ``GRPOTrainer`` also multiplies the per-token KL by when
+    ``use_bias_correction_kl`` (the unbiased reverse-KL gradient of DeepSeek-AI 2025, "DeepSeek-V3.2",
+    arXiv 2512.02556): on-policy the weight is 1 but its gradient, ``d w / d logps = w`` (token level),
+    adds ``kl * grad logps`` to the KL term's gradient.
+
+    Raises:
+        ValueError: unknown importance_sampling_level; shape mismatch.
+    """
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"unknown importance_sampling_level {importance_sampling_level!r}; "
+            f"choose from {', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
+        )
+    _check_per_token(logps.shape, old_logps=old_logps, mask=mask)
+    m = mask.bool()
+    log_ratio = torch.where(m, logps - old_logps.detach(), 0)
+    return torch.exp(_log_importance_weights(log_ratio, m, importance_sampling_level))
 
 
 def _clip_fraction(selected: torch.Tensor, mask: torch.Tensor, per_sequence: bool) -> torch.Tensor:

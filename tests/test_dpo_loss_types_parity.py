@@ -1,0 +1,116 @@
+"""Parity of alignlab's other DPO loss types with TRL's ``DPOTrainer`` (TRL 1.16, a test-only dependency).
+
+``sigmoid`` has its own test (tests/test_dpo_parity.py); this one covers TRL 1.16's 14 other loss types in three
+runs per library, each a weighted combination (``loss_type=[...]``, ``loss_weights=[...]``, as TRL), with the
+settings and rows of tests/test_dpo_parity.py (its helpers, same model, same 4 explicit-prompt rows, fp32, one
+AdamW step at a constant learning rate, clipping at 1.0):
+
+* run ``smoothing``, ``label_smoothing=0.1``: exo_pair, robust, aot, aot_unpaired, the loss types that read
+  ``label_smoothing`` (exo_pair needs it > 0). ``sigmoid`` is left out of this run on purpose: TRL 1.16's
+  ``sigmoid`` ignores ``label_smoothing`` while alignlab's applies it (conservative DPO, docs/losses.md), so
+  the two agree only at 0, which tests/test_dpo_parity.py covers;
+* run ``margin``: hinge, ipo, nca_pair, bco_pair, sppo_hard, sft;
+* run ``anchored``: apo_zero, apo_down, discopop, sigmoid_norm.
+
+The weights are distinct and chosen so that, at step 1 (where every log-ratio is 0), each loss pulls on the
+chosen and rejected log-ratios about as hard as the others (e.g. sppo_hard's gradient is ``1 / beta`` = 10
+per unit log-ratio, nca_pair's ``beta / 4``): a loss that alignlab got wrong then moves the update, and the
+step-2 numbers, visibly instead of drowning in a larger term.
+
+Compared, per run:
+
+* step 1 (policy == reference): ``logps/chosen``, ``logps/rejected`` and ``loss`` to 1e-3 relative. The loss
+  is the weighted sum of every loss at log-ratio 0 plus the batch's chosen NLL (``sft``): it checks the
+  weights, the hyperparameters reaching each loss (``label_smoothing``, ``discopop_tau``) and sft's
+  token mean;
+* step 2 (after one AdamW update): ``loss``, the change of the loss from step 1, and ``rewards/margins`` to
+  2e-2 relative (the tolerance of tests/test_dpo_parity.py). The loss change is the part of the step-2 loss
+  that the update made; its constant part (e.g. sppo_hard's ``2 (1 / (2 beta))^2``) would otherwise hide
+  it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_dpo_parity import (
+    SHARED_DATA, STEP1_RTOL, STEP2_RTOL, _explicit_rows, _rel_close, _run_alignlab, _run_trl,
+)
+
+pytestmark = pytest.mark.integration
+
+RUNS = {
+    "smoothing": {
+        "loss_type": ["exo_pair", "robust", "aot", "aot_unpaired"],
+        "loss_weights": [1.0, 0.8, 1.2, 1.5],
+        "label_smoothing": 0.1,
+    },
+    "margin": {
+        "loss_type": ["hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "sft"],
+        "loss_weights": [0.5, 0.2, 2.0, 1.0, 0.005, 3.0],
+    },
+    "anchored": {
+        "loss_type": ["apo_zero", "apo_down", "discopop", "sigmoid_norm"],
+        "loss_weights": [2.0, 3.0, 0.3, 30.0],
+        "discopop_tau": 0.05,
+    },
+}
+
+# Every TRL 1.16 DPO loss type but sigmoid is in exactly one run.
+TRL_LOSS_TYPES = {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"}
+
+
+def test_runs_cover_every_trl_loss_type_once():
+    covered = [t for run in RUNS.values() for t in run["loss_type"]]
+    assert sorted(covered) == sorted(TRL_LOSS_TYPES - {"sigmoid"})
+    for run in RUNS.values():
+        assert len(set(run["loss_weights"])) == len(run["loss_weights"]) == len(run["loss_type"])
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory):
+    pytest.importorskip("trl", reason="trl (test-only dependency: pip install -e '.[test]') is not installed")
+    if not SHARED_DATA.is_file():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    from transformers import AutoTokenizer
+
+    from alignlab.models import embedded_model_path
+
+    model_path = str(embedded_model_path())
+    rows = _explicit_rows(AutoTokenizer.from_pretrained(model_path))
+    data_path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return model_path, rows, data_path
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_dpo_loss_combination_matches_trl_first_two_steps(run, rows_file, tmp_path):
+    model_path, rows, data_path = rows_file
+    loss_args = RUNS[run]
+    ours = _run_alignlab(model_path, data_path, tmp_path / "alignlab", loss_args)
+    theirs = _run_trl(model_path, rows, tmp_path / "trl", loss_args)
+    assert [r["step"] for r in ours[:2]] == [1, 2], ours
+    assert len(theirs) >= 2 and [r["step"] for r in theirs[:2]] == [1, 2], theirs
+
+    keys = ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+    report = "\n".join(f"step {s + 1} {key}: alignlab {ours[s][key]!r}  trl {theirs[s][key]!r}"
+                       for s in range(2) for key in keys)
+    ours_change, theirs_change = ours[1]["loss"] - ours[0]["loss"], theirs[1]["loss"] - theirs[0]["loss"]
+    report += f"\nloss change: alignlab {ours_change!r}  trl {theirs_change!r}"
+    print(f"{run}: {loss_args}\n{report}")
+
+    # Step 2 must differ visibly from step 1, or it would not test the update at all.
+    assert abs(theirs[1]["rewards/margins"]) > 1e-3, f"step 2 margin too small to compare:\n{report}"
+    assert abs(theirs_change) > 1e-3 * abs(theirs[0]["loss"]), f"step 2 loss barely moved:\n{report}"
+
+    checks = [(0, key, STEP1_RTOL) for key in ("logps/chosen", "logps/rejected", "loss")]
+    checks += [(1, key, STEP2_RTOL) for key in ("loss", "rewards/margins")]
+    failures = [f"step {s + 1} {key}: alignlab {ours[s][key]:.6f} vs trl {theirs[s][key]:.6f} "
+                f"(rel {abs(ours[s][key] - theirs[s][key]) / abs(theirs[s][key]):.2e} > {rtol})"
+                for s, key, rtol in checks if not _rel_close(ours[s][key], theirs[s][key], rtol)]
+    if not _rel_close(ours_change, theirs_change, STEP2_RTOL):
+        failures.append(f"loss change step 1 -> 2: alignlab {ours_change:.6f} vs trl {theirs_change:.6f}")
+    assert not failures, f"{run}: " + "\n".join(failures) + "\nall values:\n" + report
