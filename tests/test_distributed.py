@@ -209,6 +209,14 @@ layers = sum(isinstance(m, LlamaDecoderLayer) and is_sharded(m) for m in ref.mod
 ids = torch.tensor([[1, 2, 3, 4, 5, 6]]) + 7 * acc.process_index  # other tokens on each process
 with torch.no_grad():
     diff = (ref(input_ids=ids).logits - whole(input_ids=ids).logits).abs().max().item()
+# sampling from a sharded model decodes from its gathered weights, without a reordered copy on top
+from alignlab.ops import cpu_kernels
+
+with cpu_kernels.decoding(ref, rows=2):
+    copies = sum("forward" in m.__dict__ for m in ref.modules() if type(m) is torch.nn.Linear)
+with cpu_kernels.decoding(whole, rows=2):
+    whole_copies = sum("forward" in m.__dict__ for m in whole.modules() if type(m) is torch.nn.Linear)
+assert copies == 0 and whole_copies > 0, (copies, whole_copies)
 print(f"RESULT {acc.process_index} {local} {total} {layers} {diff} {any(p.requires_grad for p in ref.parameters())}")
 """
 

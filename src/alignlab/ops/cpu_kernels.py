@@ -101,10 +101,12 @@ def training(setting: str) -> Iterator[bool]:
 @contextlib.contextmanager
 def decoding(model: torch.nn.Module, rows: int) -> Iterator[None]:
     """A context for a ``generate`` call of ``model`` over about ``rows`` sequences: its CPU linear layers
-    decode from oneDNN-reordered weights when the layer is on, unchanged otherwise. On exit the reordered
+    decode from oneDNN-reordered weights when the layer is on, unchanged otherwise, and unchanged for a model
+    sharded with FSDP2 (its gathered weights plus a reordered copy would hold two full copies of the policy on
+    every process while sampling, which sharding exists to avoid). On exit the reordered
     copies (one more copy of the policy's linear weights, held in glibc's heap) are handed back to the OS unless
     memory is kept for reuse, so the training pass that follows does not run on top of them."""
-    if not _enabled:
+    if not _enabled or _is_fsdp_sharded(model):
         yield
         return
     try:
@@ -112,6 +114,18 @@ def decoding(model: torch.nn.Module, rows: int) -> Iterator[None]:
             yield
     finally:
         memory.release_free_memory()
+
+
+def _is_fsdp_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2 units (``fully_shard``); False where this torch has no FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 keeps it in torch.distributed._composable.fsdp
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def after_backward(device: torch.device) -> None:
