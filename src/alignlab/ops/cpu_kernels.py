@@ -11,8 +11,9 @@ about them:
 * transparent huge pages for large tensors (PyTorch's ``THP_MEM_ALLOC_ENABLE``), which must be requested
   before PyTorch's first allocation: the ``alignlab`` command calls :func:`prepare_process` first thing.
 
-``auto`` (the default) turns on the oneDNN layers where they apply (float32 CPU layers) and leaves memory to
-glibc, with ``malloc_trim`` after each optimizer step. ``reuse_memory`` adds heap reuse and huge pages: a few
+``auto`` (the default) turns on the oneDNN layers where they apply (float32 CPU layers), bounds oneDNN's caches,
+and leaves memory to glibc, with ``malloc_trim`` after the backward, after each optimizer step and after each
+``generate`` call. ``reuse_memory`` adds heap reuse and huge pages: a few
 percent faster per online step on the machines measured, but the heap fragments when tensor sizes change
 from batch to batch, and a long DPO run's resident memory grows (soak table in benchmarks/README.md); huge
 pages without reuse were slower, so they come only with it. ``off`` runs plain PyTorch and glibc's memory
@@ -69,9 +70,8 @@ def enabled() -> bool:
 def prepare_process(argv: Sequence[str]) -> None:
     """First thing in the ``alignlab`` command, before PyTorch allocates: unless ``--cpu_kernels off`` is on the
     command line, bound oneDNN's caches (:data:`PRIMITIVE_CACHE_CAPACITY`, unless the variables are already
-    set); with ``reuse_memory``, ask for huge pages (unless
-    ``THP_MEM_ALLOC_ENABLE`` is already set) and keep freed memory for reuse from the start. Then apply the
-    setting given (default ``auto``)."""
+    set); with ``reuse_memory``, ask for huge pages (unless ``THP_MEM_ALLOC_ENABLE`` is already set) and keep
+    freed memory for reuse from the start. Then apply the setting given (default ``auto``)."""
     args = list(argv)
     setting = "auto"
     for i, a in enumerate(args):
@@ -103,9 +103,9 @@ def decoding(model: torch.nn.Module, rows: int) -> Iterator[None]:
     """A context for a ``generate`` call of ``model`` over about ``rows`` sequences: its CPU linear layers
     decode from oneDNN-reordered weights when the layer is on, unchanged otherwise, and unchanged for a model
     sharded with FSDP2 (its gathered weights plus a reordered copy would hold two full copies of the policy on
-    every process while sampling, which sharding exists to avoid). On exit the reordered
-    copies (one more copy of the policy's linear weights, held in glibc's heap) are handed back to the OS unless
-    memory is kept for reuse, so the training pass that follows does not run on top of them."""
+    every process while sampling, which sharding exists to avoid). On exit the reordered copies (one more copy
+    of the policy's linear weights, held in glibc's heap) are handed back to the OS unless memory is kept for
+    reuse, so the training pass that follows does not run on top of them."""
     if not _enabled or _is_fsdp_sharded(model):
         yield
         return
