@@ -31,12 +31,10 @@ Compared, per run:
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tests.test_dpo_parity import (
-    SHARED_DATA, STEP1_RTOL, STEP2_RTOL, _explicit_rows, _rel_close, _run_alignlab, _run_trl,
+    _embedded_rows, _run_alignlab, _run_trl, _two_step_failures, _two_step_report,
 )
 
 pytestmark = pytest.mark.integration
@@ -72,18 +70,7 @@ def test_runs_cover_every_trl_loss_type_once():
 
 @pytest.fixture(scope="module")
 def rows_file(tmp_path_factory):
-    pytest.importorskip("trl", reason="trl (test-only dependency: pip install -e '.[test]') is not installed")
-    if not SHARED_DATA.is_file():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    from transformers import AutoTokenizer
-
-    from alignlab.models import embedded_model_path
-
-    model_path = str(embedded_model_path())
-    rows = _explicit_rows(AutoTokenizer.from_pretrained(model_path))
-    data_path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    data_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return model_path, rows, data_path
+    return _embedded_rows(tmp_path_factory.mktemp("pairs"))
 
 
 @pytest.mark.parametrize("run", list(RUNS))
@@ -92,25 +79,12 @@ def test_dpo_loss_combination_matches_trl_first_two_steps(run, rows_file, tmp_pa
     loss_args = RUNS[run]
     ours = _run_alignlab(model_path, data_path, tmp_path / "alignlab", loss_args)
     theirs = _run_trl(model_path, rows, tmp_path / "trl", loss_args)
-    assert [r["step"] for r in ours[:2]] == [1, 2], ours
-    assert len(theirs) >= 2 and [r["step"] for r in theirs[:2]] == [1, 2], theirs
-
-    keys = ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
-    report = "\n".join(f"step {s + 1} {key}: alignlab {ours[s][key]!r}  trl {theirs[s][key]!r}"
-                       for s in range(2) for key in keys)
-    ours_change, theirs_change = ours[1]["loss"] - ours[0]["loss"], theirs[1]["loss"] - theirs[0]["loss"]
-    report += f"\nloss change: alignlab {ours_change!r}  trl {theirs_change!r}"
+    report, ours_change, theirs_change = _two_step_report(ours, theirs)
     print(f"{run}: {loss_args}\n{report}")
 
     # Step 2 must differ visibly from step 1, or it would not test the update at all.
     assert abs(theirs[1]["rewards/margins"]) > 1e-3, f"step 2 margin too small to compare:\n{report}"
     assert abs(theirs_change) > 1e-3 * abs(theirs[0]["loss"]), f"step 2 loss barely moved:\n{report}"
 
-    checks = [(0, key, STEP1_RTOL) for key in ("logps/chosen", "logps/rejected", "loss")]
-    checks += [(1, key, STEP2_RTOL) for key in ("loss", "rewards/margins")]
-    failures = [f"step {s + 1} {key}: alignlab {ours[s][key]:.6f} vs trl {theirs[s][key]:.6f} "
-                f"(rel {abs(ours[s][key] - theirs[s][key]) / abs(theirs[s][key]):.2e} > {rtol})"
-                for s, key, rtol in checks if not _rel_close(ours[s][key], theirs[s][key], rtol)]
-    if not _rel_close(ours_change, theirs_change, STEP2_RTOL):
-        failures.append(f"loss change step 1 -> 2: alignlab {ours_change:.6f} vs trl {theirs_change:.6f}")
+    failures = _two_step_failures(ours, theirs, ours_change, theirs_change)
     assert not failures, f"{run}: " + "\n".join(failures) + "\nall values:\n" + report

@@ -145,7 +145,9 @@ def _rel_close(ours: float, theirs: float, rtol: float) -> bool:
     return math.isfinite(ours) and math.isfinite(theirs) and abs(ours - theirs) <= rtol * abs(theirs)
 
 
-def test_dpo_matches_trl_first_two_steps(tmp_path):
+def _embedded_rows(folder: Path) -> tuple[str, list[dict[str, str]], Path]:
+    """The embedded model's path, the ``N_ROWS`` explicit-prompt rows and their JSONL file in ``folder``; skips
+    the test without trl or the shared data."""
     pytest.importorskip("trl", reason="trl (test-only dependency: pip install -e '.[test]') is not installed")
     if not SHARED_DATA.is_file():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
@@ -155,19 +157,43 @@ def test_dpo_matches_trl_first_two_steps(tmp_path):
 
     model_path = str(embedded_model_path())
     rows = _explicit_rows(AutoTokenizer.from_pretrained(model_path))
-    data_path = tmp_path / "pairs.jsonl"
+    data_path = folder / "pairs.jsonl"
     data_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return model_path, rows, data_path
 
-    ours = _run_alignlab(model_path, data_path, tmp_path / "alignlab")
-    theirs = _run_trl(model_path, rows, tmp_path / "trl")
+
+REPORT_KEYS = ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+
+
+def _two_step_report(ours: list[dict], theirs: list[dict]) -> tuple[str, float, float]:
+    """Both sides logged steps 1 and 2; returns their values side by side and each side's loss change from
+    step 1 to step 2 (the part of the step-2 loss the update made)."""
     assert [r["step"] for r in ours[:2]] == [1, 2], ours
     assert len(theirs) >= 2 and [r["step"] for r in theirs[:2]] == [1, 2], theirs
+    report = "\n".join(f"step {s + 1} {key}: alignlab {ours[s][key]!r}  trl {theirs[s][key]!r}"
+                       for s in range(2) for key in REPORT_KEYS)
+    ours_change, theirs_change = ours[1]["loss"] - ours[0]["loss"], theirs[1]["loss"] - theirs[0]["loss"]
+    report += f"\nloss change: alignlab {ours_change!r}  trl {theirs_change!r}"
+    return report, ours_change, theirs_change
 
-    report = "\n".join(
-        f"step {s + 1} {key}: alignlab {ours[s][key]!r}  trl {theirs[s][key]!r}"
-        for s in range(2)
-        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected")
-    )
+
+def _two_step_failures(ours: list[dict], theirs: list[dict], ours_change: float, theirs_change: float) -> list[str]:
+    """Step 1's logps and loss to STEP1_RTOL; step 2's loss and margin, and the loss change, to STEP2_RTOL."""
+    checks = [(0, key, STEP1_RTOL) for key in ("logps/chosen", "logps/rejected", "loss")]
+    checks += [(1, key, STEP2_RTOL) for key in ("loss", "rewards/margins")]
+    failures = [f"step {s + 1} {key}: alignlab {ours[s][key]:.6f} vs trl {theirs[s][key]:.6f} "
+                f"(rel {abs(ours[s][key] - theirs[s][key]) / abs(theirs[s][key]):.2e} > {rtol})"
+                for s, key, rtol in checks if not _rel_close(ours[s][key], theirs[s][key], rtol)]
+    if not _rel_close(ours_change, theirs_change, STEP2_RTOL):
+        failures.append(f"loss change step 1 -> 2: alignlab {ours_change:.6f} vs trl {theirs_change:.6f}")
+    return failures
+
+
+def test_dpo_matches_trl_first_two_steps(tmp_path):
+    model_path, rows, data_path = _embedded_rows(tmp_path)
+    ours = _run_alignlab(model_path, data_path, tmp_path / "alignlab")
+    theirs = _run_trl(model_path, rows, tmp_path / "trl")
+    report, _, _ = _two_step_report(ours, theirs)
     print(report)
 
     failures = []

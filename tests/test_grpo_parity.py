@@ -34,6 +34,8 @@ import json
 
 import pytest
 
+from tests.test_rloo_parity import _trl_inputs
+
 pytestmark = pytest.mark.integration
 
 MAX_NEW_TOKENS = 12
@@ -95,13 +97,8 @@ def shared(tmp_path_factory):
     with torch.no_grad():
         ours_logps = ours.setup.logps(ours.policy, batch)
 
-    pad = ours.tokenizer.pad_token_id
-    prompt_ids = torch.tensor([ex["prompt_ids"] for ex in scored.examples])
-    width = max(scored.completions.lengths)
-    completion_ids = torch.full((len(scored.texts), width), pad)
-    for i, ids in enumerate(scored.completions.ids):
-        completion_ids[i, : len(ids)] = torch.tensor(ids)
-    mask = batch["response_mask"][:, :width].cpu()
+    prompt_ids, completion_ids, mask = _trl_inputs(scored, ours.tokenizer.pad_token_id)
+    width = completion_ids.shape[1]
     ours_logps = ours_logps[:, :width]
 
     advantages, _ = group_advantages(torch.tensor([1.0, 3.0, 2.0, -0.5]), 2)

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_dpo_parity import (
-    LEARNING_RATE, MAX_LENGTH, SEED, SHARED_DATA, STEP1_RTOL, STEP2_RTOL, _explicit_rows, _rel_close, _run_alignlab,
+    LEARNING_RATE, MAX_LENGTH, SEED, SHARED_DATA, _explicit_rows, _run_alignlab, _two_step_failures, _two_step_report,
 )
 
 pytestmark = pytest.mark.integration
@@ -112,26 +112,13 @@ def test_reference_free_loss_matches_trl_first_two_steps(method, base_rows, tmp_
 
     ours = _run_alignlab(model_path, data_path, tmp_path / "alignlab", loss_args)
     theirs = _run_trl(trainer, model_path, rows, tmp_path / "trl", trl_overrides)
-    assert [r["step"] for r in ours[:2]] == [1, 2], ours
-    assert len(theirs) >= 2 and [r["step"] for r in theirs[:2]] == [1, 2], theirs
-
-    keys = ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
-    report = "\n".join(f"step {s + 1} {key}: alignlab {ours[s][key]!r}  trl {theirs[s][key]!r}"
-                       for s in range(2) for key in keys)
-    ours_change, theirs_change = ours[1]["loss"] - ours[0]["loss"], theirs[1]["loss"] - theirs[0]["loss"]
-    report += f"\nloss change: alignlab {ours_change!r}  trl {theirs_change!r}; trl nll_loss " + \
-        f"{[t.get('nll_loss') for t in theirs[:2]]}"
+    report, ours_change, theirs_change = _two_step_report(ours, theirs)
+    report += f"; trl nll_loss {[t.get('nll_loss') for t in theirs[:2]]}"
     print(f"{method}: {loss_args}\n{report}")
 
     # Step 2 must differ visibly from step 1, or it would not test the update at all.
     assert abs(theirs_change) > 1e-3 * abs(theirs[0]["loss"]), f"step 2 loss barely moved:\n{report}"
     assert abs(theirs[1]["rewards/margins"] - theirs[0]["rewards/margins"]) > 1e-4, f"margin did not move:\n{report}"
 
-    checks = [(0, key, STEP1_RTOL) for key in ("logps/chosen", "logps/rejected", "loss")]
-    checks += [(1, key, STEP2_RTOL) for key in ("loss", "rewards/margins")]
-    failures = [f"step {s + 1} {key}: alignlab {ours[s][key]:.6f} vs trl {theirs[s][key]:.6f} "
-                f"(rel {abs(ours[s][key] - theirs[s][key]) / abs(theirs[s][key]):.2e} > {rtol})"
-                for s, key, rtol in checks if not _rel_close(ours[s][key], theirs[s][key], rtol)]
-    if not _rel_close(ours_change, theirs_change, STEP2_RTOL):
-        failures.append(f"loss change step 1 -> 2: alignlab {ours_change:.6f} vs trl {theirs_change:.6f}")
+    failures = _two_step_failures(ours, theirs, ours_change, theirs_change)
     assert not failures, f"{method}: " + "\n".join(failures) + "\nall values:\n" + report

@@ -32,6 +32,20 @@ def _grad_norm(model) -> float:
     return float(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]).norm())
 
 
+def _trl_inputs(scored, pad_token_id: int):
+    """alignlab's sampled completions as TRL's trainers take them: ``prompt_ids`` ``(N, P)`` (prompts of one
+    length), ``completion_ids`` ``(N, W)`` right-padded with ``pad_token_id`` to the longest completion ``W``,
+    and the completion mask ``(N, W)``."""
+    import torch
+
+    prompt_ids = torch.tensor([ex["prompt_ids"] for ex in scored.examples])
+    width = max(scored.completions.lengths)
+    completion_ids = torch.full((len(scored.texts), width), pad_token_id)
+    for i, ids in enumerate(scored.completions.ids):
+        completion_ids[i, : len(ids)] = torch.tensor(ids)
+    return prompt_ids, completion_ids, scored.sequences["response_mask"][:, :width].cpu()
+
+
 def test_rloo_loss_and_logps_match_trl_on_the_same_completions(tmp_path):
     pytest.importorskip("trl", reason="trl (test-only dependency: pip install -e '.[test]') is not installed")
     import torch
@@ -67,13 +81,8 @@ def test_rloo_loss_and_logps_match_trl_on_the_same_completions(tmp_path):
     )
     model = trl.model
     assert model.dtype == torch.float32
-    pad = ours.tokenizer.pad_token_id
-    prompt_ids = torch.tensor([ex["prompt_ids"] for ex in scored.examples])
-    width = max(scored.completions.lengths)
-    completion_ids = torch.full((len(scored.texts), width), pad)
-    for i, ids in enumerate(scored.completions.ids):
-        completion_ids[i, : len(ids)] = torch.tensor(ids)
-    completion_mask = scored.sequences["response_mask"][:, :width].cpu()
+    prompt_ids, completion_ids, completion_mask = _trl_inputs(scored, ours.tokenizer.pad_token_id)
+    width = completion_ids.shape[1]
 
     # 1. summed completion log-probs
     with torch.no_grad():
