@@ -106,7 +106,9 @@ def decoding(model: torch.nn.Module, rows: int) -> Iterator[None]:
     every process while sampling, which sharding exists to avoid). On exit the reordered copies (one more copy
     of the policy's linear weights, held in glibc's heap) are handed back to the OS unless memory is kept for
     reuse, so the training pass that follows does not run on top of them."""
-    if not _enabled or _is_fsdp_sharded(model):
+    from alignlab.train.distributed import is_sharded
+
+    if not _enabled or is_sharded(model):
         yield
         return
     try:
@@ -114,18 +116,6 @@ def decoding(model: torch.nn.Module, rows: int) -> Iterator[None]:
             yield
     finally:
         memory.release_free_memory()
-
-
-def _is_fsdp_sharded(model: torch.nn.Module) -> bool:
-    """Whether ``model`` holds FSDP2 units (``fully_shard``); False where this torch has no FSDP2."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6 keeps it in torch.distributed._composable.fsdp
-        try:
-            from torch.distributed._composable.fsdp import FSDPModule
-        except ImportError:
-            return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def after_backward(device: torch.device) -> None:

@@ -105,8 +105,10 @@ def attach_reward_model(sources: list, config, tokenizer, device: torch.device, 
     rtok = load_tokenizer(config.reward_model_path, trust_remote_code=config.trust_remote_code)
     model = load_reward_model(config.reward_model_path, pad_token_id=rtok.pad_token_id,
                               trust_remote_code=config.trust_remote_code)
-    from alignlab.train.setup import frozen_model
+    if accelerator is not None:
+        from alignlab.train.setup import frozen_model
 
-    model = model.to(device).eval().requires_grad_(False)
-    sources[-1].model = frozen_model(model, accelerator) if accelerator is not None else model
+        sources[-1].model = frozen_model(model, accelerator)  # onto accelerator.device, which is ``device``
+    else:
+        sources[-1].model = model.to(device).eval().requires_grad_(False)
     return rtok if rtok.get_vocab() != tokenizer.get_vocab() else None

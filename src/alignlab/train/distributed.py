@@ -200,9 +200,15 @@ def is_fsdp(accelerator) -> bool:
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether ``model`` (or a module inside it) was sharded with ``fully_shard``."""
-    from torch.distributed.fsdp import FSDPModule
-
+    """Whether ``model`` (or a module inside it) was sharded with ``fully_shard``; False on a torch without
+    FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 keeps it in torch.distributed._composable.fsdp
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return False
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
