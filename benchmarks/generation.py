@@ -14,6 +14,12 @@ bf16 matrix products are native, ``alignlab.train.config.fast_bf16_available``; 
 
     .venv/bin/python benchmarks/generation.py [--rows 16 64] [--tokens 128] [--repeats 3]
         [--backends generate static paged] [--precision float32 bf16] [--device cpu|cuda] [--model embedded|1.7b]
+        [--profile 15] [--config_dir DIR]
+
+``--profile N`` then runs each backend once more under ``torch.profiler`` and prints where that rollout's
+CPU time went: the share of the matrix products of the linear layers (``mkldnn::_linear_pointwise``,
+``aten::addmm`` / ``mm``) and the N operators with the most time of their own. The profiler adds tens of
+microseconds an operator, so read the shares, not the totals.
 """
 
 from __future__ import annotations
@@ -35,21 +41,41 @@ SHAPES = {"1.7b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_hea
 """Random-weight shapes built from the embedded model's config (``embedded``: its own shape)."""
 
 
-def build_model(name: str, device: str, dtype: torch.dtype):
-    """The embedded model (CPU: its weights; CUDA: random weights of its shape) or a random ``SHAPES`` model."""
+def build_model(name: str, device: str, dtype: torch.dtype, config_dir: str | None = None):
+    """The embedded model (CPU: its weights; CUDA, or with ``config_dir``: random weights of its shape) or a
+    random ``SHAPES`` model, from the config in ``config_dir`` (default: the embedded model's)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from alignlab.models import embedded_model_path, load_causal_lm
 
-    if name == "embedded" and device == "cpu":
+    if name == "embedded" and device == "cpu" and config_dir is None:
         return load_causal_lm(None, dtype=dtype).eval()
-    config = AutoConfig.from_pretrained(embedded_model_path())
+    config = AutoConfig.from_pretrained(config_dir or embedded_model_path())
     for key, value in SHAPES.get(name, {}).items():
         setattr(config, key, value)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
+
+
+LINEAR_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm")
+"""The operators that multiply by the linear layers' weights (oneDNN's reordered copies, or MKL)."""
+
+
+def print_profile(title: str, call, rows: int) -> None:
+    """Run ``call`` under ``torch.profiler`` and print the linear layers' share of the CPU time and the ``rows``
+    operators with the most self time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        call()
+    events = profiler.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    linear = sum(e.self_cpu_time_total for e in events if e.key in LINEAR_OPS)
+    print(f"\n{title}: {total / 1e6:.2f} s of operator time (profiled), linear layers' products "
+          f"{linear / total:.0%}\n| operator | self s | share | calls |\n|---|---|---|---|")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]:
+        print(f"| `{e.key}` | {e.self_cpu_time_total / 1e6:.2f} | {e.self_cpu_time_total / total:.1%} | {e.count} |")
+    print(flush=True)
 
 
 def main() -> None:
@@ -65,10 +91,15 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["float32", "bf16"])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model", choices=["embedded", *SHAPES], default="embedded")
+    parser.add_argument("--config_dir", help="a directory with the config and tokenizer to shape the random-weight "
+                        "models from, e.g. a copy of the embedded model's directory without its weights, for a "
+                        "machine without the embedded model (default: the embedded model's)")
     parser.add_argument("--output", help="also write the results as JSON here")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile one more rollout per backend and print its N costliest operators")
     args = parser.parse_args()
 
-    tokenizer = load_tokenizer(None)
+    tokenizer = load_tokenizer(args.config_dir)
     rows = [json.loads(line) for line in PROMPTS.read_text().splitlines()[: max(args.rows)]]
     all_prompts = [list(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
                                                       return_dict=True)["input_ids"]) for r in rows]
@@ -78,7 +109,7 @@ def main() -> None:
             print("bf16: not native on this CPU, skipped")
             continue
         cuda_bf16 = precision == "bf16" and args.device == "cuda"
-        model = build_model(args.model, args.device, torch.bfloat16 if cuda_bf16 else torch.float32)
+        model = build_model(args.model, args.device, torch.bfloat16 if cuda_bf16 else torch.float32, args.config_dir)
         no_eos = model.config.vocab_size + 7  # never sampled: every row runs to --tokens
         autocast = precision == "bf16" and args.device == "cpu"
         # the paged cache takes the weights' dtype: no autocast over float32 weights (docs/rollouts.md)
@@ -106,6 +137,11 @@ def main() -> None:
                     else:
                         first[name] = seconds
                     print(f"  {precision} {n_rows} rows {name}: {seconds:.2f} s", flush=True)
+            if args.profile:
+                for name, engine in engines.items():
+                    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
+                        print_profile(f"{precision} {n_rows} rows {name}", lambda: engine.generate(prompts, params),
+                                      args.profile)
             base = statistics.median(times[next(iter(engines))])
             for name, values in times.items():
                 median = statistics.median(values)
@@ -115,7 +151,8 @@ def main() -> None:
         del engines, model
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
-    print(f"\n{args.model} model, {args.device} ({device}), {args.tokens} new tokens per row, prompts "
+    random_weights = args.device == "cuda" or args.model != "embedded" or args.config_dir is not None
+    print(f"\n{args.model} model{' shape, random weights' if random_weights else ''}, {args.device} ({device}), {args.tokens} new tokens per row, prompts "
           f"{min(map(len, all_prompts))}-{max(map(len, all_prompts))} tokens, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} alternating rounds\n")
     print("| precision | rows | backend | s per rollout | decode tokens/s | vs " + args.backends[0] +

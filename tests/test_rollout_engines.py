@@ -161,6 +161,14 @@ def test_auto_leaves_paged_out_under_autocast_to_another_dtype(model):
             PagedEngine(model).generate(PROMPTS, greedy())
 
 
+def test_paged_names_the_transformers_release_it_needs(model, monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.18.0")
+    with pytest.raises(UserError, match=r"needs transformers >= 5\.19 \(installed: 5\.18\.0\)"):
+        PagedEngine(model).generate(PROMPTS, greedy())
+
+
 def test_generation_backend_flag_is_checked(tmp_path):
     from alignlab.experiments.evaluate import EvaluateConfig
 

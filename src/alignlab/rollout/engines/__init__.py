@@ -26,9 +26,8 @@ BACKENDS = ("auto", *ENGINES)
 
 AUTO: dict[str, str] = {"cpu": "generate", "cuda": "generate"}
 """What ``auto`` runs per device type, from ``benchmarks/generation.py`` (benchmarks/README.md, decoding). CPU:
-``generate``, the fastest at 64 rows x 128 tokens in float32 and at 16 and 64 rows in bf16 autocast (``paged``
-won only in float32 rounds of 32 tokens on a heavily loaded machine). CUDA: not measured yet, so the path
-alignlab had."""
+``generate``, the fastest at 16 and 64 rows x 128 tokens in float32 and in bf16 autocast (2.0-4.1x ahead of
+``static`` and ``paged``). CUDA: not measured yet, so the path alignlab had."""
 
 AUTO_UNDER_AUTOCAST: dict[str, str] = {"cpu": "generate", "cuda": "generate"}
 """What ``auto`` runs when autocast to another dtype than the weights' is on (``paged`` refuses it); the CPU

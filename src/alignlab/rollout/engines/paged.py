@@ -16,6 +16,9 @@ from alignlab.rollout.engines.base import (
 )
 
 
+PAGED_MIN_TRANSFORMERS = "5.19"
+"""The first transformers release whose continuous batching takes every setting used here (``page_size`` and
+``auto_switch_to_flash`` of ``ContinuousBatchingConfig``); the rest of alignlab runs on older 5.x releases."""
 PAGE_SIZE = 64
 """Tokens per page of the paged KV cache."""
 MAX_BATCH_TOKENS = 4096
@@ -58,6 +61,12 @@ class PagedEngine(GenerationEngine):
         self.max_slots = max_slots
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Completions:
+        import transformers
+        from packaging.version import Version
+
+        if Version(transformers.__version__) < Version(PAGED_MIN_TRANSFORMERS):
+            raise UserError(f"--generation_backend paged needs transformers >= {PAGED_MIN_TRANSFORMERS} (installed: "
+                            f"{transformers.__version__}): upgrade it, or use another backend")
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
         from transformers.generation.continuous_batching.utils import WorkloadHints
@@ -90,11 +99,11 @@ class PagedEngine(GenerationEngine):
                             "or weights in the autocast dtype")
         loop = manager._run_generation_loop
 
-        def run_in_callers_modes(use_inference_mode: bool) -> None:
+        def run_in_callers_modes(*args, **kwargs) -> None:
             # autocast and grad mode are thread-local: the manager's thread starts with neither
             with torch.no_grad(), torch.autocast("cpu", dtype=autocast["cpu"][1], enabled=autocast["cpu"][0]), \
                     torch.autocast("cuda", dtype=autocast["cuda"][1], enabled=autocast["cuda"][0]):
-                loop(use_inference_mode)
+                loop(*args, **kwargs)
 
         manager._run_generation_loop = run_in_callers_modes
         results = {}
