@@ -9,12 +9,17 @@ one warm-up round, whose extra time over the median is reported as the first cal
 ``static``). Reported: the median seconds per rollout (one ``generate`` call of the engine over all rows,
 prefill included) and decode tokens per second (rows x tokens / that time).
 
+``--eos`` lets completions end at the tokenizer's EOS instead, as in training rollouts: each backend then
+decodes its own draws, of their own lengths, and decode tokens/s counts the tokens the measured rounds
+generated over their time (``generate`` keeps a finished row in its batch until the last row ends; ``paged``
+drops it).
+
 Precision: ``float32`` and ``bf16`` (CPU: bf16 autocast over float32 weights, as training runs it, only where
 bf16 matrix products are native, ``alignlab.train.config.fast_bf16_available``; CUDA: bf16 weights).
 
     .venv/bin/python benchmarks/generation.py [--rows 16 64] [--tokens 128] [--repeats 3]
         [--backends generate static paged] [--precision float32 bf16] [--device cpu|cuda] [--model embedded|1.7b]
-        [--profile 15] [--config_dir DIR]
+        [--profile 15] [--config_dir DIR] [--eos]
 
 ``--profile N`` then runs each backend once more under ``torch.profiler`` and prints where that rollout's
 CPU time went: the share of the matrix products of the linear layers (``mkldnn::_linear_pointwise``,
@@ -94,6 +99,7 @@ def main() -> None:
     parser.add_argument("--config_dir", help="a directory with the config and tokenizer to shape the random-weight "
                         "models from, e.g. a copy of the embedded model's directory without its weights, for a "
                         "machine without the embedded model (default: the embedded model's)")
+    parser.add_argument("--eos", action="store_true", help="stop each completion at the tokenizer's EOS")
     parser.add_argument("--output", help="also write the results as JSON here")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile one more rollout per backend and print its N costliest operators")
@@ -110,15 +116,17 @@ def main() -> None:
             continue
         cuda_bf16 = precision == "bf16" and args.device == "cuda"
         model = build_model(args.model, args.device, torch.bfloat16 if cuda_bf16 else torch.float32, args.config_dir)
-        no_eos = model.config.vocab_size + 7  # never sampled: every row runs to --tokens
+        # without --eos an id that is never sampled: every row runs to --tokens
+        eos = tokenizer.eos_token_id if args.eos else model.config.vocab_size + 7
         autocast = precision == "bf16" and args.device == "cpu"
         # the paged cache takes the weights' dtype: no autocast over float32 weights (docs/rollouts.md)
         engines = {name: build_engine(name, model) for name in args.backends if not (autocast and name == "paged")}
         for n_rows in args.rows:
             prompts = all_prompts[:n_rows]
-            params = SamplingParams(max_new_tokens=args.tokens, eos_token_id=no_eos,
+            params = SamplingParams(max_new_tokens=args.tokens, eos_token_id=eos,
                                     pad_token_id=tokenizer.pad_token_id, temperature=1.0)
             times: dict[str, list[float]] = {name: [] for name in engines}
+            generated: dict[str, int] = {name: 0 for name in engines}
             first: dict[str, float] = {}
             torch.manual_seed(0)
             for round_ in range(args.repeats + 1):
@@ -131,12 +139,14 @@ def main() -> None:
                         if args.device == "cuda":
                             torch.cuda.synchronize()
                         seconds = time.perf_counter() - start
-                    assert sum(out.lengths) == n_rows * args.tokens, (name, out.lengths)
+                    assert args.eos or sum(out.lengths) == n_rows * args.tokens, (name, out.lengths)
                     if round_:  # round 0 is the warm-up
                         times[name].append(seconds)
+                        generated[name] += sum(out.lengths)
                     else:
                         first[name] = seconds
-                    print(f"  {precision} {n_rows} rows {name}: {seconds:.2f} s", flush=True)
+                    print(f"  {precision} {n_rows} rows {name}: {seconds:.2f} s, {sum(out.lengths)} tokens",
+                          flush=True)
             if args.profile:
                 for name, engine in engines.items():
                     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
@@ -147,20 +157,21 @@ def main() -> None:
                 median = statistics.median(values)
                 results.append({"precision": precision, "rows": n_rows, "backend": name, "median_s": median,
                                 "all_s": values, "first_call_extra_s": first[name] - median,
-                                "tokens_per_s": n_rows * args.tokens / median, "vs_first": base / median})
+                                "tokens_per_s": generated[name] / sum(values), "vs_first": base / median,
+                                "mean_length": generated[name] / len(values) / n_rows})
         del engines, model
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     random_weights = args.device == "cuda" or args.model != "embedded" or args.config_dir is not None
-    print(f"\n{args.model} model{' shape, random weights' if random_weights else ''}, {args.device} ({device}), {args.tokens} new tokens per row, prompts "
+    print(f"\n{args.model} model{' shape, random weights' if random_weights else ''}, {args.device} ({device}), {args.tokens} new tokens per row{' at most (EOS on)' if args.eos else ''}, prompts "
           f"{min(map(len, all_prompts))}-{max(map(len, all_prompts))} tokens, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} alternating rounds\n")
     print("| precision | rows | backend | s per rollout | decode tokens/s | vs " + args.backends[0] +
-          " | first call extra s |")
-    print("|---|---|---|---|---|---|---|")
+          " | first call extra s | mean completion tokens |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['precision']} | {r['rows']} | `{r['backend']}` | {r['median_s']:.2f} | {r['tokens_per_s']:.0f} | "
-              f"{r['vs_first']:.2f}x | {r['first_call_extra_s']:.1f} |")
+              f"{r['vs_first']:.2f}x | {r['first_call_extra_s']:.1f} | {r['mean_length']:.1f} |")
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2))
 
