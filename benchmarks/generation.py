@@ -19,7 +19,7 @@ bf16 matrix products are native, ``alignlab.train.config.fast_bf16_available``; 
 
     .venv/bin/python benchmarks/generation.py [--rows 16 64] [--tokens 128] [--repeats 3]
         [--backends generate static paged] [--precision float32 bf16] [--device cpu|cuda] [--model embedded|1.7b]
-        [--profile 15] [--config_dir DIR] [--eos]
+        [--profile 15] [--config_dir DIR] [--eos] [--backends ... generate-one-call]
 
 ``--profile N`` then runs each backend once more under ``torch.profiler`` and prints where that rollout's
 CPU time went: the share of the matrix products of the linear layers (``mkldnn::_linear_pointwise``,
@@ -63,6 +63,10 @@ def build_model(name: str, device: str, dtype: torch.dtype, config_dir: str | No
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
 
+
+ONE_CALL = "generate-one-call"
+"""A ``--backends`` value of this script only: the ``generate`` backend with one ``generate`` call per chunk
+(``segment_tokens=None``), finished rows decoding on until the last one ends."""
 
 LINEAR_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm")
 """The operators that multiply by the linear layers' weights (oneDNN's reordered copies, or MKL)."""
@@ -120,7 +124,11 @@ def main() -> None:
         eos = tokenizer.eos_token_id if args.eos else model.config.vocab_size + 7
         autocast = precision == "bf16" and args.device == "cpu"
         # the paged cache takes the weights' dtype: no autocast over float32 weights (docs/rollouts.md)
-        engines = {name: build_engine(name, model) for name in args.backends if not (autocast and name == "paged")}
+        engines = {name: build_engine(name, model) for name in args.backends
+                   if name != ONE_CALL and not (autocast and name == "paged")}
+        if ONE_CALL in args.backends:
+            engines[ONE_CALL] = build_engine("generate", model)
+            engines[ONE_CALL].segment_tokens = None
         for n_rows in args.rows:
             prompts = all_prompts[:n_rows]
             params = SamplingParams(max_new_tokens=args.tokens, eos_token_id=eos,

@@ -51,12 +51,11 @@ def test_greedy_completions_are_identical_on_every_backend(model, name):
     reference = GenerateEngine(model).generate(PROMPTS, greedy())
     # a model that says something: several distinct tokens per completion
     assert all(len(set(ids)) >= 3 for ids in reference.ids)
-    if True:
-        out = build_engine(name, model).generate(PROMPTS, greedy(num_generations=2))
-        assert out.ids == [ids for ids in reference.ids for _ in range(2)], name
-        assert out.prompt_index == [0, 0, 1, 1, 2, 2, 3, 3]
-        for got, want in zip(out.logps, [r for r in reference.logps for _ in range(2)]):
-            assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-4), name
+    out = build_engine(name, model).generate(PROMPTS, greedy(num_generations=2))
+    assert out.ids == [ids for ids in reference.ids for _ in range(2)], name
+    assert out.prompt_index == [0, 0, 1, 1, 2, 2, 3, 3]
+    for got, want in zip(out.logps, [r for r in reference.logps for _ in range(2)]):
+        assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-4), name
 
 
 @pytest.mark.parametrize("name", ENGINES)
@@ -75,6 +74,45 @@ def test_sampled_logps_match_the_training_forward(model, name):
             for i, row in enumerate(out.logps):
                 returned[i, : len(row)] = torch.tensor(row)
             assert (returned - rescored).abs().max() < 1e-4
+
+
+def test_generate_drops_finished_rows_between_segments(model, monkeypatch):
+    from transformers import DynamicCache
+
+    long = GenerateEngine(model).generate(PROMPTS, greedy(max_new_tokens=30, eos=NO_EOS))
+    # an "EOS" that the rows first reach in different 4-token segments, and that one row never reaches
+    def first_segments(token):
+        return [ids.index(token) // 4 if token in ids else None for ids in long.ids]
+    eos = next(t for t in sorted({t for ids in long.ids for t in ids})
+               if None in first_segments(t) and len({s for s in first_segments(t) if s is not None}) >= 2)
+    selected = []
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices",
+                        lambda cache, indices: (selected.append(indices.tolist()), select(cache, indices))[1])
+    segmented_engine, whole_engine = GenerateEngine(model), GenerateEngine(model)
+    segmented_engine.segment_tokens, whole_engine.segment_tokens = 4, None
+    params = greedy(max_new_tokens=30, eos=eos)
+    segmented = segmented_engine.generate(PROMPTS, params)
+    assert selected and len(selected[-1]) < len(PROMPTS)  # finished rows left the batch
+    calls = len(selected)
+    whole = whole_engine.generate(PROMPTS, params)
+    assert len(selected) == calls  # one call: nothing dropped
+    assert segmented.ids == whole.ids == [ids[: ids.index(eos) + 1] if eos in ids else ids for ids in long.ids]
+    assert segmented.has_eos == whole.has_eos and not all(segmented.has_eos)
+    for got, want in zip(segmented.logps, whole.logps):
+        assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-5)
+    # sampled: the returned log-probs are the training forward's after rows have left the batch
+    torch.manual_seed(3)
+    sampled = segmented_engine.generate(PROMPTS, SamplingParams(
+        max_new_tokens=30, eos_token_id=eos, pad_token_id=PAD, num_generations=3, return_logps=True))
+    assert len(selected) > calls and len(set(sampled.lengths)) >= 2  # rows left, others went on
+    seq = build_sequences([PROMPTS[i] for i in sampled.prompt_index], sampled.ids, PAD)
+    with torch.no_grad():
+        rescored = completion_token_logps(model, seq, pad_token_id=PAD)
+    returned = torch.zeros_like(rescored)
+    for i, row in enumerate(sampled.logps):
+        returned[i, : len(row)] = torch.tensor(row)
+    assert (returned - rescored).abs().max() < 1e-4
 
 
 def test_sampling_is_reproducible_from_the_seed(model):

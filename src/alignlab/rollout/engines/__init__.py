@@ -26,7 +26,7 @@ BACKENDS = ("auto", *ENGINES)
 
 AUTO: dict[str, str] = {"cpu": "generate", "cuda": "generate"}
 """What ``auto`` runs per device type, from ``benchmarks/generation.py`` (benchmarks/README.md, decoding). CPU:
-``generate``, the fastest at 16 and 64 rows x 128 tokens in float32 and in bf16 autocast (2.0-4.1x ahead of
+``generate``, the fastest at 16 and 64 rows x 128 tokens in float32 and in bf16 autocast (2.0-3.9x ahead of
 ``static`` and ``paged``). CUDA: not measured yet, so the path alignlab had."""
 
 AUTO_UNDER_AUTOCAST: dict[str, str] = {"cpu": "generate", "cuda": "generate"}

@@ -3,6 +3,7 @@ always sampled with) and ``static`` (a static KV cache, the decode step compiled
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import nullcontext
 
@@ -57,21 +58,29 @@ class GenerateEngine(GenerationEngine):
     """``--generation_backend generate``: transformers' ``generate`` with its default ``DynamicCache``.
 
     Prompts are left-padded (every row's next token at the same position) in chunks of ``batch_size``
-    prompts, each repeated ``num_generations`` times; a chunk decodes until every row has hit EOS or
-    ``max_new_tokens`` (finished rows keep their slot until then). Only temperature, top-p and top-k act on
-    the distribution (the checkpoint's own generation defaults, e.g. a repetition penalty, are not applied);
-    the token is drawn by :class:`InverseCDFSampling` at the end of ``generate``'s logits processors on its
-    greedy path (``do_sample=False``), which also records the log-probs. The call runs inside the CPU speed
-    layer's decoding context (:func:`alignlab.ops.cpu_kernels.decoding`).
+    prompts, each repeated ``num_generations`` times. A chunk decodes in segments of ``segment_tokens`` new
+    tokens, one ``generate`` call each, continuing from the KV cache of the segment before; between segments
+    the rows that have drawn EOS leave the batch (their cache rows dropped with the cache's
+    ``batch_select_indices``), so finished completions stop costing decode work. ``generate`` alone would keep
+    them in the batch until the last row ends: on the 2-core CPU measured, 64 rows of up to 128 tokens that
+    end at EOS took 1.36x less time this way (benchmarks/README.md). ``segment_tokens=None``: one call for
+    all ``max_new_tokens``.
+
+    Only temperature, top-p and top-k act on the distribution (the checkpoint's own generation defaults, e.g.
+    a repetition penalty, are not applied); the token is drawn by :class:`InverseCDFSampling` at the end of
+    ``generate``'s logits processors on its greedy path (``do_sample=False``), which also records the
+    log-probs. The calls run inside the CPU speed layer's decoding context
+    (:func:`alignlab.ops.cpu_kernels.decoding`).
     """
 
     name = "generate"
+    segment_tokens: int | None = 16
 
-    def _generation_config(self, params: SamplingParams, width: int):
+    def _generation_config(self, params: SamplingParams, width: int, max_new_tokens: int):
         from transformers import GenerationConfig
 
-        return GenerationConfig(do_sample=False, max_new_tokens=params.max_new_tokens,
-                                eos_token_id=params.eos_token_id, pad_token_id=params.pad_token_id, use_cache=True)
+        return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=params.eos_token_id,
+                                pad_token_id=params.pad_token_id, use_cache=True, return_dict_in_generate=True)
 
     def _width(self, longest_prompt: int) -> int:
         """Columns of the left-padded prompt block (the longest prompt)."""
@@ -93,8 +102,7 @@ class GenerateEngine(GenerationEngine):
             if params.top_p < 1.0:
                 processors.append(TopPLogitsWarper(params.top_p))
         processors.append(sampler)
-        model = self.model
-        device = next(model.parameters()).device
+        device = next(self.model.parameters()).device
         batch_size = params.batch_size or len(prompt_ids)
         parts = []
         # one reordered copy of the weights for all chunks (the rows hint: a full chunk)
@@ -107,14 +115,54 @@ class GenerateEngine(GenerationEngine):
                 pad = params.pad_token_id
                 input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
                 attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-                sampler.logps.clear()
-                out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                     generation_config=self._generation_config(params, width),
-                                     logits_processor=processors)
-                rows = out[:, width:].tolist()
-                logps = torch.cat(sampler.logps, dim=1).tolist() if params.return_logps else None  # (rows, new)
-                parts.append(cut_at_eos(rows, logps, params, first_prompt=start))
+                rows, logps = self._decode(input_ids, attention_mask, params, processors, sampler)
+                parts.append(cut_at_eos(rows, logps if params.return_logps else None, params, first_prompt=start))
         return concat(parts)
+
+    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams, processors,
+                sampler: InverseCDFSampling) -> tuple[list[list[int]], list[list[float]]]:
+        """The new tokens of each row of the left-padded ``input_ids`` ``(B, width)`` and their log-probs, each
+        row ending at its first EOS or at ``max_new_tokens`` (tokens after an EOS may follow; the caller cuts)."""
+        model = self.model
+        width = input_ids.shape[1]
+        segment = self.segment_tokens or params.max_new_tokens
+        tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+        logps: list[list[float]] = [[] for _ in range(input_ids.shape[0])]
+        alive = list(range(input_ids.shape[0]))  # the batch's rows, by their index in the chunk
+        cache = {}  # the first call makes its own (DynamicCache); the next ones continue from it
+        produced = 0
+        while produced < params.max_new_tokens:
+            sampler.logps.clear()
+            config = self._generation_config(params, width, min(segment, params.max_new_tokens - produced))
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                 logits_processor=processors, **cache)
+            new = out.sequences[:, input_ids.shape[1]:]  # (alive, segment), fewer when every row drew EOS
+            new_logps = torch.cat(sampler.logps, dim=1)
+            for row, ids, lps in zip(alive, new.tolist(), new_logps.tolist()):
+                tokens[row] += ids
+                logps[row] += lps
+            produced += new.shape[1]
+            ended = (new == params.eos_token_id).any(dim=1)
+            if bool(ended.all()) or produced >= params.max_new_tokens:
+                break
+            input_ids = out.sequences
+            attention_mask = torch.cat([attention_mask, torch.ones_like(new)], dim=1)
+            cache = _cache_kwarg(model, out)
+            if bool(ended.any()):
+                keep = (~ended).nonzero().squeeze(1)
+                next(iter(cache.values())).batch_select_indices(keep)
+                input_ids, attention_mask = input_ids[keep], attention_mask[keep]
+                alive = [alive[i] for i in keep.tolist()]
+        return tokens, logps
+
+
+def _cache_kwarg(model: torch.nn.Module, out) -> dict:
+    """``generate``'s returned KV cache, under the keyword ``generate`` takes it back with (``cache`` in newer
+    transformers releases, ``past_key_values`` before)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    cache = getattr(out, "cache", None)
+    return {name: cache if cache is not None else out.past_key_values}
 
 
 class StaticEngine(GenerateEngine):
@@ -131,6 +179,7 @@ class StaticEngine(GenerateEngine):
     """
 
     name = "static"
+    segment_tokens = None  # one call: dropping rows from a static cache would be a new compiled shape
 
     def __init__(self, model: torch.nn.Module, pad_multiple: int = 64) -> None:
         super().__init__(model)
@@ -165,8 +214,8 @@ class StaticEngine(GenerateEngine):
     def _decoding_context(self, rows: int):
         return nullcontext()
 
-    def _generation_config(self, params: SamplingParams, width: int):
-        config = super()._generation_config(params, width)
+    def _generation_config(self, params: SamplingParams, width: int, max_new_tokens: int):
+        config = super()._generation_config(params, width, max_new_tokens)
         config.cache_implementation = "static"
         config.compile_config = self._compile_config(next(self.model.parameters()).device.type)
         return config
