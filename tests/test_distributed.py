@@ -185,7 +185,7 @@ def test_a_broken_fsdp_config_file_is_one_line_with_its_line(tmp_path):
     assert "\n" not in message and f"{bad}:" in message and "not JSON or YAML" in message
 
 
-_FROZEN_SCRIPT = """
+_SHARDED_PRELUDE = """
 import sys
 
 import torch
@@ -200,7 +200,25 @@ path, out = sys.argv[1], sys.argv[2]
 acc = build_accelerator(TrainConfig(model_name_or_path=path, dataset_name="builtin:concise", output_dir=out,
                                     fsdp="full_shard", bf16=False))
 whole = AutoModelForCausalLM.from_pretrained(path).eval()
-ref = frozen_model(AutoModelForCausalLM.from_pretrained(path), acc)
+ref = frozen_model(AutoModelForCausalLM.from_pretrained(path), acc)  # FSDP2 over the 2 processes, as a reference
+"""
+"""A two-process script's start: ``acc`` (FSDP2), the tiny model whole (``whole``) and sharded (``ref``)."""
+
+
+def _run_sharded(script: str, tiny_model_dir: str, tmp_path: Path, port: int, timeout: int = 600) -> list[list[str]]:
+    """Run :data:`_SHARDED_PRELUDE` + ``script`` on 2 processes; the words after ``RESULT`` of each printed
+    result line."""
+    path = tmp_path / "script.py"
+    path.write_text(_SHARDED_PRELUDE + script)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(path), tiny_model_dir, str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+
+
+_FROZEN_SCRIPT = """
 local = sum(p.to_local().numel() for p in ref.parameters())
 total = sum(p.numel() for p in whole.parameters())
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -225,14 +243,43 @@ print(f"RESULT {acc.process_index} {local} {total} {layers} {diff} {any(p.requir
 def test_frozen_models_are_sharded_under_fsdp(tiny_model_dir, tmp_path):
     """The reference (and reward) model under --fsdp: each process holds half the weights, each decoder layer is
     a unit, and a forward (different inputs on each process) gives the whole model's logits."""
-    script = tmp_path / "frozen.py"
-    script.write_text(_FROZEN_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551",
-           str(script), tiny_model_dir, str(tmp_path / "out")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=Path(__file__).parents[1])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    results = _run_sharded(_FROZEN_SCRIPT, tiny_model_dir, tmp_path, 29551)
     assert sorted(r[0] for r in results) == ["0", "1"]
     for _, local, total, layers, diff, trainable in results:
         assert abs(int(local) - int(total) / 2) <= 64  # half the weights, up to the rounding of odd dimensions
         assert int(layers) == 2 and float(diff) < 1e-5 and trainable == "False"
+
+
+_SAMPLING_SCRIPT = """
+from alignlab.rollout.engines import GenerateEngine, SamplingParams
+from alignlab.train.distributed import forwards_gather, gathered_parameters
+
+prompts = [[1, 2, 3, 4, 5, 6]] if acc.process_index == 0 else [[20, 21, 22, 23], [30, 31]]
+pad, no_eos = whole.config.pad_token_id, whole.config.vocab_size + 7
+longest = GenerateEngine(whole).generate(prompts, SamplingParams(max_new_tokens=40, eos_token_id=no_eos,
+                                                                 pad_token_id=pad, do_sample=False))
+# process 0's only row ends by its third token, process 1's rows run to 40: process 0 must keep joining the
+# other's forwards (each gathers the sharded weights) until both are done
+eos = longest.ids[0][2] if acc.process_index == 0 else no_eos
+params = SamplingParams(max_new_tokens=40, eos_token_id=eos, pad_token_id=pad, do_sample=False, return_logps=True)
+expected = GenerateEngine(whole).generate(prompts, params)
+assert forwards_gather(ref)
+got = GenerateEngine(ref).generate(prompts, params)
+assert got.ids == expected.ids, (got.ids, expected.ids)
+assert all(len(g) == len(i) for g, i in zip(got.logps, got.ids))
+with gathered_parameters(ref):  # as the online methods sample: no gathering per forward, rows leave as usual
+    assert not forwards_gather(ref)
+    assert GenerateEngine(ref).generate(prompts, params).ids == expected.ids
+assert forwards_gather(ref)
+print(f"RESULT {acc.process_index} {' '.join(str(len(ids)) for ids in got.ids)}")
+"""
+
+
+@pytest.mark.integration
+def test_sampling_from_a_sharded_policy_keeps_processes_together(tiny_model_dir, tmp_path):
+    """A policy sharded over two processes, one of which finishes its completions long before the other: the
+    first keeps joining the other's forwards (a process that stopped early would leave the other waiting on
+    the weights' all-gather), and both get the whole model's greedy completions."""
+    lengths = {r[0]: r[1:] for r in _run_sharded(_SAMPLING_SCRIPT, tiny_model_dir, tmp_path, 29553, timeout=300)}
+    assert int(lengths["0"][0]) <= 3 and lengths["1"] == ["40", "40"], lengths
+

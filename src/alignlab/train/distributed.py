@@ -339,6 +339,7 @@ def gathered_parameters(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     if not units:
         yield model
         return
+    setattr(model, _GATHERED, True)
     saved = []
     for unit in units:
         state = unit._get_fsdp_state()
@@ -354,6 +355,21 @@ def gathered_parameters(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             unit.reshard()
         for group, info in saved:
             group.post_forward_mesh_info = info
+        model.__dict__.pop(_GATHERED, None)
+
+
+_GATHERED = "_alignlab_gathered"
+"""Set on a model inside :func:`gathered_parameters`."""
+
+
+def forwards_gather(model: torch.nn.Module) -> bool:
+    """Whether a forward of ``model`` all-gathers weights with the other processes: it is sharded with FSDP2
+    across more than one process and not inside :func:`gathered_parameters`. Every process must then run the
+    same number of forwards (a process that stopped early would leave the others waiting)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_world_size() < 2 or model.__dict__.get(_GATHERED, False):
+        return False
+    return is_sharded(model)
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

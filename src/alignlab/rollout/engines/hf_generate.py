@@ -61,7 +61,10 @@ class GenerateEngine(GenerationEngine):
     prompts, each repeated ``num_generations`` times. A chunk decodes in segments of ``segment_tokens`` new
     tokens, one ``generate`` call each, continuing from the KV cache of the segment before; between segments
     the rows that have drawn EOS leave the batch (their cache rows dropped with the cache's
-    ``batch_select_indices``), so finished completions stop costing decode work. ``generate`` alone would keep
+    ``batch_select_indices``), so finished completions stop costing decode work (not for a model whose
+    forwards gather its FSDP2 shards from the other processes, outside
+    :func:`~alignlab.train.distributed.gathered_parameters`: there each process runs one call with
+    ``synced_gpus``, so that all of them run the same number of forwards). ``generate`` alone would keep
     them in the batch until the last row ends: on the 2-core CPU measured, 64 rows of up to 128 tokens that
     end at EOS took 1.36x less time this way (benchmarks/README.md). ``segment_tokens=None``: one call for
     all ``max_new_tokens``.
@@ -125,7 +128,14 @@ class GenerateEngine(GenerationEngine):
         row ending at its first EOS or at ``max_new_tokens`` (tokens after an EOS may follow; the caller cuts)."""
         model = self.model
         width = input_ids.shape[1]
-        segment = self.segment_tokens or params.max_new_tokens
+        # a model whose forwards gather its weights from other processes (FSDP2, not gathered beforehand): every
+        # process must run as many forwards as the slowest, so one call with generate's synced_gpus. Otherwise
+        # synced_gpus is off, also for a sharded model whose weights are gathered already (generate would
+        # turn it on for an FSDP-managed model, and a process whose rows all ended could not leave early)
+        from alignlab.train.distributed import forwards_gather
+
+        synced = forwards_gather(model)
+        segment = params.max_new_tokens if synced else self.segment_tokens or params.max_new_tokens
         tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
         logps: list[list[float]] = [[] for _ in range(input_ids.shape[0])]
         alive = list(range(input_ids.shape[0]))  # the batch's rows, by their index in the chunk
@@ -135,9 +145,9 @@ class GenerateEngine(GenerationEngine):
             sampler.logps.clear()
             config = self._generation_config(params, width, min(segment, params.max_new_tokens - produced))
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                 logits_processor=processors, **cache)
+                                 logits_processor=processors, synced_gpus=synced, **cache)
             new = out.sequences[:, input_ids.shape[1]:]  # (alive, segment), fewer when every row drew EOS
-            new_logps = torch.cat(sampler.logps, dim=1)
+            new_logps = torch.cat(sampler.logps, dim=1)  # (alive, new.shape[1])
             for row, ids, lps in zip(alive, new.tolist(), new_logps.tolist()):
                 tokens[row] += ids
                 logps[row] += lps
