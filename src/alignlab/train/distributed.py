@@ -339,13 +339,13 @@ def gathered_parameters(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     if not units:
         yield model
         return
-    setattr(model, _GATHERED, True)
     saved = []
     for unit in units:
         state = unit._get_fsdp_state()
         for group in state._fsdp_param_groups:
             saved.append((group, group.post_forward_mesh_info))
             group.post_forward_mesh_info = None  # no reshard after each forward inside the block
+    setattr(model, _GATHERED, True)
     try:
         for unit in units:
             unit.unshard()
