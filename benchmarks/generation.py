@@ -171,11 +171,13 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     random_weights = args.device == "cuda" or args.model != "embedded" or args.config_dir is not None
-    print(f"\n{args.model} model{' shape, random weights' if random_weights else ''}, {args.device} ({device}), {args.tokens} new tokens per row{' at most (EOS on)' if args.eos else ''}, prompts "
+    print(f"\n{args.model} model{' shape, random weights' if random_weights else ''}, {args.device} ({device}), "
+          f"{args.tokens} new tokens per row{' at most (EOS on)' if args.eos else ''}, prompts "
           f"{min(map(len, all_prompts))}-{max(map(len, all_prompts))} tokens, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} alternating rounds\n")
-    print("| precision | rows | backend | s per rollout | decode tokens/s | vs " + args.backends[0] +
-          " | first call extra s | mean completion tokens |")
+    first_backend = results[0]["backend"] if results else args.backends[0]
+    print(f"| precision | rows | backend | s per rollout | decode tokens/s | vs {first_backend} | first call extra s "
+          "| mean completion tokens |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['precision']} | {r['rows']} | `{r['backend']}` | {r['median_s']:.2f} | {r['tokens_per_s']:.0f} | "
