@@ -10,6 +10,7 @@ from contextlib import nullcontext
 import torch
 
 from alignlab.ops import cpu_kernels
+from alignlab.ops.logprobs import base_model
 from alignlab.rollout.engines.base import (
     Completions,
     GenerationEngine,
@@ -79,7 +80,7 @@ class GenerateEngine(GenerationEngine):
     name = "generate"
     segment_tokens: int | None = 16
 
-    def _generation_config(self, params: SamplingParams, width: int, max_new_tokens: int):
+    def _generation_config(self, params: SamplingParams, max_new_tokens: int):
         from transformers import GenerationConfig
 
         return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=params.eos_token_id,
@@ -127,7 +128,6 @@ class GenerateEngine(GenerationEngine):
         """The new tokens of each row of the left-padded ``input_ids`` ``(B, width)`` and their log-probs, each
         row ending at its first EOS or at ``max_new_tokens`` (tokens after an EOS may follow; the caller cuts)."""
         model = self.model
-        width = input_ids.shape[1]
         # a model whose forwards gather its weights from other processes (FSDP2, not gathered beforehand): every
         # process must run as many forwards as the slowest, so one call with generate's synced_gpus. Otherwise
         # synced_gpus is off, also for a sharded model whose weights are gathered already (generate would
@@ -139,13 +139,15 @@ class GenerateEngine(GenerationEngine):
         tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
         logps: list[list[float]] = [[] for _ in range(input_ids.shape[0])]
         alive = list(range(input_ids.shape[0]))  # the batch's rows, by their index in the chunk
-        cache = {}  # the first call makes its own (DynamicCache); the next ones continue from it
+        cache_keyword = _cache_keyword(model)
+        cache = None  # the first call makes its own (DynamicCache); the next ones continue from it
         produced = 0
         while produced < params.max_new_tokens:
             sampler.logps.clear()
-            config = self._generation_config(params, width, min(segment, params.max_new_tokens - produced))
+            config = self._generation_config(params, min(segment, params.max_new_tokens - produced))
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                 logits_processor=processors, synced_gpus=synced, **cache)
+                                 logits_processor=processors, synced_gpus=synced,
+                                 **({cache_keyword: cache} if cache is not None else {}))
             new = out.sequences[:, input_ids.shape[1]:]  # (alive, segment), fewer when every row drew EOS
             new_logps = torch.cat(sampler.logps, dim=1)  # (alive, new.shape[1])
             for row, ids, lps in zip(alive, new.tolist(), new_logps.tolist()):
@@ -157,22 +159,19 @@ class GenerateEngine(GenerationEngine):
                 break
             input_ids = out.sequences
             attention_mask = torch.cat([attention_mask, torch.ones_like(new)], dim=1)
-            cache = _cache_kwarg(model, out)
+            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
             if bool(ended.any()):
                 keep = (~ended).nonzero().squeeze(1)
-                next(iter(cache.values())).batch_select_indices(keep)
+                cache.batch_select_indices(keep)
                 input_ids, attention_mask = input_ids[keep], attention_mask[keep]
                 alive = [alive[i] for i in keep.tolist()]
         return tokens, logps
 
 
-def _cache_kwarg(model: torch.nn.Module, out) -> dict:
-    """``generate``'s returned KV cache, under the keyword ``generate`` takes it back with (``cache`` in newer
-    transformers releases, ``past_key_values`` before)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    cache = getattr(out, "cache", None)
-    return {name: cache if cache is not None else out.past_key_values}
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword ``generate`` takes a KV cache to continue from under: ``cache`` in newer transformers
+    releases, ``past_key_values`` before (the model's forward names it)."""
+    return "cache" if "cache" in inspect.signature(base_model(model).forward).parameters else "past_key_values"
 
 
 class StaticEngine(GenerateEngine):
@@ -200,7 +199,7 @@ class StaticEngine(GenerateEngine):
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Completions:
         # transformers keeps the compiled call on the model (``_compiled_call``); a deep copy of a model that
         # has one shares it, and it would go on decoding with the original's weights: compile for this model
-        holder = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft
+        holder = base_model(self.model)  # peft's inner model
         compiled = holder.__dict__.get("_compiled_call")
         if compiled is not None and compiled is not self._compiled:
             del holder._compiled_call
@@ -224,8 +223,8 @@ class StaticEngine(GenerateEngine):
     def _decoding_context(self, rows: int):
         return nullcontext()
 
-    def _generation_config(self, params: SamplingParams, width: int, max_new_tokens: int):
-        config = super()._generation_config(params, width, max_new_tokens)
+    def _generation_config(self, params: SamplingParams, max_new_tokens: int):
+        config = super()._generation_config(params, max_new_tokens)
         config.cache_implementation = "static"
         config.compile_config = self._compile_config(next(self.model.parameters()).device.type)
         return config
