@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from alignlab.registry import Registry
+
 
 @dataclass(frozen=True)
 class CompareBudget:
@@ -106,7 +108,8 @@ class Method:
     print_result: Callable[[Any, Any], None] | None = None
 
 
-_METHODS: dict[str, Method] = {}
+_METHODS: Registry[Method] = Registry("command", error=KeyError,
+                                      same=lambda old, new: old.train is new.train)
 _loaded = False
 
 
@@ -116,15 +119,11 @@ def register_method(method: Method) -> Method:
     Raises:
         ValueError: a command or a compare name already registered by another method.
     """
-    old = _METHODS.get(method.command)
-    if old is not None and old.train is not method.train:
-        raise ValueError(f"method command {method.command!r} is registered twice")
-    names = {e.name for m in _METHODS.values() if m.command != method.command for e in m.compare}
+    names = {e.name for name, m in _METHODS.items() if name != method.command for e in m.compare}
     clash = names & {e.name for e in method.compare}
     if clash:
         raise ValueError(f"compare name(s) {sorted(clash)} registered twice")
-    _METHODS[method.command] = method
-    return method
+    return _METHODS.add(method.command, method)
 
 
 def methods() -> dict[str, Method]:
@@ -141,8 +140,9 @@ def methods() -> dict[str, Method]:
 
 
 def get_method(command: str) -> Method:
-    """The method of ``command``. Raises ``KeyError`` for an unknown one."""
-    return methods()[command]
+    """The method of ``command``. Raises ``KeyError`` for an unknown one (its message lists the commands)."""
+    methods()
+    return _METHODS.get(command)
 
 
 def compare_entries(*, include_stages: bool = False) -> dict[str, tuple[Method, CompareEntry]]:

@@ -25,11 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
+from alignlab.registry import HyperparameterSpec, Registry
+
 AdvantageEstimator = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """``fn(inputs: AdvantageInputs, **hyperparameters) -> (advantages, metrics)``."""
 
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
-"""Registered estimators by name; fill it with :func:`register_advantage_estimator`."""
+ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator", sort_choices=True)
+"""Registered estimators by name (a read-only mapping; :class:`alignlab.registry.Registry`); fill it with
+:func:`register_advantage_estimator`."""
 
 
 @dataclass(frozen=True)
@@ -53,21 +56,17 @@ class AdvantageInputs:
     (RLOO's ``beta``, REINFORCE++'s ``kl_coef``) read it; ``None`` when there is no reference model."""
 
 
-def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
-    """Decorator: register ``fn`` in :data:`ADVANTAGE_ESTIMATORS` under ``name`` and return it unchanged.
+def register_advantage_estimator(
+    name: str, *, hyperparameters: HyperparameterSpec | None = None
+) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """Decorator: register ``fn`` in :data:`ADVANTAGE_ESTIMATORS` under ``name`` and return it unchanged;
+    ``hyperparameters`` optionally declares the keywords it reads from a config
+    (:class:`alignlab.registry.Registry`).
 
     Raises:
         ValueError: ``name`` is already taken by a different function (veRL's ``register_adv_est`` rule).
     """
-
-    def decorator(fn: AdvantageEstimator) -> AdvantageEstimator:
-        registered = ADVANTAGE_ESTIMATORS.get(name)
-        if registered is not None and registered is not fn:
-            raise ValueError(f"advantage estimator {name!r} is already registered ({registered.__qualname__})")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return decorator
+    return ADVANTAGE_ESTIMATORS.register(name, hyperparameters=hyperparameters)
 
 
 def get_advantage_estimator(name: str) -> AdvantageEstimator:
@@ -79,6 +78,4 @@ def get_advantage_estimator(name: str) -> AdvantageEstimator:
     The built-in estimators are registered when :mod:`alignlab.advantages` is imported, which importing
     this module does first.
     """
-    if name not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {name!r}; choose from {', '.join(sorted(ADVANTAGE_ESTIMATORS))}")
-    return ADVANTAGE_ESTIMATORS[name]
+    return ADVANTAGE_ESTIMATORS.get(name)

@@ -17,13 +17,14 @@ experimental ``CPOConfig`` / ``ORPOConfig``); ``docs/losses.md`` lists each loss
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from alignlab.registry import Registry
 
 REWARD_KINDS = ("logratio", "logp", "mean_logp")
 """How ``rewards/*`` are computed: ``beta * (logp - ref_logp)``, ``beta * logp``, ``beta * logp / length``."""
@@ -110,12 +111,12 @@ class PreferenceLoss:
     @property
     def required_hyperparameters(self) -> tuple[str, ...]:
         """The hyperparameters ``fn`` has no default for (the others default to "off", e.g. label_smoothing=0)."""
-        params = inspect.signature(self.fn).parameters
-        return tuple(h for h in self.hyperparameters if params[h].default is inspect.Parameter.empty)
+        return tuple(h.name for h in PREFERENCE_LOSSES.hyperparameters(self.name) if h.required)
 
 
-PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {}
-"""``--loss_type`` name -> :class:`PreferenceLoss`, filled by :func:`register_preference_loss`."""
+PREFERENCE_LOSSES: Registry[PreferenceLoss] = Registry("preference loss_type", exact=True)
+"""``--loss_type`` name -> :class:`PreferenceLoss`, filled by :func:`register_preference_loss`; each entry
+declares its hyperparameters (config fields of the same names, read by :func:`preference_loss_kwargs`)."""
 
 
 def register_preference_loss(
@@ -128,27 +129,21 @@ def register_preference_loss(
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator: register ``fn(pair, *, <hyperparameters>)`` under ``name``; returns ``fn`` unchanged.
 
+    ``hyperparameters`` are the loss's keyword arguments, each read from the config field of the same name
+    (:func:`preference_loss_kwargs`): every config that can select the loss must have them
+    (tests/test_losses_dpo.py checks it).
+
     Raises:
         ValueError: ``name`` already registered, unknown ``reward_kind``, or the function's keyword-only
             parameters are not exactly ``hyperparameters``.
     """
 
     def decorator(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        if name in PREFERENCE_LOSSES:
-            raise ValueError(f"preference loss {name!r} is already registered")
         if reward_kind not in REWARD_KINDS:
             raise ValueError(f"reward_kind must be one of {', '.join(REWARD_KINDS)}, got {reward_kind!r}")
-        keywords = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
-        if sorted(keywords) != sorted(hyperparameters):
-            raise ValueError(f"{fn.__name__} takes keywords {keywords}, but {name!r} declares {list(hyperparameters)}")
-        PREFERENCE_LOSSES[name] = PreferenceLoss(
-            name=name,
-            fn=fn,
-            needs_reference=needs_reference,
-            hyperparameters=tuple(hyperparameters),
-            reward_kind=reward_kind,
-            source=source,
-        )
+        spec = PreferenceLoss(name=name, fn=fn, needs_reference=needs_reference,
+                              hyperparameters=tuple(hyperparameters), reward_kind=reward_kind, source=source)
+        PREFERENCE_LOSSES.add(name, spec, fn=fn, hyperparameters=hyperparameters)
         return fn
 
     return decorator
@@ -156,9 +151,19 @@ def register_preference_loss(
 
 def get_preference_loss(name: str) -> PreferenceLoss:
     """The registered loss ``name``. Raises ValueError listing the choices when there is none."""
-    if name not in PREFERENCE_LOSSES:
-        raise ValueError(f"unknown preference loss_type {name!r}; choose from {', '.join(PREFERENCE_LOSSES)}")
-    return PREFERENCE_LOSSES[name]
+    return PREFERENCE_LOSSES.get(name)
+
+
+def preference_loss_kwargs(loss_types: Sequence[str], config) -> dict[str, float]:
+    """The hyperparameters the named losses declare, read from ``config``'s fields of the same names: what a
+    config passes to :func:`preference_loss` (each loss then takes its own).
+
+    Raises:
+        ValueError: an unknown loss type, or ``config`` lacks a field a named loss declares.
+    """
+    if isinstance(loss_types, str):
+        loss_types = [loss_types]
+    return {k: v for name in loss_types for k, v in PREFERENCE_LOSSES.kwargs(name, config).items()}
 
 
 def preference_loss(

@@ -20,12 +20,21 @@ from __future__ import annotations
 
 import torch
 
+from alignlab.registry import Registry
+
 LOSS_AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo")
 """Accepted ``loss_type`` values of :func:`aggregate_token_loss` (TRL 1.16 ``GRPOConfig.loss_type``, less
 ``luspo`` and ``vespo``)."""
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 """Accepted ``importance_sampling_level`` values of the policy losses (TRL ``importance_sampling_level``)."""
+
+POLICY_LOSSES: Registry = Registry("loss_type", exact=True)
+"""The per-token policy loss of each TRL 1.16 ``GRPOConfig.loss_type`` (grpo, bnpo, dr_grpo and dapo: the clipped
+loss; cispo; sapo), each declaring its hyperparameters as ``{keyword: GRPOConfig field}`` (TRL's names; the
+clipped loss's ``delta`` is declared with no field: ``GRPOConfig`` has no ``delta``, so it stays off). Reduce a
+loss's output with :func:`aggregate_token_loss` under the same ``loss_type``; build its keywords from a config
+with :func:`policy_loss_kwargs`."""
 
 
 def _check_per_token(shape: torch.Size, **tensors: torch.Tensor) -> None:
@@ -130,6 +139,9 @@ def _approxkl(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return 0.5 * (log_ratio**2).sum() / mask.sum().clamp(min=1)
 
 
+@POLICY_LOSSES.register("grpo", "bnpo", "dr_grpo", "dapo", hyperparameters={
+    "cliprange": "epsilon", "cliprange_high": "epsilon_high", "importance_sampling_level": "importance_sampling_level",
+    "delta": None})
 def clipped_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -219,6 +231,7 @@ def clipped_policy_loss(
     return per_token_loss, metrics
 
 
+@POLICY_LOSSES.register("cispo", hyperparameters=("epsilon_high", "importance_sampling_level"))
 def cispo_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -271,6 +284,8 @@ def cispo_policy_loss(
     return per_token_loss, metrics
 
 
+@POLICY_LOSSES.register("sapo", hyperparameters=(
+    "sapo_temperature_pos", "sapo_temperature_neg", "importance_sampling_level"))
 def sapo_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -321,29 +336,26 @@ def sapo_policy_loss(
     return per_token_loss, metrics
 
 
-POLICY_LOSSES = {
-    "grpo": clipped_policy_loss,
-    "bnpo": clipped_policy_loss,
-    "dr_grpo": clipped_policy_loss,
-    "dapo": clipped_policy_loss,
-    "cispo": cispo_policy_loss,
-    "sapo": sapo_policy_loss,
-}
-"""The per-token policy loss of each TRL 1.16 ``GRPOConfig.loss_type``; reduce its output with
-:func:`aggregate_token_loss` under the same ``loss_type``. Keywords differ: ``cliprange`` / ``cliprange_high``
-/ ``delta`` (clipped), ``epsilon_high`` (cispo), ``sapo_temperature_pos`` / ``_neg`` (sapo); all take
-``importance_sampling_level``."""
-
-
 def get_policy_loss(loss_type: str):
     """The per-token policy loss for a TRL ``loss_type`` (see :data:`POLICY_LOSSES`).
 
     Raises:
         ValueError: unknown ``loss_type``; the message lists the choices.
     """
-    if loss_type not in POLICY_LOSSES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose from {', '.join(POLICY_LOSSES)}")
-    return POLICY_LOSSES[loss_type]
+    return POLICY_LOSSES.get(loss_type)
+
+
+def policy_loss_kwargs(loss_type: str, config) -> dict:
+    """The keyword arguments of ``loss_type``'s policy loss, read from ``config`` as the loss declares them
+    (:data:`POLICY_LOSSES`): for a TRL-named ``GRPOConfig``, ``cliprange=epsilon, cliprange_high=epsilon_high``
+    (clipped losses), ``epsilon_high`` (cispo), ``sapo_temperature_pos`` / ``_neg`` (sapo), and
+    ``importance_sampling_level`` for all. Call the loss as
+    ``get_policy_loss(t)(logps, old_logps, advantages, mask, **policy_loss_kwargs(t, config))``.
+
+    Raises:
+        ValueError: unknown ``loss_type``, or ``config`` lacks a field the loss declares.
+    """
+    return POLICY_LOSSES.kwargs(loss_type, config)
 
 
 def clipped_value_loss(

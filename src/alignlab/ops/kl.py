@@ -22,6 +22,11 @@ from collections.abc import Callable
 
 import torch
 
+from alignlab.registry import Registry
+
+KL_ESTIMATORS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("KL estimator")
+"""Estimator name (TRL's ``kl_estimator``) -> function ``(logps, ref_logps) -> (B, T)``."""
+
 
 def _check(logps: torch.Tensor, ref_logps: torch.Tensor) -> None:
     if logps.shape != ref_logps.shape:
@@ -30,6 +35,7 @@ def _check(logps: torch.Tensor, ref_logps: torch.Tensor) -> None:
         )
 
 
+@KL_ESTIMATORS.register("k1")
 def kl_k1(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """``k1 = logps - ref_logps`` per token (nats). Shapes ``(B, T), (B, T) -> (B, T)``.
 
@@ -40,6 +46,7 @@ def kl_k1(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return logps - ref_logps
 
 
+@KL_ESTIMATORS.register("k3")
 def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """``k3 = exp(ref_logps - logps) - (ref_logps - logps) - 1`` per token (nats), always >= 0.
 
@@ -54,6 +61,3 @@ def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     log_ratio = ref_logps - logps
     return torch.expm1(log_ratio) - log_ratio
 
-
-KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"k1": kl_k1, "k3": kl_k3}
-"""Estimator name (TRL's ``kl_estimator``) -> function."""

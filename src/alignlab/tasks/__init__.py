@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from alignlab.errors import UserError
+from alignlab.registry import Registry
 from alignlab.tasks import arithmetic, kid_stories
 
 SPLITS = ("train", "test")
@@ -71,27 +72,25 @@ class Task:
         return rows[:n]
 
 
-TASKS: dict[str, Task] = {
-    task.name: task
-    for task in (
-        Task(
-            name="arithmetic",
-            description=arithmetic.DESCRIPTION,
-            reward_funcs=("alignlab.tasks.arithmetic:arithmetic_reward",),
-            reward_weights=None,
-            max_new_tokens=arithmetic.MAX_NEW_TOKENS,
-            build=arithmetic.build,
-        ),
-        Task(
-            name="kid-stories",
-            description=kid_stories.DESCRIPTION,
-            reward_funcs=("alignlab.tasks.kid_stories:story_reward",),
-            reward_weights=None,
-            max_new_tokens=kid_stories.MAX_NEW_TOKENS,
-            build=kid_stories.build,
-        ),
-    )
-}
+TASKS: Registry[Task] = Registry("task", error=UserError, message="--task: no built-in task {name}; available: {choices}",
+                                sort_choices=True)
+"""``--task`` name -> :class:`Task`."""
+TASKS.add("arithmetic", Task(
+    name="arithmetic",
+    description=arithmetic.DESCRIPTION,
+    reward_funcs=("alignlab.tasks.arithmetic:arithmetic_reward",),
+    reward_weights=None,
+    max_new_tokens=arithmetic.MAX_NEW_TOKENS,
+    build=arithmetic.build,
+))
+TASKS.add("kid-stories", Task(
+    name="kid-stories",
+    description=kid_stories.DESCRIPTION,
+    reward_funcs=("alignlab.tasks.kid_stories:story_reward",),
+    reward_weights=None,
+    max_new_tokens=kid_stories.MAX_NEW_TOKENS,
+    build=kid_stories.build,
+))
 
 
 def get_task(name: str) -> Task:
@@ -100,10 +99,7 @@ def get_task(name: str) -> Task:
     Raises:
         UserError: no built-in task has that name (the message lists the available ones).
     """
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise UserError(f"--task: no built-in task {name!r}; available: {', '.join(sorted(TASKS))}") from None
+    return TASKS.get(name)
 
 
 @dataclass

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from alignlab.rollout.engines.base import Completions, GenerationEngine, SamplingParams
+from alignlab.rollout.engines.base import ENGINES, Completions, GenerationEngine, SamplingParams
 from alignlab.rollout.engines.hf_generate import GenerateEngine, InverseCDFSampling, StaticEngine
 from alignlab.rollout.engines.paged import PagedEngine
 
-__all__ = ["AUTO", "AUTO_UNDER_AUTOCAST", "BACKENDS", "Completions", "GenerateEngine", "GenerationEngine",
+__all__ = ["AUTO", "AUTO_UNDER_AUTOCAST", "BACKENDS", "Completions", "ENGINES", "GenerateEngine", "GenerationEngine",
            "InverseCDFSampling", "PagedEngine", "SamplingParams", "StaticEngine", "build_engine", "engine_for", "resolve_backend"]
 
-ENGINES: dict[str, type[GenerationEngine]] = {"generate": GenerateEngine, "static": StaticEngine, "paged": PagedEngine}
 BACKENDS = ("auto", *ENGINES)
 """Values of ``--generation_backend``."""
 
@@ -70,7 +69,7 @@ def build_engine(backend: str, model: torch.nn.Module, **kwargs) -> GenerationEn
     Raises:
         ValueError: an unknown ``backend``.
     """
-    return ENGINES[_resolve_for(backend, model)](model, **kwargs)
+    return ENGINES.get(_resolve_for(backend, model))(model, **kwargs)
 
 
 def engine_for(model: torch.nn.Module, backend: str = "auto") -> GenerationEngine:
@@ -85,7 +84,7 @@ def engine_for(model: torch.nn.Module, backend: str = "auto") -> GenerationEngin
     name = _resolve_for(backend, model)
     per_model = model.__dict__.setdefault("_alignlab_generation_engines", {})  # dies with the model
     if name not in per_model:
-        per_model[name] = ENGINES[name](model)
+        per_model[name] = ENGINES.get(name)(model)
     engine = per_model[name]
     engine.update_weights(model)
     return engine

@@ -9,6 +9,8 @@ from typing import ClassVar
 
 import torch
 
+from alignlab.registry import Registry
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -113,6 +115,11 @@ def concat(parts: list[Completions]) -> Completions:
     return Completions(ids=[i for p in parts for i in p.ids], has_eos=[e for p in parts for e in p.has_eos],
                        prompt_index=[i for p in parts for i in p.prompt_index],
                        logps=[row for p in parts for row in p.logps] if with_logps else None)
+
+
+ENGINES: Registry[type["GenerationEngine"]] = Registry("generation_backend")
+"""``--generation_backend`` name -> engine class, in registration order (``generate``, ``static``, ``paged``);
+each class registers itself with ``@ENGINES.register(name)`` and carries the same ``name``."""
 
 
 class GenerationEngine(ABC):

@@ -12,6 +12,7 @@ import torch
 from alignlab.ops import cpu_kernels
 from alignlab.ops.logprobs import base_model
 from alignlab.rollout.engines.base import (
+    ENGINES,
     Completions,
     GenerationEngine,
     SamplingParams,
@@ -55,6 +56,7 @@ class InverseCDFSampling:
         return torch.full_like(scores, -math.inf).scatter_(1, tokens, 0.0)
 
 
+@ENGINES.register("generate")
 class GenerateEngine(GenerationEngine):
     """``--generation_backend generate``: transformers' ``generate`` with its default ``DynamicCache``.
 
@@ -174,6 +176,7 @@ def _cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base_model(model).forward).parameters else "past_key_values"
 
 
+@ENGINES.register("static")
 class StaticEngine(GenerateEngine):
     """``--generation_backend static``: :class:`GenerateEngine` with transformers' ``StaticCache`` and its
     compiled decode step (``cache_implementation="static"`` and a ``CompileConfig``: ``generate`` runs the

@@ -7,6 +7,7 @@ import torch
 from alignlab.errors import UserError
 from alignlab.ops import cpu_kernels
 from alignlab.rollout.engines.base import (
+    ENGINES,
     Completions,
     GenerationEngine,
     SamplingParams,
@@ -25,6 +26,7 @@ MAX_BATCH_TOKENS = 4096
 """Most tokens in one forward (prefill chunks of several prompts, plus one per decoding request)."""
 
 
+@ENGINES.register("paged")
 class PagedEngine(GenerationEngine):
     """Continuous batching from transformers (``model.init_continuous_batching``, the
     ``ContinuousBatchingManager`` behind ``generate_batch``): one request per completion; the manager's
