@@ -193,16 +193,17 @@ from transformers import AutoModelForCausalLM
 
 from alignlab.train.config import TrainConfig
 from alignlab.train.distributed import is_sharded
-from alignlab.train.loop import build_accelerator
-from alignlab.train.setup import frozen_model
+from alignlab.train.runtime import build_runtime
 
 path, out = sys.argv[1], sys.argv[2]
-acc = build_accelerator(TrainConfig(model_name_or_path=path, dataset_name="builtin:concise", output_dir=out,
+runtime = build_runtime(TrainConfig(model_name_or_path=path, dataset_name="builtin:concise", output_dir=out,
                                     fsdp="full_shard", bf16=False))
+acc = runtime.accelerator
 whole = AutoModelForCausalLM.from_pretrained(path).eval()
-ref = frozen_model(AutoModelForCausalLM.from_pretrained(path), acc)  # FSDP2 over the 2 processes, as a reference
+ref = runtime.frozen_model(AutoModelForCausalLM.from_pretrained(path))  # FSDP2 over the 2 processes, as a reference
 """
-"""A two-process script's start: ``acc`` (FSDP2), the tiny model whole (``whole``) and sharded (``ref``)."""
+"""A two-process script's start: ``runtime`` and its ``acc`` (FSDP2), the tiny model whole (``whole``) and sharded
+(``ref``)."""
 
 
 def _run_sharded(script: str, tiny_model_dir: str, tmp_path: Path, port: int, timeout: int = 600) -> list[list[str]]:
@@ -252,7 +253,7 @@ def test_frozen_models_are_sharded_under_fsdp(tiny_model_dir, tmp_path):
 
 _SAMPLING_SCRIPT = """
 from alignlab.rollout.engines import GenerateEngine, SamplingParams
-from alignlab.train.distributed import forwards_gather, gathered_parameters
+from alignlab.train.distributed import forwards_gather
 
 prompts = [[1, 2, 3, 4, 5, 6]] if acc.process_index == 0 else [[20, 21, 22, 23], [30, 31]]
 pad, no_eos = whole.config.pad_token_id, whole.config.vocab_size + 7
@@ -267,7 +268,7 @@ assert forwards_gather(ref)
 got = GenerateEngine(ref).generate(prompts, params)
 assert got.ids == expected.ids, (got.ids, expected.ids)
 assert all(len(g) == len(i) for g, i in zip(got.logps, got.ids))
-with gathered_parameters(ref):  # as the online methods sample: no gathering per forward, rows leave as usual
+with runtime.sampling(ref):  # as the online methods sample: no gathering per forward, rows leave as usual
     assert not forwards_gather(ref)
     assert GenerateEngine(ref).generate(prompts, params).ids == expected.ids
 assert forwards_gather(ref)

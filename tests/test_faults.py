@@ -337,7 +337,8 @@ def test_reward_func_errors_drop_leaves_the_prompts_group_out(tiny_model_dir, pr
 
 def test_without_bad_rewards_drops_whole_groups():
     from alignlab.rollout.experience import ScoredCompletions
-    from alignlab.rollout.generation import Completions, build_sequences
+    from alignlab.data.sequences import build_sequences
+    from alignlab.rollout.generation import Completions
 
     ids = [[5, 6], [7], [8, 9, 10], [11]]
     seq = build_sequences([[1, 2]] * 4, ids, 0)

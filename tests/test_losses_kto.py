@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from alignlab.errors import DataError
-from alignlab.losses.kto import kto_kl_reference, kto_loss, mismatched_completions, split_pairs_for_kto
+from alignlab.data.unpaired import mismatched_completions, split_pairs_for_kto
+from alignlab.losses.kto import kto_kl_reference, kto_loss
 
 # sigmoid(1) = 0.7310585786, so 1 - sigmoid(1) = 0.2689414214; 1 - sigmoid(0) = 0.5
 ONE_MINUS_SIGMOID_1 = 0.2689414213699951

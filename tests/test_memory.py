@@ -80,21 +80,25 @@ def test_release_after_reuse_keeps_mid_size_blocks_on_the_heap():
     assert int(out.stdout.split()[-1]) < (4 * 2**20 // 4096) // 10
 
 
-def test_optimizer_step_drops_gradients():
-    # the next backward's gradients become .grad as they are (no zero fill, no add), whatever the memory policy
+def test_optimizer_step_drops_gradients_after_the_backward_hook():
+    # the next backward's gradients become .grad as they are (no zero fill, no add), whatever the memory policy;
+    # the runtime's after-backward hook runs first (the speed layer's trim before the optimizer's work)
     from types import SimpleNamespace
 
-    from alignlab.train.steps import optimizer_step
+    from alignlab.train.steps import guarded_optimizer_step
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.ones(1, 3)).sum().backward()
     # d/dW sum(W x + b) with x = [1, 1, 1]: every weight gradient 1, bias gradients 1: norm sqrt(8)
-    accelerator = SimpleNamespace(clip_grad_norm_=torch.nn.utils.clip_grad_norm_, device=torch.device("cpu"))
+    hooks = []
+    runtime = SimpleNamespace(accelerator=SimpleNamespace(clip_grad_norm_=torch.nn.utils.clip_grad_norm_),
+                              after_backward=lambda: hooks.append([p.grad is not None for p in model.parameters()]))
     before = model.weight.detach().clone()
-    grad_norm = optimizer_step(accelerator, model, optimizer, max_grad_norm=1.0)
-    assert float(grad_norm) == pytest.approx(8 ** 0.5) and not torch.equal(model.weight, before)
+    grad_norm, stepped = guarded_optimizer_step(runtime, model, optimizer, max_grad_norm=1.0)
+    assert stepped and float(grad_norm) == pytest.approx(8 ** 0.5) and not torch.equal(model.weight, before)
     assert all(p.grad is None for p in model.parameters())
+    assert hooks == [[True, True]]  # once, while the gradients were there
 
 
 def test_cpu_kernels_switch(monkeypatch):

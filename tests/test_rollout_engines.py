@@ -16,7 +16,8 @@ from alignlab.rollout.engines import (
     engine_for,
     resolve_backend,
 )
-from alignlab.rollout.generation import build_sequences, completion_token_logps
+from alignlab.data.sequences import build_sequences
+from alignlab.rollout.generation import completion_token_logps
 
 EOS, PAD = 2, 0
 NO_EOS = 10_000  # outside the vocabulary: never generated

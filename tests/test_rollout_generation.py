@@ -7,16 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from alignlab.data.sequences import build_sequences, slice_rows
 from alignlab.models import load_causal_lm, load_reward_model
+from alignlab.rollout.generation import InverseCDFSampling, completion_token_logps, sample_completions, token_values
 from alignlab.rollout.scoring import sequence_scores, token_scores
-from alignlab.rollout.generation import (
-    InverseCDFSampling,
-    build_sequences,
-    completion_token_logps,
-    sample_completions,
-    slice_rows,
-    token_values,
-)
 
 
 def test_build_sequences_layout_by_hand():

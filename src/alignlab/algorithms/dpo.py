@@ -19,15 +19,17 @@ from alignlab.algorithms.base import Algorithm
 from alignlab.data.preference import build_pair_examples, collate_pairs
 from alignlab.errors import UserError
 from alignlab.losses.dpo import (
-    PREFERENCE_LOSSES, PairLogps, combined_reward_kind, get_preference_loss, preference_loss, preference_metrics,
+    PREFERENCE_LOSSES, PairLogps, combined_reward_kind, get_preference_loss, preference_loss, preference_loss_kwargs,
+    preference_metrics,
 )
 from alignlab.methods import CompareBudget, CompareEntry, Method, register_method
 from alignlab.models import is_peft_model, load_causal_lm
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
-from alignlab.train.loop import TrainResult, autocast
+from alignlab.train.runtime import Runtime
+from alignlab.train.setup import load_train_eval
 from alignlab.train.steps import LossTerms
-from alignlab.train.setup import frozen_model, load_train_eval, prepare_model
+from alignlab.train.types import TrainResult
 
 
 DPO_PLOTS = {
@@ -102,16 +104,12 @@ class ObjectiveZip(torch.utils.data.Dataset):
 
 
 @dataclass
-class DPOConfig(TrainConfig):
-    """Settings of ``alignlab dpo``; names and defaults follow TRL's ``DPOConfig`` (TRL 1.16)."""
+class PreferenceLossConfig:
+    """The preference-loss fields of every config that trains with :mod:`alignlab.losses.dpo`'s losses (``dpo``,
+    ``online-dpo``, ``iterative-dpo``): which losses, their weights, and the hyperparameters they declare (one field
+    per declared name, TRL's name and default). Put it first among the bases
+    (``class XConfig(PreferenceLossConfig, TrainConfig)``), so that its fields follow the shared ones."""
 
-    dataset_name: list[str] | None = None
-    """Preference pairs (the forms of every command). Several weighted objectives: ``a.jsonl:0.5
-    b.jsonl:0.5`` (or, in a YAML config, a list of such strings or of ``{path, weight, name}``): the loss is
-    the weighted sum of each set's DPO loss, every batch holding ``per_device_train_batch_size`` pairs of each
-    set, and each set's metrics are logged under its name (the file stem)."""
-    learning_rate: float = 1e-6
-    """Peak AdamW learning rate (TRL's DPO default)."""
     beta: float = 0.1
     """DPO's beta: strength of the implicit KL penalty to the reference model (the paper's beta; IPO's tau)."""
     loss_type: list[str] = dataclasses.field(default_factory=lambda: ["sigmoid"])
@@ -131,6 +129,59 @@ class DPOConfig(TrainConfig):
     cpo_alpha: float = 1.0
     """Weight of CPO's (and SimPO's, when > 0 with loss_type cpo) NLL term on the chosen completion (TRL
     ``CPOConfig.cpo_alpha``)."""
+
+    def _check_loss_types(self) -> None:
+        """``loss_type`` as a list of registered names, and ``loss_weights`` of its length.
+
+        Raises:
+            UserError: an unknown loss, none, or weights of another length.
+        """
+        self.loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        unknown = [t for t in self.loss_type if t not in PREFERENCE_LOSSES]
+        if unknown or not self.loss_type:
+            raise UserError(f"--loss_type: unknown loss {unknown[0] if unknown else None!r}; choose from "
+                            f"{', '.join(PREFERENCE_LOSSES)}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise UserError(f"--loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types")
+
+    def _check_loss_hyperparameters(self) -> None:
+        """The hyperparameters' ranges, and ``label_smoothing`` only where a selected loss takes it.
+
+        Raises:
+            UserError: a value out of range.
+        """
+        if not self.beta > 0:
+            raise UserError(f"--beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        takes_smoothing = [t for t in self.loss_type if "label_smoothing" in PREFERENCE_LOSSES.fields(t)]
+        if self.label_smoothing and not takes_smoothing:
+            raise UserError(f"--label_smoothing does not apply to --loss_type {' '.join(self.loss_type)}")
+        if "exo_pair" in self.loss_type and not self.label_smoothing > 0:
+            raise UserError("--loss_type exo_pair needs --label_smoothing > 0 (its epsilon)")
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether any of the losses compares with a reference model."""
+        return any(get_preference_loss(t).needs_reference for t in self.loss_type)
+
+    def loss_hyperparameters(self) -> dict[str, float]:
+        """The hyperparameters the selected losses declare, read from this config's fields
+        (:func:`~alignlab.losses.dpo.preference_loss_kwargs`; each loss takes the ones it declares)."""
+        return preference_loss_kwargs(self.loss_type, self)
+
+
+@dataclass
+class DPOConfig(PreferenceLossConfig, TrainConfig):
+    """Settings of ``alignlab dpo``; names and defaults follow TRL's ``DPOConfig`` (TRL 1.16)."""
+
+    dataset_name: list[str] | None = None
+    """Preference pairs (the forms of every command). Several weighted objectives: ``a.jsonl:0.5
+    b.jsonl:0.5`` (or, in a YAML config, a list of such strings or of ``{path, weight, name}``): the loss is
+    the weighted sum of each set's DPO loss, every batch holding ``per_device_train_batch_size`` pairs of each
+    set, and each set's metrics are logged under its name (the file stem)."""
+    learning_rate: float = 1e-6
+    """Peak AdamW learning rate (TRL's DPO default)."""
     max_length: int | None = 1024
     """Cap on prompt+completion tokens per sequence; longer pairs are handled by ``truncation_mode``."""
     truncation_mode: Literal["keep_start", "keep_end", "drop"] = "keep_start"
@@ -156,19 +207,12 @@ class DPOConfig(TrainConfig):
     """Column holding the dispreferred completion (or full transcript)."""
 
     def __post_init__(self) -> None:
-        self.loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        unknown = [t for t in self.loss_type if t not in PREFERENCE_LOSSES]
-        if unknown or not self.loss_type:
-            raise UserError(f"--loss_type: unknown loss {unknown[0] if unknown else None!r}; choose from "
-                            f"{', '.join(PREFERENCE_LOSSES)}")
-        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            raise UserError(f"--loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types")
+        self._check_loss_types()
         self.objectives = parse_objectives(self.dataset_name)
         if len(self.objectives) == 1 and self.objectives[0].weight is None:
             self.dataset_name = self.objectives[0].path  # one plain data set: as every other command
         super().__post_init__()
-        if not self.beta > 0:
-            raise UserError(f"--beta must be > 0, got {self.beta}")
+        self._check_loss_hyperparameters()
         if self.contrastive_weight < 0:
             raise UserError(f"--contrastive_weight must be >= 0, got {self.contrastive_weight}")
         if self.contrastive_weight and not self.needs_reference:
@@ -177,25 +221,8 @@ class DPOConfig(TrainConfig):
             raise UserError("--contrastive_weight needs the reference model during training: drop --precompute_ref_log_probs")
         if len(self.objectives) > 1 and self.eval_dataset_name:
             raise UserError("with several weighted data sets use --eval_split_size (held out per set), not --eval_dataset_name")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise UserError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        takes_smoothing = [t for t in self.loss_type if "label_smoothing" in PREFERENCE_LOSSES[t].hyperparameters]
-        if self.label_smoothing and not takes_smoothing:
-            raise UserError(f"--label_smoothing does not apply to --loss_type {' '.join(self.loss_type)}")
-        if "exo_pair" in self.loss_type and not self.label_smoothing > 0:
-            raise UserError("--loss_type exo_pair needs --label_smoothing > 0 (its epsilon)")
         if self.max_length is not None and self.max_length < 2:
             raise UserError(f"--max_length must be >= 2, got {self.max_length}")
-
-    @property
-    def needs_reference(self) -> bool:
-        """Whether any of the losses compares with a reference model."""
-        return any(get_preference_loss(t).needs_reference for t in self.loss_type)
-
-    def loss_hyperparameters(self) -> dict[str, float]:
-        """Every preference-loss hyperparameter by name (each loss takes the ones it declares)."""
-        return {"beta": self.beta, "label_smoothing": self.label_smoothing, "discopop_tau": self.discopop_tau,
-                "simpo_gamma": self.simpo_gamma, "cpo_alpha": self.cpo_alpha}
 
 
 class DPOTrainer(Algorithm):
@@ -214,6 +241,7 @@ class DPOTrainer(Algorithm):
 
     def __init__(self, config: DPOConfig):
         super().__init__(config)
+        self.runtime = runtime = Runtime(config, self.accelerator)  # the accelerator from Algorithm.__init__
         build_kwargs = dict(
             is_main_process=self.accelerator.is_main_process,
             max_length=config.max_length,
@@ -244,10 +272,10 @@ class DPOTrainer(Algorithm):
         if config.ref_model_name_or_path:
             ref = load_causal_lm(config.ref_model_name_or_path,
                                  trust_remote_code=config.trust_remote_code, use_kernels=config.use_kernels)
-            self.ref_model = frozen_model(ref, self.accelerator)
+            self.ref_model = runtime.frozen_model(ref)
         elif config.needs_reference and not config.use_peft:  # with LoRA: the network, adapters disabled
-            self.ref_model = frozen_model(copy.deepcopy(policy), self.accelerator)
-        self.policy = prepare_model(policy, config, self.accelerator.device)
+            self.ref_model = runtime.frozen_model(copy.deepcopy(policy))
+        self.policy = runtime.prepare_model(policy)
 
         if config.precompute_ref_log_probs and config.needs_reference:
             sets = getattr(self.train_examples, "sets", [self.train_examples])
@@ -272,7 +300,7 @@ class DPOTrainer(Algorithm):
         with torch.no_grad():
             if self.ref_model is not None:
                 return self._logps(self.ref_model, batch)
-            unwrapped = self.accelerator.unwrap_model(model)
+            unwrapped = self.runtime.unwrap(model)
             if not is_peft_model(unwrapped):
                 raise RuntimeError("no reference model and no adapters to disable")
             with unwrapped.disable_adapter():
@@ -280,13 +308,13 @@ class DPOTrainer(Algorithm):
 
     def _precompute_ref_logps(self, examples: list[dict]) -> None:
         size = self.config.per_device_eval_batch_size
-        device = self.accelerator.device
+        device = self.runtime.device
         model = self.ref_model if self.ref_model is not None else self.policy
         model.eval()
         for start in range(0, len(examples), size):
             chunk = examples[start : start + size]
             batch = {k: v.to(device) for k, v in collate_pairs(chunk, self.tokenizer.pad_token_id).items()}
-            with autocast(self.config, device):
+            with self.runtime.precision():
                 logps = self._reference_logps(model, batch)
             chosen, rejected = logps.float().cpu().chunk(2)
             for example, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):

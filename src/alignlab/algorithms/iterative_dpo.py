@@ -41,7 +41,7 @@ from alignlab.rollout.experience import ScoredCompletions, sample_and_score_batc
 from alignlab.rollout.pairs import write_pairs
 from alignlab.rollout.rewards import build_reward_sources
 from alignlab.rollout.scoring import attach_reward_model
-from alignlab.train.loop import autocast, build_accelerator
+from alignlab.train.runtime import build_runtime
 from alignlab.train.setup import split_rows
 
 logger = logging.getLogger(__name__)
@@ -113,10 +113,10 @@ class IterativeDPO:
     def __init__(self, config: IterativeDPOConfig):
         self.config = config
         self.output_dir = Path(config.output_dir)
-        self.accelerator = build_accelerator(config)
-        if self.accelerator.num_processes > 1:
+        self.runtime = build_runtime(config)
+        if self.runtime.num_processes > 1:
             raise UserError("iterative-dpo runs in one process (its DPO rounds can be run with torchrun by hand)")
-        self.device = self.accelerator.device
+        self.device = self.runtime.device
         self.tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
         rows = read_rows(config.dataset_name, config_name=config.dataset_config, split=config.dataset_train_split)
         if config.eval_dataset_name:
@@ -129,13 +129,13 @@ class IterativeDPO:
         self.eval_prompts, _ = build_prompt_examples(eval_rows, self.tokenizer, **kw) if eval_rows else ([], None)
         self.sources = build_reward_sources(config.reward_funcs, config.reward_weights,
                                             with_reward_model=bool(config.reward_model_path))
-        self.reward_tokenizer = attach_reward_model(self.sources, config, self.tokenizer, self.device)
+        self.reward_tokenizer = attach_reward_model(self.sources, config, self.tokenizer, self.runtime)
 
     def _sample(self, policy, examples: list[dict], k: int):
         cfg = self.config
         return sample_and_score_batches(
             policy, self.tokenizer, examples, self.sources, batch_size=cfg.generation_batch_size,
-            precision_fn=lambda: autocast(cfg, self.device), device=self.device, max_new_tokens=cfg.max_new_tokens,
+            precision_fn=self.runtime.precision, device=self.device, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, top_p=cfg.top_p, num_generations=k,
             missing_eos_penalty=cfg.missing_eos_penalty, reward_tokenizer=self.reward_tokenizer,
             generation_backend=cfg.generation_backend,

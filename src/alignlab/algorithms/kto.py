@@ -26,9 +26,10 @@ from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.models import load_causal_lm
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
-from alignlab.train.loop import TrainResult
-from alignlab.train.setup import frozen_model, load_train_eval, prepare_model
+from alignlab.train.runtime import Runtime
+from alignlab.train.setup import load_train_eval
 from alignlab.train.steps import LossTerms
+from alignlab.train.types import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class KTOTrainer(Algorithm):
 
     def __init__(self, config: KTOConfig):
         super().__init__(config)
+        self.runtime = Runtime(config, self.accelerator)  # the accelerator from Algorithm.__init__
         self.train_examples, self.eval_examples = load_train_eval(
             config, build_unpaired_examples, self.tokenizer, is_main_process=self.accelerator.is_main_process,
             max_length=config.max_length, **config.columns)
@@ -152,11 +154,11 @@ class KTOTrainer(Algorithm):
                                 use_kernels=config.use_kernels)
         self.ref_model = None
         if not config.use_peft:
-            self.ref_model = frozen_model(copy.deepcopy(policy), self.accelerator)
-        self.policy = prepare_model(policy, config, self.accelerator.device)
+            self.ref_model = self.runtime.frozen_model(copy.deepcopy(policy))
+        self.policy = self.runtime.prepare_model(policy)
 
     def _gather(self, value: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.gather(value.to(self.accelerator.device)).cpu()
+        return self.runtime.gather(value)
 
     def _sequence_logps(self, model, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
         """``(B,)`` summed completion log-probs of the ``prefix`` rows (``""`` matched, ``"KL_"`` mismatched)."""
@@ -170,7 +172,7 @@ class KTOTrainer(Algorithm):
         if self.ref_model is not None:
             yield self.ref_model
             return
-        policy = self.accelerator.unwrap_model(model)
+        policy = self.runtime.unwrap(model)
         with policy.disable_adapter():
             yield policy
 

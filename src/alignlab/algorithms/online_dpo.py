@@ -3,8 +3,10 @@ glue between rollout, rewards, :mod:`alignlab.losses.dpo` and the shared loop.
 
 Flow of one step (TRL 1.16's experimental ``OnlineDPOTrainer``): prompts -> two completions each from the
 current policy -> rewards (reward model and/or functions; ``missing_eos_penalty``) -> the better one is
-chosen (ties: the first) -> reference log-probs -> one optimizer step on the DPO loss of those pairs. The
-preference pairs are fresh every step, so the data stays on-policy.
+chosen (ties: the first) -> reference log-probs (when a loss needs them) -> one optimizer step on the
+preference loss of those pairs (any of :mod:`alignlab.losses.dpo`'s, as ``alignlab dpo``: ``--loss_type``,
+``--loss_weights`` and the hyperparameters the losses declare). The preference pairs are fresh every step, so
+the data stays on-policy.
 """
 
 from __future__ import annotations
@@ -12,18 +14,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from alignlab.algorithms.base import OnlineAlgorithm
+from alignlab.algorithms.dpo import PreferenceLossConfig
 from alignlab.algorithms.online import OnlineConfig, OnlineSetup
+from alignlab.data.sequences import slice_rows
 from alignlab.errors import UserError
-from alignlab.losses.dpo import PairLogps, preference_loss, preference_metrics
+from alignlab.losses.dpo import PairLogps, combined_reward_kind, preference_loss, preference_metrics
 from alignlab.methods import CompareEntry, Method, register_method
-from alignlab.rollout.generation import slice_rows
-from alignlab.train.loop import Rollout, TrainResult, autocast
+from alignlab.train.runtime import Runtime
 from alignlab.train.steps import LossTerms
+from alignlab.train.types import Rollout, TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +40,13 @@ ONLINE_DPO_PLOTS = {
 
 
 @dataclass
-class OnlineDPOConfig(OnlineConfig):
+class OnlineDPOConfig(PreferenceLossConfig, OnlineConfig):
     """Settings of ``alignlab online-dpo``; names and defaults follow TRL 1.16's ``OnlineDPOConfig``. One step
     samples two completions for each of ``per_device_train_batch_size * gradient_accumulation_steps`` prompts
-    per process and makes one optimizer step."""
+    per process and makes one optimizer step. ``loss_type`` takes any preference loss ``alignlab dpo`` takes
+    (TRL's Online DPO: sigmoid and ipo; here ipo averages log-ratios per token, as ``alignlab dpo``, where TRL's
+    online IPO uses sums), with the same hyperparameter flags; no reference model is loaded when every loss is
+    reference-free (simpo, cpo, orpo, sft), and ``objective/kl`` is then not logged."""
 
     learning_rate: float = 5e-7
     """Peak AdamW learning rate (TRL's Online DPO default)."""
@@ -48,17 +54,13 @@ class OnlineDPOConfig(OnlineConfig):
     """Most tokens sampled per completion."""
     temperature: float = 0.9
     """Sampling temperature (TRL's default). The DPO log-probs are the policy's own (temperature 1), as TRL."""
-    beta: float = 0.1
-    """DPO's beta: strength of the implicit KL penalty to the reference."""
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    """sigmoid: DPO; ipo: IPO on length-averaged log-ratios (as ``alignlab dpo``; TRL's online IPO uses sums)."""
 
     def __post_init__(self) -> None:
+        self._check_loss_types()
         super().__post_init__()
         if self.max_new_tokens < 1:
             raise UserError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.beta > 0:
-            raise UserError(f"--beta must be > 0, got {self.beta}")
+        self._check_loss_hyperparameters()
 
     @property
     def prompts_per_step(self) -> int:
@@ -88,8 +90,10 @@ class OnlineDPOTrainer(OnlineAlgorithm):
         self.setup = setup = OnlineSetup(
             config, prompts_per_step=config.prompts_per_step,
             batch_hint="per_device_train_batch_size x gradient_accumulation_steps",
+            need_reference=config.needs_reference,
         )
         self.accelerator, self.tokenizer, self.prompts = setup.accelerator, setup.tokenizer, setup.prompts
+        self.runtime = Runtime(config, self.accelerator)  # the accelerator from OnlineSetup
         self.policy = setup.policy
 
     def _logps(self, model, sequences: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -99,16 +103,17 @@ class OnlineDPOTrainer(OnlineAlgorithm):
     def rollout(self, model, examples: list[dict], step: int) -> Rollout:
         """Two completions per prompt, ranked by reward; returns one update over the step's pairs."""
         cfg, setup = self.config, self.setup
-        device = self.accelerator.device
-        policy = self.accelerator.unwrap_model(model)
+        device = self.runtime.device
+        policy = self.runtime.unwrap(model)
         scored = setup.sample(policy, examples, max_new_tokens=cfg.max_new_tokens, num_generations=2)
         chosen, rejected = pick_chosen(scored.scores)
+        data = dict(scored.sequences)
         start = time.perf_counter()
-        with autocast(cfg, device):  # the policy's own log-probs (and objective/kl) come from the training pass
-            ref = setup.reference_logps(policy, scored.sequences, temperature=1.0).sum(1)
+        if setup.has_reference:
+            with self.runtime.precision():  # the policy's own log-probs (and objective/kl) come from the training pass
+                data["ref_logps"] = setup.reference_logps(policy, scored.sequences, temperature=1.0).sum(1)
         forward_seconds = time.perf_counter() - start
 
-        data = dict(scored.sequences, ref_logps=ref)
         micro = cfg.per_device_train_batch_size
         update = []
         for i in range(0, chosen.numel(), micro):
@@ -131,20 +136,21 @@ class OnlineDPOTrainer(OnlineAlgorithm):
         return Rollout(updates=[update], metrics=metrics, samples=samples)
 
     def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
-        """DPO loss on a micro-batch of pairs (rows ``[chosen; rejected]``), TRL's ``rewards/*`` metrics."""
+        """The preference loss on a micro-batch of pairs (rows ``[chosen; rejected]``), TRL's ``rewards/*``
+        metrics, and ``objective/kl`` when there is a reference."""
         cfg = self.config
         logps = self._logps(model, batch)
         chosen_logps, rejected_logps = logps.chunk(2)
-        ref_chosen, ref_rejected = batch["ref_logps"].chunk(2)
+        ref_chosen, ref_rejected = batch["ref_logps"].chunk(2) if "ref_logps" in batch else (None, None)
         lengths = batch["response_mask"].sum(1).float()
         chosen_lengths, rejected_lengths = lengths.chunk(2)
         pair = PairLogps(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, ref_chosen, ref_rejected)
-        losses = preference_loss([cfg.loss_type], pair, beta=cfg.beta)
-        metrics = preference_metrics(pair, beta=cfg.beta, reward_kind="logratio")
-        chosen_logratios, rejected_logratios = pair.chosen_logratios, pair.rejected_logratios
-        # summed log-ratio to the reference of every completion, before this step's update (TRL computes its
-        # objective/kl from the training forward the same way)
-        metrics["objective/kl"] = torch.cat([chosen_logratios, rejected_logratios]).detach()
+        losses = preference_loss(cfg.loss_type, pair, loss_weights=cfg.loss_weights, **cfg.loss_hyperparameters())
+        metrics = preference_metrics(pair, beta=cfg.beta, reward_kind=combined_reward_kind(cfg.loss_type))
+        if pair.has_reference:
+            # summed log-ratio to the reference of every completion, before this step's update (TRL computes its
+            # objective/kl from the training forward the same way)
+            metrics["objective/kl"] = torch.cat([pair.chosen_logratios, pair.rejected_logratios]).detach()
         return [(losses.mean(), metrics)]
 
     plot_panels = ONLINE_DPO_PLOTS

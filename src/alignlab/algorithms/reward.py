@@ -27,9 +27,10 @@ from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.models import load_reward_model, load_tokenizer
 from alignlab.rollout.scoring import sequence_scores
 from alignlab.train.config import TrainConfig, resolve_bf16
-from alignlab.train.loop import TrainResult, autocast
+from alignlab.train.runtime import Runtime
+from alignlab.train.setup import load_train_eval
 from alignlab.train.steps import LossTerms
-from alignlab.train.setup import load_train_eval, prepare_model
+from alignlab.train.types import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ class RewardTrainer(Algorithm):
 
     def __init__(self, config: RewardConfig):
         super().__init__(config)
+        self.runtime = Runtime(config, self.accelerator)  # the accelerator from Algorithm.__init__
         self.train_examples, self.eval_examples = load_train_eval(
             config,
             build_reward_examples,
@@ -182,9 +184,7 @@ class RewardTrainer(Algorithm):
             trust_remote_code=config.trust_remote_code,
             use_kernels=config.use_kernels,
         )
-        self.model = prepare_model(
-            model, config, self.accelerator.device, task_type="SEQ_CLS", modules_to_save=["score"]
-        )
+        self.model = self.runtime.prepare_model(model, task_type="SEQ_CLS", modules_to_save=["score"])
 
     def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
         """Mean Bradley-Terry loss of a collated batch and the per-pair metrics of :func:`bradley_terry_loss`
@@ -285,16 +285,16 @@ def score_dataset(config: ScoreConfig) -> ScoreResult:
     if not examples:
         raise UserError(f"--dataset_name: no pair of {config.dataset_name} is left to score")
     model = load_reward_model(path, pad_token_id=tokenizer.pad_token_id, trust_remote_code=config.trust_remote_code)
-    model.eval()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    runtime = Runtime(config)  # one process on the device PyTorch finds, the config's precision
+    model = runtime.frozen_model(model)
+    device = runtime.device
     chosen_all, rejected_all = [], []
     size = config.per_device_eval_batch_size
     with torch.no_grad():
         for start in range(0, len(examples), size):
             batch = collate_pairs(examples[start : start + size], tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(config, device):
+            with runtime.precision():
                 chosen, rejected = score_pairs(model, batch)
             chosen_all.append(chosen.cpu())
             rejected_all.append(rejected.cpu())

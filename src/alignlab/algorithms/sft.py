@@ -18,11 +18,12 @@ from alignlab.data.sft import build_sft_examples, collate_sft, pack_sft_examples
 from alignlab.errors import UserError
 from alignlab.methods import Method, register_method
 from alignlab.models import load_causal_lm
-from alignlab.ops.logprobs import selective_log_softmax, supports_packing
+from alignlab.ops.logprobs import supports_packing, target_token_logps
 from alignlab.train.config import TrainConfig
-from alignlab.train.loop import TrainResult
+from alignlab.train.runtime import Runtime
+from alignlab.train.setup import load_train_eval
 from alignlab.train.steps import LossTerms
-from alignlab.train.setup import load_train_eval, prepare_model
+from alignlab.train.types import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -74,63 +75,6 @@ class SFTConfig(TrainConfig):
         return self.completion_only_loss if self.assistant_only_loss is None else self.assistant_only_loss
 
 
-def target_token_logps(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    loss_mask: torch.Tensor,
-    *,
-    position_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities and greedy hits of the target tokens of a batch, in one forward pass.
-
-    Token ``t`` (``t >= 1``) is a target where ``loss_mask[:, t]`` and ``attention_mask[:, t]`` are 1; it is
-    predicted from the logits at position ``t - 1``. Only those positions go through the output projection (a
-    forward pre-hook on the output embeddings selects them, as :func:`alignlab.ops.logprobs.completion_logps`),
-    so prompts and padding cost no vocabulary-sized work.
-
-    Args:
-        model: a causal LM (possibly wrapped by peft or DDP) whose forward returns ``.logits``.
-        input_ids, attention_mask, loss_mask: ``(B, T)`` long tensors, right-padded.
-        position_ids: ``(B, T)`` for packed rows (positions restart at each example); the forward then gets no
-            2-D attention mask and transformers separates the examples from the positions.
-
-    Returns:
-        ``(token_logps, correct)``: ``(N,)`` float32 log-probabilities (nats) of the ``N`` target tokens of the
-        batch, in row-major order, and ``(N,)`` bools, True where the argmax of the logits is the target (TRL's
-        ``mean_token_accuracy`` numerator).
-    """
-    width = input_ids.shape[1]
-    targets = loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # (B, T-1): token t+1 is a target
-    seq_idx, tok_idx = targets.nonzero(as_tuple=True)
-    labels = input_ids[:, 1:][seq_idx, tok_idx]  # (N,)
-    selected = seq_idx * width + tok_idx  # flat index of the predicting position
-    if position_ids is not None:
-        inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": None}
-    else:
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-
-    inner = getattr(model, "module", model)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if head is not None:
-
-        def keep_selected(module, args):
-            hidden = args[0]
-            return (hidden.reshape(-1, hidden.shape[-1])[selected].unsqueeze(0),) + tuple(args[1:])
-
-        handle = head.register_forward_pre_hook(keep_selected)
-        try:
-            logits = model(**inputs, use_cache=False).logits  # (1, N, V)
-        finally:
-            handle.remove()
-    else:
-        full = model(**inputs, use_cache=False).logits
-        logits = full.reshape(-1, full.shape[-1])[selected].unsqueeze(0)
-    token_logps = selective_log_softmax(logits, labels.unsqueeze(0)).squeeze(0)  # (N,)
-    correct = logits.detach().squeeze(0).argmax(dim=-1) == labels
-    return token_logps, correct
-
-
 class SFTTrainer(Algorithm):
     """Supervised fine-tuning of a causal LM.
 
@@ -147,6 +91,7 @@ class SFTTrainer(Algorithm):
 
     def __init__(self, config: SFTConfig):
         super().__init__(config)
+        self.runtime = Runtime(config, self.accelerator)  # the accelerator from Algorithm.__init__
         self.train_examples, self.eval_examples = load_train_eval(
             config,
             build_sft_examples,
@@ -172,7 +117,7 @@ class SFTTrainer(Algorithm):
                 )
             self.train_examples = self._pack(self.train_examples, "train")
             self.eval_examples = self._pack(self.eval_examples, "eval") if self.eval_examples else []
-        self.model = prepare_model(model, config, self.accelerator.device)
+        self.model = self.runtime.prepare_model(model)
 
     # ------------------------------------------------------------------------------------------------------
     def _pack(self, examples: list[dict], name: str) -> list[dict]:

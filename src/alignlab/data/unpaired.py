@@ -6,7 +6,7 @@ Formats (detected from the first row, as TRL's ``KTOTrainer._prepare_dataset``):
   undesirable one (``true``/``false`` or 1/0); text or ``{role, content}`` message lists;
 * **preference pairs**, any format :mod:`alignlab.data.preference` reads (explicit or implicit prompt,
   conversational): every chosen completion becomes a desirable row and every rejected one an undesirable row
-  (:func:`alignlab.losses.kto.split_pairs_for_kto`, TRL's ``unpair_preference_dataset``).
+  (:func:`split_pairs_for_kto`, TRL's ``unpair_preference_dataset``).
 
 Tokenization follows TRL 1.16's ``KTOTrainer``: EOS appended to plain-text completions; prompt and
 prompt+completion tokenized whole, the completion starting where they stop sharing tokens
@@ -17,15 +17,17 @@ prompt+completion tokenized whole, the completion starting where they stop shari
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from alignlab.data.preference import check_text, common_prefix_length, parse_pair, tokenize_text
+from alignlab.data.sequences import build_sequences
 from alignlab.errors import DataError
-from alignlab.losses.kto import mismatched_completions, split_pairs_for_kto
-from alignlab.rollout.generation import build_sequences
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -50,6 +52,48 @@ def _label(value: Any, location: str, column: str) -> bool:
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     raise DataError(f"{location}: field {column!r} must be true or false (1 or 0), got {value!r}")
+
+
+def mismatched_completions(completions: Sequence[T]) -> list[T]:
+    """The batch's completions rotated by one: ``[y_n, y_1, ..., y_{n-1}]``, to pair with ``[x_1, ..., x_n]``.
+
+    Pairing prompt ``x_i`` with completion ``y_{i-1}`` gives the mismatched pairs whose log-ratios estimate
+    the KL reference point; the set of completions is the batch's own, as the KTO paper asks. TRL
+    (``KTOTrainer._prepare_dataset``, ``add_kl_completion_ids``) does the same within each block of
+    ``per_device_train_batch_size`` rows.
+
+    Raises:
+        ValueError: fewer than 2 completions (TRL rejects batch size 1: the pair would be matched).
+    """
+    if len(completions) < 2:
+        raise ValueError(f"KTO's KL estimate needs a batch of at least 2 examples, got {len(completions)}")
+    return [completions[-1], *completions[:-1]]
+
+
+def split_pairs_for_kto(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Preference pairs -> unpaired KTO rows: every chosen completion desirable, every rejected one not.
+
+    ``{"prompt", "chosen", "rejected", **extra}`` becomes ``{"prompt", "completion": chosen, "label": True,
+    **extra}`` and ``{"prompt", "completion": rejected, "label": False, **extra}``; all chosen rows first, then
+    all rejected rows, each in input order (TRL's ``unpair_preference_dataset`` on one map batch). Rows
+    without ``"prompt"`` (implicit prompt) stay without one. Values are passed through untouched.
+
+    Raises:
+        DataError: a row lacks ``"chosen"`` or ``"rejected"`` (the message names the row index).
+    """
+    for i, row in enumerate(rows):
+        missing = [k for k in ("chosen", "rejected") if k not in row]
+        if missing:
+            raise DataError(f"preference row {i}: no {' or '.join(repr(k) for k in missing)} field to unpair for KTO")
+
+    def unpaired(row: Mapping[str, Any], key: str, label: bool) -> dict[str, Any]:
+        out = {"prompt": row["prompt"]} if "prompt" in row else {}
+        out["completion"] = row[key]
+        out["label"] = label
+        out.update({k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")})
+        return out
+
+    return [unpaired(row, "chosen", True) for row in rows] + [unpaired(row, "rejected", False) for row in rows]
 
 
 def unpaired_rows(rows: list[tuple[str, dict]], *, prompt_column: str = "prompt", completion_column: str = "completion",
@@ -145,7 +189,7 @@ def collate_unpaired(examples: list[dict[str, Any]], pad_token_id: int, *,
     """A batch of KTO examples and its mismatched pairs for the KL reference point, right-padded to one width.
 
     The examples are put back in data order (``index``), then prompt ``i`` is paired with completion ``i - 1``
-    (:func:`alignlab.losses.kto.mismatched_completions`): TRL's ``KL_completion_ids`` when a batch is one of its
+    (:func:`mismatched_completions`): TRL's ``KL_completion_ids`` when a batch is one of its
     blocks of ``per_device_train_batch_size`` consecutive rows. A batch of one example (the end of an epoch) is
     paired with itself, as TRL's last block of one row is. Each sequence is cut to ``max_length`` (its end), as
     TRL's collator does.

@@ -7,21 +7,14 @@ an estimate of ``KL(pi || pi_ref)`` from mismatched pairs ``(x_i, y_j)``, ``j !=
 Source: Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization"
 (arXiv 2402.01306), the KTO loss ``L_KTO = E[lambda_y - v(x, y)]`` (TRL cites it as eq. 7, and eq. 8 for
 the range of the class weights).
-TRL counterpart: ``KTOTrainer`` (trl/trainer/kto_trainer.py, ``_compute_loss``, ``loss_type="kto"``),
-``unpair_preference_dataset`` (trl/data_utils.py) and the KL completions built in ``_prepare_dataset``.
+TRL counterpart: ``KTOTrainer`` (trl/trainer/kto_trainer.py, ``_compute_loss``, ``loss_type="kto"``). The data
+side (pairs split into unpaired rows, the mismatched pairs of a batch) is :mod:`alignlab.data.unpaired`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
-
 import torch
 from torch import Tensor
-
-from alignlab.errors import DataError
-
-T = TypeVar("T")
 
 
 def kto_loss(
@@ -98,7 +91,8 @@ def kto_loss(
 def kto_kl_reference(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
     """The KTO reference point ``z0 = max(0, mean(policy_kl_logps - ref_kl_logps))``, detached, 0-d.
 
-    The inputs are log-probs of mismatched pairs ``(x_i, y_j)`` (see :func:`mismatched_completions`), so
+    The inputs are log-probs of mismatched pairs ``(x_i, y_j)`` (see
+    :func:`alignlab.data.unpaired.mismatched_completions`), so
     their mean log-ratio estimates ``KL(pi || pi_ref)``; no gradient flows through it.
 
     Source: Ethayarajh et al. 2024 (arXiv 2402.01306), the reference point ``z0``; TRL ``KTOTrainer``:
@@ -117,45 +111,3 @@ def kto_kl_reference(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
             f"{tuple(policy_kl_logps.shape)} and {tuple(ref_kl_logps.shape)}"
         )
     return (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
-
-
-def mismatched_completions(completions: Sequence[T]) -> list[T]:
-    """The batch's completions rotated by one: ``[y_n, y_1, ..., y_{n-1}]``, to pair with ``[x_1, ..., x_n]``.
-
-    Pairing prompt ``x_i`` with completion ``y_{i-1}`` gives the mismatched pairs whose log-ratios estimate
-    the KL reference point; the set of completions is the batch's own, as the KTO paper asks. TRL
-    (``KTOTrainer._prepare_dataset``, ``add_kl_completion_ids``) does the same within each block of
-    ``per_device_train_batch_size`` rows.
-
-    Raises:
-        ValueError: fewer than 2 completions (TRL rejects batch size 1: the pair would be matched).
-    """
-    if len(completions) < 2:
-        raise ValueError(f"KTO's KL estimate needs a batch of at least 2 examples, got {len(completions)}")
-    return [completions[-1], *completions[:-1]]
-
-
-def split_pairs_for_kto(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Preference pairs -> unpaired KTO rows: every chosen completion desirable, every rejected one not.
-
-    ``{"prompt", "chosen", "rejected", **extra}`` becomes ``{"prompt", "completion": chosen, "label": True,
-    **extra}`` and ``{"prompt", "completion": rejected, "label": False, **extra}``; all chosen rows first, then
-    all rejected rows, each in input order (TRL's ``unpair_preference_dataset`` on one map batch). Rows
-    without ``"prompt"`` (implicit prompt) stay without one. Values are passed through untouched.
-
-    Raises:
-        DataError: a row lacks ``"chosen"`` or ``"rejected"`` (the message names the row index).
-    """
-    for i, row in enumerate(rows):
-        missing = [k for k in ("chosen", "rejected") if k not in row]
-        if missing:
-            raise DataError(f"preference row {i}: no {' or '.join(repr(k) for k in missing)} field to unpair for KTO")
-
-    def unpaired(row: Mapping[str, Any], key: str, label: bool) -> dict[str, Any]:
-        out = {"prompt": row["prompt"]} if "prompt" in row else {}
-        out["completion"] = row[key]
-        out["label"] = label
-        out.update({k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")})
-        return out
-
-    return [unpaired(row, "chosen", True) for row in rows] + [unpaired(row, "rejected", False) for row in rows]

@@ -1,4 +1,4 @@
-"""Log-probabilities of completion tokens under a causal LM."""
+"""Log-probabilities of completion (or other target) tokens under a causal LM."""
 
 from __future__ import annotations
 
@@ -314,6 +314,81 @@ def is_right_padded(attention_mask: torch.Tensor) -> bool:
     return bool((attention_mask.bool() == (torch.arange(attention_mask.shape[1], device=attention_mask.device) < lengths)).all())
 
 
+def selected_logits(model: torch.nn.Module, inputs: dict, selected: torch.Tensor,
+                    context: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+    """``(1, N, V)`` logits of one forward ``model(**inputs)`` at the ``N`` flat positions ``selected`` (indices into
+    the forward's ``(rows * width)`` positions), in that order.
+
+    Only those positions go through the output projection: a forward pre-hook on the model's output embeddings
+    (its ``lm_head``) keeps their hidden states alone, so positions that are not scored (prompts, padding) cost
+    no vocabulary-sized work. A model without output embeddings computes all logits and the rows are picked
+    after. ``context`` (default none) is entered around the forward.
+
+    Args:
+        model: a causal LM (possibly wrapped by peft or DDP) whose forward returns ``.logits``.
+        inputs: keyword arguments of the forward (``use_cache=False`` is added).
+        selected: ``(N,)`` long flat positions.
+    """
+    context = context if context is not None else contextlib.nullcontext()
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None:
+        with context:
+            full = model(**inputs, use_cache=False).logits
+        return full.reshape(-1, full.shape[-1])[selected].unsqueeze(0)
+
+    def keep_selected(module, args):
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1])[selected].unsqueeze(0),) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(keep_selected)
+    try:
+        with context:
+            return model(**inputs, use_cache=False).logits
+    finally:
+        handle.remove()
+
+
+def target_token_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities and greedy hits of the target tokens of a batch, in one forward pass (SFT's).
+
+    Token ``t`` (``t >= 1``) is a target where ``loss_mask[:, t]`` and ``attention_mask[:, t]`` are 1; it is
+    predicted from the logits at position ``t - 1``. Only those positions go through the output projection
+    (:func:`selected_logits`), so prompts and padding cost no vocabulary-sized work.
+
+    Args:
+        model: a causal LM (possibly wrapped by peft or DDP) whose forward returns ``.logits``.
+        input_ids, attention_mask, loss_mask: ``(B, T)`` long tensors, right-padded.
+        position_ids: ``(B, T)`` for packed rows (positions restart at each example); the forward then gets no
+            2-D attention mask and transformers separates the examples from the positions.
+
+    Returns:
+        ``(token_logps, correct)``: ``(N,)`` float32 log-probabilities (nats) of the ``N`` target tokens of the
+        batch, in row-major order, and ``(N,)`` bools, True where the argmax of the logits is the target (TRL's
+        ``mean_token_accuracy`` numerator).
+    """
+    width = input_ids.shape[1]
+    targets = loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # (B, T-1): token t+1 is a target
+    seq_idx, tok_idx = targets.nonzero(as_tuple=True)
+    labels = input_ids[:, 1:][seq_idx, tok_idx]  # (N,)
+    selected = seq_idx * width + tok_idx  # flat index of the predicting position
+    if position_ids is not None:
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": None}
+    else:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    logits = selected_logits(model, inputs, selected)  # (1, N, V)
+    token_logps = selective_log_softmax(logits, labels.unsqueeze(0)).squeeze(0)  # (N,)
+    correct = logits.detach().squeeze(0).argmax(dim=-1) == labels
+    return token_logps, correct
+
+
 def completion_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -349,8 +424,8 @@ def completion_logps(
         the sequence log-probability of DPO (Rafailov et al. 2023, eq. 7): EOS included when it is part of
         the completion.
 
-    Only the positions that predict a completion token go through the output projection (a forward
-    pre-hook on the model's output embeddings selects them), so the prompt costs no vocabulary-sized work.
+    Only the positions that predict a completion token go through the output projection
+    (:func:`selected_logits`), so the prompt costs no vocabulary-sized work.
     """
     n, width = input_ids.shape
     context = contextlib.nullcontext()
@@ -375,24 +450,7 @@ def completion_logps(
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         selected = seq_idx * width + tok_idx
 
-    inner = getattr(model, "module", model)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if head is not None:
-
-        def keep_selected(module, args):
-            hidden = args[0]
-            return (hidden.reshape(-1, hidden.shape[-1])[selected].unsqueeze(0),) + tuple(args[1:])
-
-        handle = head.register_forward_pre_hook(keep_selected)
-        try:
-            with context:
-                logits = model(**inputs, use_cache=False).logits  # (1, N, V): completion positions only
-        finally:
-            handle.remove()
-    else:
-        with context:
-            full = model(**inputs, use_cache=False).logits
-        logits = full.reshape(-1, full.shape[-1])[selected].unsqueeze(0)
+    logits = selected_logits(model, inputs, selected, context)  # (1, N, V): completion positions only
     token_logps = selective_log_softmax(logits, labels.unsqueeze(0), temperature).squeeze(0)  # (N,)
     per_token = torch.zeros((n, width - 1), dtype=token_logps.dtype, device=token_logps.device)
     per_token = per_token.index_put((seq_idx, tok_idx), token_logps)

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from alignlab.data.preference import tokenize_text
+from alignlab.data.sequences import build_sequences, slice_rows
 from alignlab.errors import UserError
 from alignlab.rollout.engines import SamplingParams, engine_for
-from alignlab.rollout.generation import Completions, build_sequences, completion_token_logps, slice_rows
+from alignlab.rollout.generation import Completions, completion_token_logps
 from alignlab.rollout.rewards import RewardSource, compute_rewards
 
 
@@ -26,7 +27,7 @@ class ScoredCompletions:
     Attributes:
         examples: the prompt example of each completion (repeated ``num_generations`` times).
         completions: token ids, EOS flags.
-        sequences: :func:`~alignlab.rollout.generation.build_sequences` of prompt+completion, on the device.
+        sequences: :func:`~alignlab.data.sequences.build_sequences` of prompt+completion, on the device.
         texts: decoded completions (special tokens dropped).
         scores: ``(N,)`` float32 weighted reward, ``missing_eos_penalty`` applied.
         per_source: ``{name: (N,)}`` unweighted rewards per source, NaN where not applicable.

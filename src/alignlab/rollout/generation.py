@@ -1,4 +1,5 @@
-"""Sampling completions from the policy, and laying prompt+completion sequences out for scoring and training.
+"""Sampling completions from the policy, and the per-token log-probs and values of sampled sequences (laid out
+by :func:`alignlab.data.sequences.build_sequences`).
 
 Sampling goes through a generation engine (:mod:`alignlab.rollout.engines`, ``--generation_backend``):
 transformers ``generate`` with a dynamic or a static, compiled KV cache, or transformers' continuous
@@ -9,14 +10,16 @@ from __future__ import annotations
 
 import torch
 
+# kept for grpo.py, rloo.py and ppo.py until they import it from alignlab.data.sequences
+from alignlab.data.sequences import slice_rows  # noqa: F401
 from alignlab.ops.logprobs import completion_logps
 from alignlab.rollout.engines import engine_for
 from alignlab.rollout.engines.base import Completions, SamplingParams
 from alignlab.rollout.engines.hf_generate import InverseCDFSampling
 from alignlab.rollout.scoring import token_scores
 
-__all__ = ["Completions", "InverseCDFSampling", "SamplingParams", "build_sequences", "completion_token_logps",
-           "sample_completions", "slice_rows", "token_values"]
+__all__ = ["Completions", "InverseCDFSampling", "SamplingParams", "completion_token_logps", "sample_completions",
+           "token_values"]
 
 
 def sample_completions(
@@ -74,60 +77,6 @@ def sample_completions(
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
     return engine_for(model, generation_backend).generate(prompt_ids, params)
-
-
-def build_sequences(
-    prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int
-) -> dict[str, torch.Tensor]:
-    """Right-padded ``prompt + completion`` rows and the index that lines their completion tokens up.
-
-    Returns a dict of tensors (N rows, ``T`` = longest prompt+completion, ``L`` = longest completion, >= 1):
-
-    * ``input_ids``, ``attention_mask``, ``completion_mask``: ``(N, T)``;
-    * ``completion_index``: ``(N, L)`` long; entry ``[i, j]`` is the position in the ``(N, T-1)`` shifted
-      per-token outputs (log-probs of token ``t+1`` given ``<= t``; a value model's ``V`` at position ``t``)
-      that belongs to completion token ``j``: ``len(prompt_i) - 1 + j`` (clamped for padding);
-    * ``response_mask``: ``(N, L)`` 1 for real completion tokens.
-
-    Raises:
-        ValueError: the lists differ in length, or a prompt is empty.
-    """
-    if len(prompt_ids) != len(completion_ids):
-        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
-    if any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("every prompt needs at least one token")
-    n = len(prompt_ids)
-    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
-    resp = max(1, max(len(c) for c in completion_ids))
-    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    completion_mask = torch.zeros((n, width), dtype=torch.long)
-    response_mask = torch.zeros((n, resp), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        attention_mask[i, : len(p) + len(c)] = 1
-        completion_mask[i, len(p) : len(p) + len(c)] = 1
-        response_mask[i, : len(c)] = 1
-    starts = torch.tensor([len(p) - 1 for p in prompt_ids]).unsqueeze(1)
-    completion_index = (starts + torch.arange(resp)).clamp(max=max(width - 2, 0))
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "completion_mask": completion_mask,
-        "completion_index": completion_index,
-        "response_mask": response_mask,
-    }
-
-
-def slice_rows(sequences: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The given rows of a :func:`build_sequences` dict (plus any other ``(N, ...)`` tensors in it), with the
-    ``(., T)`` tensors trimmed to the rows' longest sequence."""
-    out = {k: v[rows] for k, v in sequences.items()}
-    width = int(out["attention_mask"].sum(dim=1).max())
-    for key in ("input_ids", "attention_mask", "completion_mask"):
-        out[key] = out[key][:, :width]
-    out["completion_index"] = out["completion_index"].clamp(max=max(width - 2, 0))
-    return out
 
 
 def completion_token_logps(

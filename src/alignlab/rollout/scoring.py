@@ -93,22 +93,23 @@ def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     return torch.where(attention_mask.to(flat.device).bool(), flat, 0.0)
 
 
-def attach_reward_model(sources: list, config, tokenizer, device: torch.device, accelerator=None):
-    """Load ``config.reward_model_path`` (if set) frozen onto ``device`` into the ``reward_model`` source (the
-    last of ``sources``); given the training run's ``accelerator``, sharded with FSDP2 when the trained model is
-    (:func:`~alignlab.train.setup.frozen_model`). Returns the reward model's tokenizer when its vocabulary differs from ``tokenizer``'s
-    (the completions are then re-tokenized for it), else ``None``."""
+def attach_reward_model(sources: list, config, tokenizer, runtime, accelerator=None):
+    """Load ``config.reward_model_path`` (if set) as a frozen model into the ``reward_model`` source (the last of
+    ``sources``) with ``runtime``'s :meth:`~alignlab.train.runtime.Runtime.frozen_model`: on its device, sharded
+    with FSDP2 when the trained model is. Returns the reward model's tokenizer when its vocabulary differs from
+    ``tokenizer``'s (the completions are then re-tokenized for it), else ``None``.
+
+    ``runtime`` may also be a device, with the training run's ``accelerator`` or none (the form
+    algorithms/online.py passes until it hands over its runtime)."""
     if not config.reward_model_path:
         return None
     from alignlab.models import load_reward_model, load_tokenizer
+    from alignlab.train.runtime import Runtime
 
+    if not isinstance(runtime, Runtime):
+        runtime = Runtime(accelerator=accelerator, device=runtime)
     rtok = load_tokenizer(config.reward_model_path, trust_remote_code=config.trust_remote_code)
     model = load_reward_model(config.reward_model_path, pad_token_id=rtok.pad_token_id,
                               trust_remote_code=config.trust_remote_code)
-    if accelerator is not None:
-        from alignlab.train.setup import frozen_model
-
-        sources[-1].model = frozen_model(model, accelerator)  # onto accelerator.device, which is ``device``
-    else:
-        sources[-1].model = model.to(device).eval().requires_grad_(False)
+    sources[-1].model = runtime.frozen_model(model)
     return rtok if rtok.get_vocab() != tokenizer.get_vocab() else None

@@ -1,11 +1,11 @@
 """The one training loop every algorithm shares.
 
-It owns precision (bf16 autocast), gradient accumulation, the optimizer and schedule, gradient clipping,
-logging to ``metrics.jsonl``, evaluation, plots, checkpoints (atomic) and resuming, distribution (accelerate:
-``torchrun --nproc_per_node N`` runs DDP; gloo on CPU) and the CPU speed layer (:mod:`alignlab.ops.cpu_kernels`,
-entered once around the run). An algorithm supplies a loss function (:data:`~alignlab.train.steps.LossFn`: a
-sequence of loss terms) and its data; nothing else. Its parts: :mod:`~alignlab.train.steps` (one optimizer
-update), :mod:`~alignlab.train.window` (the logging window), :mod:`~alignlab.train.checkpoint`.
+It owns gradient accumulation, the optimizer and schedule, gradient clipping, logging to ``metrics.jsonl``,
+evaluation, plots, checkpoints (atomic) and resuming; precision, distribution and the CPU speed layer come from
+the run's :class:`~alignlab.train.runtime.Runtime` (entered once around the run). An algorithm supplies a loss
+function (:data:`~alignlab.train.steps.LossFn`: a sequence of loss terms) and its data; nothing else. Its parts:
+:mod:`~alignlab.train.steps` (one optimizer update), :mod:`~alignlab.train.window` (the logging window),
+:mod:`~alignlab.train.checkpoint`; what it hands back is in :mod:`~alignlab.train.types`.
 
 Both shapes of step come down to optimizer updates, each a list of micro-batches:
 
@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -39,11 +39,9 @@ from torch.utils.data import DataLoader
 
 from alignlab.errors import UserError
 from alignlab.models import save_pretrained
-from alignlab.ops import cpu_kernels
 from alignlab.train.checkpoint import (  # noqa: F401 - re-exported: the loop's public names
     STATE_FILE, LoopState, find_latest_checkpoint, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
 )
-from alignlab.train import distributed
 from alignlab.train.config import TrainConfig
 from alignlab.train.lock import OutputDirLock
 from alignlab.train.metrics import MetricsLog, plot_metrics
@@ -51,92 +49,35 @@ from alignlab.train.model_card import write_model_card
 from alignlab.train.steps import (
     LossFn, NonfiniteSteps, all_finite, evaluate_terms, guarded_optimizer_step, run_update,
 )
-from alignlab.train.tracking import Tracking, accelerator_tracking_kwargs
+from alignlab.train.runtime import Runtime, build_runtime
+from alignlab.train.tracking import Tracking
+from alignlab.train.types import Rollout, TrainResult
 from alignlab.train.window import MetricsWindow
 
 logger = logging.getLogger(__name__)
 
-@dataclass
-class Rollout:
-    """What an online algorithm's ``rollout_fn(model, prompts, step)`` returns for one ``global_step``.
-
-    Attributes:
-        updates: optimizer updates in order; each is a list of micro-batches (dicts for ``loss_fn``) whose
-            gradients are summed into one optimizer step. Each micro-batch's loss is weighted by
-            ``1 / len(update)``, so an update's gradient is the mean over its micro-batches.
-        metrics: ``{name: (N,) or scalar}`` detached values measured while sampling and scoring
-            (``objective/scores``, ``time/generation``, ...); logged as means over the logging window.
-        samples: rows to append to ``samples.jsonl`` (main process; may be empty).
-        scalars: values every micro-batch of the rollout is given as well (``batch[name]``), such as GRPO's
-            token count per micro-batch, so they need not be copied onto every row.
-    """
-
-    updates: list[list[dict[str, Any]]]
-    metrics: dict[str, Any] = field(default_factory=dict)
-    samples: list[dict[str, Any]] = field(default_factory=list)
-    scalars: dict[str, float] = field(default_factory=dict)
-
-
-RolloutFn = Callable[[torch.nn.Module, list, int], Rollout]
-"""``rollout_fn(model, prompts, step) -> Rollout``: called without gradients, ``step`` the 1-based
-``global_step`` being built; ``model`` is the prepared (possibly DDP-wrapped) model."""
+__all__ = ["Trainer", "TrainingInterrupted", "StopSignals", "parameter_groups",
+           # kept for the online algorithm modules (algorithms/online.py, grpo.py, rloo.py, reinforce_pp.py, ppo.py)
+           # until they import them from alignlab.train.types and use the runtime:
+           "Rollout", "TrainResult", "autocast", "build_accelerator"]
 
 
 def build_accelerator(config: TrainConfig):
-    """An ``accelerate.Accelerator`` for ``config``: devices, processes, seeded data order; also applies the CPU
-    speed layer's process setting (``config.cpu_kernels``). Call it before loading models so every process knows
-    its device and the models' memory is allocated under that setting. Gradient accumulation is the loop's
-    (:func:`~alignlab.train.steps.run_update`), not accelerate's.
-
-    Precision is not delegated to accelerate: its mixed-precision mode wraps the model's forward and casts
-    every output back to float32, which for a language model is a ``(B, T, vocab)`` float32 copy of the
-    logits per forward. :func:`autocast` is applied around the loss function instead.
-
-    With ``--fsdp`` (or an ``accelerate launch`` FSDP config) the trained model is sharded with FSDP2
-    (:mod:`alignlab.train.distributed`), on accelerators and on CPU processes alike.
-    """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-
-    # accelerate keeps one global state per process; a second run in the same Python process (a notebook,
-    # a comparison of methods) may want another precision, so start it afresh. The process group stays.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    # With no accelerator, say so: accelerate only sets up multi-process CPU training (gloo) when cpu=True.
-    if hasattr(torch, "accelerator"):
-        no_accelerator = torch.accelerator.current_accelerator() is None
-    else:  # torch < 2.6
-        no_accelerator = not torch.cuda.is_available()
-    fsdp_plugin = distributed.build_fsdp_plugin(config.fsdp, config.fsdp_config)
-    accelerator = Accelerator(
-        cpu=no_accelerator,
-        mixed_precision="no",
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        fsdp_plugin=fsdp_plugin,
-        **accelerator_tracking_kwargs(config.report_to, config.output_dir),
-    )
-    distributed.enable_on_cpu(accelerator, fsdp_plugin)
-    distributed.keep_loading_whole()
-    set_seed(config.seed)
-    cpu_kernels.configure(config.cpu_kernels)
-    return accelerator
+    """The ``accelerate.Accelerator`` of :func:`~alignlab.train.runtime.build_runtime` (which also applies the seed
+    and the CPU speed layer's setting). Kept for the online algorithm modules only, until they use the runtime;
+    new code calls :func:`~alignlab.train.runtime.build_runtime`."""
+    return build_runtime(config).accelerator
 
 
 def autocast(config: TrainConfig, device: torch.device):
-    """The precision context for forward passes: bf16 autocast when ``config.bf16``, else a no-op."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    """:meth:`Runtime.precision <alignlab.train.runtime.Runtime.precision>` on ``device``: bf16 autocast when
+    ``config.bf16``, else a no-op. Kept for the online algorithm modules only, until they use the runtime."""
+    return Runtime(config, device=device).precision()
 
 
 def _fused_adamw_supported(params: list) -> bool:
     # torch's fused AdamW kernel runs on CPU and CUDA for floating-point parameters (torch >= 2.4).
     return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every ``nn.Dropout``'s probability to 0 (TRL: ``disable_dropout_in_model``)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -192,26 +133,14 @@ class StopSignals:
         self._previous.clear()
 
 
-@dataclass
-class TrainResult:
-    """What a finished run produced."""
-
-    output_dir: Path
-    metrics_path: Path
-    plots: list[Path]
-    global_step: int
-    train_metrics: dict[str, float] = field(default_factory=dict)
-    eval_metrics: dict[str, float] = field(default_factory=dict)
-    train_seconds: float = 0.0
-
-
-
 class Trainer:
     """Runs the optimisation for one algorithm.
 
     Args:
         config: the algorithm's config (a :class:`TrainConfig`).
-        accelerator: from :func:`build_accelerator`.
+        runtime: the run's :class:`~alignlab.train.runtime.Runtime` (from
+            :func:`~alignlab.train.runtime.build_runtime`), or its ``accelerate.Accelerator`` alone (the runtime is
+            then made around it).
         model: the trained model (trainable parameters have ``requires_grad``), LoRA already applied if wanted.
         tokenizer: saved with the model.
         train_dataset: a sequence of examples (offline: for ``collate_fn``; online: prompts for ``rollout_fn``).
@@ -235,7 +164,7 @@ class Trainer:
     def __init__(
         self,
         config: TrainConfig,
-        accelerator,
+        runtime: Runtime,
         model: torch.nn.Module,
         tokenizer,
         train_dataset,
@@ -259,7 +188,8 @@ class Trainer:
             )
         self.model_to_save = model_to_save or (lambda m: m)
         self.config = config
-        self.accelerator = accelerator
+        self.runtime = runtime if isinstance(runtime, Runtime) else Runtime(config, runtime)
+        self.accelerator = self.runtime.accelerator
         self.model = model
         self.tokenizer = tokenizer
         self.train_dataset = train_dataset
@@ -274,10 +204,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------
     def _precision(self):
-        return autocast(self.config, self.accelerator.device)
+        return self.runtime.precision()
 
     def _gather(self, value: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.gather(value.to(self.accelerator.device)).cpu()
+        return self.runtime.gather(value)
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, online: bool = False) -> DataLoader:
         return DataLoader(
@@ -329,7 +259,7 @@ class Trainer:
             window.add_all(metrics)
 
         window.tokens += run_update(self.accelerator, self._precision, self.loss_fn, model, micro_batches, record)
-        grad_norm, stepped = guarded_optimizer_step(self.accelerator, model, optimizer, self.config.max_grad_norm,
+        grad_norm, stepped = guarded_optimizer_step(self.runtime, model, optimizer, self.config.max_grad_norm,
                                                     losses_finite=all_finite(self.accelerator, losses))
         if not stepped:
             over = self.nonfinite.record()
@@ -397,7 +327,7 @@ class Trainer:
         """
         self.output_dir.mkdir(parents=True, exist_ok=True)
         lock = OutputDirLock(self.output_dir) if self.accelerator.is_main_process else contextlib.nullcontext()
-        with lock, cpu_kernels.training(self.config.cpu_kernels), StopSignals() as self._signals:
+        with lock, self.runtime.training(), StopSignals() as self._signals:
             tracking = Tracking(self.accelerator, config=asdict(self.config), run_name=self.output_dir.name)
             try:
                 return self._train(tracking)
@@ -418,11 +348,7 @@ class Trainer:
             eps=cfg.adam_epsilon,
             fused=_fused_adamw_supported([p for g in groups for p in g["params"]]),
         )
-        if distributed.is_fsdp(acc):
-            distributed.set_wrap_classes(acc, self.model)
-        model, optimizer, train_loader = acc.prepare(self.model, optimizer, train_loader)
-        if distributed.is_fsdp(acc):
-            distributed.initialize(model)
+        model, optimizer, train_loader = self.runtime.prepare(self.model, optimizer, train_loader)
         per_step = 1 if online else cfg.gradient_accumulation_steps
         steps_per_epoch = max(1, math.ceil(len(train_loader) / per_step))
         total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
@@ -482,7 +408,7 @@ class Trainer:
                     else:
                         grad_norm = self._offline_step(model, optimizer, update, window, state.global_step + 1)
                     scheduler.step()
-                    cpu_kernels.after_optimizer_step(acc.device)
+                    self.runtime.after_optimizer_step()
                     state.global_step += 1
                     state.steps_in_epoch += 1
                     bar.update(1)
@@ -526,9 +452,7 @@ class Trainer:
         plots: list[Path] = []
         unwrapped = acc.unwrap_model(model)
         to_save = self.model_to_save(unwrapped)
-        state_dict = None
-        if distributed.is_sharded(unwrapped):  # every process takes part in gathering the full weights
-            state_dict = distributed.sub_state_dict(distributed.full_state_dict(unwrapped), unwrapped, to_save)
+        state_dict = self.runtime.full_state_dict(unwrapped, to_save)  # sharded: every process takes part
         if acc.is_main_process:
             save_pretrained(to_save, self.tokenizer, self.output_dir, merge_lora=cfg.merge_lora, state_dict=state_dict)
             self._write_model_card(to_save, {**last_train, **last_eval})

@@ -1,4 +1,5 @@
-"""What every algorithm does before the loop starts: read its train and eval data, and ready its model."""
+"""What every offline algorithm does before the loop starts: read its train and eval data (readying its models
+is the runtime's, :mod:`alignlab.train.runtime`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import torch
 
 from alignlab.data.io import read_rows
 from alignlab.errors import UserError
-from alignlab.models import apply_lora
 from alignlab.train.config import TrainConfig
-from alignlab.train.loop import disable_dropout
+from alignlab.train.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -65,39 +65,13 @@ def load_train_eval(
 
 
 def frozen_model(model: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """``model`` as a frozen model (a reference or reward model): on ``accelerator.device``, in eval mode, without
-    gradients, and sharded with FSDP2 when the trained model is (:func:`alignlab.train.distributed.shard_frozen`).
-    Returns the same module."""
-    from alignlab.train.distributed import shard_frozen
-
-    model = model.to(accelerator.device).eval().requires_grad_(False)
-    return shard_frozen(accelerator, model)
+    """:meth:`Runtime.frozen_model <alignlab.train.runtime.Runtime.frozen_model>` of ``accelerator``'s runtime.
+    Kept for algorithms/online.py only, until it uses the runtime."""
+    return Runtime(accelerator=accelerator).frozen_model(model)
 
 
-def prepare_model(
-    model: torch.nn.Module,
-    config: TrainConfig,
-    device: torch.device,
-    *,
-    task_type: str = "CAUSAL_LM",
-    modules_to_save: list[str] | None = None,
-) -> torch.nn.Module:
-    """Ready a freshly loaded model for training as ``config`` asks: no KV cache, dropout off when
-    ``disable_dropout``, LoRA adapters when ``use_peft`` (peft ``task_type``, ``modules_to_save``), gradient
-    checkpointing when asked, then moved to ``device``. Returns the (possibly peft-wrapped) model."""
-    model.config.use_cache = False
-    if config.disable_dropout:
-        disable_dropout(model)
-    if config.use_peft:
-        model = apply_lora(
-            model,
-            r=config.lora_r,
-            alpha=config.lora_alpha,
-            dropout=config.lora_dropout,
-            target_modules=config.lora_target_modules,
-            task_type=task_type,
-            modules_to_save=modules_to_save,
-        )
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(device)
+def prepare_model(model: torch.nn.Module, config: TrainConfig, device: torch.device, *, task_type: str = "CAUSAL_LM",
+                  modules_to_save: list[str] | None = None) -> torch.nn.Module:
+    """:meth:`Runtime.prepare_model <alignlab.train.runtime.Runtime.prepare_model>` on ``device``. Kept for
+    algorithms/online.py and ppo.py only, until they use the runtime."""
+    return Runtime(config, device=device).prepare_model(model, task_type=task_type, modules_to_save=modules_to_save)

@@ -1,5 +1,6 @@
-"""One optimizer update of the training loop: the micro-batches' forwards and backwards, then the clipped
-optimizer step. Offline and online steps both come down to :func:`run_update`."""
+"""One optimizer update of the training loop: the micro-batches' forwards and backwards (:func:`run_update`),
+then the one optimizer-step path, :func:`guarded_optimizer_step` (the runtime's after-backward hook, clipping,
+the step unless the update is not finite). Offline and online steps both come down to these two."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-
-from alignlab.ops import cpu_kernels
 
 LossTerms = Iterable[tuple[torch.Tensor, dict[str, Any]]]
 """What a loss function returns: one or more ``(scalar loss, {name: (B,) or scalar detached metric})`` terms.
@@ -75,17 +74,6 @@ def run_update(accelerator, precision, loss_fn: LossFn, model, micro_batches: li
     return tokens
 
 
-def optimizer_step(accelerator, model, optimizer, max_grad_norm: float) -> torch.Tensor:
-    """Clip the gradients to ``max_grad_norm`` (0: no clipping), step, and drop the gradients
-    (``zero_grad(set_to_none=True)``: the next backward's gradients become ``.grad`` as they are). Returns the
-    global gradient norm before clipping."""
-    cpu_kernels.after_backward(accelerator.device)
-    grad_norm = _clipped_grad_norm(accelerator, model, max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
 def _clipped_grad_norm(accelerator, model, max_grad_norm: float) -> torch.Tensor:
     """The global gradient norm before clipping; the gradients clipped to ``max_grad_norm`` (0: not clipped)."""
     if max_grad_norm > 0:
@@ -104,22 +92,30 @@ def all_finite(accelerator, values: Iterable[torch.Tensor]) -> bool:
     return ok
 
 
-def guarded_optimizer_step(accelerator, model, optimizer, max_grad_norm: float, *,
+def guarded_optimizer_step(runtime, model, optimizer, max_grad_norm: float, *,
                            losses_finite: bool = True) -> tuple[torch.Tensor, bool]:
-    """:func:`optimizer_step`, skipped when the update is not finite: if ``losses_finite`` is False (the loss of
-    a micro-batch was NaN or infinite on some process, see :func:`all_finite`) or the global gradient norm is
+    """The optimizer step of one update, after its last backward: the runtime's after-backward hook
+    (:meth:`~alignlab.train.runtime.Runtime.after_backward`: the CPU speed layer hands the activations' freed
+    memory back), the gradients clipped to ``max_grad_norm`` (0: no clipping), the step, and the gradients
+    dropped (``zero_grad(set_to_none=True)``: the next backward's gradients become ``.grad`` as they are).
+
+    The step is skipped when the update is not finite: if ``losses_finite`` is False (the loss of a
+    micro-batch was NaN or infinite on some process, see :func:`all_finite`) or the global gradient norm is
     not finite, the gradients are dropped and the optimizer does not step (its moments and step count stay as
     they were), so one bad batch cannot write NaN into the weights. The gradient norm is computed after the
-    gradients are synchronised, so every process decides alike.
+    gradients are synchronised, so every process decides alike. The same guard as mixed-precision loss
+    scaling's skipped steps (``torch.amp.GradScaler``: ``optimizer.step`` is skipped when the unscaled
+    gradients hold inf or NaN), applied to every update.
 
-    The same guard as mixed-precision loss scaling's skipped steps (``torch.amp.GradScaler``: ``optimizer.step``
-    is skipped when the unscaled gradients hold inf or NaN), applied to every update.
+    Args:
+        runtime: the run's :class:`~alignlab.train.runtime.Runtime` (its accelerator clips across processes).
 
     Returns:
         ``(grad_norm, stepped)``: the global gradient norm before clipping (NaN or inf when skipped for the
         gradient) and whether the optimizer stepped.
     """
-    grad_norm = _clipped_grad_norm(accelerator, model, max_grad_norm)
+    runtime.after_backward()
+    grad_norm = _clipped_grad_norm(runtime.accelerator, model, max_grad_norm)
     stepped = losses_finite and bool(torch.isfinite(grad_norm))
     if stepped:
         optimizer.step()
