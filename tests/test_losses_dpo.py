@@ -469,3 +469,62 @@ def test_orpo_odds_ratio_term_matches_trl():
     torch.testing.assert_close(ours, nll - trl_terms, check_dtype=False, rtol=1.3e-6, atol=1e-5)
     metrics = preference_metrics(pair, beta=0.25, reward_kind="mean_logp")
     torch.testing.assert_close(metrics["rewards/chosen"], trl_chosen_rewards, check_dtype=False)
+
+
+# --- what configs pass to the losses: read from the declarations --------------------------------------------
+
+
+def _configs_selecting_preference_losses() -> set[type]:
+    """Every command's config with a ``loss_type`` whose default names losses of this registry."""
+    import dataclasses
+
+    from alignlab.methods import methods
+
+    found = set()
+    for method in methods().values():
+        field = {f.name: f for f in dataclasses.fields(method.config)}.get("loss_type")
+        if field is None:
+            continue
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        if all(name in PREFERENCE_LOSSES for name in ([default] if isinstance(default, str) else default)):
+            found.add(method.config)
+    return found
+
+
+def test_every_declared_hyperparameter_is_a_field_of_every_config_that_can_select_the_loss():
+    import dataclasses
+
+    from alignlab.algorithms.dpo import DPOConfig
+    from alignlab.algorithms.iterative_dpo import IterativeDPOConfig
+    from alignlab.algorithms.online_dpo import OnlineDPOConfig
+
+    configs = _configs_selecting_preference_losses()
+    assert {DPOConfig, OnlineDPOConfig, IterativeDPOConfig} <= configs
+    for config in configs:
+        fields = {f.name for f in dataclasses.fields(config)}
+        for name in PREFERENCE_LOSSES:
+            missing = set(PREFERENCE_LOSSES.fields(name)) - fields
+            assert not missing, f"{config.__name__} can select {name!r} but has no field {sorted(missing)}"
+
+
+def test_configs_pass_what_the_selected_losses_declare(tmp_path):
+    from alignlab.algorithms.dpo import DPOConfig
+
+    def config(**kw):
+        return DPOConfig(dataset_name="builtin:concise", output_dir=str(tmp_path), **kw)
+
+    assert config(beta=0.3).loss_hyperparameters() == {"beta": 0.3, "label_smoothing": 0.0}
+    assert config(loss_type=["simpo", "sft"], simpo_gamma=0.7).loss_hyperparameters() == {
+        "beta": 0.1, "simpo_gamma": 0.7, "label_smoothing": 0.0}
+    assert config(loss_type=["discopop"], discopop_tau=0.2).loss_hyperparameters() == {"beta": 0.1, "discopop_tau": 0.2}
+
+    # a loss with a hyperparameter no config offers fails loudly instead of running at its default
+    @register_preference_loss("test_margin", hyperparameters=("beta", "test_margin"))
+    def margin_loss(pair, *, beta, test_margin=0.5):
+        return -torch.nn.functional.logsigmoid(beta * (pair.chosen_logratios - pair.rejected_logratios) - test_margin)
+
+    try:
+        with pytest.raises(ValueError, match="DPOConfig has no field 'test_margin'"):
+            config(loss_type=["test_margin"]).loss_hyperparameters()
+    finally:
+        PREFERENCE_LOSSES.pop("test_margin")

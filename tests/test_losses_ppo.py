@@ -14,6 +14,7 @@ from alignlab.losses.ppo import (
     clipped_value_loss,
     get_policy_loss,
     importance_weights,
+    policy_loss_kwargs,
     sapo_policy_loss,
 )
 
@@ -352,6 +353,30 @@ def test_policy_loss_registry():
     assert set(POLICY_LOSSES) == set(LOSS_AGGREGATIONS)
     with pytest.raises(ValueError, match="choose from"):
         get_policy_loss("ppo2")
+
+
+def test_policy_loss_kwargs_come_from_the_declarations():
+    # what GRPO passes for each loss_type (TRL's GRPOConfig names): the clipped loss's cliprange pair is TRL's
+    # epsilon pair, cispo's bound is epsilon_high itself, sapo's gate its two temperatures; delta stays off
+    import dataclasses
+
+    from alignlab.algorithms.grpo import GRPOConfig
+
+    config = GRPOConfig(dataset_name="p.jsonl", output_dir="out", reward_funcs=["m:f"], epsilon=0.25,
+                        epsilon_high=0.3, importance_sampling_level="sequence", sapo_temperature_pos=0.9,
+                        sapo_temperature_neg=1.2)
+    clipped = {"cliprange": 0.25, "cliprange_high": 0.3, "importance_sampling_level": "sequence"}
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        assert policy_loss_kwargs(loss_type, config) == clipped
+    assert policy_loss_kwargs("cispo", config) == {"epsilon_high": 0.3, "importance_sampling_level": "sequence"}
+    assert policy_loss_kwargs("sapo", config) == {"sapo_temperature_pos": 0.9, "sapo_temperature_neg": 1.2,
+                                                  "importance_sampling_level": "sequence"}
+    # every field a policy loss declares is one GRPOConfig offers (the config that selects them)
+    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    for loss_type in POLICY_LOSSES:
+        assert set(POLICY_LOSSES.fields(loss_type)) <= fields, loss_type
+    with pytest.raises(ValueError, match="has no field 'epsilon'"):
+        policy_loss_kwargs("grpo", object())
 
 
 # ---- TRL 1.16 parity: GRPOTrainer._compute_loss itself, called on tensors -----------------------------------

@@ -66,3 +66,38 @@ def test_cli_errors_are_one_line(capsys, tiny_model_dir, prompts_file, rewards_f
                            str(prompts_file), "--output_dir", str(tmp_path / "x"), "--reward_funcs",
                            f"{rewards_file}:short", "--beta", "0")
     assert code != 0 and "--beta must be > 0" in one_line(err)
+
+
+def test_any_registered_loss_with_its_declared_hyperparameters(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    # exo_pair reads label_smoothing e: at the reference (h = 0) q_w = q_l = 1/2 and the loss is
+    # 0.5 (log 0.5 - log(1 - e)) + 0.5 (log 0.5 - log e) = 0.5 (-0.6931472 + 0.1053605) + 0.5 (-0.6931472 + 2.3025851)
+    # = 0.5108256 for e = 0.1, the same for every pair
+    trainer = OnlineDPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "exo",
+                                       loss_type="exo_pair", label_smoothing=0.1, max_steps=1))
+    assert trainer.config.loss_hyperparameters() == {"beta": 0.1, "label_smoothing": 0.1}
+    with torch.no_grad():
+        (update,) = trainer.rollout(trainer.policy, trainer.prompts[:4], 1).updates
+        [(loss, metrics)] = trainer.compute_loss(trainer.policy, update[0])
+    assert float(loss) == pytest.approx(0.5108256, abs=1e-5) and "objective/kl" in metrics
+
+
+def test_a_reference_free_loss_loads_no_reference(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    from alignlab.losses.dpo import PairLogps, simpo_loss
+
+    out = tmp_path / "simpo"
+    trainer = OnlineDPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, out, loss_type="simpo",
+                                       simpo_gamma=0.3, beta=2.0, max_steps=1))
+    assert trainer.setup.ref_model is None and not trainer.setup.has_reference
+    with torch.no_grad():
+        (update,) = trainer.rollout(trainer.policy, trainer.prompts[:4], 1).updates
+        batch = update[0]
+        assert "ref_logps" not in batch
+        [(loss, metrics)] = trainer.compute_loss(trainer.policy, batch)
+        # the same loss from the policy's own summed log-probs, by simpo_loss with this config's gamma and beta
+        chosen, rejected = trainer._logps(trainer.policy, batch).chunk(2)
+        lengths = batch["response_mask"].sum(1).float().chunk(2)
+        expected = simpo_loss(PairLogps(chosen, rejected, *lengths), beta=2.0, simpo_gamma=0.3).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6) and "objective/kl" not in metrics
+    trainer.train()
+    row = read_metrics(out)[0]
+    assert math.isfinite(row["loss"]) and math.isfinite(row["rewards/margins"]) and "objective/kl" not in row

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from alignlab.ops import logprobs
-from alignlab.ops.logprobs import completion_logps, pack_rows, selective_log_softmax
+from alignlab.ops.logprobs import completion_logps, pack_rows, selective_log_softmax, target_token_logps
 
 
 def test_selective_log_softmax_matches_log_softmax():
@@ -55,6 +55,23 @@ def test_completion_logps_matches_full_computation(tiny_model_dir):
     assert torch.allclose(total, expected.sum(1), atol=1e-4)
     # nothing outside the completion contributes
     assert (per_token[completion_mask[:, 1:] == 0] == 0).all()
+
+
+def test_target_token_logps_matches_full_computation(tiny_model_dir):
+    # SFT's targets: the same numbers as the full log-softmax at the target positions, in row-major order, and
+    # the greedy hits of the full logits
+    from alignlab.models import load_causal_lm
+
+    model = load_causal_lm(tiny_model_dir).eval()
+    input_ids, attention_mask, loss_mask = _batch()
+    with torch.no_grad():
+        token_logps, correct = target_token_logps(model, input_ids, attention_mask, loss_mask)
+        expected = _reference(model, input_ids, attention_mask, loss_mask)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    targets = loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # 2 + 4 targets
+    assert token_logps.shape == (6,)
+    assert torch.allclose(token_logps, expected[targets], atol=1e-5)
+    assert torch.equal(correct, logits.argmax(-1)[targets] == input_ids[:, 1:][targets])
 
 
 class _NoLogitsToKeep(torch.nn.Module):

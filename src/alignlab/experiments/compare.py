@@ -321,10 +321,11 @@ class Compare:
     def _pairs(self) -> dict[str, Any]:
         """Sample K completions per training prompt from the base model and write best-vs-worst pairs."""
         from alignlab.data.prompts import build_prompt_examples
-        from alignlab.models import default_device, load_causal_lm, load_tokenizer
+        from alignlab.models import load_causal_lm, load_tokenizer
         from alignlab.rollout.experience import sample_and_score_batches
         from alignlab.rollout.pairs import write_pairs
         from alignlab.rollout.rewards import build_reward_sources
+        from alignlab.train.runtime import Runtime
 
         cfg = self.config
         path, info_path = self.layout.pairs, self.layout.pairs_info
@@ -336,14 +337,15 @@ class Compare:
         tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
         examples, _ = build_prompt_examples(self.train_rows, tokenizer, max_prompt_length=512)
         sources = build_reward_sources(self.reward_funcs, self.reward_weights, with_reward_model=False)
-        device = default_device()
+        runtime = Runtime(cfg)  # one process on the device PyTorch finds, the config's precision
+        device = runtime.device
         model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code).to(device).eval()
         torch.manual_seed(cfg.seed)
         k = cfg.samples_per_prompt
         with torch.no_grad():
             parts = sample_and_score_batches(
                 model, tokenizer, examples, sources, batch_size=16, progress="sampling pairs",
-                precision_fn=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16),
+                precision_fn=runtime.precision,
                 device=device, max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
                 num_generations=k, generation_backend=cfg.generation_backend,
             )

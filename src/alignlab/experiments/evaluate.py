@@ -32,12 +32,13 @@ from alignlab.data.io import read_rows, write_text_atomic
 from alignlab.data.prompts import build_prompt_examples
 from alignlab.errors import UserError
 from alignlab.train.config import resolve_bf16
-from alignlab.models import default_device, load_causal_lm, load_tokenizer
+from alignlab.models import load_causal_lm, load_tokenizer
 from alignlab.rollout.engines import BACKENDS
 from alignlab.rollout.experience import ScoredCompletions, sample_and_score_batches
 from alignlab.rollout.generation import completion_token_logps
 from alignlab.rollout.rewards import build_reward_sources
 from alignlab.tasks import PromptSet, resolve_task
+from alignlab.train.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,8 @@ class Evaluator:
         self.config = config
         self.paths = list(config.model_name_or_path or [None])
         self.names = list(config.model_names or [p or "embedded" for p in self.paths])
-        self.device = default_device()
+        self.runtime = Runtime(config)  # one process on the device PyTorch finds, the config's precision
+        self.device = self.runtime.device
         if config.task:
             prompt_set = resolve_task(config.task, "test", reward_funcs=config.reward_funcs,
                                       reward_weights=config.reward_weights, seed=0)
@@ -172,12 +174,12 @@ class Evaluator:
                                                 prompt_column=config.prompt_column)
         self.sources = build_reward_sources(prompt_set.reward_funcs, prompt_set.reward_weights,
                                             with_reward_model=bool(config.reward_model_path))
-        self.reward_tokenizer = attach_reward_model(self.sources, config, self.tokenizer, self.device)
+        self.reward_tokenizer = attach_reward_model(self.sources, config, self.tokenizer, self.runtime)
         self.base_model = None
         self.base_scores = None
 
     def _precision(self):
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+        return self.runtime.precision()
 
     def _sample(self, model, name: str) -> list[ScoredCompletions]:
         cfg = self.config
