@@ -72,25 +72,14 @@ class Task:
         return rows[:n]
 
 
-TASKS: Registry[Task] = Registry("task", error=UserError, message="--task: no built-in task {name}; available: {choices}",
-                                sort_choices=True)
+TASKS: Registry[Task] = Registry("task", error=UserError, sort_choices=True,
+                                message="--task: no built-in task {name}; available: {choices}")
 """``--task`` name -> :class:`Task`."""
-TASKS.add("arithmetic", Task(
-    name="arithmetic",
-    description=arithmetic.DESCRIPTION,
-    reward_funcs=("alignlab.tasks.arithmetic:arithmetic_reward",),
-    reward_weights=None,
-    max_new_tokens=arithmetic.MAX_NEW_TOKENS,
-    build=arithmetic.build,
-))
-TASKS.add("kid-stories", Task(
-    name="kid-stories",
-    description=kid_stories.DESCRIPTION,
-    reward_funcs=("alignlab.tasks.kid_stories:story_reward",),
-    reward_weights=None,
-    max_new_tokens=kid_stories.MAX_NEW_TOKENS,
-    build=kid_stories.build,
-))
+for _name, _module, _reward in (("arithmetic", arithmetic, "arithmetic_reward"),
+                                ("kid-stories", kid_stories, "story_reward")):
+    TASKS.add(_name, Task(name=_name, description=_module.DESCRIPTION,
+                          reward_funcs=(f"{_module.__name__}:{_reward}",), reward_weights=None,
+                          max_new_tokens=_module.MAX_NEW_TOKENS, build=_module.build))
 
 
 def get_task(name: str) -> Task:

@@ -171,7 +171,8 @@ class Runtime:
         return distributed.sub_state_dict(distributed.full_state_dict(model), model, part)
 
     def after_backward(self) -> None:
-        """After the last backward of an optimizer update, before the step (:func:`alignlab.ops.cpu_kernels.after_backward`)."""
+        """After the last backward of an optimizer update, before the step
+        (:func:`alignlab.ops.cpu_kernels.after_backward`)."""
         cpu_kernels.after_backward(self.device)
 
     def after_optimizer_step(self) -> None:
