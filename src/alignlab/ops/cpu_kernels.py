@@ -1,8 +1,8 @@
 """The CPU speed layer behind one switch, ``--cpu_kernels auto|reuse_memory|off``.
 
 Three measures made CPU training and sampling faster on the machines measured (benchmarks/README.md); this
-module owns all three, and nothing outside it (and the training loop, which enters :func:`training`) knows
-about them:
+module owns all three, and nothing outside it (and the runtime, :mod:`alignlab.train.runtime`, which enters
+:func:`training` for the training loop and calls the step hooks) knows about them:
 
 * oneDNN linear layers (:mod:`alignlab.ops.linear`): float32 training and scoring forwards on oneDNN's matmul,
   and decoding from weights reordered once per ``generate`` call;

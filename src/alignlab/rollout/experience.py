@@ -169,7 +169,7 @@ def sample_and_score(
         sources: from :func:`alignlab.rollout.rewards.build_reward_sources`, models attached.
         device: where the sequences go.
         precision: a fresh autocast context (entered once) for sampling and the reward models, e.g.
-            ``alignlab.train.loop.autocast(config, device)``.
+            ``runtime.precision()`` (:class:`alignlab.train.runtime.Runtime`).
         max_new_tokens, temperature, top_p, num_generations: sampling settings
             (:func:`~alignlab.rollout.generation.sample_completions`).
         missing_eos_penalty: subtracted from the score of completions without EOS (TRL); ``None``: none.

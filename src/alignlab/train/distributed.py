@@ -2,7 +2,7 @@
 
 One place builds accelerate's ``FullyShardedDataParallelPlugin(fsdp_version=2)`` from the flags
 (:func:`build_fsdp_plugin`), or takes the one ``accelerate launch --config_file ...`` configured through the
-environment; :func:`~alignlab.train.loop.build_accelerator` hands it to accelerate, which shards the model in
+environment; :func:`~alignlab.train.runtime.build_runtime` hands it to accelerate, which shards the model in
 ``prepare``. What this module adds around it:
 
 * the wrap unit: every decoder layer (the classes in the models' ``_no_split_modules``), and, for a module that
