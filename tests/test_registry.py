@@ -63,6 +63,7 @@ def test_duplicates_and_lookup_errors():
     tasks.add("x", object())
     with pytest.raises(UserError, match=r"^--task: no task 'y'; available: x$"):
         tasks.get("y")
+    assert registry.get("c", None) is None  # with a default: as dict.get
     assert registry.pop("a") == 2 and "a" not in registry and registry.pop("a", None) is None
 
 

@@ -166,15 +166,17 @@ class Registry(Mapping[str, T], Generic[T]):
         """The registered names, in the order :meth:`get`'s error lists them."""
         return sorted(self._entries) if self.sort_choices else list(self._entries)
 
-    def get(self, name: str) -> T:  # type: ignore[override]  # a lookup that fails loudly, not Mapping.get
-        """The entry registered under ``name``.
+    def get(self, name: str, *default: Any) -> T:  # type: ignore[override]
+        """The entry registered under ``name``; with a ``default``, that for an unknown name (as ``dict.get``).
 
         Raises:
-            ``error``: an unknown name; the one-line message lists the registered names.
+            ``error``: an unknown name and no default; the one-line message lists the registered names.
         """
-        if name not in self._entries:
-            raise self.error(self.message.format(kind=self.kind, name=repr(name), choices=", ".join(self.names())))
-        return self._entries[name]
+        if name in self._entries:
+            return self._entries[name]
+        if default:
+            return default[0]
+        raise self.error(self.message.format(kind=self.kind, name=repr(name), choices=", ".join(self.names())))
 
     def hyperparameters(self, name: str) -> tuple[Hyperparameter, ...]:
         """The hyperparameters ``name`` declares, in declaration order.

@@ -56,10 +56,9 @@ from alignlab.train.window import MetricsWindow
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "TrainingInterrupted", "StopSignals", "parameter_groups",
-           # kept for the online algorithm modules (algorithms/online.py, grpo.py, rloo.py, reinforce_pp.py, ppo.py)
-           # until they import them from alignlab.train.types and use the runtime:
-           "Rollout", "TrainResult", "autocast", "build_accelerator"]
+# Rollout and TrainResult (imported above from train/types.py), build_accelerator and autocast (below) are kept
+# importable from here for the online algorithm modules only (algorithms/online.py, grpo.py, rloo.py,
+# reinforce_pp.py, ppo.py), until they import from train/types.py and use the runtime.
 
 
 def build_accelerator(config: TrainConfig):
