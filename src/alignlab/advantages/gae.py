@@ -1,6 +1,6 @@
 """Generalised advantage estimation and KL-penalised per-token rewards for PPO-RLHF.
 
-Notation, shared by both functions: a batch of ``B`` completions padded on the right to ``T`` tokens.
+Notation, shared by the functions here: a batch of ``B`` completions padded on the right to ``T`` tokens.
 
 * ``mask``: ``(B, T)`` bool or 0/1 completion mask, ones for the completion's tokens, then zeros for padding
   (right padding only: a one after a zero raises). A row may be all zeros (no token, no advantage).
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from alignlab.advantages.registry import AdvantageInputs, AdvantageOutputs
 from alignlab.ops.kl import KL_ESTIMATORS
+from alignlab.ops.masked import masked_whiten
 
 
 def _completion_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -130,17 +132,108 @@ def kl_penalized_rewards(
     Raises:
         ValueError: kl_coef < 0; unknown estimator; shape mismatch; mask not right-padded or with an empty row.
     """
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {estimator!r}; choose from {', '.join(KL_ESTIMATORS)}")
     kl = KL_ESTIMATORS[estimator](logps.detach(), ref_logps.detach())
-    m = _completion_mask(mask, kl.shape)
+    _completion_mask(mask, kl.shape)
     if scores.shape != kl.shape[:1]:
         raise ValueError(f"scores must have shape ({kl.shape[0]},), got {tuple(scores.shape)}")
+    return token_rewards(scores.to(kl.dtype), mask, kl, kl_coef=kl_coef)
+
+
+def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None, *,
+                  kl_coef: float) -> torch.Tensor:
+    """Per-token rewards from sequence scores and a per-token KL: ``-kl_coef * kl`` on every completion token,
+    plus the score on the last one, 0 on padding (``kl`` ``None``: the score alone).
+
+    ``rewards[b, t] = -kl_coef * kl[b, t] + scores[b] * [t == last valid token of b]``. The shaping of
+    :func:`kl_penalized_rewards` (PPO), REINFORCE++ and ReMax: Ouyang et al. 2022 (InstructGPT), eq. 2, spread
+    over tokens as Ziegler et al. 2019; OpenRLHF ``compute_reward``; veRL ``apply_kl_penalty``.
+
+    Args:
+        scores: ``(B,)`` floating-point sequence rewards (reward units); the result has their dtype.
+        mask: ``(B, T)`` right-padded completion mask with at least one token per row.
+        kl: ``(B, T)`` per-token KL estimate (nats), or ``None`` (needs ``kl_coef = 0``).
+        kl_coef: >= 0, reward units per nat.
+
+    Returns:
+        ``(B, T)`` detached rewards.
+
+    Raises:
+        ValueError: ``kl_coef < 0``; ``kl`` missing with ``kl_coef > 0``; shapes that do not match; mask not
+            right-padded or with an empty row.
+    """
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if kl is None and kl_coef > 0:
+        raise ValueError("kl_coef > 0 needs the per-token kl")
+    if mask.dim() != 2 or scores.shape != mask.shape[:1]:
+        raise ValueError(f"scores (B,) and mask (B, T) must agree, got {tuple(scores.shape)} and {tuple(mask.shape)}")
+    m = _completion_mask(mask, mask.shape if kl is None else kl.shape)
     lengths = m.sum(-1)
     if (lengths == 0).any():
         raise ValueError("every row of mask needs at least one completion token to carry its score")
-    rewards = torch.where(m, -kl_coef * kl, 0)
+    if kl is None:
+        rewards = torch.zeros(m.shape, dtype=scores.dtype, device=scores.device)
+    else:
+        rewards = torch.where(m, -kl_coef * kl.detach().to(scores.dtype), 0)
     rows = torch.arange(rewards.shape[0], device=rewards.device)
-    return rewards.index_put((rows, lengths - 1), scores.detach().to(rewards.dtype), accumulate=True)
+    return rewards.index_put((rows, lengths - 1), scores.detach(), accumulate=True)
+
+
+def gae_advantages(
+    scores: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    kl: torch.Tensor | None = None,
+    *,
+    kl_coef: float = 0.05,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_rewards: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO-RLHF's advantages and value targets, in TRL ``PPOTrainer``'s order (trl 0.24, "4. compute rewards"
+    to "6. compute advantages and returns"):
+
+    1. per-token rewards ``-kl_coef * kl_t``, plus the score on the last token (:func:`token_rewards`);
+    2. with ``whiten_rewards``, the rewards scaled to unit variance over the completion tokens (mean kept,
+       :func:`~alignlab.ops.masked.masked_whiten` with ``shift_mean=False``; TRL ``whiten_rewards``);
+    3. GAE advantages and returns (:func:`compute_gae`);
+    4. the advantages whitened over the completion tokens (mean 0, unit variance), the returns left raw.
+
+    Args:
+        scores: ``(B,)`` sequence rewards (reward units).
+        values: ``(B, T)`` critic values at sampling time (reward units).
+        mask: ``(B, T)`` right-padded completion mask with at least one token per row, two tokens in all.
+        kl: ``(B, T)`` per-token KL between the sampling policy and the reference (nats; TRL's ``kl_estimator``
+            k1 or k3), or ``None`` with ``kl_coef = 0``.
+        kl_coef, gamma, lam, whiten_rewards: TRL ``PPOConfig``'s (0.05, 1.0, 0.95, False).
+
+    Returns:
+        ``(advantages, returns)``, both ``(B, T)``, detached, 0 on padding.
+
+    Raises:
+        ValueError: as :func:`token_rewards` and :func:`compute_gae`; fewer than two completion tokens in all.
+    """
+    m = mask.bool()
+    rewards = token_rewards(scores, mask, kl, kl_coef=kl_coef)
+    if whiten_rewards:
+        rewards = torch.where(m, masked_whiten(rewards, m, shift_mean=False), 0)
+    advantages, returns = compute_gae(rewards, values, m, gamma=gamma, lam=lam)
+    return torch.where(m, masked_whiten(advantages, m), 0), returns
+
+
+def gae_estimator(inputs: AdvantageInputs, *, kl_coef: float = 0.05, gamma: float = 1.0, lam: float = 0.95,
+                  whiten_rewards: bool = False) -> AdvantageOutputs:
+    """:func:`gae_advantages` with the advantage registry's calling convention: reads ``scores``, ``mask``,
+    ``values`` and ``kl`` of ``inputs``; returns the advantages with the value targets in ``returns`` and no
+    metrics (PPO logs its own). Not registered by name: only PPO has the critic whose values it reads.
+
+    Raises:
+        ValueError: as :func:`gae_advantages`; no ``inputs.mask`` or ``inputs.values``.
+    """
+    if inputs.mask is None or inputs.values is None:
+        raise ValueError("GAE needs the (N, L) completion mask and the critic's values")
+    advantages, returns = gae_advantages(inputs.scores, inputs.values, inputs.mask, inputs.kl, kl_coef=kl_coef,
+                                         gamma=gamma, lam=lam, whiten_rewards=whiten_rewards)
+    return AdvantageOutputs(advantages, {}, returns)

@@ -8,10 +8,16 @@ registered under a name with :func:`register_advantage_estimator`; an algorithm 
   policy losses of :mod:`alignlab.losses.ppo`) or ``(N, L)`` (one value per completion token, 0 on padding);
 * ``metrics``: detached 0-d tensors, logged as they are (TRL names where TRL logs the same quantity).
 
-Registered (see ``docs/advantages.md``): ``"grpo"`` (:mod:`.group`), ``"rloo"`` (:mod:`.rloo`),
-``"reinforce_plus_plus"`` and ``"reinforce_plus_plus_baseline"`` (:mod:`.reinforce`). GAE
-(:mod:`.gae`) is not registered: it needs a critic's values and returns value targets as well, which PPO
-handles itself.
+An estimator that also computes value-function targets returns an :class:`AdvantageOutputs` (which
+unpacks as the same pair) with ``returns``. An estimator that needs the score of each prompt's greedy
+completion as its baseline says so with the attribute ``needs_greedy_baseline = True``: the online rollout
+(:class:`alignlab.algorithms.online.PolicyGradientAlgorithm`) then samples one greedy completion per prompt
+and passes its score in :attr:`AdvantageInputs.baseline_scores`.
+
+The registered names are the keys of :data:`ADVANTAGE_ESTIMATORS` (each module of :mod:`alignlab.advantages`
+registers its own; ``docs/advantages.md`` has the table). GAE (:func:`.gae.gae_estimator`) has the same calling
+convention but is not registered: it reads a critic's values, which only PPO has, and PPO hands the function
+itself to the rollout.
 
 Source: the pattern of veRL's ``register_adv_est`` / ``get_adv_estimator_fn``
 (``verl/trainer/ppo/core_algos.py``), whose estimator names are reused; OpenRLHF selects its estimator by
@@ -54,6 +60,39 @@ class AdvantageInputs:
     """``(N, L)`` per-token KL estimate between the sampling policy and the reference (nats), e.g.
     ``alignlab.ops.kl.kl_k1(old_logps, ref_logps)``: the estimators that fold a KL penalty into the reward
     (RLOO's ``beta``, REINFORCE++'s ``kl_coef``) read it; ``None`` when there is no reference model."""
+    values: torch.Tensor | None = None
+    """``(N, L)`` critic values ``V(s_t)`` of the completion tokens at sampling time (reward units), 0 on
+    padding; only GAE reads them; ``None`` without a value model."""
+    baseline_scores: torch.Tensor | None = None
+    """``(P,)`` score of each prompt's greedy completion (reward units, same reward sources and
+    ``missing_eos_penalty`` as ``scores``), ``P = N / G``; given to the estimators that declare
+    ``needs_greedy_baseline`` (ReMax), else ``None``."""
+
+
+@dataclass(frozen=True)
+class AdvantageOutputs:
+    """What an estimator returns when it has value-function targets too (GAE). It unpacks as the
+    ``(advantages, metrics)`` pair every estimator returns, so callers that need only those treat all
+    estimators alike; :meth:`of` turns either form into this one."""
+
+    advantages: torch.Tensor
+    """``(N,)`` or ``(N, L)`` detached advantages."""
+    metrics: dict[str, torch.Tensor]
+    """Detached 0-d metrics."""
+    returns: torch.Tensor | None = None
+    """``(N, L)`` detached value-function targets (reward units, 0 on padding), or ``None``."""
+
+    def __iter__(self):
+        return iter((self.advantages, self.metrics))
+
+    @classmethod
+    def of(cls, result) -> AdvantageOutputs:
+        """``result`` of an estimator, an ``(advantages, metrics)`` pair or an :class:`AdvantageOutputs`, as the
+        latter."""
+        if isinstance(result, cls):
+            return result
+        advantages, metrics = result
+        return cls(advantages, metrics)
 
 
 def register_advantage_estimator(

@@ -9,13 +9,27 @@ from __future__ import annotations
 
 import torch
 
-from alignlab.advantages.gae import _completion_mask
+from alignlab.advantages.gae import _completion_mask, token_rewards
 from alignlab.advantages.group import checked_rewards
 from alignlab.advantages.registry import AdvantageInputs, register_advantage_estimator
 from alignlab.advantages.rloo import check_reward_clip_range
 
 WHITEN_VAR_MIN = 1e-8
 """Floor on the batch variance before ``rsqrt``, as OpenRLHF (``var.clamp(min=1e-8).rsqrt()``)."""
+
+
+def reward_to_go(rewards: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """``(N, L)`` discounted returns ``G_t = sum_{s >= t} gamma^(s - t) r_s`` of ``(N, L)`` per-token rewards
+    (reward units; 0 rewards on padding give 0 returns there). ``gamma = 1``: a reversed cumulative sum, as
+    veRL's ``compute_remax_outcome_advantage`` and OpenRLHF's ``get_cumulative_returns``."""
+    if gamma == 1.0:
+        return rewards.flip(-1).cumsum(-1).flip(-1)
+    running = torch.zeros_like(rewards[:, 0])
+    reversed_returns = []
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        reversed_returns.append(running)
+    return torch.stack(reversed_returns[::-1], dim=1)
 
 
 def reinforce_plus_plus_advantages(
@@ -89,21 +103,8 @@ def reinforce_plus_plus_advantages(
         raise ValueError(f"kl must have shape {tuple(m.shape)}, got {tuple(kl.shape)}")
 
     r = raw if reward_clip_range is None else raw.clamp(min=reward_clip_range[0], max=reward_clip_range[1])
-    rewards = torch.zeros(m.shape, dtype=r.dtype, device=r.device)  # (N, L)
-    if kl is not None:
-        rewards = torch.where(m, -kl_coef * kl.detach().to(r.dtype), 0)
-    rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards = rewards.index_put((rows, lengths - 1), r, accumulate=True)
-
-    if gamma == 1.0:
-        returns = rewards.flip(-1).cumsum(-1).flip(-1)
-    else:
-        running = torch.zeros_like(rewards[:, 0])
-        reversed_returns = []
-        for t in reversed(range(rewards.shape[1])):
-            running = rewards[:, t] + gamma * running
-            reversed_returns.append(running)
-        returns = torch.stack(reversed_returns[::-1], dim=1)
+    rewards = token_rewards(r, m, kl, kl_coef=kl_coef)  # (N, L)
+    returns = reward_to_go(rewards, gamma)
 
     count = m.sum()
     mean = torch.where(m, returns, 0).sum() / count

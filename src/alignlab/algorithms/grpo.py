@@ -1,5 +1,6 @@
-"""GRPO (Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300): glue between rollout, rewards,
-:mod:`alignlab.advantages.group`, :mod:`alignlab.losses.ppo` and the shared loop.
+"""GRPO (Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300): its config, the registry's ``"grpo"`` estimator
+(:mod:`alignlab.advantages.group`) in the shared policy-gradient rollout
+(:class:`~alignlab.algorithms.online.PolicyGradientAlgorithm`), and its loss (:mod:`alignlab.losses.ppo`).
 
 Flow of one step (TRL 1.16 ``GRPOTrainer``): prompts -> ``num_generations`` completions each (KV cache) ->
 rewards (reward functions and/or a reward model) -> group-relative advantages -> (old log-probs when
@@ -11,22 +12,18 @@ group mean is the baseline. PPO and GRPO share the clipped objective and differ 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from alignlab.advantages.group import group_advantages
-from alignlab.algorithms.base import OnlineAlgorithm
-from alignlab.algorithms.online import OnlineConfig, OnlineSetup
+from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm, group_sampling_args
 from alignlab.errors import UserError
 from alignlab.losses.ppo import aggregate_token_loss, get_policy_loss, importance_weights
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.ops.kl import kl_k3
 from alignlab.ops.masked import masked_mean
-from alignlab.rollout.generation import slice_rows
-from alignlab.train.loop import Rollout, TrainResult, autocast
+from alignlab.train.loop import TrainResult
 from alignlab.train.steps import LossTerms
 
 logger = logging.getLogger(__name__)
@@ -110,71 +107,40 @@ class GRPOConfig(OnlineConfig):
         return self.per_device_train_batch_size * self.gradient_accumulation_steps // self.num_generations
 
 
-class GRPOTrainer(OnlineAlgorithm):
-    """GRPO of a causal LM against reward functions and/or a reward model.
+class GRPOTrainer(PolicyGradientAlgorithm):
+    """GRPO of a causal LM against reward functions and/or a reward model: the shared policy-gradient rollout
+    (:class:`~alignlab.algorithms.online.PolicyGradientAlgorithm`) with the registry's ``"grpo"`` estimator and
+    the KL to the reference in the loss.
 
     Raises:
         UserError / DataError: bad flags, unreadable data or models, a bad row, a failing reward function.
     """
 
+    plot_panels = GRPO_PLOTS
+
     def __init__(self, config: GRPOConfig):
-        self.config = config
-        self.setup = setup = OnlineSetup(
-            config,
-            prompts_per_step=config.prompts_per_step,
+        super().__init__(
+            config, group_size=config.num_generations, iterations=config.num_iterations,
+            max_new_tokens=config.max_completion_length, kl_coef=config.beta, kl_in_loss=True,
             batch_hint="per_device_train_batch_size x gradient_accumulation_steps / num_generations",
-            need_reference=config.beta > 0,
         )
-        self.accelerator, self.tokenizer, self.prompts = setup.accelerator, setup.tokenizer, setup.prompts
-        self.policy = setup.policy
-        self.shuffle = setup.checkpointed_generator(config.seed)  # saved in checkpoints
 
-    def rollout(self, model, examples: list[dict], step: int) -> Rollout:
-        """Sample a group per prompt, score, compute group advantages; returns ``num_iterations`` updates."""
-        cfg, setup = self.config, self.setup
-        device = self.accelerator.device
-        policy = self.accelerator.unwrap_model(model)
-        scored = setup.sample(policy, examples, max_new_tokens=cfg.max_completion_length,
-                              num_generations=cfg.num_generations)
-        advantages, group_metrics = group_advantages(scored.scores, cfg.num_generations, scale_rewards=cfg.scale_rewards)
-        data = dict(scored.sequences, advantages=advantages.to(device))
-        start = time.perf_counter()
-        with autocast(cfg, device):
-            if cfg.num_iterations > 1:  # with one iteration the old policy is the current one (ratio 1)
-                data["old_logps"] = setup.logps(policy, data)
-            if cfg.beta > 0:
-                data["ref_logps"] = setup.reference_logps(policy, data)
-        forward_seconds = time.perf_counter() - start
+    def advantage_estimator(self) -> tuple[str, dict[str, Any]]:
+        """Group-relative advantages (:func:`alignlab.advantages.group.group_advantages`)."""
+        return "grpo", {"scale_rewards": self.config.scale_rewards}
 
-        n, micro = advantages.numel(), cfg.per_device_train_batch_size
-        mask = data["response_mask"]
-        # dapo: every token of the step weighs the same. The loop weights each micro-batch's loss by 1 / (number
-        # of micro-batches), so each divides its token sum by (step tokens / number of micro-batches).
-        n_micro = -(-n // micro)
-        updates = []
-        for _ in range(cfg.num_iterations):
-            order = torch.randperm(n, generator=self.shuffle).to(device)
-            updates.append([slice_rows(data, order[i : i + micro]) for i in range(0, n, micro)])
-
-        metrics = scored.metrics()
-        metrics.update(group_metrics)
+    def rollout_metrics(self, scored, data, kl, estimator_metrics) -> dict[str, Any]:
+        """The shared metrics less ``reward_std_within_group`` (TRL 1.16 logs the batch std as ``reward_std``)."""
+        metrics = super().rollout_metrics(scored, data, kl, estimator_metrics)
         metrics.pop("reward_std_within_group", None)
-        metrics["time/scoring"] = scored.scoring_seconds + forward_seconds
-        for name, values in scored.per_source.items():
-            metrics[f"rewards/{name}/std"] = values[~values.isnan()].std() if (~values.isnan()).sum() > 1 else 0.0
-        samples = scored.sample_rows(step) if cfg.writes_samples(step) else []
-        for row, adv in zip(samples, advantages.tolist()):
-            row["advantage"] = adv
-        return Rollout(updates=updates, metrics=metrics, samples=samples,
-                       scalars={"num_items_in_batch": float(mask.sum()) / n_micro})
+        return metrics
 
     def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
         """Clipped surrogate (+ ``beta`` k3 KL, times the importance weight with ``use_bias_correction_kl``) per
         token, reduced by ``loss_type``, on one micro-batch."""
         cfg = self.config
         mask = batch["response_mask"].bool()
-        logps = self.setup.logps(model, batch)
-        old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
+        logps, old_logps = self.current_and_old_logps(model, batch)
         if cfg.loss_type == "cispo":
             options = {"epsilon_high": cfg.epsilon_high}
         elif cfg.loss_type == "sapo":
@@ -199,8 +165,6 @@ class GRPOTrainer(OnlineAlgorithm):
         )
         return [(loss, metrics)]
 
-    plot_panels = GRPO_PLOTS
-
 
 def train_grpo(config: GRPOConfig) -> TrainResult:
     """Run GRPO as configured; the Python twin of ``alignlab grpo``."""
@@ -217,9 +181,7 @@ register_method(Method(
     final_metrics=("reward", "kl"),
     compare=(CompareEntry(
         name="grpo",
-        args=lambda b: {"dataset_name": b.prompts, "per_device_train_batch_size": b.prompts_per_step * b.num_generations,
-                        "num_generations": b.num_generations, "max_completion_length": b.max_new_tokens,
-                        "temperature": b.temperature, **b.rule},
+        args=lambda b: group_sampling_args(b, "num_generations"),
         learning_rate=1e-5,
         curve_label="task reward",
     ),),

@@ -1,27 +1,50 @@
-"""What the online algorithms (PPO, GRPO, Online DPO) share: the reward and sampling flags, and the set-up of
-prompts, policy, reference and reward sources. Each algorithm adds its own rollout and loss."""
+"""What the online algorithms share: the reward and sampling flags, the set-up of prompts, policy, reference
+and reward sources (:class:`OnlineSetup`, used by PPO, GRPO, RLOO, REINFORCE++, ReMax and Online DPO), and the
+one rollout of the policy-gradient methods (:class:`PolicyGradientAlgorithm`: GRPO, RLOO, REINFORCE++, ReMax
+and PPO). Each method module adds its config, its advantage estimator's name and hyperparameters, its loss.
+
+Precision and distribution (autocast, gathered FSDP2 weights, sharding) are reached only through
+:class:`OnlineSetup`'s methods, so the method modules import nothing from the training loop's precision or
+distribution layers."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
+import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
 import torch
 
+from alignlab.advantages.registry import (
+    AdvantageEstimator,
+    AdvantageInputs,
+    AdvantageOutputs,
+    get_advantage_estimator,
+)
+from alignlab.algorithms.base import OnlineAlgorithm
 from alignlab.data.io import read_rows
 from alignlab.data.prompts import build_prompt_examples
 from alignlab.errors import UserError
+from alignlab.losses.ppo import aggregate_token_loss, clipped_policy_loss
+from alignlab.methods import CompareBudget
 from alignlab.models import is_peft_model, load_causal_lm, load_tokenizer
+from alignlab.ops.kl import KL_ESTIMATORS
+from alignlab.ops.masked import masked_mean
 from alignlab.rollout.engines import BACKENDS
 from alignlab.rollout.experience import ScoredCompletions, sample_and_score
-from alignlab.rollout.generation import completion_token_logps
+from alignlab.rollout.generation import completion_token_logps, slice_rows
 from alignlab.rollout.rewards import build_reward_sources
 from alignlab.rollout.scoring import attach_reward_model
 from alignlab.train.config import TrainConfig
-from alignlab.train.distributed import gathered_parameters
-from alignlab.train.loop import autocast, build_accelerator
+from alignlab.train.distributed import gathered_parameters, is_sharded
+from alignlab.train.loop import Rollout, autocast, build_accelerator
 from alignlab.train.setup import frozen_model, prepare_model
+from alignlab.train.steps import LossTerms
 
 logger = logging.getLogger(__name__)
 
@@ -191,12 +214,24 @@ class OnlineSetup:
             with policy.disable_adapter():
                 return self.logps(policy, sequences, temperature=temperature)
 
+    def precision(self) -> AbstractContextManager:
+        """A fresh precision context for forward passes outside the loss (the rollout's log-probs and values):
+        bf16 autocast with ``--bf16``, else a no-op (:func:`alignlab.train.loop.autocast`)."""
+        return autocast(self.config, self.accelerator.device)
+
+    @staticmethod
+    def is_sharded(model: torch.nn.Module) -> bool:
+        """Whether ``model`` (or a module inside it) is sharded with FSDP2
+        (:func:`alignlab.train.distributed.is_sharded`)."""
+        return is_sharded(model)
+
     def sample(self, policy: torch.nn.Module, examples: list[dict], *, max_new_tokens: int,
-               num_generations: int = 1, return_logps: bool = False) -> ScoredCompletions:
+               num_generations: int = 1, return_logps: bool = False, do_sample: bool = True) -> ScoredCompletions:
         """Sample and score completions for ``examples`` with the (unwrapped) ``policy``; ``return_logps``: keep
-        the sampled tokens' log-probs (``sequences["sampling_logps"]``). With ``--reward_func_errors drop`` the
-        completions a reward function failed on are left out, with their prompt's group
-        (:meth:`~alignlab.rollout.experience.ScoredCompletions.without_bad_rewards`).
+        the sampled tokens' log-probs (``sequences["sampling_logps"]``); ``do_sample=False``: greedy decoding
+        (the most likely token at each step; ``--temperature`` and ``--top_p`` unused). With
+        ``--reward_func_errors drop`` the completions a reward function failed on are left out, with their
+        prompt's group (:meth:`~alignlab.rollout.experience.ScoredCompletions.without_bad_rewards`).
 
         A policy sharded with FSDP2 is all-gathered once for the whole call (every process calls it) and
         resharded after it (:func:`alignlab.train.distributed.gathered_parameters`), so decoding runs on full
@@ -204,11 +239,266 @@ class OnlineSetup:
         cfg, device = self.config, self.accelerator.device
         with gathered_parameters(policy):
             scored = sample_and_score(
-                policy, self.tokenizer, examples, self.sources, device=device, precision=autocast(cfg, device),
+                policy, self.tokenizer, examples, self.sources, device=device, precision=self.precision(),
                 max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                 num_generations=num_generations, missing_eos_penalty=cfg.missing_eos_penalty,
                 reward_tokenizer=self.reward_tokenizer, return_logps=return_logps,
                 padding_free=cfg.padding_free, on_error=cfg.reward_func_errors,
-                generation_backend=cfg.generation_backend,
+                generation_backend=cfg.generation_backend, do_sample=do_sample,
             )
         return scored.without_bad_rewards(num_generations) if cfg.reward_func_errors == "drop" else scored
+
+
+# --- the policy-gradient rollout ------------------------------------------------------------------------------
+class PolicyGradientAlgorithm(OnlineAlgorithm):
+    """The one rollout of the policy-gradient methods (GRPO, RLOO, REINFORCE++, ReMax, PPO). Per step:
+
+    1. sample ``group_size`` completions for each prompt (:meth:`OnlineSetup.sample`) and score them; when the
+       advantage estimator declares ``needs_greedy_baseline`` (ReMax), also one greedy completion per prompt,
+       whose score becomes :attr:`~alignlab.advantages.registry.AdvantageInputs.baseline_scores`;
+    2. without gradients, under :meth:`OnlineSetup.precision`: the old log-probs when the batch keeps them
+       (``iterations`` > 1, or ``keep_old_logps``) or a KL in the reward needs them (from the sampler with
+       ``old_logps_from_sampling``, else one forward), the reference's when a reference is loaded, and the
+       critic's values (:meth:`critic_values`, PPO);
+    3. the KL to the reference either goes into the batch as ``ref_logps`` for the loss (``kl_in_loss``: GRPO)
+       or is estimated per token (``kl_estimator`` k1 or k3 of old and reference log-probs) and handed to the
+       advantage estimator, which folds it into the reward (RLOO, REINFORCE++, ReMax, PPO);
+    4. the advantages from the estimator :meth:`advantage_estimator` names: looked up in the advantage
+       registry (:func:`~alignlab.advantages.registry.get_advantage_estimator`) and called with
+       :class:`~alignlab.advantages.registry.AdvantageInputs`; value targets it returns
+       (:class:`~alignlab.advantages.registry.AdvantageOutputs`, GAE) go into the batch as ``returns``;
+    5. ``iterations`` passes over the batch, each shuffled with the checkpointed generator
+       (:meth:`OnlineSetup.checkpointed_generator`, so a resumed run shuffles as the uninterrupted one) and cut
+       into ``mini_batches`` optimizer steps of micro-batches of ``per_device_train_batch_size`` completions.
+
+    Batch keys every micro-batch carries: the sequences (:func:`~alignlab.rollout.generation.build_sequences`),
+    ``advantages``, and as they apply ``old_logps``, ``ref_logps``, ``old_values``, ``returns``; and the
+    rollout scalar ``num_items_in_batch`` (the step's completion tokens per micro-batch, what a ``dapo`` loss
+    divides by; TRL's name). Metrics: :meth:`rollout_metrics`. ``samples.jsonl`` rows carry each completion's
+    advantage (its first token's when per token) and, with a greedy baseline, its prompt's ``baseline_score``.
+
+    A method module subclasses it with its config, sets :attr:`plot_panels`, and defines
+    :meth:`advantage_estimator` and :meth:`compute_loss`; PPO also :meth:`policy_of`, :meth:`critic_values`
+    and :meth:`rollout_metrics`. docs/developing.md lists the steps.
+
+    Args:
+        config: an :class:`OnlineConfig` subclass.
+        group_size: completions per prompt (``N = prompts * group_size`` per step and process).
+        iterations: passes over each sampled batch (TRL ``num_iterations``, PPO ``num_ppo_epochs``, OpenRLHF
+            ``max_epochs``).
+        max_new_tokens: most tokens sampled per completion.
+        kl_coef: the KL coefficient; > 0 loads a reference model (unless ``need_reference`` says otherwise).
+        batch_hint: how the prompts per step are made up of flags, for the error when the data has fewer.
+        kl_in_loss: the KL term is the loss's (GRPO): ``ref_logps`` go into the batch, nothing into the reward.
+        kl_estimator: ``"k1"`` or ``"k3"`` (:data:`alignlab.ops.kl.KL_ESTIMATORS`) for the KL in the reward.
+        mini_batches: optimizer steps per pass (PPO ``num_mini_batches``); ``per_device_train_batch_size x
+            gradient_accumulation_steps x mini_batches`` completions are sampled per step.
+        need_reference: load a reference whatever ``kl_coef`` (PPO logs its KL even at 0).
+        keep_old_logps: the batch keeps the old log-probs even with one iteration (PPO's loss reads them).
+        old_logps_from_sampling: take the old log-probs from the sampler (PPO with ``top_p`` 1, as TRL).
+
+    Raises:
+        UserError / DataError: bad flags, unreadable data or models, a bad row, a failing reward function.
+    """
+
+    log_sample_advantages = True
+    """Write each completion's advantage into its ``samples.jsonl`` row."""
+
+    def __init__(self, config: OnlineConfig, *, group_size: int, iterations: int, max_new_tokens: int,
+                 kl_coef: float, batch_hint: str, kl_in_loss: bool = False, kl_estimator: str = "k1",
+                 mini_batches: int = 1, need_reference: bool | None = None, keep_old_logps: bool = False,
+                 old_logps_from_sampling: bool = False):
+        per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * mini_batches
+        if per_step % group_size:
+            raise UserError(f"per_device_train_batch_size x gradient_accumulation_steps = {per_step} completions per "
+                            f"step is not a multiple of the {group_size} completions per prompt")
+        if kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"unknown KL estimator {kl_estimator!r}; choose from {', '.join(KL_ESTIMATORS)}")
+        self.config, self.group_size, self.iterations, self.mini_batches = config, group_size, iterations, mini_batches
+        self.max_new_tokens, self.kl_in_loss, self.kl_estimator = max_new_tokens, kl_in_loss, kl_estimator
+        self.keep_old_logps = keep_old_logps or iterations > 1  # with one pass the old policy is the current one
+        self.old_logps_from_sampling = old_logps_from_sampling
+        self._prompts_per_step = per_step // group_size
+        self.setup = setup = OnlineSetup(config, prompts_per_step=self._prompts_per_step, batch_hint=batch_hint,
+                                         need_reference=kl_coef > 0 if need_reference is None else need_reference)
+        self.accelerator, self.tokenizer, self.prompts, self.policy = (setup.accelerator, setup.tokenizer,
+                                                                       setup.prompts, setup.policy)
+        self.shuffle = setup.checkpointed_generator(config.seed)  # saved in checkpoints
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts per process per step."""
+        return self._prompts_per_step
+
+    # --- hooks ----------------------------------------------------------------------------------------------
+    def advantage_estimator(self) -> tuple[str | AdvantageEstimator, dict[str, Any]]:
+        """The advantage estimator, by its registry name (or, for one that is not registered, the function
+        itself), and its hyperparameters from the config."""
+        raise NotImplementedError
+
+    def policy_of(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The policy inside the unwrapped trained ``model`` (PPO trains a policy-and-value module)."""
+        return model
+
+    def critic_values(self, model: torch.nn.Module, data: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """``(N, L)`` value-model outputs for the sampled ``data`` (``model``: the unwrapped trained module), or
+        ``None`` without a critic. Called without gradients under the rollout's precision context."""
+        return None
+
+    def rollout_metrics(self, scored: ScoredCompletions, data: dict[str, torch.Tensor], kl: torch.Tensor | None,
+                        estimator_metrics: dict[str, Any]) -> dict[str, Any]:
+        """The step's metrics: the completion statistics and per-source rewards (``scored.metrics()``), the
+        estimator's metrics, ``kl`` (mean per-token KL of the reward, TRL's RLOO ``kl``) when there is one and
+        ``rewards/<source>/std`` (:func:`reward_spread`). The rollout adds ``time/scoring`` (scoring and the
+        rollout's forwards) after it."""
+        metrics = {**scored.metrics(), **estimator_metrics}
+        if kl is not None:
+            metrics["kl"] = masked_mean(kl, data["response_mask"].bool())
+        metrics.update(reward_spread(scored))
+        return metrics
+
+    # --- the rollout ----------------------------------------------------------------------------------------
+    def rollout(self, model, examples: list[dict], step: int) -> Rollout:
+        """Sample, score, estimate the advantages; returns the step's updates (see the class docstring)."""
+        cfg, setup, device = self.config, self.setup, self.accelerator.device
+        unwrapped = self.accelerator.unwrap_model(model)
+        policy = self.policy_of(unwrapped)
+        estimator, hyperparameters = self.advantage_estimator()
+        if isinstance(estimator, str):
+            estimator = get_advantage_estimator(estimator)
+        scored = setup.sample(policy, examples, max_new_tokens=self.max_new_tokens, num_generations=self.group_size,
+                              return_logps=self.old_logps_from_sampling)
+        baseline = None
+        if getattr(estimator, "needs_greedy_baseline", False):
+            scored, baseline, baseline_seconds = self._greedy_baseline(policy, examples, scored)
+        data = dict(scored.sequences)
+        sampling_logps = data.pop("sampling_logps", None)
+        kl_in_reward = setup.has_reference and not self.kl_in_loss
+        kl = old_logps = values = None
+        start = time.perf_counter()
+        with setup.precision():
+            if self.keep_old_logps or kl_in_reward:
+                old_logps = sampling_logps if sampling_logps is not None else setup.logps(policy, data)
+            if setup.has_reference:
+                ref_logps = setup.reference_logps(policy, data)
+                if self.kl_in_loss:
+                    data["ref_logps"] = ref_logps
+                else:
+                    kl = KL_ESTIMATORS[self.kl_estimator](old_logps, ref_logps)
+            values = self.critic_values(unwrapped, data)
+        forward_seconds = time.perf_counter() - start
+        if self.keep_old_logps:
+            data["old_logps"] = old_logps
+        if values is not None:
+            data["old_values"] = values
+
+        mask = data["response_mask"]
+        outputs = AdvantageOutputs.of(estimator(
+            AdvantageInputs(scores=scored.scores.to(device), num_generations=self.group_size, mask=mask, kl=kl,
+                            values=values, baseline_scores=None if baseline is None else baseline.to(device)),
+            **hyperparameters))
+        data["advantages"] = outputs.advantages.to(device)
+        if outputs.returns is not None:
+            data["returns"] = outputs.returns
+
+        metrics = self.rollout_metrics(scored, data, kl, outputs.metrics)
+        metrics["time/scoring"] = scored.scoring_seconds + forward_seconds
+        if baseline is not None:
+            metrics["time/baseline"] = baseline_seconds
+        samples = scored.sample_rows(step) if cfg.writes_samples(step) else []
+        if self.log_sample_advantages:
+            advantages = outputs.advantages
+            first_token = advantages if advantages.dim() == 1 else advantages[:, 0]  # per token: the first one's
+            for row, value in zip(samples, first_token.tolist()):
+                row["advantage"] = value
+        if baseline is not None:
+            for i, row in enumerate(samples):
+                row["baseline_score"] = float(baseline[i // self.group_size])
+        updates = self._updates(data)
+        # dapo: every token of an update weighs the same. The loop weights each micro-batch's loss by 1 / (number
+        # of micro-batches), so each divides its token sum by (the update's tokens / its micro-batches)
+        n_micro = self.mini_batches * len(updates[0])
+        return Rollout(updates=updates, metrics=metrics, samples=samples,
+                       scalars={"num_items_in_batch": float(mask.sum()) / n_micro})
+
+    def _updates(self, data: dict[str, torch.Tensor]) -> list[list[dict[str, torch.Tensor]]]:
+        """``iterations x mini_batches`` updates of micro-batches: each pass shuffles the rows with the
+        checkpointed generator (one ``randperm`` per pass) and cuts them into ``mini_batches`` equal parts,
+        each cut into micro-batches of ``per_device_train_batch_size`` rows."""
+        device = self.accelerator.device
+        n, micro = data["response_mask"].shape[0], self.config.per_device_train_batch_size
+        mini = n // self.mini_batches
+        updates = []
+        for _ in range(self.iterations):
+            order = torch.randperm(n, generator=self.shuffle)
+            for m in range(self.mini_batches):
+                rows = order[m * mini : (m + 1) * mini]
+                updates.append([slice_rows(data, rows[i : i + micro].to(device)) for i in range(0, mini, micro)])
+        return updates
+
+    def _greedy_baseline(self, policy, examples: list[dict],
+                         scored: ScoredCompletions) -> tuple[ScoredCompletions, torch.Tensor, float]:
+        """One greedy completion per prompt, scored: ``(scored, (P,) baseline scores of its groups' prompts,
+        seconds)``. With ``--reward_func_errors drop`` a prompt whose greedy completion could not be scored
+        leaves the step with its group (counted in ``rewards/dropped``)."""
+        greedy = self.setup.sample(policy, examples, max_new_tokens=self.max_new_tokens, do_sample=False)
+        position = {p: i for i, p in enumerate(greedy.completions.prompt_index)}
+        prompts = scored.completions.prompt_index[:: self.group_size]  # each group's prompt
+        baseline = torch.tensor([float(greedy.scores[position[p]]) if p in position else math.nan for p in prompts])
+        missing = baseline.isnan()
+        if missing.any():
+            bad = missing.repeat_interleave(self.group_size)
+            scored = dataclasses.replace(scored, scores=torch.where(bad, math.nan, scored.scores))
+            scored = scored.without_bad_rewards(self.group_size)
+            baseline = baseline[~missing]
+        return scored, baseline, greedy.generation_seconds + greedy.scoring_seconds
+
+    # --- loss helpers ---------------------------------------------------------------------------------------
+    def current_and_old_logps(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, L)`` completion-token log-probs of ``batch`` under ``model`` (with gradients) and the old
+        policy's: the batch's ``old_logps``, or the current ones detached when the batch has none (one pass:
+        the ratio is exactly 1)."""
+        logps = self.setup.logps(model, batch)
+        return logps, batch["old_logps"] if "old_logps" in batch else logps.detach()
+
+    def clipped_token_loss(self, model, batch: dict[str, torch.Tensor], *, epsilon: float,
+                           epsilon_high: float | None = None) -> LossTerms:
+        """The per-token clipped surrogate ``max(-A_t r_t, -A_t clip(r_t, 1 - epsilon, 1 + epsilon_high))``
+        (:func:`~alignlab.losses.ppo.clipped_policy_loss`, PPO's eq. 7 per token), averaged over the
+        micro-batch's completion tokens (OpenRLHF ``PolicyLoss``'s token-level mean; veRL
+        ``loss_agg_mode="token-mean"``). Metrics: ``clip_ratio`` (fraction of clipped tokens) and
+        ``policy/approxkl``. ``(N,)`` advantages are broadcast over their completion's tokens."""
+        mask = batch["response_mask"].bool()
+        logps, old_logps = self.current_and_old_logps(model, batch)
+        per_token, metrics = clipped_policy_loss(logps, old_logps, batch["advantages"], mask, cliprange=epsilon,
+                                                 cliprange_high=epsilon_high)
+        loss = aggregate_token_loss(per_token, mask, loss_type="bnpo")
+        return [(loss, {"clip_ratio": metrics["policy/clipfrac"], "policy/approxkl": metrics["policy/approxkl"]})]
+
+
+def reward_spread(scored: ScoredCompletions) -> dict[str, float]:
+    """``rewards/<source>/std`` (TRL's name): the std of each reward source over the completions it scored
+    (0 with fewer than two)."""
+    out = {}
+    for name, values in scored.per_source.items():
+        kept = values[~values.isnan()]
+        out[f"rewards/{name}/std"] = float(kept.std()) if kept.numel() > 1 else 0.0
+    return out
+
+
+def check_flags(config, rules: list[tuple[str, bool, str]]) -> None:
+    """Raise ``UserError("--<flag> must be <rule>, got <value>")`` for the first ``(flag, holds, rule)`` that does
+    not hold."""
+    for flag, holds, rule in rules:
+        if not holds:
+            raise UserError(f"--{flag} must be {rule}, got {getattr(config, flag)}")
+
+
+def group_sampling_args(b: CompareBudget, group_flag: str) -> dict:
+    """A group-sampling method's flags from compare's budget: its prompts, ``b.num_generations`` completions
+    (``group_flag``) for each of ``b.prompts_per_step`` prompts per step, the completion budget, the task's reward."""
+    rule = {k: v for k, v in b.rule.items()}
+    rule.update(dataset_name=b.prompts, max_completion_length=b.max_new_tokens, temperature=b.temperature)
+    rule[group_flag] = b.num_generations
+    rule["per_device_train_batch_size"] = b.num_generations * b.prompts_per_step
+    return rule

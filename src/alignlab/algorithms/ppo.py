@@ -1,5 +1,6 @@
-"""PPO-RLHF (Ziegler et al. 2019, arXiv 1909.08593; Stiennon et al. 2020; InstructGPT, Ouyang et al. 2022):
-glue between rollout, rewards, :mod:`alignlab.advantages.gae`, :mod:`alignlab.losses.ppo` and the shared loop.
+"""PPO-RLHF (Ziegler et al. 2019, arXiv 1909.08593; Stiennon et al. 2020; InstructGPT, Ouyang et al. 2022): its
+config, the value model, GAE (:func:`alignlab.advantages.gae.gae_estimator`) in the shared policy-gradient rollout
+(:class:`~alignlab.algorithms.online.PolicyGradientAlgorithm`), and its policy and value losses.
 
 Flow of one step (TRL ``PPOTrainer``'s "update", trl 0.24): prompts -> sample completions with the policy
 (KV cache) -> old log-probs (policy), reference log-probs, values (critic), scores (reward model and/or
@@ -17,26 +18,22 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from alignlab.advantages.gae import compute_gae, kl_penalized_rewards
-from alignlab.algorithms.base import OnlineAlgorithm
-from alignlab.algorithms.online import OnlineConfig, OnlineSetup
+from alignlab.advantages.gae import gae_estimator
+from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm
 from alignlab.errors import UserError
 from alignlab.losses.ppo import clipped_policy_loss, clipped_value_loss
 from alignlab.methods import CompareBudget, CompareEntry, Method, register_method
 from alignlab.models import load_reward_model
-from alignlab.ops.kl import KL_ESTIMATORS
-from alignlab.ops.masked import masked_mean, masked_var, masked_whiten
-from alignlab.rollout.generation import completion_token_logps, slice_rows, token_values
-from alignlab.train.distributed import is_sharded
-from alignlab.train.loop import Rollout, TrainResult, autocast
-from alignlab.train.steps import LossTerms
+from alignlab.ops.masked import masked_mean, masked_var
+from alignlab.rollout.generation import completion_token_logps, token_values
+from alignlab.train.loop import TrainResult
 from alignlab.train.setup import prepare_model
+from alignlab.train.steps import LossTerms
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +146,10 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return 1 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8)
 
 
-class PPOTrainer(OnlineAlgorithm):
-    """PPO of a causal LM against a reward model and/or reward functions.
+class PPOTrainer(PolicyGradientAlgorithm):
+    """PPO of a causal LM against a reward model and/or reward functions: the shared policy-gradient rollout
+    (:class:`~alignlab.algorithms.online.PolicyGradientAlgorithm`) with a critic's values, GAE on the
+    KL-penalised per-token rewards, and ``num_mini_batches`` optimizer steps per pass.
 
     >>> PPOTrainer(PPOConfig(dataset_name="prompts.jsonl", reward_funcs=["rewards.py:short"], output_dir="runs/ppo",
     ...                      max_steps=20)).train()
@@ -159,86 +158,68 @@ class PPOTrainer(OnlineAlgorithm):
         UserError / DataError: bad flags, unreadable data or models, a bad row, a failing reward function.
     """
 
+    plot_panels = PPO_PLOTS
+    log_sample_advantages = False
+
     def __init__(self, config: PPOConfig):
-        self.config = cfg = config
-        self.setup = setup = OnlineSetup(
-            config,
-            prompts_per_step=config.rollout_batch_size,
+        # When the policy samples with top_p = 1, its old log-probs are those of the sampled tokens under
+        # softmax(logits / temperature), which the sampler records as it draws (TRL 0.24 takes them from the
+        # generation logits too); otherwise one more forward computes them.
+        super().__init__(
+            config, group_size=1, iterations=config.num_ppo_epochs, max_new_tokens=config.response_length,
+            kl_coef=config.kl_coef, kl_estimator=config.kl_estimator, mini_batches=config.num_mini_batches,
+            need_reference=True, keep_old_logps=True, old_logps_from_sampling=config.top_p == 1.0,
             batch_hint="per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches",
         )
-        self.accelerator, self.tokenizer, self.prompts = setup.accelerator, setup.tokenizer, setup.prompts
-        tok, device = self.tokenizer, self.accelerator.device
+        cfg, tok, device = config, self.tokenizer, self.accelerator.device
         value_path = config.value_model_path or config.reward_model_path or config.model_name_or_path
         value_model = load_reward_model(value_path, pad_token_id=tok.pad_token_id,
                                         trust_remote_code=config.trust_remote_code, use_kernels=config.use_kernels)
         value_model = prepare_model(value_model, config, device, task_type="SEQ_CLS", modules_to_save=["score"])
         self.model = PolicyAndValue(
-            setup.policy, value_model, temperature=cfg.temperature, padding_free=cfg.padding_free,
+            self.setup.policy, value_model, temperature=cfg.temperature, padding_free=cfg.padding_free,
             pad_token_id=tok.pad_token_id,
         )
-        self.shuffle = setup.checkpointed_generator(config.seed)  # saved in checkpoints
 
     @property
     def ref_model(self):
         return self.setup.ref_model
 
-    # ------------------------------------------------------------------------------------------------------
-    def rollout(self, model, examples: list[dict], step: int) -> Rollout:
-        """Sample, score and compute advantages for one batch of prompts; returns the step's updates.
+    def advantage_estimator(self) -> tuple[Any, dict[str, Any]]:
+        """GAE on the KL-penalised per-token rewards, advantages whitened, value targets as ``returns``."""
+        cfg = self.config
+        return gae_estimator, {"kl_coef": cfg.kl_coef, "gamma": cfg.gamma, "lam": cfg.lam,
+                               "whiten_rewards": cfg.whiten_rewards}
 
-        Called by the loop without gradients, the models in eval mode.
-        """
-        cfg, setup = self.config, self.setup
-        device = self.accelerator.device
-        wrapper = self.accelerator.unwrap_model(model)
-        policy = wrapper.policy
-        # When the policy samples with top_p = 1, its old log-probs are those of the sampled tokens under
-        # softmax(logits / temperature), which the sampler records as it draws (TRL 0.24 takes them from the
-        # generation logits too); otherwise one more forward computes them.
-        from_generation = cfg.top_p == 1.0
-        scored = setup.sample(policy, examples, max_new_tokens=cfg.response_length, return_logps=from_generation)
-        seq, scores = scored.sequences, scored.scores.to(device)
-        start = time.perf_counter()
-        with autocast(cfg, device):
-            old_logps = seq.pop("sampling_logps") if from_generation else setup.logps(policy, seq)
-            ref_logps = setup.reference_logps(policy, seq)
-            old_values = token_values(wrapper.value_model, seq, padding_free=cfg.padding_free,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-        forward_seconds = time.perf_counter() - start
+    def policy_of(self, model: PolicyAndValue) -> torch.nn.Module:
+        return model.policy
 
-        mask = seq["response_mask"].bool()
-        rewards = kl_penalized_rewards(scores, old_logps, ref_logps, mask, kl_coef=cfg.kl_coef, estimator=cfg.kl_estimator)
-        if cfg.whiten_rewards:
-            rewards = torch.where(mask, masked_whiten(rewards, mask, shift_mean=False), 0)
-        advantages, returns = compute_gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
-        advantages = torch.where(mask, masked_whiten(advantages, mask), 0)
+    def critic_values(self, model: PolicyAndValue, data: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(N, L)`` critic values ``V(s_t)`` at sampling time (the loss's ``old_values``)."""
+        return token_values(model.value_model, data, padding_free=self.config.padding_free,
+                            pad_token_id=self.tokenizer.pad_token_id)
 
-        kl = torch.where(mask, KL_ESTIMATORS[cfg.kl_estimator](old_logps, ref_logps), 0).sum(1)
+    def rollout_metrics(self, scored, data, kl, estimator_metrics) -> dict[str, Any]:
+        """TRL PPO's ``objective/*`` (scores, summed KL, entropy of the sampled tokens, non-score and RLHF reward)
+        and ``val/explained_variance``, with the completion statistics (no ``rewards/<source>/mean`` when it is
+        the only source: the same number as ``objective/scores``)."""
+        cfg = self.config
+        mask = data["response_mask"].bool()
+        scores = scored.scores.to(self.accelerator.device)
+        kl = torch.where(mask, kl, 0).sum(1)
         non_score = -cfg.kl_coef * kl
         metrics = scored.metrics()
         metrics.update({
             "objective/scores": scores,
             "objective/kl": kl,
-            "objective/entropy": -old_logps.sum(1),
+            "objective/entropy": -data["old_logps"].sum(1),
             "objective/non_score_reward": non_score,
             "objective/rlhf_reward": scores + non_score,
-            "val/explained_variance": explained_variance(old_values, returns, mask),
-            "time/scoring": scored.scoring_seconds + forward_seconds,
+            "val/explained_variance": explained_variance(data["old_values"], data["returns"], mask),
         })
-        if len(setup.sources) == 1:
-            metrics.pop(f"rewards/{setup.sources[0].name}/mean")  # the same number as objective/scores
-
-        data = dict(seq, old_logps=old_logps, old_values=old_values, advantages=advantages, returns=returns)
-        n, micro = len(examples), cfg.per_device_train_batch_size
-        mini = n // cfg.num_mini_batches
-        updates = []
-        for _ in range(cfg.num_ppo_epochs):
-            order = torch.randperm(n, generator=self.shuffle)
-            for m in range(cfg.num_mini_batches):
-                rows = order[m * mini : (m + 1) * mini]
-                updates.append([slice_rows(data, rows[i : i + micro].to(device)) for i in range(0, mini, micro)])
-        samples = scored.sample_rows(step) if cfg.writes_samples(step) else []
-        return Rollout(updates=updates, metrics=metrics, samples=samples)
+        if len(self.setup.sources) == 1:
+            metrics.pop(f"rewards/{self.setup.sources[0].name}/mean")  # the same number as objective/scores
+        return metrics
 
     def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
         """``loss/policy + vf_coef * loss/value`` on one micro-batch of the rollout (token means, as TRL).
@@ -249,7 +230,7 @@ class PPOTrainer(OnlineAlgorithm):
         share no parameters. DDP-wrapped, both forwards run first and their sum is one term (DDP expects one
         backward per forward); so does a module sharded with FSDP2 (its root's forward gathers and its backward
         hooks reduce)."""
-        if isinstance(model, PolicyAndValue) and not is_sharded(model):
+        if isinstance(model, PolicyAndValue) and not self.setup.is_sharded(model):
             yield self._policy_loss(model.policy_logps(batch), batch)
             yield self._value_loss(model.values(batch), batch)
             return
@@ -273,8 +254,6 @@ class PPOTrainer(OnlineAlgorithm):
                                          cliprange_value=self.config.cliprange_value)
         value_loss = masked_mean(vf, mask)
         return self.config.vf_coef * value_loss, {"loss/value": value_loss.detach(), **metrics}
-
-    plot_panels = PPO_PLOTS
 
     def loop_inputs(self) -> dict:
         return {"model": self.model, "train_dataset": self.prompts, "collate_fn": list, "rollout_fn": self.rollout,

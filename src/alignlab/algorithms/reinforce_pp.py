@@ -1,6 +1,7 @@
 """REINFORCE++ (Hu 2025, arXiv 2501.03262): REINFORCE with a per-token KL penalty folded into the reward and the
-returns whitened over the whole batch; no critic. Glue between the shared critic-free rollout
-(:class:`~alignlab.algorithms.rloo.SampledPolicyGradient`), :mod:`alignlab.advantages.reinforce` and the loop.
+returns whitened over the whole batch; no critic. Its config, the registry's ``"reinforce_plus_plus[_baseline]"``
+estimator (:mod:`alignlab.advantages.reinforce`) in the shared policy-gradient rollout
+(:class:`~alignlab.algorithms.online.PolicyGradientAlgorithm`), and its per-token loss.
 
 Flow of one step (OpenRLHF ``--advantage_estimator reinforce`` / ``reinforce_baseline``): prompts ->
 ``n_samples_per_prompt`` completions each -> rewards -> sampling-time and reference log-probs -> token rewards
@@ -16,14 +17,11 @@ commands' (TRL's) for sampling and data (``max_completion_length``, ``temperatur
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from alignlab.advantages.registry import AdvantageInputs, get_advantage_estimator
-from alignlab.algorithms.online import OnlineConfig
-from alignlab.algorithms.rloo import SampledPolicyGradient, check_flags, group_sampling_args
-from alignlab.losses.ppo import aggregate_token_loss, clipped_policy_loss
+from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm, check_flags, group_sampling_args
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.train.loop import TrainResult
 from alignlab.train.steps import LossTerms
@@ -75,7 +73,7 @@ class ReinforcePPConfig(OnlineConfig):
         ])
 
 
-class ReinforcePPTrainer(SampledPolicyGradient):
+class ReinforcePPTrainer(PolicyGradientAlgorithm):
     """REINFORCE++ of a causal LM against reward functions and/or a reward model.
 
     Raises:
@@ -83,29 +81,24 @@ class ReinforcePPTrainer(SampledPolicyGradient):
     """
 
     plot_panels = {"reward": ["reward"], "return": ["return"], "kl": ["kl"], "clip_ratio": ["clip_ratio"],
-             "completion_length": ["completions/mean_length"]}
+                   "completion_length": ["completions/mean_length"]}
 
     def __init__(self, config: ReinforcePPConfig):
         super().__init__(config, group_size=config.n_samples_per_prompt, iterations=config.max_epochs,
-                         kl_coef=config.init_kl_coef)
+                         max_new_tokens=config.max_completion_length, kl_coef=config.init_kl_coef,
+                         batch_hint="per_device_train_batch_size x gradient_accumulation_steps / n_samples_per_prompt")
 
-    def advantages(self, inputs: AdvantageInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def advantage_estimator(self) -> tuple[str, dict[str, Any]]:
         """``(N, L)`` advantages from the registry's ``reinforce_plus_plus[_baseline]`` estimator."""
         cfg = self.config
-        return get_advantage_estimator(ESTIMATORS[cfg.advantage_estimator])(
-            inputs, kl_coef=cfg.init_kl_coef, gamma=cfg.gamma, no_std_norm=cfg.no_advantage_std_norm)
+        return ESTIMATORS[cfg.advantage_estimator], {"kl_coef": cfg.init_kl_coef, "gamma": cfg.gamma,
+                                                     "no_std_norm": cfg.no_advantage_std_norm}
 
     def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
         """Per-token clipped surrogate with the per-token advantages, averaged over the micro-batch's completion
-        tokens (OpenRLHF ``PolicyLoss`` with its token-level mean). Metrics: ``clip_ratio`` (fraction of clipped
-        tokens) and ``policy/approxkl``."""
-        mask = batch["response_mask"].bool()
-        logps = self.setup.logps(model, batch)
-        old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
-        per_token, metrics = clipped_policy_loss(logps, old_logps, batch["advantages"], mask,
-                                                 cliprange=self.config.eps_clip)
-        loss = aggregate_token_loss(per_token, mask, loss_type="bnpo")
-        return [(loss, {"clip_ratio": metrics["policy/clipfrac"], "policy/approxkl": metrics["policy/approxkl"]})]
+        tokens (OpenRLHF ``PolicyLoss`` with its token-level mean; ``clipped_token_loss``). Metrics:
+        ``clip_ratio`` (fraction of clipped tokens) and ``policy/approxkl``."""
+        return self.clipped_token_loss(model, batch, epsilon=self.config.eps_clip)
 
 
 def train_reinforce_pp(config: ReinforcePPConfig) -> TrainResult:

@@ -159,6 +159,7 @@ def sample_and_score(
     padding_free: bool = False,
     on_error: str = "raise",
     generation_backend: str = "auto",
+    do_sample: bool = True,
 ) -> ScoredCompletions:
     """Sample ``num_generations`` completions per prompt example and score them.
 
@@ -184,6 +185,7 @@ def sample_and_score(
         generation_backend: the engine that samples (:func:`alignlab.rollout.engines.engine_for`, pointed at
             ``policy``'s current weights first); an engine that cannot return log-probs has them recomputed with
             one forward when ``return_logps``.
+        do_sample: ``False``: greedy decoding (a baseline completion, as ReMax's).
 
     Raises:
         UserError: (``on_error="raise"``) a reward function failed or returned bad values.
@@ -194,7 +196,7 @@ def sample_and_score(
         engine = engine_for(policy, generation_backend)
         params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
-                                num_generations=num_generations, return_logps=return_logps)
+                                num_generations=num_generations, return_logps=return_logps, do_sample=do_sample)
         completions = engine.generate(prompt_ids, params)
         generation_seconds = time.perf_counter() - start
 
