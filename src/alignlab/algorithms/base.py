@@ -6,14 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 from alignlab.models import load_tokenizer
-from alignlab.train.loop import Trainer, TrainResult, build_accelerator
+from alignlab.train.loop import Trainer
+from alignlab.train.runtime import build_runtime
+from alignlab.train.types import TrainResult
 from alignlab.train.steps import LossTerms
 
 
 class Algorithm:
     """Base of the algorithm classes (``DPOTrainer``, ``GRPOTrainer``, ...).
 
-    A subclass has ``config``, ``accelerator`` and ``tokenizer`` (offline ones from ``Algorithm.__init__``), a
+    A subclass has ``config``, ``runtime`` (:class:`~alignlab.train.runtime.Runtime`: device, precision,
+    sharding), ``accelerator`` (the runtime's) and ``tokenizer`` (offline ones from ``Algorithm.__init__``), a
     class attribute
     ``plot_panels`` (file stem -> metric names for ``plots/*.png``), and defines :meth:`compute_loss` and
     :meth:`loop_inputs`.
@@ -22,10 +25,11 @@ class Algorithm:
     plot_panels: dict[str, list[str]] = {}
 
     def __init__(self, config):
-        """The offline algorithms' start: ``config``, the accelerator (before any model is loaded) and the
+        """The offline algorithms' start: ``config``, the runtime (before any model is loaded) and the
         tokenizer. Online algorithms get both from :class:`~alignlab.algorithms.online.OnlineSetup` instead."""
         self.config = config
-        self.accelerator = build_accelerator(config)
+        self.runtime = build_runtime(config)
+        self.accelerator = self.runtime.accelerator
         self.tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
 
     def compute_loss(self, model, batch: dict[str, Any]) -> LossTerms:
@@ -41,7 +45,7 @@ class Algorithm:
     def train(self) -> TrainResult:
         """Train, evaluate when there is an eval set, save; returns where everything went."""
         inputs = {"plot_panels": self.plot_panels, **self.loop_inputs()}
-        return Trainer(self.config, self.accelerator, tokenizer=self.tokenizer, loss_fn=self.compute_loss,
+        return Trainer(self.config, self.runtime, tokenizer=self.tokenizer, loss_fn=self.compute_loss,
                        **inputs).train()
 
 

@@ -26,7 +26,6 @@ from alignlab.methods import CompareBudget, CompareEntry, Method, register_metho
 from alignlab.models import is_peft_model, load_causal_lm
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
-from alignlab.train.runtime import Runtime
 from alignlab.train.setup import load_train_eval
 from alignlab.train.steps import LossTerms
 from alignlab.train.types import TrainResult
@@ -241,7 +240,7 @@ class DPOTrainer(Algorithm):
 
     def __init__(self, config: DPOConfig):
         super().__init__(config)
-        self.runtime = runtime = Runtime(config, self.accelerator)  # the accelerator from Algorithm.__init__
+        runtime = self.runtime
         build_kwargs = dict(
             is_main_process=self.accelerator.is_main_process,
             max_length=config.max_length,

@@ -23,7 +23,7 @@ from alignlab.losses.ppo import aggregate_token_loss, get_policy_loss, importanc
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.ops.kl import kl_k3
 from alignlab.ops.masked import masked_mean
-from alignlab.train.loop import TrainResult
+from alignlab.train.types import TrainResult
 from alignlab.train.steps import LossTerms
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,6 @@ from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.models import load_causal_lm
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
-from alignlab.train.runtime import Runtime
 from alignlab.train.setup import load_train_eval
 from alignlab.train.steps import LossTerms
 from alignlab.train.types import TrainResult
@@ -141,7 +140,6 @@ class KTOTrainer(Algorithm):
 
     def __init__(self, config: KTOConfig):
         super().__init__(config)
-        self.runtime = Runtime(config, self.accelerator)  # the accelerator from Algorithm.__init__
         self.train_examples, self.eval_examples = load_train_eval(
             config, build_unpaired_examples, self.tokenizer, is_main_process=self.accelerator.is_main_process,
             max_length=config.max_length, **config.columns)

@@ -37,13 +37,13 @@ from alignlab.ops.kl import KL_ESTIMATORS
 from alignlab.ops.masked import masked_mean
 from alignlab.rollout.engines import BACKENDS
 from alignlab.rollout.experience import ScoredCompletions, sample_and_score
-from alignlab.rollout.generation import completion_token_logps, slice_rows
+from alignlab.data.sequences import slice_rows
+from alignlab.rollout.generation import completion_token_logps
 from alignlab.rollout.rewards import build_reward_sources
 from alignlab.rollout.scoring import attach_reward_model
 from alignlab.train.config import TrainConfig
-from alignlab.train.distributed import gathered_parameters, is_sharded
-from alignlab.train.loop import Rollout, autocast, build_accelerator
-from alignlab.train.setup import frozen_model, prepare_model
+from alignlab.train.runtime import build_runtime
+from alignlab.train.types import Rollout
 from alignlab.train.steps import LossTerms
 
 logger = logging.getLogger(__name__)
@@ -151,8 +151,8 @@ class OnlineSetup:
 
     def __init__(self, config: OnlineConfig, *, prompts_per_step: int, batch_hint: str, need_reference: bool = True):
         self.config = config
-        self.accelerator = acc = build_accelerator(config)
-        device = acc.device
+        self.runtime = runtime = build_runtime(config)
+        self.accelerator = acc = runtime.accelerator
         self.tokenizer = tok = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
         rows = read_rows(config.dataset_name, config_name=config.dataset_config, split=config.dataset_train_split)
         self.prompts, stats = build_prompt_examples(
@@ -174,10 +174,10 @@ class OnlineSetup:
         self.has_reference = need_reference
         self.ref_model = None
         if need_reference and not config.use_peft:  # with LoRA the reference is the policy, adapters disabled
-            self.ref_model = frozen_model(copy.deepcopy(policy), acc)
-        self.policy = prepare_model(policy, config, device)
+            self.ref_model = runtime.frozen_model(copy.deepcopy(policy))
+        self.policy = runtime.prepare_model(policy)
 
-        self.reward_tokenizer = attach_reward_model(self.sources, config, tok, device, acc)
+        self.reward_tokenizer = attach_reward_model(self.sources, config, tok, runtime)
 
     def checkpointed_generator(self, seed: int) -> torch.Generator:
         """A ``torch.Generator`` seeded with ``seed`` whose state is saved in every checkpoint and restored on
@@ -216,14 +216,13 @@ class OnlineSetup:
 
     def precision(self) -> AbstractContextManager:
         """A fresh precision context for forward passes outside the loss (the rollout's log-probs and values):
-        bf16 autocast with ``--bf16``, else a no-op (:func:`alignlab.train.loop.autocast`)."""
-        return autocast(self.config, self.accelerator.device)
+        bf16 autocast with ``--bf16``, else a no-op (:meth:`alignlab.train.runtime.Runtime.precision`)."""
+        return self.runtime.precision()
 
-    @staticmethod
-    def is_sharded(model: torch.nn.Module) -> bool:
+    def is_sharded(self, model: torch.nn.Module) -> bool:
         """Whether ``model`` (or a module inside it) is sharded with FSDP2
-        (:func:`alignlab.train.distributed.is_sharded`)."""
-        return is_sharded(model)
+        (:meth:`alignlab.train.runtime.Runtime.is_sharded`)."""
+        return self.runtime.is_sharded(model)
 
     def sample(self, policy: torch.nn.Module, examples: list[dict], *, max_new_tokens: int,
                num_generations: int = 1, return_logps: bool = False, do_sample: bool = True) -> ScoredCompletions:
@@ -234,12 +233,12 @@ class OnlineSetup:
         prompt's group (:meth:`~alignlab.rollout.experience.ScoredCompletions.without_bad_rewards`).
 
         A policy sharded with FSDP2 is all-gathered once for the whole call (every process calls it) and
-        resharded after it (:func:`alignlab.train.distributed.gathered_parameters`), so decoding runs on full
-        weights, as in one process or DDP."""
-        cfg, device = self.config, self.accelerator.device
-        with gathered_parameters(policy):
+        resharded after it (:meth:`alignlab.train.runtime.Runtime.sampling`), so decoding runs on full weights,
+        as in one process or DDP."""
+        cfg, device = self.config, self.runtime.device
+        with self.runtime.sampling(policy) as model:
             scored = sample_and_score(
-                policy, self.tokenizer, examples, self.sources, device=device, precision=self.precision(),
+                model, self.tokenizer, examples, self.sources, device=device, precision=self.precision(),
                 max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                 num_generations=num_generations, missing_eos_penalty=cfg.missing_eos_penalty,
                 reward_tokenizer=self.reward_tokenizer, return_logps=return_logps,
@@ -321,6 +320,7 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         self._prompts_per_step = per_step // group_size
         self.setup = setup = OnlineSetup(config, prompts_per_step=self._prompts_per_step, batch_hint=batch_hint,
                                          need_reference=kl_coef > 0 if need_reference is None else need_reference)
+        self.runtime = setup.runtime
         self.accelerator, self.tokenizer, self.prompts, self.policy = (setup.accelerator, setup.tokenizer,
                                                                        setup.prompts, setup.policy)
         self.shuffle = setup.checkpointed_generator(config.seed)  # saved in checkpoints

@@ -24,7 +24,6 @@ from alignlab.data.sequences import slice_rows
 from alignlab.errors import UserError
 from alignlab.losses.dpo import PairLogps, combined_reward_kind, preference_loss, preference_metrics
 from alignlab.methods import CompareEntry, Method, register_method
-from alignlab.train.runtime import Runtime
 from alignlab.train.steps import LossTerms
 from alignlab.train.types import Rollout, TrainResult
 
@@ -93,7 +92,7 @@ class OnlineDPOTrainer(OnlineAlgorithm):
             need_reference=config.needs_reference,
         )
         self.accelerator, self.tokenizer, self.prompts = setup.accelerator, setup.tokenizer, setup.prompts
-        self.runtime = Runtime(config, self.accelerator)  # the accelerator from OnlineSetup
+        self.runtime = setup.runtime
         self.policy = setup.policy
 
     def _logps(self, model, sequences: dict[str, torch.Tensor]) -> torch.Tensor:

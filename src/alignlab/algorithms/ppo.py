@@ -31,8 +31,7 @@ from alignlab.methods import CompareBudget, CompareEntry, Method, register_metho
 from alignlab.models import load_reward_model
 from alignlab.ops.masked import masked_mean, masked_var
 from alignlab.rollout.generation import completion_token_logps, token_values
-from alignlab.train.loop import TrainResult
-from alignlab.train.setup import prepare_model
+from alignlab.train.types import TrainResult
 from alignlab.train.steps import LossTerms
 
 logger = logging.getLogger(__name__)
@@ -58,6 +57,12 @@ class PPOConfig(OnlineConfig):
     value_model_path: str | None = None
     """Initialise the value model from this checkpoint instead (default: the reward model, else the policy
     with a fresh scalar head)."""
+    value_head_init: Literal["zero", "random"] = "zero"
+    """The fresh scalar head of a value model that starts from the policy (neither ``--value_model_path`` nor
+    ``--reward_model_path``): ``zero`` starts every state's value at 0, so the first advantages are GAE's
+    KL-penalised returns whitened over the batch, and the critic learns from there; ``random`` keeps the model's
+    own initialisation (TRL's). alignlab's flag: a random head's per-token values on the embedded model spread
+    4-5 times wider than the task reward, so the first updates follow the critic's noise (docs/ppo.md)."""
     response_length: int = 53
     """Most tokens sampled per completion (TRL's default 53)."""
     temperature: float = 0.7
@@ -107,6 +112,22 @@ class PPOConfig(OnlineConfig):
     def rollout_batch_size(self) -> int:
         """Prompts per process per step."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
+
+
+def zero_score_head(model: torch.nn.Module) -> None:
+    """Set the scalar head of a sequence-classification model (transformers' ``score``, ``hidden -> 1``) to 0, so
+    that ``V(s) = 0`` for every state until the critic learns.
+
+    Raises:
+        UserError: the model has no ``score`` linear layer.
+    """
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise UserError(f"--value_head_init zero: {type(model).__name__} has no linear 'score' head")
+    with torch.no_grad():
+        head.weight.zero_()
+        if head.bias is not None:
+            head.bias.zero_()
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -171,11 +192,13 @@ class PPOTrainer(PolicyGradientAlgorithm):
             need_reference=True, keep_old_logps=True, old_logps_from_sampling=config.top_p == 1.0,
             batch_hint="per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches",
         )
-        cfg, tok, device = config, self.tokenizer, self.accelerator.device
+        cfg, tok = config, self.tokenizer
         value_path = config.value_model_path or config.reward_model_path or config.model_name_or_path
         value_model = load_reward_model(value_path, pad_token_id=tok.pad_token_id,
                                         trust_remote_code=config.trust_remote_code, use_kernels=config.use_kernels)
-        value_model = prepare_model(value_model, config, device, task_type="SEQ_CLS", modules_to_save=["score"])
+        if value_path == config.model_name_or_path and config.value_head_init == "zero":
+            zero_score_head(value_model)
+        value_model = self.setup.runtime.prepare_model(value_model, task_type="SEQ_CLS", modules_to_save=["score"])
         self.model = PolicyAndValue(
             self.setup.policy, value_model, temperature=cfg.temperature, padding_free=cfg.padding_free,
             pad_token_id=tok.pad_token_id,

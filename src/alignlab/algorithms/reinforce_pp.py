@@ -23,7 +23,7 @@ import torch
 
 from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm, check_flags, group_sampling_args
 from alignlab.methods import CompareEntry, Method, register_method
-from alignlab.train.loop import TrainResult
+from alignlab.train.types import TrainResult
 from alignlab.train.steps import LossTerms
 
 ESTIMATORS = {"reinforce": "reinforce_plus_plus", "reinforce_baseline": "reinforce_plus_plus_baseline"}

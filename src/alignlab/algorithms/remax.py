@@ -19,7 +19,7 @@ import torch
 
 from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm, check_flags, group_sampling_args
 from alignlab.methods import CompareEntry, Method, register_method
-from alignlab.train.loop import TrainResult
+from alignlab.train.types import TrainResult
 from alignlab.train.steps import LossTerms
 
 

@@ -27,7 +27,6 @@ from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.models import load_reward_model, load_tokenizer
 from alignlab.rollout.scoring import sequence_scores
 from alignlab.train.config import TrainConfig, resolve_bf16
-from alignlab.train.runtime import Runtime
 from alignlab.train.setup import load_train_eval
 from alignlab.train.steps import LossTerms
 from alignlab.train.types import TrainResult
@@ -164,7 +163,6 @@ class RewardTrainer(Algorithm):
 
     def __init__(self, config: RewardConfig):
         super().__init__(config)
-        self.runtime = Runtime(config, self.accelerator)  # the accelerator from Algorithm.__init__
         self.train_examples, self.eval_examples = load_train_eval(
             config,
             build_reward_examples,
@@ -285,6 +283,8 @@ def score_dataset(config: ScoreConfig) -> ScoreResult:
     if not examples:
         raise UserError(f"--dataset_name: no pair of {config.dataset_name} is left to score")
     model = load_reward_model(path, pad_token_id=tokenizer.pad_token_id, trust_remote_code=config.trust_remote_code)
+    from alignlab.train.runtime import Runtime
+
     runtime = Runtime(config)  # one process on the device PyTorch finds, the config's precision
     model = runtime.frozen_model(model)
     device = runtime.device

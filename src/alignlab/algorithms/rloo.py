@@ -20,7 +20,7 @@ from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm, ch
 from alignlab.errors import UserError
 from alignlab.losses.ppo import clipped_policy_loss
 from alignlab.methods import CompareEntry, Method, register_method
-from alignlab.train.loop import TrainResult
+from alignlab.train.types import TrainResult
 from alignlab.train.steps import LossTerms
 
 

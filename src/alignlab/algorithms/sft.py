@@ -20,7 +20,6 @@ from alignlab.methods import Method, register_method
 from alignlab.models import load_causal_lm
 from alignlab.ops.logprobs import supports_packing, target_token_logps
 from alignlab.train.config import TrainConfig
-from alignlab.train.runtime import Runtime
 from alignlab.train.setup import load_train_eval
 from alignlab.train.steps import LossTerms
 from alignlab.train.types import TrainResult
@@ -91,7 +90,6 @@ class SFTTrainer(Algorithm):
 
     def __init__(self, config: SFTConfig):
         super().__init__(config)
-        self.runtime = Runtime(config, self.accelerator)  # the accelerator from Algorithm.__init__
         self.train_examples, self.eval_examples = load_train_eval(
             config,
             build_sft_examples,
