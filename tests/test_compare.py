@@ -177,8 +177,8 @@ def test_a_failing_method_is_marked_and_resume_reuses_the_rest(tiny_model_dir, p
                prompts_per_step=2, max_new_tokens=6, eval_split_size=0.34)
     method_args = Compare.method_args
 
-    def broken(self, method):
-        args = method_args(self, method)
+    def broken(self, method, trial=None):
+        args = method_args(self, method, trial)
         return {**args, "no_such_flag": 1} if method == "grpo" else args
 
     monkeypatch.setattr(Compare, "method_args", broken)
@@ -207,3 +207,69 @@ def test_evaluate_with_a_reward_model_on_a_prompts_file(capsys, tiny_model_dir, 
     base = json.loads(out.read_text())["methods"][tiny_model_dir]
     assert base["completions"] == 6 and math.isfinite(base["rewards/reward_model"])
     assert base["mean_reward"] == pytest.approx(base["rewards/reward_model"], abs=1e-5)
+
+
+def test_tuning_grid_split_and_flags():
+    from alignlab.experiments.tuning import grid, kl_flag, parse_tune, validation_split
+    from alignlab.methods import get_method
+
+    # the starting value first (ties keep it), then the other multiples, rounded to 6 significant digits
+    assert grid(2e-5, [0.5, 1.0, 2.0]) == [2e-5, 1e-5, 4e-5]
+    assert parse_tune(["lr,beta"]) == ["learning_rate", "beta"] and parse_tune(["kl", "learning_rate"]) == [
+        "learning_rate", "beta"]
+    assert kl_flag(get_method("ppo").config) == "kl_coef" and kl_flag(get_method("dpo").config) == "beta"
+    assert kl_flag(get_method("reinforce-pp").config) == "init_kl_coef" and kl_flag(get_method("sft").config) is None
+    rows = list(range(20))
+    train, validation = validation_split(rows, 0.25, seed=3, min_train=4)
+    assert len(validation) == 5 and sorted(train + validation) == rows and not set(train) & set(validation)
+    assert validation_split(rows, 0.25, seed=3, min_train=4) == (train, validation)  # seeded
+    from alignlab.errors import UserError
+
+    with pytest.raises(UserError, match="leave 1 for tuning runs"):
+        validation_split(list(range(3)), 0.5, seed=0, min_train=4)
+
+
+@pytest.mark.integration  # one process per trial and method
+def test_tune_chooses_on_the_validation_split_of_the_training_prompts(tiny_model_dir, tmp_path, monkeypatch):
+    import yaml
+
+    from alignlab.experiments import evaluate as evaluate_module
+
+    evaluated = []  # (prompts file, prompts) of every Evaluator the run builds
+    init = evaluate_module.Evaluator.__init__
+
+    def spy(self, config):
+        init(self, config)
+        evaluated.append((config.dataset_name, [json.dumps(e["prompt"]) for e in self.prompts]))
+
+    monkeypatch.setattr(evaluate_module.Evaluator, "__init__", spy)
+    out = tmp_path / "cmp"
+    cfg = CompareConfig(output_dir=str(out), task="kid-stories", preset="smoke", methods=["dpo", "grpo"],
+                        model_name_or_path=tiny_model_dir, tune=["lr,beta"], tune_factors=[1.0, 2.0],
+                        )
+    results = Compare(cfg).run()
+    read = lambda path: [json.dumps(json.loads(line)["prompt"]) for line in path.read_text().splitlines()]
+    train, held_out = set(read(out / "train.jsonl")), set(read(out / "eval.jsonl"))
+    validation = set(read(out / "tune" / "validation.jsonl"))
+    assert validation and validation <= train and not validation & held_out
+    # tuning validated on the validation prompts only; the held-out prompts were read once, after the tuning
+    assert [name for name, _ in evaluated] == [str(out / "tune" / "validation.jsonl"), str(out / "eval.jsonl")]
+    assert set(evaluated[0][1]) == validation and set(evaluated[1][1]) == held_out
+    tuning = results["tuning"]["methods"]
+    # dpo: learning rate x {1, 2}, then beta x 2 at the best rate; grpo: beta 0 (no KL term) is not tuned
+    assert len(tuning["dpo"]["trials"]) == 3 and len(tuning["grpo"]["trials"]) == 2
+    for method, t in tuning.items():
+        best = max(t["trials"], key=lambda trial: trial["validation_reward"])
+        assert t["chosen"] == {k: best[k] for k in t["chosen"]}
+        for trial in t["trials"]:  # trials train on the tuning-train prompts (or their pairs) only
+            args = yaml.safe_load((out / trial["run"] / "args.yaml").read_text())
+            names = args["dataset_name"] if isinstance(args["dataset_name"], list) else [args["dataset_name"]]
+            assert all(str(name).startswith(str(out / "tune")) for name in names), names
+            assert args["max_steps"] == cfg.tune_steps == 1
+        final = yaml.safe_load((out / method / "args.yaml").read_text())
+        assert final["learning_rate"] == t["chosen"]["learning_rate"]
+    assert yaml.safe_load((out / "dpo" / "args.yaml").read_text())["beta"] == tuning["dpo"]["chosen"]["beta"]
+    fairness = results["fairness"]
+    assert "validation split" in fairness["sentence"] and any("optimizer steps" in x for x in fairness["equalised"])
+    page = html.unescape((out / "report.html").read_text())
+    assert fairness["sentence"] in page and "validation reward" in page

@@ -124,12 +124,32 @@ class CompareConfig:
     bf16: bool | None = None
     """bf16 autocast; unset: on where bf16 matrix products are fast (``alignlab.train.config.fast_bf16_available``)."""
     trust_remote_code: bool = False
+    tune: list[str] | None = None
+    """Tune these per method before the final runs (``learning_rate``/``lr``, ``beta``/``kl``: each method's KL
+    coefficient), on a validation split of the training prompts, never the held-out ones
+    (:mod:`alignlab.experiments.tuning`; docs/compare.md)."""
+    tune_factors: list[float] | None = None
+    """Multiples of each method's starting value tried by ``--tune`` (default 0.5 1 2)."""
+    tune_steps: int | None = None
+    """Steps of each tuning trial (default: half of ``--max_steps``, at least 1)."""
+    tune_validation_size: float = 0.25
+    """Fraction of the training prompts held out as the validation split of ``--tune``."""
 
     def __post_init__(self) -> None:
+        from alignlab.experiments.tuning import parse_tune
+
         self.bf16 = resolve_bf16(self.bf16)
+        self.tune = parse_tune(self.tune) or None
+        self.tune_factors = [float(f) for f in (self.tune_factors or [0.5, 1.0, 2.0])]
+        if any(not f > 0 for f in self.tune_factors):
+            raise UserError(f"--tune_factors must all be > 0, got {self.tune_factors}")
+        if not 0 < self.tune_validation_size < 1:
+            raise UserError(f"--tune_validation_size must be in (0, 1), got {self.tune_validation_size}")
         if not self.output_dir:
             raise UserError("--output_dir is required")
         if self.budget is not None:
+            if self.tune:
+                raise UserError("--tune trains every trial for --tune_steps steps: give --max_steps, not --budget")
             if self.max_steps is not None:
                 raise UserError("give --budget or --max_steps, not both")
             parse_budget(self.budget)
@@ -154,7 +174,9 @@ class CompareConfig:
         for name in ("samples_per_prompt", "num_generations"):
             if getattr(self, name) < 2:
                 raise UserError(f"--{name} must be >= 2, got {getattr(self, name)}")
-        for name in ("max_steps", "prompts_per_step", "eval_samples_per_prompt", "seeds"):
+        if self.tune_steps is None:
+            self.tune_steps = max(1, self.max_steps // 2)
+        for name in ("max_steps", "prompts_per_step", "eval_samples_per_prompt", "seeds", "tune_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_train_prompts", "num_eval_prompts", "max_new_tokens"):
@@ -304,7 +326,12 @@ class Compare:
         if len(self.train_rows) < cfg.prompts_per_step:
             raise UserError(f"--prompts_per_step {cfg.prompts_per_step} is more than the {len(self.train_rows)} "
                             "training prompts")
-        self.lr = {name: cfg.learning_rate or entry.learning_rate for name, (_, entry) in self.entries.items()}
+        preset_values = PRESETS[cfg.preset].get("method_values", {})
+        self.lr = {name: cfg.learning_rate or preset_values.get(name, {}).get("learning_rate") or entry.learning_rate
+                   for name, (_, entry) in self.entries.items()}
+        # each method's KL coefficient when the preset or --tune sets one (else the method's own default)
+        self.kl = {name: preset_values[name]["beta"] for name in self.entries if "beta" in preset_values.get(name, {})}
+        self.tuning: dict[str, Any] = {}
         self.seeds = [cfg.seed + k for k in range(cfg.seeds)]
         self.seed = cfg.seed  # the seed of the runs being built
         self.steps: dict[str, int] = {}  # --budget: each method's steps, from its calibration run
@@ -357,12 +384,15 @@ class Compare:
         return info
 
     # ---------------------------------------------------------------- stage 2: training
-    def shared_budget(self, max_steps: int | None = None) -> CompareBudget:
+    def shared_budget(self, max_steps: int | None = None, *, prompts: Path | None = None,
+                      pairs: Path | None = None) -> CompareBudget:
         """The budget every method's run is built from (:class:`~alignlab.methods.CompareBudget`); ``max_steps``
-        replaces ``--max_steps`` (a method's steps under ``--budget``)."""
+        replaces ``--max_steps`` (a method's steps under ``--budget``), ``prompts`` and ``pairs`` the training
+        prompts and pairs files (``--tune``'s trials train on the tuning-train part only)."""
         cfg = self.config
         return CompareBudget(
-            prompts=str(self.layout.train_prompts), pairs=str(self.layout.pairs), max_steps=max_steps or cfg.max_steps,
+            prompts=str(prompts or self.layout.train_prompts), pairs=str(pairs or self.layout.pairs),
+            max_steps=max_steps or cfg.max_steps,
             prompts_per_step=cfg.prompts_per_step, max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
             num_generations=cfg.num_generations, num_ppo_epochs=cfg.num_ppo_epochs,
             samples_per_prompt=cfg.samples_per_prompt, reward_funcs=self.reward_funcs,
@@ -370,25 +400,38 @@ class Compare:
             stage_model=lambda name: str(self.layout.model_dir(self.run_name(name))),
         )
 
-    def method_args(self, method: str) -> dict[str, Any]:
+    def method_args(self, method: str, trial: dict[str, Any] | None = None) -> dict[str, Any]:
         """The flags of one method's run for the current seed (written to its ``args.yaml``): the shared ones, then
-        the method's own from its registry entry."""
+        the method's own from its registry entry, then its learning rate and KL coefficient (the preset's or the
+        ones ``--tune`` chose). ``trial``: a ``--tune`` trial's ``steps``, ``prompts``, ``pairs`` and ``values``
+        instead."""
+        from alignlab.experiments.tuning import kl_flag
+
         cfg = self.config
-        steps = self.steps.get(method, cfg.max_steps)
+        trial = trial or {}
+        steps = trial.get("steps") or self.steps.get(method, cfg.max_steps)
         args: dict[str, Any] = {
             "model_name_or_path": cfg.model_name_or_path, "output_dir": str(self.layout.model_dir(self.run_name(method))),
             "seed": self.seed, "bf16": cfg.bf16, "max_steps": steps, "save_steps": 0, "logging_steps": 1,
             "learning_rate": self.lr[method], "trust_remote_code": cfg.trust_remote_code,
         }
-        args.update(self.entries[method][1].args(self.shared_budget(steps)))
+        args.update(self.entries[method][1].args(
+            self.shared_budget(steps, prompts=trial.get("prompts"), pairs=trial.get("pairs"))))
+        values = {"learning_rate": self.lr[method], **({"beta": self.kl[method]} if method in self.kl else {}),
+                  **trial.get("values", {})}
+        flag = kl_flag(self.entries[method][0].config)
+        args["learning_rate"] = values["learning_rate"]
+        if "beta" in values and flag:
+            args[flag] = values["beta"]
         if cfg.generation_backend != "auto" and "generation_backend" in {
                 f.name for f in dataclasses.fields(self.entries[method][0].config)}:
             args["generation_backend"] = cfg.generation_backend  # the methods that sample
         return {k: v for k, v in args.items() if v is not None}
 
-    def _run_stage(self, method: str, name: str | None = None) -> dict[str, Any]:
+    def _run_stage(self, method: str, name: str | None = None, trial: dict[str, Any] | None = None) -> dict[str, Any]:
         """Train one stage in its own process (or reuse it with ``--resume``) as run ``name`` (default: the
-        method's run for the current seed); returns its ``result.json``."""
+        method's run for the current seed; ``trial``: a ``--tune`` trial, :meth:`method_args`); returns its
+        ``result.json``."""
         layout, command = self.layout, self.entries[method][0].command
         name = name or self.run_name(method)
         result_path = layout.result(name)
@@ -399,7 +442,7 @@ class Compare:
         layout.method_dir(name).mkdir(parents=True, exist_ok=True)
         layout.evaluation(name).unlink(missing_ok=True)  # a retrained model invalidates its old evaluation
         layout.error(name).unlink(missing_ok=True)
-        args = {**self.method_args(method), "output_dir": str(layout.model_dir(name))}
+        args = {**self.method_args(method, trial), "output_dir": str(layout.model_dir(name))}
         layout.args(name).write_text(yaml.safe_dump(args, sort_keys=False), encoding="utf-8")
         argv = [sys.executable, "-m", "alignlab.cli", command, "--config", str(layout.args(name))]
         logger.info("%s: training (alignlab %s --config %s; log %s)", name, command, layout.args(name),
@@ -473,6 +516,103 @@ class Compare:
                 result["num_tokens"] += run["num_tokens"]
         return result
 
+    # ---------------------------------------------------------------- stage 2b: tuning (--tune)
+    def _tuning_data(self) -> dict[str, Any]:
+        """Split the training prompts into ``tune/train.jsonl`` and ``tune/validation.jsonl`` and keep the pairs
+        of the tuning-train prompts in ``tune/pairs.jsonl``; returns the paths and sizes."""
+        from alignlab.experiments.tuning import validation_split
+
+        cfg = self.config
+        folder = self.out / "tune"
+        folder.mkdir(parents=True, exist_ok=True)
+        train, validation = validation_split([row for _, row in self.train_rows], cfg.tune_validation_size, cfg.seed,
+                                             cfg.prompts_per_step)
+        keys = {json.dumps(row["prompt"], sort_keys=True) for row in train}
+        pairs = [json.loads(line) for line in self.layout.pairs.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [p for p in pairs if json.dumps(p["prompt"], sort_keys=True) in keys]
+        if not kept:
+            raise UserError("--tune: no preference pair is left among the tuning-train prompts")
+        paths = {"prompts": folder / "train.jsonl", "validation": folder / "validation.jsonl",
+                 "pairs": folder / "pairs.jsonl"}
+        _write_jsonl(train, paths["prompts"])
+        _write_jsonl(validation, paths["validation"])
+        _write_jsonl(kept, paths["pairs"])
+        return {**paths, "train_prompts": len(train), "validation_prompts": len(validation), "pairs_kept": len(kept),
+                "steps": cfg.tune_steps}
+
+    def _validation_evaluator(self, data: dict[str, Any]):
+        """An :class:`~alignlab.experiments.evaluate.Evaluator` on the validation prompts, the base model
+        evaluated first (the trials' KL is measured against it)."""
+        from alignlab.experiments.evaluate import EvaluateConfig, Evaluator
+
+        cfg = self.config
+        evaluator = Evaluator(EvaluateConfig(
+            model_name_or_path=[cfg.model_name_or_path or "embedded:smollm2-135m-instruct"],
+            dataset_name=str(data["validation"]), reward_funcs=self.reward_funcs, reward_weights=self.reward_weights,
+            samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=self.max_new_tokens,
+            temperature=cfg.temperature, seed=cfg.seed, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code,
+            generation_backend=cfg.generation_backend))
+        evaluator.evaluate("base (validation)", cfg.model_name_or_path)
+        return evaluator
+
+    def _trial(self, method: str, values: dict[str, float], data: dict[str, Any], evaluator, index: int):
+        """Train and validate one ``--tune`` trial of ``method`` (reused with ``--resume``)."""
+        from alignlab.experiments.tuning import Trial
+
+        name = f"{method}/tune-{index}"
+        trial = Trial(values=dict(values), run=name)
+        saved = _read_json(self.layout.evaluation(name))
+        if self.config.resume and saved is not None and saved.get("values") == trial.values:
+            trial.validation_reward, trial.validation_kl = saved["mean_reward"], saved["kl_to_base"]
+            return trial
+        run = self._run_stage(method, name, trial={"steps": data["steps"], "prompts": data["prompts"],
+                                                   "pairs": data["pairs"], "values": values})
+        if run["status"] != "ok":
+            trial.error = run.get("error", "failed")
+            return trial
+        figures = evaluator.evaluate(name, run["model_dir"])
+        trial.validation_reward, trial.validation_kl = figures["mean_reward"], figures["kl_to_base"]
+        _write_json({"values": trial.values, "mean_reward": trial.validation_reward,
+                     "kl_to_base": trial.validation_kl}, self.layout.evaluation(name))
+        logger.info("%s: %s -> validation reward %.4f, KL %.3f", name, values, trial.validation_reward,
+                    trial.validation_kl)
+        return trial
+
+    def tune_method(self, method: str, data: dict[str, Any], evaluator):
+        """``--tune`` for one method: the learning rate over the grid, then (``beta``) the KL coefficient at the
+        best learning rate; sets the chosen values for the final runs and returns the
+        :class:`~alignlab.experiments.tuning.MethodTuning`."""
+        from alignlab.experiments.tuning import MethodTuning, default_value, grid, kl_flag
+
+        cfg = self.config
+        config_cls = self.entries[method][0].config
+        flag = kl_flag(config_cls)
+        start = {"learning_rate": self.lr[method]}
+        if flag:
+            start["beta"] = self.kl.get(method, default_value(config_cls, flag))
+        tuning = MethodTuning(flag=flag, start=start)
+        current = dict(start)
+        for name in cfg.tune:
+            if name == "beta" and not current.get("beta"):
+                continue  # no KL term (e.g. GRPO's beta 0): nothing to scale
+            candidates = []
+            for value in grid(current[name], cfg.tune_factors):
+                values = {**current, name: value}
+                done = next((t for t in tuning.trials if t.values == values), None)
+                if done is None:
+                    done = self._trial(method, values, data, evaluator, len(tuning.trials))
+                    tuning.trials.append(done)
+                candidates.append(done)
+            best = tuning.best(candidates)
+            if best is not None:
+                current = dict(best.values)
+        chosen = tuning.chosen
+        self.lr[method] = chosen["learning_rate"]
+        if "beta" in chosen and flag:
+            self.kl[method] = chosen["beta"]
+        logger.info("%s: tuned on %d validation prompts: %s", method, data["validation_prompts"], chosen)
+        return tuning
+
     # ---------------------------------------------------------------- stage 3: evaluation
     def _evaluate(self, trained: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         from alignlab.experiments.evaluate import EvaluateConfig, Evaluator
@@ -540,7 +680,9 @@ class Compare:
             "budget": cfg.budget, "seeds": self.seeds, "prompts_per_step": cfg.prompts_per_step,
             "grpo_num_generations": cfg.num_generations, "max_new_tokens": self.max_new_tokens,
             "temperature": cfg.temperature, "ppo_epochs": cfg.num_ppo_epochs,
-            "learning_rate": {m: self.lr[m] for m in cfg.methods}, "seed": cfg.seed, "bf16": cfg.bf16,
+            "learning_rate": {m: self.lr[m] for m in cfg.methods},
+            "kl_coefficient": {m: self.kl[m] for m in cfg.methods if m in self.kl},
+            "seed": cfg.seed, "bf16": cfg.bf16,
         }
 
     def run(self) -> dict[str, Any]:
@@ -553,6 +695,18 @@ class Compare:
         pairs = self._pairs()
         logger.info("pairs: %d from %d prompts x %d samples (base mean reward %.4f)", pairs["pairs"],
                     pairs["prompts"], pairs["samples_per_prompt"], pairs["base_mean_reward"])
+        tune_info = None
+        if cfg.tune:
+            data = self._tuning_data()
+            evaluator = self._validation_evaluator(data)
+            for method in cfg.methods:
+                for stage in self.entries[method][1].requires:
+                    if self._run_stage(stage)["status"] != "ok":
+                        break
+                else:
+                    self.tuning[method] = self.tune_method(method, data, evaluator).to_dict()
+            del evaluator
+            tune_info = {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
         trained = {}
         for i, method in enumerate(cfg.methods, 1):
             for seed in self.seeds:
@@ -576,8 +730,13 @@ class Compare:
                 methods[method] = runs[method]
             else:
                 methods[method] = over_seeds({seed: runs[run_name(method, seed, self.seeds)] for seed in self.seeds})
+        from alignlab.experiments.tuning import fairness
+
+        budget = self.budget()
         results = {"task": cfg.task, "description": self.description, "preset": cfg.preset,
-                   "budget": self.budget(), "pairs": pairs, "methods": methods, "verdict": self._verdict(methods),
+                   "budget": budget, "pairs": pairs, "methods": methods, "verdict": self._verdict(methods),
+                   "tuning": {"validation": tune_info, "methods": self.tuning} if cfg.tune else None,
+                   "fairness": fairness(budget, self.tuning or None, tune_info, cfg.methods),
                    "wall_seconds": time.perf_counter() - start,
                    "config": dataclasses.asdict(cfg)}
         _write_json(results, self.layout.results)

@@ -183,6 +183,24 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
                    f"<p>Reward-against-KL Pareto front (no other model has both more reward and less KL): "
                    f"{esc(front)}. Paired 95% bootstrap intervals over the held-out prompts "
                    "(docs/statistics.md).</p>")
+    fair = results.get("fairness")
+    fairness_html = ""
+    if fair:
+        fairness_html = (f"<h2>What was held equal, and what was tuned</h2><p>{esc(fair['sentence'])}</p>"
+                         "<p>Equal for every method: " + "; ".join(esc(x) for x in fair["equalised"]) + ".</p>"
+                         "<p>Not equal: " + "; ".join(esc(x) for x in fair["differs"]) + ".</p>")
+    tuning = (results.get("tuning") or {}).get("methods") or {}
+    if tuning:
+        rows = ""
+        for method, t in tuning.items():
+            for trial in t["trials"]:
+                chosen = all(trial.get(k) == v for k, v in t["chosen"].items())
+                cells = [method, _fmt(trial.get("learning_rate"), ".3g"), _fmt(trial.get("beta"), ".3g"),
+                         _fmt(trial.get("validation_reward")), _fmt(trial.get("validation_kl"), ".2f"),
+                         "chosen" if chosen else (trial.get("error") or "")]
+                rows += "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>"
+        fairness_html += ("<table><tr><th>method</th><th>learning rate</th><th>KL coefficient</th>"
+                          "<th>validation reward</th><th>validation KL</th><th></th></tr>" + rows + "</table>")
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>alignlab compare: {esc(results['task'])}</title>
 <style>
@@ -208,6 +226,7 @@ the seeds' mean rewards' mean and sample standard deviation.</p>
 {_img(bars)}{_img(scatter)}
 <h2>Training curves</h2>
 {_img(curves)}
+{fairness_html}
 <h2>Budget (the same for every method)</h2>
 <table>{budget}</table>
 <p>Offline pairs: {results['pairs']['pairs']} best-vs-worst pairs from {results['pairs']['prompts']} prompts x
