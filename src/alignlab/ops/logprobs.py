@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from alignlab.ops.attention import segments_enabled, supports_segments
+from alignlab.ops.lm_head import chunked_head, plain_head_reason
 
 CHUNK_ELEMENTS = 1 << 22
 """Logits entries (4M: a 16 MB float32 block) :class:`_LabelLogProbs` upcasts at a time."""
@@ -314,6 +315,33 @@ def is_right_padded(attention_mask: torch.Tensor) -> bool:
     return bool((attention_mask.bool() == (torch.arange(attention_mask.shape[1], device=attention_mask.device) < lengths)).all())
 
 
+def _plain_head_logps(model, head, inputs, context, selected, labels, temperature) -> torch.Tensor:
+    """``(N,)`` :func:`completion_logps` token log-probs through the model's logits (of the ``selected``
+    positions only, by a forward pre-hook on ``head``, where the model has an output head)."""
+    if head is not None:
+
+        def keep_selected(module, args):
+            hidden = args[0]
+            return (hidden.reshape(-1, hidden.shape[-1])[selected].unsqueeze(0),) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(keep_selected)
+        try:
+            with context:
+                logits = model(**inputs, use_cache=False).logits  # (1, N, V): completion positions only
+        finally:
+            handle.remove()
+    else:
+        with context:
+            full = model(**inputs, use_cache=False).logits
+        logits = full.reshape(-1, full.shape[-1])[selected].unsqueeze(0)
+    return selective_log_softmax(logits, labels.unsqueeze(0), temperature).squeeze(0)
+
+
+_LOGITS_CHANGED: set[type] = set()
+"""Model classes seen returning something other than their output head's output as the logits: they get the
+plain path (:func:`completion_logps`)."""
+
+
 def completion_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -349,8 +377,13 @@ def completion_logps(
         the sequence log-probability of DPO (Rafailov et al. 2023, eq. 7): EOS included when it is part of
         the completion.
 
-    Only the positions that predict a completion token go through the output projection (a forward
-    pre-hook on the model's output embeddings selects them), so the prompt costs no vocabulary-sized work.
+    Only the positions that predict a completion token go through the output projection, so the prompt costs
+    no vocabulary-sized work; and where the output head is a plain linear layer whose output the model returns
+    unchanged (:func:`~alignlab.ops.lm_head.plain_head_reason`), no ``(tokens x vocabulary)`` logits tensor is
+    made at all: for the length of the forward the head computes the log-probs from the hidden states and its
+    weight block by block (:func:`~alignlab.ops.lm_head.chunked_head`, same values and gradients). Otherwise
+    a forward pre-hook on the output embeddings selects the positions and the logits go through
+    :func:`selective_log_softmax`.
     """
     n, width = input_ids.shape
     context = contextlib.nullcontext()
@@ -377,23 +410,18 @@ def completion_logps(
 
     inner = getattr(model, "module", model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if head is not None:
-
-        def keep_selected(module, args):
-            hidden = args[0]
-            return (hidden.reshape(-1, hidden.shape[-1])[selected].unsqueeze(0),) + tuple(args[1:])
-
-        handle = head.register_forward_pre_hook(keep_selected)
-        try:
-            with context:
-                logits = model(**inputs, use_cache=False).logits  # (1, N, V): completion positions only
-        finally:
-            handle.remove()
+    if plain_head_reason(model, head) is None and type(base_model(model)) not in _LOGITS_CHANGED:
+        with chunked_head(head, selected, labels, temperature=temperature) as outputs, context:
+            out = model(**inputs, use_cache=False).logits  # (1, N, 1): the log-probs, from the head
+        if outputs and out is outputs[-1]:
+            token_logps = out[0, :, 0]
+        else:  # the model changed the head's output on its way out: it needs the logits themselves
+            _LOGITS_CHANGED.add(type(base_model(model)))
+            if pack and shared is None:  # a fresh context for the second forward
+                context = packed_forward_inputs(model, input_ids, attention_mask, pad_token_id)[2]
+            token_logps = _plain_head_logps(model, head, inputs, context, selected, labels, temperature)
     else:
-        with context:
-            full = model(**inputs, use_cache=False).logits
-        logits = full.reshape(-1, full.shape[-1])[selected].unsqueeze(0)
-    token_logps = selective_log_softmax(logits, labels.unsqueeze(0), temperature).squeeze(0)  # (N,)
+        token_logps = _plain_head_logps(model, head, inputs, context, selected, labels, temperature)
     per_token = torch.zeros((n, width - 1), dtype=token_logps.dtype, device=token_logps.device)
     per_token = per_token.index_put((seq_idx, tok_idx), token_logps)
     return per_token, per_token.sum(dim=1)
