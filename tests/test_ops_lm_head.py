@@ -310,3 +310,89 @@ def test_no_tokens_by_vocabulary_tensor_in_a_dpo_step(tiny_model_dir, pairs_file
     # the shared-prompt attention mask as floats (2 rows x 2,014^2 = 8.1M), one block of logits (4M) and the
     # embedding's gradient (V x 64 = 3.1M)
     assert mode.largest * 16 < tokens * vocab, (mode.largest, mode.op)
+
+
+# --------------------------------------------------------------------------------------------------------
+# FSDP2 over two processes (gloo on CPU)
+
+_FSDP_SCRIPT = """
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from alignlab.ops import lm_head, logprobs
+from alignlab.ops.logprobs import completion_logps
+from alignlab.train.config import TrainConfig
+from alignlab.train.distributed import initialize, is_sharded, set_wrap_classes
+from alignlab.train.loop import build_accelerator
+
+path, out = sys.argv[1], sys.argv[2]
+acc = build_accelerator(TrainConfig(model_name_or_path=path, dataset_name="builtin:concise", output_dir=out,
+                                    fsdp="full_shard auto_wrap", bf16=False))
+model = AutoModelForCausalLM.from_pretrained(path)  # tied embeddings
+whole = AutoModelForCausalLM.from_pretrained(path)
+set_wrap_classes(acc, model)
+model = acc.prepare(model)
+initialize(model)
+assert is_sharded(model)
+
+def batch(rank):
+    g = torch.Generator().manual_seed(rank)
+    ids = torch.randint(3, 1000, (2, 24), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 18:] = 0
+    completion = (torch.arange(24) >= 6 + 3 * rank).long().expand(2, 24) * mask
+    coefficients = torch.randn(2, 23, generator=g)
+    return ids * mask, mask, completion, coefficients
+
+calls = []
+chunked = lm_head.head_label_logps
+lm_head.head_label_logps = lambda *a, **k: calls.append(1) or chunked(*a, **{**k, "chunk_elements": 1 << 16})
+ids, mask, completion, coefficients = batch(acc.process_index)
+per_token, total = completion_logps(model, ids, mask, completion, temperature=0.7, padding_free=True)
+((per_token * coefficients).sum() + total.sum()).backward()
+assert len(calls) == 1
+
+# the whole model, plain path, both processes' batches: FSDP2 averages the gradients over the processes
+logprobs.plain_head_reason = lambda model, head: "forced"
+expected_logps = None
+for rank in range(2):
+    ids, mask, completion, coefficients = batch(rank)
+    plain, plain_total = completion_logps(whole, ids, mask, completion, temperature=0.7, padding_free=True)
+    (((plain * coefficients).sum() + plain_total.sum()) / 2).backward()
+    if rank == acc.process_index:
+        expected_logps = plain.detach()
+assert len(calls) == 1
+logps_diff = (per_token.detach() - expected_logps).abs().max().item()
+expected = dict(whole.named_parameters())
+grad_diff, names = 0.0, 0
+for name, p in model.named_parameters():
+    grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+    grad_diff = max(grad_diff, (grad - expected[name].grad).abs().max().item())
+    names += 1
+print(f"RESULT {acc.process_index} {logps_diff} {grad_diff} {names}")
+"""
+
+
+@pytest.mark.integration
+def test_chunked_head_under_fsdp2(tiny_model_dir, tmp_path):
+    """The tiny model (tied embeddings) sharded with FSDP2 over two processes: the chunked head runs inside the
+    head's forward on the gathered weight; log-probs and the (averaged) gradients of every parameter equal the
+    whole model's through the plain path."""
+    from tests.test_distributed import _env
+
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "script.py"
+    script.write_text(_FSDP_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           str(script), tiny_model_dir, str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert sorted(r[0] for r in results) == ["0", "1"]
+    for _, logps_diff, grad_diff, names in results:
+        assert float(logps_diff) < 1e-5 and float(grad_diff) < 1e-5 and int(names) > 10

@@ -61,19 +61,20 @@ class _HeadLabelLogProbs(torch.autograd.Function):
     """``log_softmax(scale * (hidden @ weight.T + bias))[label]`` (and the entropy of that distribution) by blocks
     of vocabulary entries, with a hand-written backward that recomputes each block's logits.
 
-    Forward, per block of tokens: for each block of ``C`` vocabulary rows, ``logits = hidden @ weight[v:v+C].T
-    (+ bias)`` in the compute dtype (autocast's, as ``F.linear`` there), ``z = scale * logits`` in float32 (float64
-    for float64 inputs), and the running ``lse <- logaddexp(lse, logsumexp(z))``, the label's ``z`` where the
-    label falls in the block, and with the entropy the running ``s = sum_j exp(z_j - lse) z_j`` (rescaled by
-    ``exp(lse_old - lse_new)`` as ``lse`` grows). Outputs: ``logp = z[label] - lse`` and ``H = lse - s``
-    (``H = -sum_j p_j log p_j`` with ``log p_j = z_j - lse``).
+    Forward, per block of tokens: for each block of ``C`` vocabulary rows, ``z = scale * (hidden @
+    weight[v:v+C].T + bias)`` (the matmul in the compute dtype, autocast's as ``F.linear`` there; ``z`` in
+    float32, float64 for float64 inputs), reduced to running per-token statistics as in the online softmax
+    (Milakov & Gimelshein 2018, arXiv 1805.02867): the maximum ``m``, ``s = sum_j exp(z_j - m)`` and, with the
+    entropy, ``t = sum_j exp(z_j - m) z_j``, both rescaled by ``exp(m_old - m_new)`` as ``m`` grows; and the
+    label's ``z`` where the label falls in the block. Then ``lse = m + log s``, ``logp = z[label] - lse`` and
+    ``H = lse - t / s`` (``H = -sum_j p_j log p_j`` with ``log p_j = z_j - lse``).
 
-    Backward: ``d logp / d z_j = onehot_j - p_j``, ``d H / d z_j = -p_j (z_j - s)``, so for upstream gradients
-    ``g`` (log-probs) and ``h`` (entropy) ``dz_j = g onehot_j - p_j (g + h (z_j - s))``; ``dlogits = scale dz``
-    cast to the compute dtype (the dtype of the plain path's logits gradient), then ``grad_hidden += dlogits @
-    weight[v:v+C]``, ``grad_weight[v:v+C] += dlogits.T @ hidden``, ``grad_bias[v:v+C] += dlogits.sum(0)``,
-    accumulated in float32. Saved for backward: the hidden states, the weight, the bias, the labels, and one or
-    two floats per token (``lse``, ``s``).
+    Backward: ``d logp / d z_j = onehot_j - p_j`` and ``d H / d z_j = -p_j (z_j - E[z])`` with ``E[z] = t / s``,
+    so for upstream gradients ``g`` (log-probs) and ``e`` (entropy) ``dz_j = g onehot_j - p_j (g + e (z_j -
+    E[z]))``. Then ``dlogits = scale dz`` (cast to the compute dtype, the dtype of the plain path's logits
+    gradient), ``grad_hidden += dlogits @ weight[v:v+C]``, ``grad_weight[v:v+C] += dlogits.T @ hidden``,
+    ``grad_bias[v:v+C] += dlogits.sum(0)``, accumulated in float32. Saved for backward: the hidden states, the
+    weight, the bias, the labels, and one or two floats per token (``lse``, ``E[z]``).
     """
 
     @staticmethod
@@ -82,30 +83,37 @@ class _HeadLabelLogProbs(torch.autograd.Function):
         acc = torch.promote_types(compute, torch.float32)
         rows, vocab = hidden.shape[0], weight.shape[0]
         block_rows, cols = _tiles(rows, vocab, budget)
-        logp = torch.empty(rows, dtype=acc, device=hidden.device)
-        lse_all = torch.empty(rows, dtype=acc, device=hidden.device)
-        mean_z = torch.empty(rows, dtype=acc, device=hidden.device) if with_entropy else None
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
+        device = hidden.device
+        logp = torch.empty(rows, dtype=acc, device=device)
+        lse_all = torch.empty(rows, dtype=acc, device=device)
+        mean_z = torch.empty(rows, dtype=acc, device=device) if with_entropy else None
+        with torch.autocast(device_type=device.type, enabled=False):
             for r0 in range(0, rows, block_rows):
                 r1 = min(rows, r0 + block_rows)
-                h = hidden[r0:r1].to(compute)
-                label = labels[r0:r1]
-                lse = torch.full((r1 - r0,), float("-inf"), dtype=acc, device=hidden.device)
-                target = torch.zeros(r1 - r0, dtype=acc, device=hidden.device)
-                s = torch.zeros(r1 - r0, dtype=acc, device=hidden.device) if with_entropy else None
+                h, label = hidden[r0:r1].to(compute), labels[r0:r1]
+                m = torch.full((r1 - r0,), float("-inf"), dtype=acc, device=device)
+                s = torch.zeros(r1 - r0, dtype=acc, device=device)
+                t = torch.zeros(r1 - r0, dtype=acc, device=device) if with_entropy else None
+                target = torch.zeros(r1 - r0, dtype=acc, device=device)
                 for v0 in range(0, vocab, cols):
                     z = _block_logits(h, weight, bias, v0, v0 + cols, compute, acc, scale)
-                    new_lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
-                    if with_entropy:
-                        s.mul_(torch.exp(lse - new_lse)).add_((torch.exp(z - new_lse[:, None]) * z).sum(-1))
-                    lse = new_lse
                     inside = (label >= v0) & (label < v0 + z.shape[1])
                     picked = z.gather(1, (label - v0).clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
                     target = torch.where(inside, picked, target)
+                    new_m = torch.maximum(m, z.amax(dim=1))
+                    rescale = torch.exp(m - new_m)
+                    if with_entropy:
+                        e = torch.sub(z, new_m[:, None]).exp_()
+                        t.mul_(rescale).add_(torch.linalg.vecdot(e, z))
+                    else:
+                        e = z.sub_(new_m[:, None]).exp_()
+                    s.mul_(rescale).add_(e.sum(dim=1))
+                    m = new_m
+                if with_entropy:
+                    mean_z[r0:r1] = t / s
+                lse = s.log_().add_(m)
                 logp[r0:r1] = target - lse
                 lse_all[r0:r1] = lse
-                if with_entropy:
-                    mean_z[r0:r1] = s
         ctx.save_for_backward(hidden, weight, bias, labels, lse_all, mean_z)
         ctx.scale, ctx.compute, ctx.budget = scale, compute, budget
         ctx.set_materialize_grads(False)
@@ -120,40 +128,40 @@ class _HeadLabelLogProbs(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None or not (need_hidden or need_weight or need_bias):
             return None, None, None, None, None, None, None
         scale, compute, acc = ctx.scale, ctx.compute, lse_all.dtype
+        fused = compute == acc  # float32 (float64) throughout: the scale rides on the matmuls
         rows, vocab = hidden.shape[0], weight.shape[0]
         block_rows, cols = _tiles(rows, vocab, ctx.budget)
+        device = hidden.device
         g_all = grad_logp.to(acc) if grad_logp is not None else torch.zeros_like(lse_all)
-        grad_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if need_bias else None
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
+        grad_hidden = torch.empty(hidden.shape, dtype=acc, device=device) if need_hidden else None
+        grad_weight = torch.empty(weight.shape, dtype=acc, device=device) if need_weight else None
+        grad_bias = torch.empty(vocab, dtype=acc, device=device) if need_bias else None
+        with torch.autocast(device_type=device.type, enabled=False):
             for r0 in range(0, rows, block_rows):
                 r1 = min(rows, r0 + block_rows)
-                h = hidden[r0:r1].to(compute)
-                label, g, lse = labels[r0:r1], g_all[r0:r1, None], lse_all[r0:r1, None]
-                gh = torch.zeros((r1 - r0, hidden.shape[1]), dtype=acc, device=hidden.device) if need_hidden else None
+                h, label = hidden[r0:r1].to(compute), labels[r0:r1]
+                g, lse = g_all[r0:r1, None], lse_all[r0:r1, None]
                 for v0 in range(0, vocab, cols):
                     v1 = min(vocab, v0 + cols)
                     z = _block_logits(h, weight, bias, v0, v1, compute, acc, scale)
-                    if grad_entropy is not None:
-                        # dz = g onehot - p (g + h (z - s))
-                        coef = (z - mean_z[r0:r1, None]).mul_(grad_entropy[r0:r1, None].to(acc)).add_(g)
-                        dz = torch.sub(z, lse).exp_().mul_(coef).neg_()
-                    else:
-                        dz = torch.sub(z, lse).exp_().mul_(-g)  # -g p
+                    if grad_entropy is not None:  # dz = g onehot + p ((E[z] - z) e - g)
+                        coef = torch.sub(mean_z[r0:r1, None], z).mul_(grad_entropy[r0:r1, None].to(acc)).sub_(g)
+                        dz = z.sub_(lse).exp_().mul_(coef)
+                    else:  # dz = g onehot - g p
+                        dz = z.sub_(lse).exp_().mul_(-g)
                     inside = ((label >= v0) & (label < v1)).nonzero().squeeze(1)
                     dz.index_put_((inside, label[inside] - v0), g[inside, 0], accumulate=True)
-                    if scale != 1.0:
-                        dz.mul_(scale)
-                    dlogits = dz.to(compute)
+                    if not fused:
+                        dz = dz.mul_(scale).to(compute)
+                    w = weight[v0:v1].to(compute)
+                    alpha = scale if fused else 1.0
                     if need_hidden:
-                        gh.add_(dlogits @ weight[v0:v1].to(compute))
+                        _accumulate(grad_hidden[r0:r1], v0 == 0, dz, w, alpha)
                     if need_weight:
-                        grad_weight[v0:v1].add_(dlogits.T @ h)
+                        _accumulate(grad_weight[v0:v1], r0 == 0, dz.T, h, alpha)
                     if need_bias:
-                        grad_bias[v0:v1].add_(dlogits.sum(0))
-                if need_hidden:
-                    grad_hidden[r0:r1] = gh
+                        part = dz.sum(0).to(acc).mul_(alpha)
+                        grad_bias[v0:v1] = part if r0 == 0 else grad_bias[v0:v1] + part
         return (
             grad_hidden.to(hidden.dtype) if need_hidden else None,
             grad_weight.to(weight.dtype) if need_weight else None,
@@ -163,10 +171,25 @@ class _HeadLabelLogProbs(torch.autograd.Function):
 
 
 def _block_logits(h, weight, bias, v0, v1, compute, acc, scale) -> torch.Tensor:
-    """``scale * (h @ weight[v0:v1].T + bias[v0:v1])``: the matmul in ``compute``, the result in ``acc`` (a tensor
-    of its own, free to be changed in place)."""
-    z = F.linear(h, weight[v0:v1].to(compute), None if bias is None else bias[v0:v1].to(compute)).to(acc)
+    """``scale * (h @ weight[v0:v1].T + bias[v0:v1])`` in ``acc``, the matmul in ``compute`` (a tensor of its own,
+    free to be changed in place)."""
+    w = weight[v0:v1].to(compute)
+    b = None if bias is None else bias[v0:v1].to(compute)
+    if compute == acc:  # the scale inside the matmul
+        return torch.addmm(h.new_zeros(()) if b is None else b, h, w.T, beta=0.0 if b is None else scale, alpha=scale)
+    z = F.linear(h, w, b).to(acc)
     return z.mul_(scale) if scale != 1.0 else z
+
+
+def _accumulate(out: torch.Tensor, first: bool, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """``out = alpha * a @ b`` (``first``) or ``out += alpha * a @ b``, ``out`` in float32 (float64), ``a @ b`` in
+    the dtype of ``a`` and ``b``."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b, beta=0.0 if first else 1.0, alpha=alpha)  # beta 0: out's old contents are ignored
+    elif first:
+        out.copy_(a @ b)
+    else:
+        out.add_(a @ b)
 
 
 def head_label_logps(
