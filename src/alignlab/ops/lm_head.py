@@ -3,7 +3,7 @@ that no ``(tokens x vocabulary)`` logits tensor is ever allocated or kept for ba
 
 Why: the logits are the largest tensor of a training step on long sequences with a large vocabulary. 3,000
 completion tokens over Qwen2.5's 151,936-token vocabulary are 1.8 GB of float32 logits, kept by autograd for
-the backward of the output head's matmul, plus a gradient of the same size during the backward (TRL issues
+the backward of the output head's matmul, plus a gradient of the same size during the backward (huggingface/trl
 #3678 and #3168 report this as the first cause of running out of memory). :func:`head_label_logps` multiplies
 the hidden states by the head's weight one block of vocabulary rows at a time inside one
 :class:`torch.autograd.Function`, reduces each block to running per-token statistics (log-sum-exp, the
