@@ -38,7 +38,7 @@ MIN_CHUNK_COLUMNS = 256
 """Fewest vocabulary entries per block; beyond ``HEAD_CHUNK_ELEMENTS // MIN_CHUNK_COLUMNS`` tokens the tokens
 are split into blocks too."""
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
+_AUTOCAST_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -46,7 +46,7 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     both are float16 / bfloat16 / float32 (``linear`` is on autocast's lower-precision list on CPU and CUDA),
     else the two dtypes promoted."""
     device = hidden.device.type
-    if torch.is_autocast_enabled(device) and hidden.dtype in _LOW_PRECISION and weight.dtype in _LOW_PRECISION:
+    if torch.is_autocast_enabled(device) and hidden.dtype in _AUTOCAST_FLOATS and weight.dtype in _AUTOCAST_FLOATS:
         return torch.get_autocast_dtype(device)
     return torch.promote_types(hidden.dtype, weight.dtype)
 
