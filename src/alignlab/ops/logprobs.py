@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from alignlab.ops.attention import segments_enabled, supports_segments
+from alignlab.ops.lm_head import chunked_head, plain_head_reason
 
 CHUNK_ELEMENTS = 1 << 22
 """Logits entries (4M: a 16 MB float32 block) :class:`_LabelLogProbs` upcasts at a time."""
@@ -389,6 +390,18 @@ def target_token_logps(
     return token_logps, correct
 
 
+def _plain_head_logps(model, inputs, context, selected, labels, temperature) -> torch.Tensor:
+    """``(N,)`` :func:`completion_logps` token log-probs through the model's logits of the ``selected``
+    positions (:func:`selected_logits`)."""
+    logits = selected_logits(model, inputs, selected, context)  # (1, N, V): completion positions only
+    return selective_log_softmax(logits, labels.unsqueeze(0), temperature).squeeze(0)
+
+
+_LOGITS_CHANGED: set[type] = set()
+"""Model classes seen returning something other than their output head's output as the logits: they get the
+plain path (:func:`completion_logps`)."""
+
+
 def completion_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -424,8 +437,13 @@ def completion_logps(
         the sequence log-probability of DPO (Rafailov et al. 2023, eq. 7): EOS included when it is part of
         the completion.
 
-    Only the positions that predict a completion token go through the output projection
-    (:func:`selected_logits`), so the prompt costs no vocabulary-sized work.
+    Only the positions that predict a completion token go through the output projection, so the prompt costs
+    no vocabulary-sized work; and where the output head is a plain linear layer whose output the model returns
+    unchanged (:func:`~alignlab.ops.lm_head.plain_head_reason`), no ``(tokens x vocabulary)`` logits tensor is
+    made at all: for the length of the forward the head computes the log-probs from the hidden states and its
+    weight block by block (:func:`~alignlab.ops.lm_head.chunked_head`, same values and gradients). Otherwise
+    :func:`selected_logits` gives the logits of those positions alone and they go through
+    :func:`selective_log_softmax`.
     """
     n, width = input_ids.shape
     context = contextlib.nullcontext()
@@ -450,8 +468,20 @@ def completion_logps(
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         selected = seq_idx * width + tok_idx
 
-    logits = selected_logits(model, inputs, selected, context)  # (1, N, V): completion positions only
-    token_logps = selective_log_softmax(logits, labels.unsqueeze(0), temperature).squeeze(0)  # (N,)
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if plain_head_reason(model, head) is None and type(base_model(model)) not in _LOGITS_CHANGED:
+        with chunked_head(head, selected, labels, temperature=temperature) as outputs, context:
+            out = model(**inputs, use_cache=False).logits  # (1, N, 1): the log-probs, from the head
+        if outputs and out is outputs[-1]:
+            token_logps = out[0, :, 0]
+        else:  # the model changed the head's output on its way out: it needs the logits themselves
+            _LOGITS_CHANGED.add(type(base_model(model)))
+            if pack and shared is None:  # a fresh context for the second forward
+                context = packed_forward_inputs(model, input_ids, attention_mask, pad_token_id)[2]
+            token_logps = _plain_head_logps(model, inputs, context, selected, labels, temperature)
+    else:
+        token_logps = _plain_head_logps(model, inputs, context, selected, labels, temperature)
     per_token = torch.zeros((n, width - 1), dtype=token_logps.dtype, device=token_logps.device)
     per_token = per_token.index_put((seq_idx, tok_idx), token_logps)
     return per_token, per_token.sum(dim=1)
