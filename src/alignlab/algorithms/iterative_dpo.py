@@ -188,6 +188,7 @@ class IterativeDPO:
                 "eval_dataset_name": None, "eval_split_size": 0.0, "merge_lora": True if cfg.use_peft else cfg.merge_lora,
                 "ref_model_name_or_path": initial if cfg.reference == "initial" and i > 1 else None,
                 "prompt_column": "prompt", "chosen_column": "chosen", "rejected_column": "rejected",
+                "overwrite_output_dir": True,  # a round that did not finish before is trained again
             })
             result = train_dpo(round_cfg)
             current = str(model_dir)

@@ -36,7 +36,8 @@ from alignlab.errors import ERROR_FILE_ENV, UserError
 from alignlab.experiments.layout import RunLayout, calibration_name, read_metrics, run_name
 from alignlab.methods import CompareBudget
 from alignlab.rollout import engines
-from alignlab.train.config import resolve_bf16
+from alignlab.train.config import check_ranges, resolve_bf16
+from alignlab.train.output_dir import check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +127,11 @@ class CompareConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         self.bf16 = resolve_bf16(self.bf16)
         if not self.output_dir:
             raise UserError("--output_dir is required")
+        check_writable(self.output_dir)
         if self.budget is not None:
             if self.max_steps is not None:
                 raise UserError("give --budget or --max_steps, not both")
@@ -377,6 +380,7 @@ class Compare:
             "model_name_or_path": cfg.model_name_or_path, "output_dir": str(self.layout.model_dir(self.run_name(method))),
             "seed": self.seed, "bf16": cfg.bf16, "max_steps": steps, "save_steps": 0, "logging_steps": 1,
             "learning_rate": self.lr[method], "trust_remote_code": cfg.trust_remote_code,
+            "overwrite_output_dir": True,  # compare's own folder: a failed or earlier run of it is trained again
         }
         args.update(self.entries[method][1].args(self.shared_budget(steps)))
         if cfg.generation_backend != "auto" and "generation_backend" in {

@@ -102,9 +102,10 @@ def attach_reward_model(sources: list, config, tokenizer, device: torch.device, 
         return None
     from alignlab.models import load_reward_model, load_tokenizer
 
-    rtok = load_tokenizer(config.reward_model_path, trust_remote_code=config.trust_remote_code)
-    model = load_reward_model(config.reward_model_path, pad_token_id=rtok.pad_token_id,
-                              trust_remote_code=config.trust_remote_code)
+    rtok = load_tokenizer(config.reward_model_path, trust_remote_code=config.trust_remote_code,
+                          flag="--reward_model_path")
+    model = load_reward_model(config.reward_model_path, pad_token_id=rtok.pad_token_id, require_score_head=True,
+                              trust_remote_code=config.trust_remote_code, flag="--reward_model_path")
     if accelerator is not None:
         from alignlab.train.setup import frozen_model
 
