@@ -78,6 +78,12 @@ FIELD_RANGES: dict[str, Range] = {
     "temperature": Range(gt=0),
     "top_p": Range(gt=0, le=1),
     "learning_rate": Range(gt=0),
+    "per_device_train_batch_size": Range(ge=1),
+    "per_device_eval_batch_size": Range(ge=1),
+    "gradient_accumulation_steps": Range(ge=1),
+    "samples_per_prompt": Range(ge=1),
+    "num_return_sequences": Range(ge=1),
+    "num_prompts": Range(ge=1),
     "max_new_tokens": Range(ge=1),
     "max_prompt_length": Range(ge=1),
     "max_length": Range(ge=1),
@@ -272,9 +278,6 @@ class TrainConfig:
     0: stop at once on the first signal. alignlab's own flag (docs/faults.md)."""
 
     RANGES: ClassVar[dict[str, Range]] = {
-        "per_device_train_batch_size": Range(ge=1),
-        "per_device_eval_batch_size": Range(ge=1),
-        "gradient_accumulation_steps": Range(ge=1),
         "logging_steps": Range(ge=1),
         "lora_r": Range(ge=1),
         "lora_alpha": Range(ge=1),
