@@ -192,12 +192,11 @@ class StopSignals:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
         self.signum = signum
-        if self.grace_period:
+        if not self.grace_period:
+            logger.warning("%s received: stopping after the current step (send it again to stop at once)", name)
+        else:
             logger.warning("%s received: stopping after the current step (at most %g s more; send it again to stop "
                            "at once)", name, self.grace_period)
-        else:
-            logger.warning("%s received: stopping after the current step (send it again to stop at once)", name)
-        if self.grace_period:
             self._timer = threading.Timer(self.grace_period, self._resend, args=(signum,))
             self._timer.daemon = True
             self._timer.start()
@@ -479,13 +478,14 @@ class Trainer:
         """A fresh start or the state of the checkpoint to resume from (:attr:`OutputFolder.resume`)."""
         acc = self.accelerator
         resume = self.folder.resume
-        if resume is not None:
-            state = load_checkpoint(acc, resume)
-            if acc.is_main_process:  # rows the interrupted run wrote after the checkpoint come again
-                self.metrics.truncate_after(state.global_step)
-                MetricsLog(self.samples_path).truncate_after(state.global_step)
-            logger.info("resumed from %s at step %d", resume, state.global_step)
-        return state if resume is not None else LoopState()
+        if resume is None:
+            return LoopState()
+        state = load_checkpoint(acc, resume)
+        if acc.is_main_process:  # rows the interrupted run wrote after the checkpoint come again
+            self.metrics.truncate_after(state.global_step)
+            MetricsLog(self.samples_path).truncate_after(state.global_step)
+        logger.info("resumed from %s at step %d", resume, state.global_step)
+        return state
 
     def _train(self, tracking: Tracking) -> TrainResult:
         from tqdm.auto import tqdm

@@ -139,6 +139,17 @@ def refusal(output_dir: str | os.PathLike, overwrite: bool, resume: str | None) 
             "are replaced only when the new run saves its model), or choose another --output_dir")
 
 
+def _whose(checkpoint: Path | None, output_dir: Path) -> str | None:
+    """``"staged"`` for a checkpoint in ``output_dir``'s staging folder, ``"own"`` for one in ``output_dir``, else
+    ``None`` (no checkpoint, or another folder's: the run is a new run in ``output_dir``)."""
+    if checkpoint is None:
+        return None
+    parent = checkpoint.resolve().parent
+    if parent == (output_dir / STAGING_DIR).resolve():
+        return "staged"
+    return "own" if parent == output_dir.resolve() else None
+
+
 def preflight(config) -> None:
     """The checks of a training command's ``output_dir`` made before any model is loaded (the command line calls
     it): the folder can be written, a new run does not start over an earlier one without
@@ -149,10 +160,10 @@ def preflight(config) -> None:
         UserError: the folder is a file or cannot be written; it holds an earlier run; a bad checkpoint.
     """
     out = check_writable(config.output_dir)
-    reason = refusal(out, config.overwrite_output_dir, config.resume_from_checkpoint)
+    resume = resolve_resume(config.resume_from_checkpoint, out)
+    reason = None if _whose(resume, out) else refusal(out, config.overwrite_output_dir, None)
     if reason:
         raise UserError(reason)
-    resolve_resume(config.resume_from_checkpoint, out)
 
 
 def _share(accelerator, value):
@@ -250,10 +261,9 @@ class OutputFolder:
         cfg, out = self.config, self.output_dir
         staging = out / STAGING_DIR
         resume = resolve_resume(cfg.resume_from_checkpoint, out)
-        if resume is not None and resume.resolve().parent == staging.resolve():
-            return str(staging), True, str(resume), False
-        if resume is not None and resume.resolve().parent == out.resolve():
-            return str(out), False, str(resume), False
+        whose = _whose(resume, out)
+        if whose:
+            return str(staging if whose == "staged" else out), whose == "staged", str(resume), False
         # a new run (or one that starts from another folder's checkpoint)
         reason = refusal(out, cfg.overwrite_output_dir, None)
         if reason:
