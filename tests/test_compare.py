@@ -197,11 +197,16 @@ def test_a_failing_method_is_marked_and_resume_reuses_the_rest(tiny_model_dir, p
     assert results["methods"]["dpo"]["mean_reward"] == dpo["mean_reward"]
 
 
-def test_evaluate_with_a_reward_model_on_a_prompts_file(capsys, tiny_model_dir, prompts_file, tmp_path):
+def test_evaluate_with_a_reward_model_on_a_prompts_file(capsys, tiny_model_dir, tiny_tokenizer, prompts_file, tmp_path):
+    from alignlab.models import load_reward_model
+
     out = tmp_path / "eval.json"
-    # the tiny causal LM as a reward model: a sequence-classification head is added on load
+    # the tiny causal LM with a sequence-classification head, saved: a reward model (an untrained one is refused)
+    rm_dir = tmp_path / "rm"
+    load_reward_model(tiny_model_dir, pad_token_id=tiny_tokenizer.pad_token_id).save_pretrained(rm_dir)
+    tiny_tokenizer.save_pretrained(rm_dir)
     code, _, err = run_cli(capsys, "evaluate", "--model_name_or_path", tiny_model_dir, "--dataset_name",
-                           str(prompts_file), "--reward_model_path", tiny_model_dir, "--max_new_tokens", "4",
+                           str(prompts_file), "--reward_model_path", str(rm_dir), "--max_new_tokens", "4",
                            "--output_file", str(out))
     assert code == 0, err
     base = json.loads(out.read_text())["methods"][tiny_model_dir]

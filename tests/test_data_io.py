@@ -27,7 +27,7 @@ def test_parquet_through_datasets(tmp_path):
     datasets.Dataset.from_list([{"a": 1}, {"a": 2}]).to_parquet(str(tmp_path / "x.parquet"))
     got = read_rows(str(tmp_path / "x.parquet"))
     assert [r["a"] for _, r in got] == [1, 2]
-    assert got[1][0].endswith("x.parquet row 1")
+    assert got[1][0].endswith("x.parquet row 2")  # rows are numbered from 1, as lines are
 
 
 def test_malformed_line_is_named(tmp_path):

@@ -363,3 +363,256 @@ def test_without_bad_rewards_drops_whole_groups():
     with pytest.raises(UserError, match="every one of the 4 completions"):
         all_bad.without_bad_rewards(2)
 
+
+
+# --- loading faults: one line naming the path and what is wrong -----------------------------------------------
+def _model_copy(tiny_model_dir, tmp_path, name, keep) -> Path:
+    import shutil
+
+    folder = tmp_path / name
+    folder.mkdir()
+    for item in Path(tiny_model_dir).iterdir():
+        if item.name in keep:
+            shutil.copy2(item, folder / item.name)
+    return folder
+
+
+def test_model_folders_that_do_not_load_are_one_line(capsys, tiny_model_dir, pairs_file, prompts_file, tmp_path):
+    only_config = _model_copy(tiny_model_dir, tmp_path, "only-config", {"config.json"})
+    truncated = _model_copy(tiny_model_dir, tmp_path, "truncated", {p.name for p in Path(tiny_model_dir).iterdir()})
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    not_a_model = tmp_path / "notes"
+    not_a_model.mkdir()
+    (not_a_model / "todo.txt").write_text("x")
+    dpo = ["dpo", "--dataset_name", str(pairs_file), "--output_dir", str(tmp_path / "out"), "--bf16", "false"]
+    cases = [
+        (dpo + ["--model_name_or_path", str(only_config)],
+         f"--model_name_or_path: {only_config} has no tokenizer (none of tokenizer.json, tokenizer_config.json, "
+         "tokenizer.model, vocab.json)"),
+        (dpo + ["--model_name_or_path", str(truncated)],
+         f"--model_name_or_path: {truncated}: model.safetensors is truncated or corrupt (Error while deserializing "
+         "header: incomplete metadata, file not fully covered); save or download the model again"),
+        (dpo + ["--model_name_or_path", str(pairs_file)], f"--model_name_or_path: {pairs_file} is a file, not a model folder"),
+        (["evaluate", "--model_name_or_path", str(not_a_model), "--dataset_name", str(prompts_file), "--reward_funcs",
+          "alignlab.tasks.arithmetic:arithmetic_reward"],
+         f"--model_name_or_path: {not_a_model} is not a model folder (it has no config.json)"),
+    ]
+    for argv, expected in cases:
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 1 and one_line(err) == f"alignlab {argv[0]}: error: {expected}"
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_a_reward_model_path_without_a_trained_score_head_is_one_line(capsys, tiny_model_dir, prompts_file,
+                                                                      pairs_file, tmp_path):
+    expected = (f"--reward_model_path: {tiny_model_dir} has no trained score head (it is not a reward model: train "
+                "one with `alignlab reward`)")
+    code, _, err = run_cli(capsys, "grpo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(prompts_file),
+                           "--output_dir", str(tmp_path / "o"), "--reward_model_path", tiny_model_dir,
+                           "--per_device_train_batch_size", "4", "--num_generations", "4", "--bf16", "false")
+    assert code == 1 and one_line(err) == f"alignlab grpo: error: {expected}"
+    code, _, err = run_cli(capsys, "score", "--reward_model_path", tiny_model_dir, "--dataset_name", str(pairs_file),
+                           "--bf16", "false")
+    assert code == 1 and one_line(err) == f"alignlab score: error: {expected}"
+
+
+def test_a_damaged_checkpoint_is_named_and_true_resumes_the_newest_whole_one(tiny_model_dir, pairs_file, tmp_path,
+                                                                             caplog):
+    from alignlab.errors import UserError
+    from alignlab.train.checkpoint import checkpoint_problem
+
+    out = tmp_path / "run"
+    _dpo_trainer(tiny_model_dir, pairs_file, out, save_steps=1, max_steps=4).train()  # checkpoints 1 to 3
+    model = out / "checkpoint-3" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # a copy cut short
+    optimizer = out / "checkpoint-2" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:-100])
+    assert checkpoint_problem(out / "checkpoint-1") is None
+    assert checkpoint_problem(out / "checkpoint-2").startswith("optimizer.bin is truncated or corrupt")
+    # a named checkpoint: one line, and which older one can be used instead
+    with pytest.raises(UserError) as info:
+        _dpo_trainer(tiny_model_dir, pairs_file, out, save_steps=1, max_steps=5,
+                     resume_from_checkpoint=str(out / "checkpoint-3")).train()
+    assert str(info.value) == (
+        f"--resume_from_checkpoint: {out / 'checkpoint-3'} cannot be resumed: model.safetensors is truncated or "
+        "corrupt (Error while deserializing header: incomplete metadata, file not fully covered); the newest whole "
+        f"checkpoint before it is {out / 'checkpoint-1'}: resume with --resume_from_checkpoint {out / 'checkpoint-1'}")
+    # true: the newest whole one, with a warning for each damaged one passed over
+    with caplog.at_level("WARNING"):
+        _dpo_trainer(tiny_model_dir, pairs_file, out, save_steps=1, max_steps=5, resume_from_checkpoint="true").train()
+    assert f"{out / 'checkpoint-3'} cannot be resumed: model.safetensors is truncated" in caplog.text
+    assert f"{out / 'checkpoint-2'} cannot be resumed: optimizer.bin is truncated" in caplog.text
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]  # steps 2 to 4 again, from checkpoint-1
+    assert checkpoint_problem(out / "checkpoint-4") is None
+
+
+def test_a_checkpoint_that_does_not_load_is_one_line(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    import accelerate
+
+    from alignlab.errors import UserError
+
+    out = tmp_path / "run"
+    _dpo_trainer(tiny_model_dir, pairs_file, out, save_steps=1, max_steps=3).train()  # checkpoints 1 and 2
+
+    def load_state(self, input_dir=None, **kw):
+        raise RuntimeError("Error(s) in loading state_dict for LlamaForCausalLM:\n\tsize mismatch")
+
+    monkeypatch.setattr(accelerate.Accelerator, "load_state", load_state)
+    with pytest.raises(UserError) as info:
+        _dpo_trainer(tiny_model_dir, pairs_file, out, max_steps=4, resume_from_checkpoint="true").train()
+    assert str(info.value) == (f"--resume_from_checkpoint: cannot load {out / 'checkpoint-2'}: Error(s) in loading "
+                               f"state_dict for LlamaForCausalLM:; the newest whole checkpoint before it is "
+                               f"{out / 'checkpoint-1'}: resume with --resume_from_checkpoint {out / 'checkpoint-1'}")
+
+
+# --- hung reward functions and stopping ------------------------------------------------------------------------
+HANGING_REWARD = (
+    "import os, time\n"
+    "def hang(prompts, completions, **kw):\n"
+    "    calls = os.path.join(os.path.dirname(__file__), 'calls')\n"
+    "    with open(calls, 'a') as f:\n"
+    "        f.write('x')\n"
+    "    if os.path.getsize(calls) >= int(os.environ.get('HANG_AT_CALL', '1')):\n"
+    "        try:\n"
+    "            time.sleep(3600)\n"
+    "        except Exception:\n"
+    "            pass  # a function that swallows errors cannot swallow the timeout\n"
+    "    return [0.0 for _ in completions]\n"
+)
+
+
+def test_a_reward_function_that_does_not_return_is_stopped_by_reward_timeout(capsys, tiny_model_dir, prompts_file,
+                                                                             tmp_path):
+    rewards = tmp_path / "hang.py"
+    rewards.write_text(HANGING_REWARD)
+    out = tmp_path / "o"
+    previous = signal.getsignal(signal.SIGALRM)
+    start = time.monotonic()
+    code, _, err = run_cli(capsys, "grpo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(prompts_file),
+                           "--output_dir", str(out), "--reward_funcs", f"{rewards}:hang",
+                           "--per_device_train_batch_size", "4", "--num_generations", "4",
+                           "--max_completion_length", "4", "--max_steps", "2", "--bf16", "false",
+                           "--reward_timeout", "1")
+    assert time.monotonic() - start < 120
+    assert code == 1 and one_line(err) == (f"alignlab grpo: error: reward function {rewards}:hang did not return "
+                                           "within 1 s (--reward_timeout); it was stopped")
+    assert signal.getsignal(signal.SIGALRM) is previous and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert sorted(p.name for p in out.iterdir()) == [".alignlab.lock", "failed-run.log"]
+
+
+def test_the_reward_timeout_gives_an_outer_timer_back():
+    from alignlab.errors import UserError
+    from alignlab.rollout.rewards import call_reward_func, reward_timeout
+
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    signal.setitimer(signal.ITIMER_REAL, 30.0)
+    try:
+        with reward_timeout(0.2):
+            assert call_reward_func(lambda p, c: [1.0] * len(c), "quick", ["a"], ["b"]).tolist() == [1.0]
+            with pytest.raises(UserError, match=r"^reward function slow did not return within 0.2 s"):
+                call_reward_func(lambda p, c: time.sleep(5), "slow", ["a"], ["b"])
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 25.0 < left <= 30.0 and not fired  # the outer timer runs on, its handler is back
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_sigterm_stops_a_hung_step_after_the_grace_period_and_keeps_the_checkpoint(tiny_model_dir, prompts_file,
+                                                                                   tmp_path):
+    # what `timeout` does: SIGTERM while the step hangs; the run ends within --stop_grace_period, exit 143
+    from alignlab.train.checkpoint import checkpoint_problem
+
+    rewards = tmp_path / "hang.py"
+    rewards.write_text(HANGING_REWARD)
+    out = tmp_path / "o"
+    argv = ["grpo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(prompts_file), "--output_dir",
+            str(out), "--reward_funcs", f"{rewards}:hang", "--per_device_train_batch_size", "4", "--num_generations",
+            "4", "--max_completion_length", "4", "--max_steps", "3", "--save_steps", "1", "--bf16", "false",
+            "--stop_grace_period", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "alignlab.cli", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**_env(), "HANG_AT_CALL": "2"}, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while not ((tmp_path / "calls").exists() and (tmp_path / "calls").stat().st_size >= 2):  # step 2 hangs
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert time.monotonic() - sent < 2 + 30  # the grace period, and the time a process takes to exit
+    assert "SIGTERM received: stopping after the current step (at most 2 s more; send it again to stop at once)" in err
+    assert ("training stopped at once by SIGTERM in the middle of a step (the step did not end within "
+            "--stop_grace_period 2 s); the checkpoints written before it are complete") in err
+    assert "Traceback" not in err
+    assert checkpoint_problem(out / "checkpoint-1") is None  # step 1's checkpoint, whole
+    assert not list(out.glob(".checkpoint-*"))
+
+
+def test_a_second_signal_or_no_grace_stops_at_once():
+    from alignlab.train.loop import StopSignals
+
+    with StopSignals(grace_period=60) as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.signum == signal.SIGTERM  # the first: noted
+        with pytest.raises(SystemExit) as info:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here
+        assert info.value.code == 143
+    with StopSignals(grace_period=0):
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+
+
+# --- data files: one line naming the file, rows numbered from 1 -------------------------------------------------
+def test_data_faults_name_the_file(tmp_path):
+    from alignlab.data.io import read_rows
+    from alignlab.errors import DataError, UserError
+
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n   \n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    header = tmp_path / "header.csv"
+    header.write_text("prompt,chosen,rejected\n")
+    for path in (blank, empty, header):
+        with pytest.raises(DataError) as info:
+            read_rows(str(path))
+        assert str(info.value) == f"{path}: no rows (the file is empty, or holds only blank lines or a header)"
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    with pytest.raises(UserError) as info:
+        read_rows(f"{pairs}:abc")
+    assert str(info.value) == (f"--dataset_name {pairs}:abc: 'abc' after ':' is not a weight (a positive number, "
+                               f"as in {pairs}:0.5)")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("x")
+    with pytest.raises(UserError) as info:
+        read_rows(str(folder))
+    assert str(info.value) == (f"--dataset_name: {folder} is a folder with neither a saved dataset "
+                               "(dataset_info.json) nor data files (.jsonl, .jsonl.gz, .json, .json.gz, .parquet, "
+                               ".csv, .arrow)")
+
+
+def test_a_model_folder_as_data_is_one_line(tiny_model_dir):
+    from alignlab.data.io import read_rows
+    from alignlab.errors import UserError
+
+    with pytest.raises(UserError, match=f"^--dataset_name: {tiny_model_dir} is a model folder, not a dataset$"):
+        read_rows(tiny_model_dir)
+
+
+def test_csv_rows_are_numbered_from_1_as_jsonl_lines_are(tmp_path):
+    from alignlab.data.io import read_rows
+
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\nQ1,A,B\nQ2,C,D\n")
+    assert [loc for loc, _ in read_rows(str(path))] == [f"{path} row 1", f"{path} row 2"]
+    lines = tmp_path / "pairs.jsonl"
+    lines.write_text('{"a": 1}\n{"a": 2}\n')
+    assert [loc for loc, _ in read_rows(str(lines))] == [f"{lines}:1", f"{lines}:2"]

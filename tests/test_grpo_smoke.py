@@ -84,7 +84,7 @@ def test_other_loss_types_and_iterations_run(tiny_model_dir, prompts_file, rewar
     "extra, message",
     [
         (["--per_device_train_batch_size", "3", "--num_generations", "2"], "3 completions per step is not a multiple of --num_generations 2"),
-        (["--per_device_train_batch_size", "8", "--num_generations", "1", "--gradient_accumulation_steps", "1"], "one rollout takes 8 prompts"),
+        (["--per_device_train_batch_size", "16", "--num_generations", "2", "--gradient_accumulation_steps", "1"], "one rollout takes 8 prompts"),
         (["--loss_type", "gpg"], "invalid choice: 'gpg'"),
     ],
 )

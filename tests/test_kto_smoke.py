@@ -10,7 +10,6 @@ import torch
 
 from alignlab.algorithms.kto import KTOConfig, KTOTrainer, check_class_weights, subset_means
 from alignlab.data.unpaired import build_unpaired_examples, collate_unpaired
-from alignlab.errors import DataError
 from alignlab.losses.kto import kto_loss
 from tests.conftest import one_line, read_metrics, run_cli
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -81,13 +82,36 @@ def _load_yaml_defaults(path: str, config_cls) -> dict:
     return data
 
 
+_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf(inity)?|-nan", re.IGNORECASE)
+_ARGPARSE_NUMBER = re.compile(r"-\d+|-\d*\.\d+")  # what argparse itself reads as a negative number
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--flag -1e-5`` as ``--flag=-1e-5``: argparse takes a value that starts with ``-`` for a flag unless it
+    looks like a plain negative number (``-1``, ``-0.5``), and ``-1e-5`` or ``-inf`` do not (the range check then
+    says what is wrong with the value instead of "expected one argument")."""
+    out: list[str] = []
+    for token in argv:
+        previous = out[-1] if out else ""
+        if (_NUMBER.fullmatch(token) and not _ARGPARSE_NUMBER.fullmatch(token) and previous.startswith("--")
+                and "=" not in previous):
+            out[-1] = f"{previous}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def parse_config(config_cls, argv: list[str], prog: str):
-    """Parse ``argv`` (and an optional ``--config`` YAML file) into ``config_cls``.
+    """Parse ``argv`` (and an optional ``--config`` YAML file) into ``config_cls``. Every numeric value is checked
+    against its range (:func:`alignlab.train.config.check_ranges`) before the config is built.
 
     Raises:
         _Exit: unknown flag, bad value, unreadable config file (one-line message).
         UserError: a value the config's validation rejects.
     """
+    from alignlab.train.config import check_ranges
+
+    argv = _attach_negative_values(argv)
     parser = _parser(prog, config_cls)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
@@ -99,6 +123,7 @@ def parse_config(config_cls, argv: list[str], prog: str):
         flag = next((r for r in remaining if r.startswith("-")), remaining[0])
         raise _Exit(f"{prog}: error: unknown flag {flag}" if flag.startswith("-") else f"{prog}: error: unexpected argument {flag!r}")
     values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(config_cls) if hasattr(namespace, f.name)}
+    check_ranges(config_cls, values)
     return config_cls(**values)
 
 
@@ -135,10 +160,14 @@ def print_train_result(method, result) -> None:
 
 def _run_method(command: str, argv: list[str]) -> None:
     from alignlab.methods import get_method
+    from alignlab.rollout.rewards import reward_timeout
+    from alignlab.train.output_dir import preflight
 
     method = get_method(command)
     config = parse_config(method.config, argv, f"alignlab {command}")
-    result = method.train(config)
+    preflight(config)  # the output folder, before any model is loaded
+    with reward_timeout(config.reward_timeout):  # reward functions called outside the training loop too
+        result = method.train(config)
     if method.print_result is not None:
         method.print_result(config, result)
     else:

@@ -108,28 +108,106 @@ def resolve_model_path(name_or_path: str | None) -> str:
     return name_or_path
 
 
-def _check_exists(path: str) -> None:
+def _check_exists(path: str, flag: str = "--model_name_or_path") -> None:
     """A path-like name (``./x``, ``/x``, ``~/x``, ``a/b/c``) that does not exist is an error here, rather
     than a confusing hub lookup; ``org/name`` and ``name`` may be hub ids."""
     looks_local = path.startswith((".", "/", "~")) or path.count("/") >= 2
     if looks_local and not os.path.exists(os.path.expanduser(path)):
-        raise UserError(f"--model_name_or_path: {path} does not exist")
+        raise UserError(f"{flag}: {path} does not exist")
 
 
-def load_tokenizer(name_or_path: str | None, *, trust_remote_code: bool = False):
-    """Load a tokenizer; give it a pad token (the EOS token) if it has none.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""Any of these in a folder means it has a tokenizer transformers can load."""
+
+
+def weights_file_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with one weights or state file, judged from its header without reading its tensors (a
+    safetensors header; the zip directory of a ``torch.save`` ``.bin`` / ``.pkl`` / ``.pt`` file), or ``None``
+    when it reads. A file cut short or overwritten fails there; a flipped bit inside a tensor does not."""
+    import zipfile
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as exc:  # safetensors' SafetensorError, or an OSError
+            return f"{path.name} is truncated or corrupt ({_first_line(exc)})"
+    elif path.suffix in (".bin", ".pkl", ".pt", ".pth"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                size = path.stat().st_size
+                if any(info.header_offset + info.compress_size > size for info in archive.infolist()):
+                    return f"{path.name} is truncated"
+        except (zipfile.BadZipFile, OSError) as exc:
+            return f"{path.name} is truncated or corrupt ({_first_line(exc)})"
+    return None
+
+
+def check_model_dir(path: str, flag: str = "--model_name_or_path", *, tokenizer: bool = False,
+                    weights: bool = False) -> None:
+    """One-line errors for a local model folder that cannot load, before transformers tries (its own errors are
+    tracebacks or misleading: a folder without tokenizer files asks for sentencepiece). Hub ids pass.
+
+    Args:
+        path: the folder (expanded).
+        flag: the flag that named it, for the message.
+        tokenizer: it must hold a tokenizer (:data:`TOKENIZER_FILES`).
+        weights: it must hold safetensors weights whose headers read (``model.safetensors``, the shards of
+            ``model.safetensors.index.json``, or a LoRA ``adapter_model.safetensors``).
 
     Raises:
-        UserError: if the model cannot be found.
+        UserError: ``path`` is a file; a folder without ``config.json`` (or ``adapter_config.json``); no tokenizer;
+            no weights; a weights file that is truncated or corrupt.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise UserError(f"{flag}: {path} is a file, not a model folder")
+    has_config = (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
+    has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
+    if not has_config and (weights or not has_tokenizer):
+        raise UserError(f"{flag}: {path} is not a model folder (it has no config.json)")
+    if tokenizer and not has_tokenizer:
+        raise UserError(f"{flag}: {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    if not weights:
+        return
+    if (folder / "adapter_config.json").is_file():
+        files = [folder / "adapter_model.safetensors"]
+    elif (folder / "model.safetensors.index.json").is_file():
+        index = folder / "model.safetensors.index.json"
+        try:
+            files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise UserError(f"{flag}: {index} is unreadable ({_first_line(exc)})") from exc
+    else:
+        files = [folder / "model.safetensors"]
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{flag}: {path} has no {file.name} (safetensors weights are needed)")
+        problem = weights_file_problem(file)
+        if problem:
+            raise UserError(f"{flag}: {path}: {problem}; save or download the model again")
+
+
+def load_tokenizer(name_or_path: str | None, *, trust_remote_code: bool = False, flag: str = "--model_name_or_path"):
+    """Load a tokenizer; give it a pad token (the EOS token) if it has none. ``flag`` names the path in errors.
+
+    Raises:
+        UserError: if the model cannot be found, or a local folder is not a model or has no tokenizer.
     """
     from transformers import AutoTokenizer
 
     path = os.path.expanduser(resolve_model_path(name_or_path))
-    _check_exists(path)
+    _check_exists(path, flag)
+    check_model_dir(path, flag, tokenizer=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise UserError(f"--model_name_or_path: cannot load a tokenizer from {path!r}: {_first_line(exc)}") from exc
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{flag}: cannot load a tokenizer from {path!r}: {_first_line(exc)}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -150,6 +228,7 @@ def load_causal_lm(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     use_kernels: bool = False,
+    flag: str = "--model_name_or_path",
 ):
     """Load a causal LM (``AutoModelForCausalLM``) from safetensors weights.
 
@@ -162,20 +241,25 @@ def load_causal_lm(
         trust_remote_code: allow model code from the checkpoint; off unless the user asks.
         use_kernels: let transformers swap in Hugging Face hub kernels (it downloads them). Off unless the user
             asks: transformers 5 turns them on by default on CUDA, which fails offline.
+        flag: the flag that named the model, for error messages.
 
     Raises:
-        UserError: if the model cannot be found or has no safetensors weights.
+        UserError: if the model cannot be found, is not a model folder, or has no (or truncated) safetensors
+            weights (:func:`check_model_dir`).
     """
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     path = os.path.expanduser(resolve_model_path(name_or_path))
-    _check_exists(path)
+    _check_exists(path, flag)
+    check_model_dir(path, flag, weights=True)
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, use_kernels=use_kernels
         )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--model_name_or_path: cannot load a causal LM from {path!r}: {_first_line(exc)}") from exc
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise UserError(f"{flag}: cannot load a causal LM from {path!r}: {_first_line(exc)}") from exc
 
 
 def load_reward_model(
@@ -185,6 +269,8 @@ def load_reward_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     use_kernels: bool = False,
+    require_score_head: bool = False,
+    flag: str = "--model_name_or_path",
 ):
     """Load a causal LM as a reward model: ``AutoModelForSequenceClassification`` with ``num_labels=1``.
 
@@ -202,40 +288,52 @@ def load_reward_model(
         dtype: parameter dtype (float32 by default).
         trust_remote_code: allow model code from the checkpoint; off unless the user asks.
         use_kernels: Hugging Face hub kernels, as :func:`load_causal_lm` (off unless asked).
+        require_score_head: the model scores (a ``--reward_model_path``): a checkpoint without a trained score
+            head (a causal LM, an SFT adapter) is an error rather than a model whose scores are random.
+        flag: the flag that named the model, for error messages.
 
     Raises:
-        UserError: if the model cannot be found, has no safetensors weights or no sequence-classification class.
+        UserError: if the model cannot be found, is not a model folder, has no (or truncated) safetensors weights
+            or no sequence-classification class; with ``require_score_head``, it has no trained score head.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
 
     path = os.path.expanduser(resolve_model_path(name_or_path))
-    _check_exists(path)
+    _check_exists(path, flag)
+    check_model_dir(path, flag, weights=True)
+    no_head = (f"{flag}: {path} has no trained score head (it is not a reward model: train one with "
+               "`alignlab reward`)")
     adapter_config = Path(path) / "adapter_config.json"
     if adapter_config.is_file():
         from peft import PeftConfig, PeftModel
 
         base_path = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
         if not base_path:
-            raise UserError(f"--model_name_or_path: {adapter_config} names no base model")
+            raise UserError(f"{flag}: {adapter_config} names no base model")
         base = load_reward_model(base_path, pad_token_id=pad_token_id, dtype=dtype, trust_remote_code=trust_remote_code,
-                                 use_kernels=use_kernels)
+                                 use_kernels=use_kernels, flag=flag)
         try:
             peft_config = PeftConfig.from_pretrained(path)
             if peft_config.task_type != "SEQ_CLS":
+                if require_score_head:
+                    raise UserError(no_head)
                 # a causal-LM (SFT) adapter: only its backbone layers apply; the fresh score head stays
                 peft_config.task_type = None
             model = PeftModel.from_pretrained(base, path, config=peft_config).merge_and_unload()
-        except (OSError, ValueError, RuntimeError, AttributeError) as exc:
-            raise UserError(f"--model_name_or_path: cannot load the adapter in {path!r}: {_first_line(exc)}") from exc
+        except (OSError, ValueError, RuntimeError, AttributeError, SafetensorError) as exc:
+            raise UserError(f"{flag}: cannot load the adapter in {path!r}: {_first_line(exc)}") from exc
     else:
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
-                use_kernels=use_kernels,
+                use_kernels=use_kernels, output_loading_info=True,
             )
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             message = f"cannot load a reward model from {path!r}: {_first_line(exc)}"
-            raise UserError(f"--model_name_or_path: {message}") from exc
+            raise UserError(f"{flag}: {message}") from exc
+        if require_score_head and any(key.split(".")[0] == "score" for key in info.get("missing_keys", ())):
+            raise UserError(no_head)
     model.config.get_text_config().pad_token_id = pad_token_id
     model.config.pad_token_id = pad_token_id
     return model

@@ -37,7 +37,7 @@ from alignlab.errors import UserError
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.models import load_causal_lm, load_tokenizer
 from alignlab.rollout.engines import BACKENDS
-from alignlab.rollout.experience import ScoredCompletions, sample_and_score_batches
+from alignlab.rollout.experience import sample_and_score_batches
 from alignlab.rollout.pairs import write_pairs
 from alignlab.rollout.rewards import build_reward_sources
 from alignlab.rollout.scoring import attach_reward_model
@@ -188,6 +188,7 @@ class IterativeDPO:
                 "eval_dataset_name": None, "eval_split_size": 0.0, "merge_lora": True if cfg.use_peft else cfg.merge_lora,
                 "ref_model_name_or_path": initial if cfg.reference == "initial" and i > 1 else None,
                 "prompt_column": "prompt", "chosen_column": "chosen", "rejected_column": "rejected",
+                "overwrite_output_dir": True,  # a round that did not finish before is trained again
             })
             result = train_dpo(round_cfg)
             current = str(model_dir)

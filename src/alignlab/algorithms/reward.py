@@ -282,7 +282,8 @@ def score_dataset(config: ScoreConfig) -> ScoreResult:
     logger.info("data %s: %s", config.dataset_name, stats.describe())
     if not examples:
         raise UserError(f"--dataset_name: no pair of {config.dataset_name} is left to score")
-    model = load_reward_model(path, pad_token_id=tokenizer.pad_token_id, trust_remote_code=config.trust_remote_code)
+    model = load_reward_model(path, pad_token_id=tokenizer.pad_token_id, trust_remote_code=config.trust_remote_code,
+                              require_score_head=True, flag="--reward_model_path")
     from alignlab.train.runtime import Runtime
 
     runtime = Runtime(config)  # one process on the device PyTorch finds, the config's precision

@@ -36,7 +36,8 @@ from alignlab.errors import ERROR_FILE_ENV, UserError
 from alignlab.experiments.layout import RunLayout, calibration_name, read_metrics, run_name
 from alignlab.methods import CompareBudget
 from alignlab.rollout import engines
-from alignlab.train.config import resolve_bf16
+from alignlab.train.config import check_ranges, resolve_bf16
+from alignlab.train.output_dir import check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class CompareConfig:
     def __post_init__(self) -> None:
         from alignlab.experiments.tuning import parse_tune
 
+        check_ranges(self)
         self.bf16 = resolve_bf16(self.bf16)
         self.tune = parse_tune(self.tune) or None
         self.tune_factors = [float(f) for f in (self.tune_factors or [0.5, 1.0, 2.0])]
@@ -147,6 +149,7 @@ class CompareConfig:
             raise UserError(f"--tune_validation_size must be in (0, 1), got {self.tune_validation_size}")
         if not self.output_dir:
             raise UserError("--output_dir is required")
+        check_writable(self.output_dir)
         if self.budget is not None:
             if self.tune:
                 raise UserError("--tune trains every trial for --tune_steps steps: give --max_steps, not --budget")
@@ -414,6 +417,7 @@ class Compare:
             "model_name_or_path": cfg.model_name_or_path, "output_dir": str(self.layout.model_dir(self.run_name(method))),
             "seed": self.seed, "bf16": cfg.bf16, "max_steps": steps, "save_steps": 0, "logging_steps": 1,
             "learning_rate": self.lr[method], "trust_remote_code": cfg.trust_remote_code,
+            "overwrite_output_dir": True,  # compare's own folder: a failed or earlier run of it is trained again
         }
         args.update(self.entries[method][1].args(
             self.shared_budget(steps, prompts=trial.get("prompts"), pairs=trial.get("pairs"))))

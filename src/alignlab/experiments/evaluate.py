@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from alignlab.data.io import read_rows, write_text_atomic
 from alignlab.data.prompts import build_prompt_examples
 from alignlab.errors import UserError
-from alignlab.train.config import resolve_bf16
+from alignlab.train.config import check_ranges, resolve_bf16
 from alignlab.models import load_causal_lm, load_tokenizer
 from alignlab.rollout.engines import BACKENDS
 from alignlab.rollout.experience import ScoredCompletions, sample_and_score_batches
@@ -94,7 +93,12 @@ class EvaluateConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         self.bf16 = resolve_bf16(self.bf16)
+        if self.output_file:
+            from alignlab.train.output_dir import check_writable_file
+
+            check_writable_file(self.output_file, "--output_file")
         if not self.task and not self.dataset_name:
             raise UserError("give --task (a built-in task or a prompts file) or --dataset_name")
         if self.task and self.dataset_name:

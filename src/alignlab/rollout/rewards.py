@@ -17,17 +17,25 @@ and their rewards are NaN.
 
 A function is loaded only from a place the user names: ``path/to/file.py:name`` (the file is imported) or
 ``package.module:name`` (imported from the Python path).
+
+A call that does not return within the reward timeout (``--reward_timeout``, :func:`reward_timeout`; default
+:data:`DEFAULT_REWARD_TIMEOUT` seconds) is stopped and is a one-line error naming the function, whatever
+``on_error`` says (a function that hangs once would hang every step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
 import math
 import numbers
+import signal
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +174,61 @@ def validate_rewards(
     return out, bad
 
 
+DEFAULT_REWARD_TIMEOUT = 300.0
+"""Seconds a reward function call may take unless ``--reward_timeout`` says otherwise."""
+
+_timeout = DEFAULT_REWARD_TIMEOUT
+
+
+@contextlib.contextmanager
+def reward_timeout(seconds: float | None) -> Iterator[None]:
+    """Within the block, reward function calls time out after ``seconds`` (``None``: the current setting stays).
+    The training loop and the command line set it from ``--reward_timeout``."""
+    global _timeout
+    previous = _timeout
+    if seconds is not None:
+        _timeout = float(seconds)
+    try:
+        yield
+    finally:
+        _timeout = previous
+
+
+class RewardTimeout(BaseException):
+    """Raised inside a reward function whose call ran out of time. A ``BaseException``, so that the function's own
+    ``except Exception`` cannot swallow it."""
+
+
+def _call_with_timeout(fn: Callable, seconds: float, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, stopped by :class:`RewardTimeout` after ``seconds``: a ``SIGALRM`` timer
+    (``signal.setitimer``) whose handler raises in the main thread, where Python runs signal handlers. An outer
+    ``ITIMER_REAL`` timer and ``SIGALRM`` handler are put back afterwards. Off the main thread, or where there is
+    no ``setitimer`` (Windows), the call has no timeout. A function stuck inside C code that does not return to
+    Python is only stopped once it does."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        return fn(*args, **kwargs)
+
+    returned = [False]
+
+    def expire(signum, frame):
+        if not returned[0]:
+            raise RewardTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
+    try:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            returned[0] = True  # a late alarm from here on does nothing
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer:  # someone else's timer was running: give it back what is left of it
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3))
+
+
 def run_reward_func(
     fn: RewardFunc, name: str, prompts: list, completions: list, *, on_error: str = "raise", **kwargs: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,11 +245,15 @@ def run_reward_func(
         ``(rewards, bad)``: ``(N,)`` float32 (NaN for ``None`` and dropped rows) and ``(N,)`` bool.
 
     Raises:
-        UserError: (``on_error="raise"``) the function raised, or returned bad values.
+        UserError: (``on_error="raise"``) the function raised, or returned bad values; (always) it did not return
+            within the reward timeout (:func:`reward_timeout`).
     """
     n = len(completions)
     try:
-        values = fn(prompts, completions, **kwargs)
+        values = _call_with_timeout(fn, _timeout, prompts, completions, **kwargs)
+    except RewardTimeout:
+        raise UserError(f"reward function {name} did not return within {_timeout:g} s (--reward_timeout); "
+                        "it was stopped") from None
     except Exception as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return _bad_call(f"reward function {name} raised {type(exc).__name__}" + (f": {detail}" if detail else ""),

@@ -93,23 +93,21 @@ def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     return torch.where(attention_mask.to(flat.device).bool(), flat, 0.0)
 
 
-def attach_reward_model(sources: list, config, tokenizer, runtime, accelerator=None):
+def attach_reward_model(sources: list, config, tokenizer, runtime):
     """Load ``config.reward_model_path`` (if set) as a frozen model into the ``reward_model`` source (the last of
     ``sources``) with ``runtime``'s :meth:`~alignlab.train.runtime.Runtime.frozen_model`: on its device, sharded
     with FSDP2 when the trained model is. Returns the reward model's tokenizer when its vocabulary differs from
     ``tokenizer``'s (the completions are then re-tokenized for it), else ``None``.
 
-    ``runtime`` may also be a device, with the training run's ``accelerator`` or none (the form
-    algorithms/online.py passes until it hands over its runtime)."""
+    Raises:
+        UserError: the reward model or its tokenizer cannot be loaded, or it has no trained score head."""
     if not config.reward_model_path:
         return None
     from alignlab.models import load_reward_model, load_tokenizer
-    from alignlab.train.runtime import Runtime
 
-    if not isinstance(runtime, Runtime):
-        runtime = Runtime(accelerator=accelerator, device=runtime)
-    rtok = load_tokenizer(config.reward_model_path, trust_remote_code=config.trust_remote_code)
-    model = load_reward_model(config.reward_model_path, pad_token_id=rtok.pad_token_id,
-                              trust_remote_code=config.trust_remote_code)
+    rtok = load_tokenizer(config.reward_model_path, trust_remote_code=config.trust_remote_code,
+                          flag="--reward_model_path")
+    model = load_reward_model(config.reward_model_path, pad_token_id=rtok.pad_token_id, require_score_head=True,
+                              trust_remote_code=config.trust_remote_code, flag="--reward_model_path")
     sources[-1].model = runtime.frozen_model(model)
     return rtok if rtok.get_vocab() != tokenizer.get_vocab() else None

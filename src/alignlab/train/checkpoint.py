@@ -4,11 +4,16 @@ A checkpoint is ``output_dir/checkpoint-N/``: accelerate's state (model, optimiz
 plus ``trainer_state.json`` (step, epoch, position in the epoch). It is written into a hidden
 ``.checkpoint-N.partial`` folder and renamed into place only when complete, so a crash or a full disk while
 saving leaves the previous checkpoints intact; only folders with ``trainer_state.json`` count as complete.
+
+A complete checkpoint can still be damaged later (a disk error, a copy cut short): :func:`checkpoint_problem`
+reads the headers of its files (cheaply: the safetensors header, the zip directory of ``torch.save`` files), and
+resuming with ``true`` takes the newest checkpoint that passes (:func:`resolve_resume`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,8 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignlab.errors import UserError
+from alignlab.models import _first_line, weights_file_problem
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+STAGING_DIR = ".alignlab-staging"
+"""Where a run started with ``--overwrite_output_dir`` over an earlier run keeps its files (checkpoints included)
+until it saves its model (:mod:`alignlab.train.output_dir`); ``--resume_from_checkpoint true`` looks here first."""
 
 
 @dataclass
@@ -45,22 +56,73 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """What keeps the checkpoint folder ``path`` from being resumed, or ``None`` when it looks whole.
+
+    Checks that ``trainer_state.json`` is there and parses, and reads the header of every weights and state file
+    (a safetensors header, a ``torch.save`` zip directory): a file cut short or overwritten fails there. The
+    tensors themselves are not read (a flipped bit inside them is not found).
+    """
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        int(state["global_step"]), int(state["epoch"]), int(state["steps_in_epoch"])
+    except FileNotFoundError:
+        return f"it has no {STATE_FILE} (it was not completely written)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its {STATE_FILE} is unreadable ({_first_line(exc)})"
+    for file in sorted(path.rglob("*")):
+        problem = weights_file_problem(file) if file.is_file() else None
+        if problem:
+            return problem
+    return None
+
+
+def _older_hint(path: Path) -> str:
+    """`` ; the newest whole checkpoint before it is X: resume with --resume_from_checkpoint X`` (or that there
+    is none)."""
+    name = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    step = int(name.group(1)) if name else None
+    for n, older in reversed(list_checkpoints(path.parent)):
+        if older != path and (step is None or n < step) and checkpoint_problem(older) is None:
+            return f"; the newest whole checkpoint before it is {older}: resume with --resume_from_checkpoint {older}"
+    return f"; {path.parent} has no older whole checkpoint"
+
+
 def resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint ``--resume_from_checkpoint`` names: ``true`` for the newest in ``output_dir``, or a path.
+    """The checkpoint ``--resume_from_checkpoint`` names: ``true`` for the newest whole one (the newest that
+    :func:`checkpoint_problem` passes, a damaged newer one skipped with a warning) in ``output_dir``'s staging
+    folder (:data:`STAGING_DIR`: a run over an earlier one, not yet saved) when that has any, else in
+    ``output_dir``; or a path.
 
     Raises:
-        UserError: ``true`` with no checkpoint, or a path that is not a complete checkpoint.
+        UserError: ``true`` with no whole checkpoint, or a path that is not a whole checkpoint (the message names
+            what is wrong and the newest older whole checkpoint to use instead).
     """
     if not spec:
         return None
     if str(spec).lower() == "true":
-        path = find_latest_checkpoint(output_dir)
-        if path is None:
+        output_dir = Path(output_dir)
+        staged = list_checkpoints(output_dir / STAGING_DIR)
+        found = staged or list_checkpoints(output_dir)
+        if not found:
             raise UserError(f"--resume_from_checkpoint true: no checkpoint-N in {output_dir}")
-        return path
+        damaged = []
+        for _, path in reversed(found):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                for bad in damaged:
+                    logger.warning("%s", bad)
+                return path
+            damaged.append(f"{path} cannot be resumed: {problem}; using an older checkpoint")
+        raise UserError(f"--resume_from_checkpoint true: no whole checkpoint in {found[-1][1].parent} "
+                        f"({found[-1][1].name}: {checkpoint_problem(found[-1][1])})")
     path = Path(spec)
-    if not (path / STATE_FILE).exists():
-        raise UserError(f"--resume_from_checkpoint: {spec} is not a complete checkpoint directory")
+    if not path.is_dir():
+        raise UserError(f"--resume_from_checkpoint: {spec} is not a checkpoint directory")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(f"--resume_from_checkpoint: {spec} cannot be resumed: {problem}{_older_hint(path)}")
     return path
 
 
@@ -99,7 +161,8 @@ def load_checkpoint(accelerator, path: Path) -> LoopState:
     Raises:
         UserError: ``path`` was written by another number of processes than this run has. Each process's data
             position and random state are saved apart (and under FSDP2 its shard), so the continuation would
-            not be the uninterrupted run's.
+            not be the uninterrupted run's. Or one of its files does not load (the message names the newest
+            older whole checkpoint).
     """
     data = json.loads((path / STATE_FILE).read_text())
     written_by = data.get("num_processes")  # absent in checkpoints written before it was recorded
@@ -107,5 +170,8 @@ def load_checkpoint(accelerator, path: Path) -> LoopState:
         raise UserError(f"--resume_from_checkpoint: {path} was written by {written_by} process(es) and this run "
                         f"has {accelerator.num_processes}; resume with {written_by} (e.g. torchrun "
                         f"--nproc_per_node {written_by})")
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except Exception as exc:  # any file of it that does not load: SafetensorError, UnpicklingError, a shape, ...
+        raise UserError(f"--resume_from_checkpoint: cannot load {path}: {_first_line(exc)}{_older_hint(path)}") from exc
     return LoopState(data["global_step"], data["epoch"], data["steps_in_epoch"])

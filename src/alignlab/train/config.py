@@ -3,9 +3,12 @@ TRL's ``ModelConfig`` unless a field's docstring says otherwise, so users' flags
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from alignlab.errors import UserError
 
@@ -25,6 +28,116 @@ def fast_bf16_available() -> bool:
 def resolve_bf16(value: bool | None) -> bool:
     """``value``, or :func:`fast_bf16_available` when unset."""
     return fast_bf16_available() if value is None else bool(value)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric flag may take: bounds ``ge`` / ``gt`` (lower) and ``le`` / ``lt`` (upper), any of them
+    unset, plus the odd values in ``also`` allowed besides (``max_steps``' ``-1``); ``why`` is added to the error
+    in parentheses. Declared in a config class's ``RANGES`` or in :data:`FIELD_RANGES` and checked by
+    :func:`check_ranges`."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    also: tuple[float, ...] = ()
+    why: str = ""
+
+    def holds(self, value: float) -> bool:
+        """Whether ``value`` is allowed."""
+        if value in self.also:
+            return True
+        return not ((self.ge is not None and not value >= self.ge) or (self.gt is not None and not value > self.gt)
+                    or (self.le is not None and not value <= self.le) or (self.lt is not None and not value < self.lt))
+
+    def describe(self) -> str:
+        """``>= 1``, ``> 0``, ``in [0, 1)``, ... as the error says it."""
+        low = (f"[{_number(self.ge)}" if self.ge is not None else f"({_number(self.gt)}" if self.gt is not None
+               else None)
+        high = (f"{_number(self.le)}]" if self.le is not None else f"{_number(self.lt)})" if self.lt is not None
+                else None)
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f"{'>=' if self.ge is not None else '>'} {low[1:]}"
+        return f"{'<=' if self.le is not None else '<'} {high[:-1]}" if high else "a number"
+
+    def error(self, name: str, value: Any) -> str:
+        """The one-line message for ``--name value`` out of range."""
+        return f"--{name} must be {self.describe()}" + (f" ({self.why})" if self.why else "") + f", got {value}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+FIELD_RANGES: dict[str, Range] = {
+    "num_generations": Range(ge=2, why="a group of one completion is its own baseline: every advantage would be 0"),
+    "seed": Range(ge=0, le=2**32 - 1),
+    "temperature": Range(gt=0),
+    "top_p": Range(gt=0, le=1),
+    "learning_rate": Range(gt=0),
+    "per_device_train_batch_size": Range(ge=1),
+    "per_device_eval_batch_size": Range(ge=1),
+    "gradient_accumulation_steps": Range(ge=1),
+    "samples_per_prompt": Range(ge=1),
+    "num_return_sequences": Range(ge=1),
+    "num_prompts": Range(ge=1),
+    "max_new_tokens": Range(ge=1),
+    "max_prompt_length": Range(ge=1),
+    "max_length": Range(ge=1),
+    "generation_batch_size": Range(ge=1),
+}
+"""Rules by field name for every command's config (training or not), for the names that mean the same thing
+wherever they appear; a class's own ``RANGES`` entry for a name wins over these."""
+
+
+def _numbers(value: Any) -> list[float]:
+    """The numbers in a flag's value: itself, or the entries of a list (``--reward_weights``); bools are not
+    numbers here."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [v for v in items if isinstance(v, numbers.Real) and not isinstance(v, bool)]
+
+
+def class_ranges(cls: type) -> dict[str, Range]:
+    """The rules that apply to ``cls``'s fields: :data:`FIELD_RANGES`, then every ``RANGES`` of its classes from
+    the base down (a subclass's entry wins)."""
+    rules = dict(FIELD_RANGES)
+    for klass in reversed(cls.__mro__):
+        rules.update(vars(klass).get("RANGES", {}))
+    return rules
+
+
+def check_ranges(config: Any, values: dict[str, Any] | None = None) -> None:
+    """Check every numeric field of a config dataclass against its rule, before any other check or any work.
+
+    For every field holding a number (or a list of numbers): a float must be finite (NaN and infinities make no
+    setting meaningful); a field with a rule (:func:`class_ranges`) must satisfy it; an integer field without
+    one must not be negative (every such field is a count). ``None`` means unset and is not checked.
+
+    Args:
+        config: a config instance, or a config class together with ``values``.
+        values: field values to check instead of the instance's (the command line checks what it parsed
+            before building the config).
+
+    Raises:
+        UserError: one line, ``--name must be ..., got value``, for the first field out of range.
+    """
+    cls = config if isinstance(config, type) else type(config)
+    rules = class_ranges(cls)
+    for f in dataclasses.fields(cls):
+        value = values.get(f.name) if values is not None else getattr(config, f.name, None)
+        if value is None:
+            continue
+        for number in _numbers(value):
+            if isinstance(number, float) and not math.isfinite(number):
+                raise UserError(f"--{f.name} must be a finite number, got {value}")
+            rule = rules.get(f.name)
+            if rule is None and isinstance(number, int):
+                rule = Range(ge=0)
+            if rule is not None and not rule.holds(number):
+                raise UserError(rule.error(f.name, value))
 
 
 @dataclass
@@ -59,6 +172,10 @@ class TrainConfig:
     # --- output ----------------------------------------------------------------------------------------
     output_dir: str | None = None
     """Where the model, tokenizer, ``metrics.jsonl``, ``config.yaml``, ``plots/`` and checkpoints go. Required."""
+    overwrite_output_dir: bool = False
+    """Allow a new run in an ``output_dir`` that holds an earlier run (a trained model, checkpoints or
+    ``metrics.jsonl``). The earlier files stay untouched until the new run saves its model, then are replaced;
+    a new run that fails leaves them as they were (docs/faults.md). Without it such a folder is refused."""
 
     # --- optimisation ----------------------------------------------------------------------------------
     learning_rate: float = 5e-5
@@ -152,45 +269,43 @@ class TrainConfig:
     gradients dropped) and counted (``nonfinite_steps`` in ``metrics.jsonl``); more than this many skipped
     updates stop the run with a one-line error, the checkpoints written so far kept (0: stop at the first).
     alignlab's own flag: transformers and TRL have none (docs/faults.md)."""
+    reward_timeout: float = 300.0
+    """Seconds a reward function may take for one call (commands that call reward functions); past them the
+    run stops with a one-line error naming the function. alignlab's own flag (docs/faults.md)."""
+    stop_grace_period: float = 300.0
+    """After the first SIGTERM or SIGINT the run stops at the end of the step under way; a step that has not
+    ended this many seconds later is cut short (as a second signal does), the checkpoints written so far kept.
+    0: stop at once on the first signal. alignlab's own flag (docs/faults.md)."""
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "logging_steps": Range(ge=1),
+        "lora_r": Range(ge=1),
+        "lora_alpha": Range(ge=1),
+        "eval_steps": Range(ge=1),
+        "save_total_limit": Range(ge=1),
+        "max_steps": Range(ge=1, also=(-1,), why="or -1 to use --num_train_epochs"),
+        "num_train_epochs": Range(ge=0),
+        "warmup_ratio": Range(ge=0, lt=1),
+        "lora_dropout": Range(ge=0, lt=1),
+        "adam_beta1": Range(ge=0, lt=1),
+        "adam_beta2": Range(ge=0, lt=1),
+        "adam_epsilon": Range(gt=0),
+        "weight_decay": Range(ge=0),
+        "max_grad_norm": Range(ge=0),
+        "eval_split_size": Range(ge=0),
+        "reward_timeout": Range(gt=0),
+        "stop_grace_period": Range(ge=0),
+    }
+    """This class's numeric rules (:class:`Range`), checked by :func:`check_ranges` before anything else in
+    ``__post_init__``; a subclass declares its own ``RANGES`` (merged with these, its own winning)."""
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         self.bf16 = resolve_bf16(self.bf16)
-        positive_ints = (
-            "per_device_train_batch_size",
-            "per_device_eval_batch_size",
-            "gradient_accumulation_steps",
-            "logging_steps",
-            "lora_r",
-            "lora_alpha",
-        )
-        for name in positive_ints:
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_nonfinite_steps < 0:
-            raise UserError(f"--max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
-        for name in ("eval_steps", "save_total_limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"--{name} must be >= 1, got {value}")
-        nonneg = ("weight_decay", "max_grad_norm", "warmup_steps", "save_steps", "eval_split_size")
-        for name in nonneg:
-            value = getattr(self, name)
-            if value < 0 or (isinstance(value, float) and math.isnan(value)):
-                raise UserError(f"--{name} must be >= 0, got {value}")
-        if not self.learning_rate > 0:
-            raise UserError(f"--learning_rate must be > 0, got {self.learning_rate}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise UserError(f"--max_steps must be > 0 (or -1 to use --num_train_epochs), got {self.max_steps}")
         if self.max_steps < 0 and not self.num_train_epochs > 0:
             raise UserError(f"--num_train_epochs must be > 0, got {self.num_train_epochs}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise UserError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.eval_split_size >= 1 and self.eval_split_size != int(self.eval_split_size):
             raise UserError(f"--eval_split_size must be a fraction in (0, 1) or a whole count, got {self.eval_split_size}")
-        if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0):
-            raise UserError("--adam_beta1 and --adam_beta2 must be in [0, 1)")
         if not self.output_dir:
             raise UserError("--output_dir is required")
         if not self.dataset_name:
@@ -206,6 +321,7 @@ class TrainConfig:
         self.report_to = resolve_report_to(self.report_to)
 
 
+@functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
     """Docstrings written under dataclass fields (used for ``--help``)."""
     import ast

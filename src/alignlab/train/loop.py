@@ -19,10 +19,10 @@ Both shapes of step come down to optimizer updates, each a list of micro-batches
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -42,8 +42,8 @@ from alignlab.models import save_pretrained
 from alignlab.train.checkpoint import (  # noqa: F401 - re-exported: the loop's public names
     STATE_FILE, LoopState, find_latest_checkpoint, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
 )
+from alignlab.train.output_dir import OutputFolder
 from alignlab.train.config import TrainConfig
-from alignlab.train.lock import OutputDirLock
 from alignlab.train.metrics import MetricsLog, plot_metrics
 from alignlab.train.model_card import write_model_card
 from alignlab.train.steps import (
@@ -101,24 +101,51 @@ class TrainingInterrupted(SystemExit):
 class StopSignals:
     """SIGTERM and SIGINT, caught for the length of a run (a context manager): the first one only sets
     :attr:`signum`, and the loop stops at the end of the step under way, after a checkpoint (pre-emption: a
-    scheduler's SIGTERM, a Ctrl-C). A second one of the same kind does not wait: SIGINT raises
-    ``KeyboardInterrupt``, SIGTERM exits with status 143 at once. The previous handlers come back on exit.
-    Installed only in the main thread (Python delivers signals there; elsewhere this does nothing)."""
+    scheduler's SIGTERM, a Ctrl-C). A second one of the same kind does not wait, and neither does the first once
+    ``grace_period`` seconds have passed without the step ending (a hung step: the timer sends the signal again):
+    SIGINT raises ``KeyboardInterrupt``, SIGTERM exits with status 143 at once; the checkpoints written so far
+    are complete (each is written aside and renamed into place). The previous handlers come back on exit.
+    Installed only in the main thread (Python delivers signals there; elsewhere this does nothing).
+
+    Args:
+        grace_period: seconds (``None``: no limit; 0: the first signal stops at once).
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, grace_period: float | None = None):
         self.signum: int | None = None
+        self.grace_period = grace_period
         self._previous: dict[int, Any] = {}
+        self._timer: threading.Timer | None = None
+        self._guard = threading.Lock()  # the timer never re-sends a signal once the handlers are put back
+        self._expired = False
 
     def _handle(self, signum, frame) -> None:
-        if self.signum == signum:  # asked twice: stop now
+        name = signal.Signals(signum).name
+        if self.signum == signum or self.grace_period == 0:  # asked twice, or the grace period is over: stop now
+            why = (f"the step did not end within --stop_grace_period {self.grace_period:g} s" if self._expired
+                   else "asked twice" if self.grace_period else "--stop_grace_period 0")
+            print(f"training stopped at once by {name} in the middle of a step ({why}); the checkpoints written "
+                  "before it are complete", file=sys.stderr, flush=True)
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
         self.signum = signum
-        logger.warning("%s received: stopping after the current step (send it again to stop at once)",
-                       signal.Signals(signum).name)
+        if not self.grace_period:
+            logger.warning("%s received: stopping after the current step (send it again to stop at once)", name)
+        else:
+            logger.warning("%s received: stopping after the current step (at most %g s more; send it again to stop "
+                           "at once)", name, self.grace_period)
+            self._timer = threading.Timer(self.grace_period, self._resend, args=(signum,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _resend(self, signum: int) -> None:
+        with self._guard:
+            if self._previous:
+                self._expired = True
+                os.kill(os.getpid(), signum)
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -127,9 +154,12 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
+        with self._guard:
+            if self._timer is not None:
+                self._timer.cancel()
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+            self._previous.clear()
 
 
 class Trainer:
@@ -177,7 +207,7 @@ class Trainer:
         model_to_save: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     ):
         if len(train_dataset) == 0:
-            raise UserError("the training set is empty after preprocessing")
+            raise UserError(f"the training set ({config.dataset_name}) is empty after preprocessing")
         self.rollout_fn = rollout_fn
         self.batch_size = rollout_batch_size or config.per_device_train_batch_size
         if rollout_fn is not None and len(train_dataset) < self.batch_size:
@@ -197,9 +227,15 @@ class Trainer:
         self.loss_fn = loss_fn
         self.plot_panels = {"loss": ["loss"], **(plot_panels or {})}
         self.output_dir = Path(config.output_dir)
-        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
-        self.samples_path = self.output_dir / "samples.jsonl"
+        self._use_work_dir(self.output_dir)
         self._eval_loader = None
+
+    def _use_work_dir(self, work_dir: Path) -> None:
+        """Write the run's files (metrics, samples, config, plots, checkpoints, the model) into ``work_dir``:
+        ``output_dir`` or its staging folder (:class:`~alignlab.train.output_dir.OutputFolder`)."""
+        self.work_dir = Path(work_dir)
+        self.metrics = MetricsLog(self.work_dir / "metrics.jsonl")
+        self.samples_path = self.work_dir / "samples.jsonl"
 
     # ------------------------------------------------------------------------------------------------------
     def _precision(self):
@@ -265,7 +301,7 @@ class Trainer:
             logger.warning("step %d: non-finite loss or gradient (grad_norm %s), update skipped (%d so far)",
                            step, float(grad_norm), self.nonfinite.count)
             if over:
-                latest = find_latest_checkpoint(self.output_dir)
+                latest = find_latest_checkpoint(self.work_dir)
                 raise UserError(
                     f"{self.nonfinite.count} updates had a non-finite loss or gradient, more than "
                     f"--max_nonfinite_steps {self.config.max_nonfinite_steps}; stopped at step {step}, "
@@ -315,18 +351,24 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         """Run to ``max_steps`` (or ``num_train_epochs``), then evaluate, save the model (with its model card)
-        and draw plots. The main process holds ``output_dir``'s lock for the length of the run.
+        and draw plots. The main process holds ``output_dir``'s lock for the length of the run; what is written
+        where, and what a failure leaves, is :class:`~alignlab.train.output_dir.OutputFolder`'s.
 
-        SIGTERM and SIGINT stop the run after the step under way, with a checkpoint of it (:class:`StopSignals`).
+        SIGTERM and SIGINT stop the run after the step under way, with a checkpoint of it (:class:`StopSignals`);
+        reward functions have ``--reward_timeout`` seconds per call.
 
         Raises:
-            UserError: another live run holds ``output_dir``; a bad ``--resume_from_checkpoint``; more than
-                ``max_nonfinite_steps`` updates skipped for a non-finite loss or gradient.
+            UserError: another live run holds ``output_dir``; it holds an earlier run (without
+                ``--overwrite_output_dir``); a bad ``--resume_from_checkpoint``; more than ``max_nonfinite_steps``
+                updates skipped for a non-finite loss or gradient; a reward function that timed out.
             TrainingInterrupted: SIGTERM or SIGINT; the checkpoint is written.
         """
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        lock = OutputDirLock(self.output_dir) if self.accelerator.is_main_process else contextlib.nullcontext()
-        with lock, self.runtime.training(), StopSignals() as self._signals:
+        from alignlab.rollout.rewards import reward_timeout
+
+        cfg = self.config
+        with OutputFolder(cfg, self.accelerator) as self.folder, self.runtime.training(), \
+                StopSignals(cfg.stop_grace_period) as self._signals, reward_timeout(cfg.reward_timeout):
+            self._use_work_dir(self.folder.work_dir)
             tracking = Tracking(self.accelerator, config=asdict(self.config), run_name=self.output_dir.name)
             try:
                 return self._train(tracking)
@@ -358,29 +400,24 @@ class Trainer:
         return model, optimizer, scheduler, train_loader, per_step, steps_per_epoch, total_steps
 
     def _start(self) -> LoopState:
-        """A fresh start (stale outputs removed) or the state of the checkpoint to resume from."""
+        """A fresh start or the state of the checkpoint to resume from (:attr:`OutputFolder.resume`)."""
         acc = self.accelerator
-        resume = resolve_resume(self.config.resume_from_checkpoint, self.output_dir)
-        if resume is not None:
-            state = load_checkpoint(acc, resume)
-            if acc.is_main_process:  # rows the interrupted run wrote after the checkpoint come again
-                self.metrics.truncate_after(state.global_step)
-                MetricsLog(self.samples_path).truncate_after(state.global_step)
-            logger.info("resumed from %s at step %d", resume, state.global_step)
-            return state
-        if acc.is_main_process:
-            for stale in (self.metrics.path, self.samples_path):  # a fresh run in an old directory starts afresh
-                if stale.exists():
-                    stale.unlink()
-        return LoopState()
+        resume = self.folder.resume
+        if resume is None:
+            return LoopState()
+        state = load_checkpoint(acc, resume)
+        if acc.is_main_process:  # rows the interrupted run wrote after the checkpoint come again
+            self.metrics.truncate_after(state.global_step)
+            MetricsLog(self.samples_path).truncate_after(state.global_step)
+        logger.info("resumed from %s at step %d", resume, state.global_step)
+        return state
 
     def _train(self, tracking: Tracking) -> TrainResult:
         from tqdm.auto import tqdm
 
         cfg, acc = self.config, self.accelerator
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         if acc.is_main_process:
-            with open(self.output_dir / "config.yaml", "w", encoding="utf-8") as handle:
+            with open(self.work_dir / "config.yaml", "w", encoding="utf-8") as handle:
                 yaml.safe_dump(asdict(cfg), handle, sort_keys=False)
         online = self.rollout_fn is not None
         model, optimizer, scheduler, train_loader, per_step, steps_per_epoch, total_steps = self._setup(online)
@@ -453,11 +490,14 @@ class Trainer:
         to_save = self.model_to_save(unwrapped)
         state_dict = self.runtime.full_state_dict(unwrapped, to_save)  # sharded: every process takes part
         if acc.is_main_process:
-            save_pretrained(to_save, self.tokenizer, self.output_dir, merge_lora=cfg.merge_lora, state_dict=state_dict)
+            save_pretrained(to_save, self.tokenizer, self.work_dir, merge_lora=cfg.merge_lora, state_dict=state_dict)
             self._write_model_card(to_save, {**last_train, **last_eval})
-            plots = plot_metrics(self.metrics.rows(), self.output_dir / "plots", self.plot_panels)
+            plots = plot_metrics(self.metrics.rows(), self.work_dir / "plots", self.plot_panels)
+            plots = [self.folder.final_path(p) for p in plots]
+            self.folder.publish()  # a run over an earlier one: its files replace the earlier run's now
         acc.wait_for_everyone()
         self.model = acc.unwrap_model(model)
+        self._use_work_dir(self.output_dir)
         return TrainResult(
             output_dir=self.output_dir,
             metrics_path=self.metrics.path,
@@ -478,7 +518,7 @@ class Trainer:
         cfg = self.config
         data = cfg.dataset_name if isinstance(cfg.dataset_name, list) else [cfg.dataset_name]
         write_model_card(
-            self.output_dir, base_model=cfg.model_name_or_path or "SmolLM2-135M-Instruct (embedded)",
+            self.work_dir, base_model=cfg.model_name_or_path or "SmolLM2-135M-Instruct (embedded)",
             method=type(cfg).__name__.removesuffix("Config"), datasets=[str(d) for d in data if d],
             hyperparameters={k: v for k, v in asdict(cfg).items() if not isinstance(v, (dict, list)) or v},
             final_metrics={k: v for k, v in final_metrics.items() if isinstance(v, (int, float))},
@@ -502,7 +542,7 @@ class Trainer:
         signum = self._signals.signum
         if not saved:
             self._save_checkpoint(state)
-        path = self.output_dir / f"checkpoint-{state.global_step}"
+        path = self.work_dir / f"checkpoint-{state.global_step}"
         if self.accelerator.is_main_process:
             print(f"training stopped by {signal.Signals(signum).name} after step {state.global_step}: {path} written; "
                   "resume with --resume_from_checkpoint true", file=sys.stderr, flush=True)
@@ -518,12 +558,12 @@ class Trainer:
         import shutil
 
         try:
-            save_checkpoint(self.accelerator, self.output_dir, state, keep=self.config.save_total_limit)
+            save_checkpoint(self.accelerator, self.work_dir, state, keep=self.config.save_total_limit)
         except OSError as exc:
-            partial = self.output_dir / f".checkpoint-{state.global_step}.partial"
+            partial = self.work_dir / f".checkpoint-{state.global_step}.partial"
             if self.accelerator.is_main_process:
                 shutil.rmtree(partial, ignore_errors=True)
-            raise UserError(f"could not write checkpoint-{state.global_step} in {self.output_dir}: {exc} "
+            raise UserError(f"could not write checkpoint-{state.global_step} in {self.work_dir}: {exc} "
                             "(the earlier checkpoints are intact)") from exc
         if self.accelerator.is_main_process:
-            plot_metrics(self.metrics.rows(), self.output_dir / "plots", self.plot_panels)
+            plot_metrics(self.metrics.rows(), self.work_dir / "plots", self.plot_panels)
