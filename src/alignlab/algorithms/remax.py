@@ -13,12 +13,13 @@ tokens (veRL's ``token-mean``; with one iteration the ratio is 1 and this is REI
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm, check_flags, group_sampling_args
+from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm, group_sampling_args
 from alignlab.methods import CompareEntry, Method, register_method
+from alignlab.train.config import Range
 from alignlab.train.types import TrainResult
 from alignlab.train.steps import LossTerms
 
@@ -48,16 +49,15 @@ class ReMaxConfig(OnlineConfig):
     epsilon_high: float | None = None
     """Upper clip range. Unset: ``epsilon``."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_flags(self, [
-            ("num_generations", self.num_generations >= 1, ">= 1"),
-            ("max_completion_length", self.max_completion_length >= 1, ">= 1"),
-            ("num_iterations", self.num_iterations >= 1, ">= 1"),
-            ("beta", self.beta >= 0, ">= 0"),
-            ("epsilon", 0 < self.epsilon < 1, "in (0, 1)"),
-            ("epsilon_high", self.epsilon_high is None or self.epsilon_high > 0, "> 0"),
-        ])
+    RANGES: ClassVar[dict[str, Range]] = {
+        "num_generations": Range(ge=1, why="each sampled completion has the greedy one as its baseline"),
+        "max_completion_length": Range(ge=1),
+        "num_iterations": Range(ge=1),
+        "beta": Range(ge=0),
+        "epsilon": Range(gt=0, lt=1),
+        "epsilon_high": Range(gt=0),
+    }
+    """The ranges of the numeric flags (:func:`alignlab.train.config.check_ranges`)."""
 
 
 class ReMaxTrainer(PolicyGradientAlgorithm):
