@@ -200,13 +200,3 @@ def test_cli_reports_a_failing_reward_function(capsys, tiny_model_dir, prompts_f
                            "--output_dir", str(tmp_path / "x"), "--reward_funcs", f"{bad}:f", "--bf16", "false",
                            "--per_device_train_batch_size", "2", "--response_length", "3", "--max_steps", "1")
     assert code == 1 and f"reward function {bad}:f must return a list of 2 numbers, got 1 values" in one_line(err)
-
-
-@pytest.mark.parametrize("init", ["zero", "random"])
-def test_a_fresh_value_head_starts_at_zero_by_default(tiny_model_dir, prompts_file, rewards_file, tmp_path, init):
-    # without a reward model the critic is the policy with a new scalar head: 0 with --value_head_init zero
-    # (every state's value 0 until it learns), transformers' random initialisation with random
-    trainer = PPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "out", value_head_init=init))
-    weight = trainer.model.value_model.score.weight
-    assert bool((weight == 0).all()) == (init == "zero")
-    assert PPOConfig.__dataclass_fields__["value_head_init"].default == "zero"

@@ -57,12 +57,6 @@ class PPOConfig(OnlineConfig):
     value_model_path: str | None = None
     """Initialise the value model from this checkpoint instead (default: the reward model, else the policy
     with a fresh scalar head)."""
-    value_head_init: Literal["zero", "random"] = "zero"
-    """The fresh scalar head of a value model that starts from the policy (neither ``--value_model_path`` nor
-    ``--reward_model_path``): ``zero`` starts every state's value at 0, so the first advantages are GAE's
-    KL-penalised returns whitened over the batch, and the critic learns from there; ``random`` keeps the model's
-    own initialisation (TRL's). alignlab's flag: a random head's per-token values on the embedded model spread
-    4-5 times wider than the task reward, so the first updates follow the critic's noise (docs/ppo.md)."""
     response_length: int = 53
     """Most tokens sampled per completion (TRL's default 53)."""
     temperature: float = 0.7
@@ -112,22 +106,6 @@ class PPOConfig(OnlineConfig):
     def rollout_batch_size(self) -> int:
         """Prompts per process per step."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
-
-
-def zero_score_head(model: torch.nn.Module) -> None:
-    """Set the scalar head of a sequence-classification model (transformers' ``score``, ``hidden -> 1``) to 0, so
-    that ``V(s) = 0`` for every state until the critic learns.
-
-    Raises:
-        UserError: the model has no ``score`` linear layer.
-    """
-    head = getattr(model, "score", None)
-    if not isinstance(head, torch.nn.Linear):
-        raise UserError(f"--value_head_init zero: {type(model).__name__} has no linear 'score' head")
-    with torch.no_grad():
-        head.weight.zero_()
-        if head.bias is not None:
-            head.bias.zero_()
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -196,8 +174,6 @@ class PPOTrainer(PolicyGradientAlgorithm):
         value_path = config.value_model_path or config.reward_model_path or config.model_name_or_path
         value_model = load_reward_model(value_path, pad_token_id=tok.pad_token_id,
                                         trust_remote_code=config.trust_remote_code, use_kernels=config.use_kernels)
-        if value_path == config.model_name_or_path and config.value_head_init == "zero":
-            zero_score_head(value_model)
         value_model = self.setup.runtime.prepare_model(value_model, task_type="SEQ_CLS", modules_to_save=["score"])
         self.model = PolicyAndValue(
             self.setup.policy, value_model, temperature=cfg.temperature, padding_free=cfg.padding_free,
