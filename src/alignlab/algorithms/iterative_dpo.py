@@ -157,6 +157,13 @@ class IterativeDPO:
         with torch.no_grad():
             return write_pairs(self._sample(policy, self.prompts, k), k, path)
 
+    @staticmethod
+    def _has_checkpoint(model_dir: Path) -> bool:
+        """Whether a round's model folder (or its staging folder) holds a ``checkpoint-N``."""
+        from alignlab.train.checkpoint import STAGING_DIR, list_checkpoints
+
+        return bool(list_checkpoints(model_dir / STAGING_DIR) or list_checkpoints(model_dir))
+
     def run(self) -> list[dict]:
         """All rounds; returns the ``rounds.json`` records."""
         cfg = self.config
@@ -189,6 +196,8 @@ class IterativeDPO:
                 "ref_model_name_or_path": initial if cfg.reference == "initial" and i > 1 else None,
                 "prompt_column": "prompt", "chosen_column": "chosen", "rejected_column": "rejected",
                 "overwrite_output_dir": True,  # a round that did not finish before is trained again
+                # resume a round from its own checkpoint when it has one; a round that never wrote one starts afresh
+                "resume_from_checkpoint": cfg.resume_from_checkpoint if self._has_checkpoint(model_dir) else None,
             })
             result = train_dpo(round_cfg)
             current = str(model_dir)
