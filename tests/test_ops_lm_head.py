@@ -325,11 +325,11 @@ from alignlab.ops import lm_head, logprobs
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
 from alignlab.train.distributed import initialize, is_sharded, set_wrap_classes
-from alignlab.train.loop import build_accelerator
+from alignlab.train.runtime import build_runtime
 
 path, out = sys.argv[1], sys.argv[2]
-acc = build_accelerator(TrainConfig(model_name_or_path=path, dataset_name="builtin:concise", output_dir=out,
-                                    fsdp="full_shard auto_wrap", bf16=False))
+acc = build_runtime(TrainConfig(model_name_or_path=path, dataset_name="builtin:concise", output_dir=out,
+                                    fsdp="full_shard auto_wrap", bf16=False)).accelerator
 model = AutoModelForCausalLM.from_pretrained(path)  # tied embeddings
 whole = AutoModelForCausalLM.from_pretrained(path)
 set_wrap_classes(acc, model)

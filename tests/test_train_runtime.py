@@ -57,16 +57,14 @@ def test_prepare_and_freeze_models(tmp_path):
     assert layers[1].p == 0.0
 
 
-# The online algorithm modules (and their base) are converted by the integrator; every other algorithm module
-# must reach precision, sharding and the CPU speed layer through the runtime.
-NOT_CONVERTED_YET = {"base.py", "online.py", "grpo.py", "rloo.py", "reinforce_pp.py", "ppo.py"}
+# Every algorithm module reaches precision, sharding and the CPU speed layer through the runtime.
 INTERNALS = {"alignlab.ops.cpu_kernels", "alignlab.ops.memory", "alignlab.train.distributed"}
 
 
 def test_algorithm_modules_use_the_runtime_only():
     checked = []
     for path in sorted(ALGORITHMS.glob("*.py")):
-        if path.name in NOT_CONVERTED_YET or path.name == "__init__.py":
+        if path.name == "__init__.py":
             continue
         checked.append(path.name)
         tree = ast.parse(path.read_text())
@@ -82,4 +80,5 @@ def test_algorithm_modules_use_the_runtime_only():
                 assert not {a.name for a in node.names} & INTERNALS, f"{path.name}:{node.lineno}"
             if isinstance(node, ast.Attribute) and node.attr == "autocast":
                 raise AssertionError(f"{path.name}:{node.lineno} uses torch.autocast directly")
-    assert {"dpo.py", "kto.py", "sft.py", "reward.py", "iterative_dpo.py", "online_dpo.py"} <= set(checked)
+    assert {"base.py", "online.py", "grpo.py", "rloo.py", "reinforce_pp.py", "ppo.py", "remax.py", "dpo.py", "kto.py",
+            "sft.py", "reward.py", "iterative_dpo.py", "online_dpo.py"} <= set(checked)

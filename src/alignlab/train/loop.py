@@ -49,30 +49,12 @@ from alignlab.train.model_card import write_model_card
 from alignlab.train.steps import (
     LossFn, NonfiniteSteps, all_finite, evaluate_terms, guarded_optimizer_step, run_update,
 )
-from alignlab.train.runtime import Runtime, build_runtime
+from alignlab.train.runtime import Runtime
 from alignlab.train.tracking import Tracking
 from alignlab.train.types import Rollout, TrainResult
 from alignlab.train.window import MetricsWindow
 
 logger = logging.getLogger(__name__)
-
-# Rollout and TrainResult (imported above from train/types.py), build_accelerator and autocast (below) are kept
-# importable from here for the online algorithm modules only (algorithms/online.py, grpo.py, rloo.py,
-# reinforce_pp.py, ppo.py), until they import from train/types.py and use the runtime.
-
-
-def build_accelerator(config: TrainConfig):
-    """The ``accelerate.Accelerator`` of :func:`~alignlab.train.runtime.build_runtime` (which also applies the seed
-    and the CPU speed layer's setting). Kept for the online algorithm modules only, until they use the runtime;
-    new code calls :func:`~alignlab.train.runtime.build_runtime`."""
-    return build_runtime(config).accelerator
-
-
-def autocast(config: TrainConfig, device: torch.device):
-    """:meth:`Runtime.precision <alignlab.train.runtime.Runtime.precision>` on ``device``: bf16 autocast when
-    ``config.bf16``, else a no-op. Kept for the online algorithm modules only, until they use the runtime."""
-    return Runtime(config, device=device).precision()
-
 
 def _fused_adamw_supported(params: list) -> bool:
     # torch's fused AdamW kernel runs on CPU and CUDA for floating-point parameters (torch >= 2.4).
@@ -168,8 +150,7 @@ class Trainer:
     Args:
         config: the algorithm's config (a :class:`TrainConfig`).
         runtime: the run's :class:`~alignlab.train.runtime.Runtime` (from
-            :func:`~alignlab.train.runtime.build_runtime`), or its ``accelerate.Accelerator`` alone (the runtime is
-            then made around it).
+            :func:`~alignlab.train.runtime.build_runtime`).
         model: the trained model (trainable parameters have ``requires_grad``), LoRA already applied if wanted.
         tokenizer: saved with the model.
         train_dataset: a sequence of examples (offline: for ``collate_fn``; online: prompts for ``rollout_fn``).
@@ -217,7 +198,7 @@ class Trainer:
             )
         self.model_to_save = model_to_save or (lambda m: m)
         self.config = config
-        self.runtime = runtime if isinstance(runtime, Runtime) else Runtime(config, runtime)
+        self.runtime = runtime
         self.accelerator = self.runtime.accelerator
         self.model = model
         self.tokenizer = tokenizer

@@ -7,12 +7,10 @@ import logging
 import random
 from collections.abc import Callable
 
-import torch
 
 from alignlab.data.io import read_rows
 from alignlab.errors import UserError
 from alignlab.train.config import TrainConfig
-from alignlab.train.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +60,3 @@ def load_train_eval(
         if is_main_process:
             logger.info("eval data: %s", eval_stats.describe())
     return train, evals
-
-
-def frozen_model(model: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """:meth:`Runtime.frozen_model <alignlab.train.runtime.Runtime.frozen_model>` of ``accelerator``'s runtime.
-    Kept for algorithms/online.py only, until it uses the runtime."""
-    return Runtime(accelerator=accelerator).frozen_model(model)
-
-
-def prepare_model(model: torch.nn.Module, config: TrainConfig, device: torch.device, *, task_type: str = "CAUSAL_LM",
-                  modules_to_save: list[str] | None = None) -> torch.nn.Module:
-    """:meth:`Runtime.prepare_model <alignlab.train.runtime.Runtime.prepare_model>` on ``device``. Kept for
-    algorithms/online.py and ppo.py only, until they use the runtime."""
-    return Runtime(config, device=device).prepare_model(model, task_type=task_type, modules_to_save=modules_to_save)
