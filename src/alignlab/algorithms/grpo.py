@@ -19,7 +19,7 @@ import torch
 
 from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm, group_sampling_args
 from alignlab.errors import UserError
-from alignlab.losses.ppo import aggregate_token_loss, get_policy_loss, importance_weights
+from alignlab.losses.ppo import aggregate_token_loss, get_policy_loss, importance_weights, policy_loss_kwargs
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.ops.kl import kl_k3
 from alignlab.ops.masked import masked_mean
@@ -141,16 +141,9 @@ class GRPOTrainer(PolicyGradientAlgorithm):
         cfg = self.config
         mask = batch["response_mask"].bool()
         logps, old_logps = self.current_and_old_logps(model, batch)
-        if cfg.loss_type == "cispo":
-            options = {"epsilon_high": cfg.epsilon_high}
-        elif cfg.loss_type == "sapo":
-            options = {"sapo_temperature_pos": cfg.sapo_temperature_pos, "sapo_temperature_neg": cfg.sapo_temperature_neg}
-        else:
-            options = {"cliprange": cfg.epsilon, "cliprange_high": cfg.epsilon_high}
+        # the loss's hyperparameters, read from the config as the policy-loss registry declares them
         per_token, policy_metrics = get_policy_loss(cfg.loss_type)(
-            logps, old_logps, batch["advantages"], mask, importance_sampling_level=cfg.importance_sampling_level,
-            **options,
-        )
+            logps, old_logps, batch["advantages"], mask, **policy_loss_kwargs(cfg.loss_type, cfg))
         metrics = {"clip_ratio": policy_metrics["policy/clipfrac"]} if "policy/clipfrac" in policy_metrics else {}
         if cfg.beta > 0:
             kl = kl_k3(logps, batch["ref_logps"])

@@ -361,7 +361,7 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
     def rollout(self, model, examples: list[dict], step: int) -> Rollout:
         """Sample, score, estimate the advantages; returns the step's updates (see the class docstring)."""
         cfg, setup, device = self.config, self.setup, self.accelerator.device
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = self.runtime.unwrap(model)
         policy = self.policy_of(unwrapped)
         estimator, hyperparameters = self.advantage_estimator()
         if isinstance(estimator, str):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 # kept for grpo.py, rloo.py and ppo.py until they import it from alignlab.data.sequences
-from alignlab.data.sequences import slice_rows  # noqa: F401
 from alignlab.ops.logprobs import completion_logps
 from alignlab.rollout.engines import engine_for
 from alignlab.rollout.engines.base import Completions, SamplingParams
