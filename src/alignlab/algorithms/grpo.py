@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm, group_sampling_args
 from alignlab.errors import UserError
 from alignlab.losses.ppo import aggregate_token_loss, get_policy_loss, importance_weights, policy_loss_kwargs
+from alignlab.train.config import Range
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.ops.kl import kl_k3
 from alignlab.ops.masked import masked_mean
@@ -79,27 +80,24 @@ class GRPOConfig(OnlineConfig):
     num_iterations: int = 1
     """Optimizer steps per sampled batch (the paper's mu). Above 1 the old log-probs are computed once."""
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "max_completion_length": Range(ge=1), "num_iterations": Range(ge=1), "beta": Range(ge=0),
+        "epsilon": Range(gt=0, lt=1), "epsilon_high": Range(gt=0), "sapo_temperature_pos": Range(gt=0),
+        "sapo_temperature_neg": Range(gt=0),
+    }
+    """The ranges of the numeric flags (:func:`alignlab.train.config.check_ranges`; ``num_generations`` >= 2 is
+    :data:`~alignlab.train.config.FIELD_RANGES`')."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("num_generations", "max_completion_length", "num_iterations"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps
         if per_step % self.num_generations:
             raise UserError(
                 f"per_device_train_batch_size x gradient_accumulation_steps = {per_step} completions per step is not "
                 f"a multiple of --num_generations {self.num_generations}"
             )
-        if not self.beta >= 0:
-            raise UserError(f"--beta must be >= 0, got {self.beta}")
-        if not 0 < self.epsilon < 1:
-            raise UserError(f"--epsilon must be in (0, 1), got {self.epsilon}")
-        if self.epsilon_high is not None and not self.epsilon_high > 0:
-            raise UserError(f"--epsilon_high must be > 0, got {self.epsilon_high}")
         if self.loss_type == "cispo" and self.epsilon_high is None:
             raise UserError("--loss_type cispo caps the importance weight at --epsilon_high: give it (e.g. 5.0)")
-        if not (self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0):
-            raise UserError("--sapo_temperature_pos and --sapo_temperature_neg must be > 0")
 
     @property
     def prompts_per_step(self) -> int:

@@ -16,7 +16,7 @@ import math
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -41,7 +41,7 @@ from alignlab.data.sequences import slice_rows
 from alignlab.rollout.generation import completion_token_logps
 from alignlab.rollout.rewards import build_reward_sources
 from alignlab.rollout.scoring import attach_reward_model
-from alignlab.train.config import TrainConfig
+from alignlab.train.config import Range, TrainConfig
 from alignlab.train.runtime import build_runtime
 from alignlab.train.types import Rollout
 from alignlab.train.steps import LossTerms
@@ -104,20 +104,17 @@ class OnlineConfig(TrainConfig):
     """How completions are sampled (docs/rollouts.md): ``generate`` (transformers ``generate``, dynamic KV
     cache), ``static`` (static KV cache, compiled decode step), ``paged`` (transformers' continuous batching,
     paged KV cache) or ``auto`` (the fastest measured on the device type)."""
+    RANGES: ClassVar[dict[str, Range]] = {
+        "max_prompt_length": Range(ge=1), "temperature": Range(gt=0), "top_p": Range(gt=0, le=1),
+        "sample_steps": Range(ge=0), "missing_eos_penalty": Range(ge=0),
+    }
+    """The ranges of the numeric flags every online method shares (:func:`alignlab.train.config.check_ranges`,
+    run first by ``TrainConfig.__post_init__``)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.reward_model_path and not self.reward_funcs:
             raise UserError("give --reward_model_path and/or --reward_funcs")
-        if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise UserError(f"--max_prompt_length must be >= 1, got {self.max_prompt_length}")
-        if not self.temperature > 0:
-            raise UserError(f"--temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
-        if self.sample_steps < 0:
-            raise UserError(f"--sample_steps must be >= 0, got {self.sample_steps}")
-        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
-            raise UserError(f"--missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
         if self.reward_func_errors not in ("raise", "drop"):
             raise UserError(f"--reward_func_errors must be raise or drop, got {self.reward_func_errors!r}")
         if self.generation_backend not in BACKENDS:

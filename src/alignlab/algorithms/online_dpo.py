@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import ClassVar
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,8 @@ from alignlab.algorithms.base import OnlineAlgorithm
 from alignlab.algorithms.dpo import PreferenceLossConfig
 from alignlab.algorithms.online import OnlineConfig, OnlineSetup
 from alignlab.data.sequences import slice_rows
-from alignlab.errors import UserError
 from alignlab.losses.dpo import PairLogps, combined_reward_kind, preference_loss, preference_metrics
+from alignlab.train.config import Range
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.train.steps import LossTerms
 from alignlab.train.types import Rollout, TrainResult
@@ -54,11 +55,12 @@ class OnlineDPOConfig(PreferenceLossConfig, OnlineConfig):
     temperature: float = 0.9
     """Sampling temperature (TRL's default). The DPO log-probs are the policy's own (temperature 1), as TRL."""
 
+    RANGES: ClassVar[dict[str, Range]] = {"max_new_tokens": Range(ge=1)}
+    """The ranges of the numeric flags (:func:`alignlab.train.config.check_ranges`)."""
+
     def __post_init__(self) -> None:
         self._check_loss_types()
         super().__post_init__()
-        if self.max_new_tokens < 1:
-            raise UserError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
         self._check_loss_hyperparameters()
 
     @property

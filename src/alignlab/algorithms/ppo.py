@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -27,6 +27,7 @@ from alignlab.advantages.gae import gae_estimator
 from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm
 from alignlab.errors import UserError
 from alignlab.losses.ppo import clipped_policy_loss, clipped_value_loss
+from alignlab.train.config import Range
 from alignlab.methods import CompareBudget, CompareEntry, Method, register_method
 from alignlab.models import load_reward_model
 from alignlab.ops.masked import masked_mean, masked_var
@@ -83,24 +84,17 @@ class PPOConfig(OnlineConfig):
     """Mini-batches per pass; each is one optimizer step of ``per_device_train_batch_size *
     gradient_accumulation_steps`` completions per process."""
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "response_length": Range(ge=1), "num_ppo_epochs": Range(ge=1), "num_mini_batches": Range(ge=1),
+        "kl_coef": Range(ge=0), "gamma": Range(ge=0, le=1), "lam": Range(ge=0, le=1), "cliprange": Range(gt=0, lt=1),
+        "cliprange_value": Range(gt=0), "vf_coef": Range(ge=0),
+    }
+    """The ranges of the numeric flags (:func:`alignlab.train.config.check_ranges`)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.reward_func_errors != "raise":
             raise UserError("ppo supports --reward_func_errors raise only (its mini-batches are fixed fractions of a rollout)")
-        for name in ("response_length", "num_ppo_epochs", "num_mini_batches"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if not self.kl_coef >= 0:
-            raise UserError(f"--kl_coef must be >= 0, got {self.kl_coef}")
-        for name in ("gamma", "lam"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UserError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 0 < self.cliprange < 1:
-            raise UserError(f"--cliprange must be in (0, 1), got {self.cliprange}")
-        if not self.cliprange_value > 0:
-            raise UserError(f"--cliprange_value must be > 0, got {self.cliprange_value}")
-        if not self.vf_coef >= 0:
-            raise UserError(f"--vf_coef must be >= 0, got {self.vf_coef}")
 
     @property
     def rollout_batch_size(self) -> int:

@@ -17,11 +17,12 @@ commands' (TRL's) for sampling and data (``max_completion_length``, ``temperatur
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm, check_flags, group_sampling_args
+from alignlab.train.config import Range
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.train.types import TrainResult
 from alignlab.train.steps import LossTerms
@@ -57,19 +58,19 @@ class ReinforcePPConfig(OnlineConfig):
     no_advantage_std_norm: bool = False
     """Only subtract the batch mean of the returns; do not divide by their std (OpenRLHF)."""
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "n_samples_per_prompt": Range(ge=1), "max_completion_length": Range(ge=1), "max_epochs": Range(ge=1),
+        "gamma": Range(ge=0, le=1), "init_kl_coef": Range(ge=0), "eps_clip": Range(gt=0, lt=1),
+    }
+    """The ranges of the numeric flags (:func:`alignlab.train.config.check_ranges`)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         baseline = self.advantage_estimator == "reinforce_baseline"
-        check_flags(self, [
-            ("n_samples_per_prompt", self.n_samples_per_prompt >= 1, ">= 1"),
-            ("max_completion_length", self.max_completion_length >= 1, ">= 1"),
-            ("max_epochs", self.max_epochs >= 1, ">= 1"),
+        check_flags(self, [  # the rules that depend on another flag; the plain ranges are RANGES'
             ("n_samples_per_prompt", not baseline or self.n_samples_per_prompt >= 2,
              ">= 2 with --advantage_estimator reinforce_baseline"),
-            ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
             ("gamma", not baseline or self.gamma == 1.0, "1 with --advantage_estimator reinforce_baseline (as OpenRLHF)"),
-            ("init_kl_coef", self.init_kl_coef >= 0, ">= 0"),
-            ("eps_clip", 0 < self.eps_clip < 1, "in (0, 1)"),
         ])
 
 

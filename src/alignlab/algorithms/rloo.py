@@ -12,13 +12,14 @@ averaged over sequences. No value model, no KL term in the loss (the KL is in th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm, check_flags, group_sampling_args
+from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm, group_sampling_args
 from alignlab.errors import UserError
 from alignlab.losses.ppo import clipped_policy_loss
+from alignlab.train.config import Range
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.train.types import TrainResult
 from alignlab.train.steps import LossTerms
@@ -51,16 +52,14 @@ class RLOOConfig(OnlineConfig):
     reward_clip_range: list[float] | None = None
     """``low high``: clamp each reward to this range before the KL penalty and the baseline (TRL)."""
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "num_generations": Range(ge=2, why="the leave-one-out baseline"), "max_completion_length": Range(ge=1),
+        "num_iterations": Range(ge=1), "beta": Range(ge=0), "epsilon": Range(gt=0, lt=1), "epsilon_high": Range(gt=0),
+    }
+    """The ranges of the numeric flags (:func:`alignlab.train.config.check_ranges`)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_flags(self, [
-            ("num_generations", self.num_generations >= 2, ">= 2 (the leave-one-out baseline)"),
-            ("max_completion_length", self.max_completion_length >= 1, ">= 1"),
-            ("num_iterations", self.num_iterations >= 1, ">= 1"),
-            ("beta", self.beta >= 0, ">= 0"),
-            ("epsilon", 0 < self.epsilon < 1, "in (0, 1)"),
-            ("epsilon_high", self.epsilon_high is None or self.epsilon_high > 0, "> 0"),
-        ])
         if self.reward_clip_range is not None:
             clip = list(self.reward_clip_range)
             if len(clip) != 2 or not clip[0] < clip[1]:
