@@ -165,7 +165,7 @@ def _run_method(command: str, argv: list[str]) -> None:
 
     method = get_method(command)
     config = parse_config(method.config, argv, f"alignlab {command}")
-    preflight(config)  # the output folder, before any model is loaded
+    preflight(config, resume=not method.checkpoints_in_runs)  # the output folder, before any model is loaded
     with reward_timeout(config.reward_timeout):  # reward functions called outside the training loop too
         result = method.train(config)
     if method.print_result is not None:

@@ -94,6 +94,7 @@ class Method:
         compare: the ways ``compare`` can run it (empty: not offered by ``compare``).
         print_result: ``print_result(config, result)`` prints what ``train`` returned (default: the output
             paths and the metrics above).
+        checkpoints_in_runs: the command's checkpoints are its inner runs' (see the field).
     """
 
     command: str
@@ -106,6 +107,9 @@ class Method:
     eval_metric: str | None = None
     compare: tuple[CompareEntry, ...] = ()
     print_result: Callable[[Any, Any], None] | None = None
+    checkpoints_in_runs: bool = False
+    """The command's checkpoints are written by the training runs it starts (iterative-dpo's rounds, each in
+    its own folder), so ``--resume_from_checkpoint`` is resolved by those runs, not against ``output_dir``."""
 
 
 _METHODS: Registry[Method] = Registry("command", error=KeyError,

@@ -254,6 +254,7 @@ register_method(Method(
     online=True,
     curve_metric="rewards/margins",
     print_result=_print_rounds,
+    checkpoints_in_runs=True,  # each round resumes from its own checkpoint
     compare=(CompareEntry(
         name="iterative-dpo",
         args=lambda b: {"dataset_name": [b.prompts], "per_device_train_batch_size": b.prompts_per_step,

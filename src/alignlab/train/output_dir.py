@@ -150,18 +150,20 @@ def _whose(checkpoint: Path | None, output_dir: Path) -> str | None:
     return "own" if parent == output_dir.resolve() else None
 
 
-def preflight(config) -> None:
+def preflight(config, *, resume: bool = True) -> None:
     """The checks of a training command's ``output_dir`` made before any model is loaded (the command line calls
     it): the folder can be written, a new run does not start over an earlier one without
     ``--overwrite_output_dir``, and ``--resume_from_checkpoint`` names a checkpoint that can be resumed. The run
-    itself checks again under its lock (:class:`OutputFolder`).
+    itself checks again under its lock (:class:`OutputFolder`). ``resume=False``: the command's checkpoints
+    are its inner runs' (iterative-dpo's rounds), which resolve ``--resume_from_checkpoint`` themselves.
 
     Raises:
         UserError: the folder is a file or cannot be written; it holds an earlier run; a bad checkpoint.
     """
     out = check_writable(config.output_dir)
-    resume = resolve_resume(config.resume_from_checkpoint, out)
-    reason = None if _whose(resume, out) else refusal(out, config.overwrite_output_dir, None)
+    found = resolve_resume(config.resume_from_checkpoint, out) if resume else None
+    resuming_inner_runs = not resume and bool(config.resume_from_checkpoint)
+    reason = None if _whose(found, out) or resuming_inner_runs else refusal(out, config.overwrite_output_dir, None)
     if reason:
         raise UserError(reason)
 
