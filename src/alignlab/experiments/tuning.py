@@ -159,6 +159,6 @@ def fairness(budget: dict[str, Any], tuning: dict[str, dict[str, Any]] | None, t
         lrs = budget.get("learning_rate", {})
         tuned = [f"{m}: learning rate {lrs[m]:g} (preset or flag, not tuned in this run)" for m in methods if m in lrs]
         sentence = ("Nothing was tuned in this run; learning rates: " + ", ".join(
-            f"{m} {lrs[m]:g}" for m in methods if m in lrs) + " (from the preset, --learning_rate or each method's "
-            "default; docs/compare.md says how the preset's were chosen).")
+            f"{m} {lrs[m]:g}" for m in methods if m in lrs) + " (the preset's, --learning_rate or each method's "
+            "default; --tune chooses them per method on a validation split of the training prompts).")
     return {"equalised": equal, "differs": differs, "tuned": tuned, "sentence": sentence}
