@@ -329,11 +329,8 @@ class Compare:
         if len(self.train_rows) < cfg.prompts_per_step:
             raise UserError(f"--prompts_per_step {cfg.prompts_per_step} is more than the {len(self.train_rows)} "
                             "training prompts")
-        preset_values = PRESETS[cfg.preset].get("method_values", {})
-        self.lr = {name: cfg.learning_rate or preset_values.get(name, {}).get("learning_rate") or entry.learning_rate
-                   for name, (_, entry) in self.entries.items()}
-        # each method's KL coefficient when the preset or --tune sets one (else the method's own default)
-        self.kl = {name: preset_values[name]["beta"] for name in self.entries if "beta" in preset_values.get(name, {})}
+        self.lr = {name: cfg.learning_rate or entry.learning_rate for name, (_, entry) in self.entries.items()}
+        self.kl: dict[str, float] = {}  # each method's KL coefficient once --tune has chosen it (else its default)
         self.tuning: dict[str, Any] = {}
         self.seeds = [cfg.seed + k for k in range(cfg.seeds)]
         self.seed = cfg.seed  # the seed of the runs being built
