@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from alignlab.algorithms.online_dpo import OnlineDPOConfig, OnlineDPOTrainer, pick_chosen
+from alignlab.algorithms.online_dpo import OnlineDPOConfig, OnlineDPOTrainer, pick_chosen, tied_pair_weights
 from tests.conftest import one_line, read_metrics, run_cli
 
 def _config(model, data, rewards, out, **kw):
@@ -26,6 +26,39 @@ def test_pick_chosen_by_hand():
     assert chosen.tolist() == [1, 2, 4] and rejected.tolist() == [0, 3, 5]
 
 
+def test_tied_pair_weights_by_hand():
+    # 4 pairs, 2 tied: the untied ones weigh 4 / 2 = 2, so the mean over all 4 is the mean over the untied 2
+    weights = tied_pair_weights(torch.tensor([False, True, False, True]))
+    assert weights.tolist() == [2.0, 0.0, 2.0, 0.0]
+    losses = torch.tensor([0.5, 9.0, 0.7, 9.0])
+    assert float((weights * losses).mean()) == pytest.approx(0.6)
+    assert tied_pair_weights(torch.tensor([False, False])).tolist() == [1.0, 1.0]
+    assert tied_pair_weights(torch.tensor([True, True])).tolist() == [0.0, 0.0]
+
+
+CONSTANT_REWARD = "def constant(prompts, completions, **kwargs):\n    return [0.5 for _ in completions]\n"
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_tied_pairs_are_left_out_of_the_loss(tiny_model_dir, prompts_file, tmp_path, drop):
+    # every pair ties under a constant reward: dropped, the step's loss is 0 and the policy does not move (Adam's
+    # first step from zero gradients is zero); kept (TRL's rule), the first completion is trained up
+    rewards = tmp_path / "constant.py"
+    rewards.write_text(CONSTANT_REWARD)
+    out = tmp_path / f"drop-{drop}"
+    trainer = OnlineDPOTrainer(_config(tiny_model_dir, prompts_file, tmp_path / "unused", out, max_steps=1,
+                                       reward_funcs=[f"{rewards}:constant"], drop_tied_pairs=drop))
+    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    trainer.train()
+    row = read_metrics(out)[0]
+    assert row["frac_reward_zero_std"] == 1.0
+    moved = any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
+    if drop:
+        assert row["loss"] == 0.0 and not moved
+    else:
+        assert row["loss"] == pytest.approx(math.log(2), abs=1e-5) and moved
+
+
 def test_online_dpo_trains_and_logs_trl_names(tiny_model_dir, prompts_file, rewards_file, tmp_path):
     out = tmp_path / "run"
     trainer = OnlineDPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, out))
@@ -34,14 +67,15 @@ def test_online_dpo_trains_and_logs_trl_names(tiny_model_dir, prompts_file, rewa
         rollout = trainer.rollout(trainer.policy, trainer.prompts[:4], 1)
     (update,) = rollout.updates
     assert len(update) == 2 and all(mb["input_ids"].shape[0] == 4 for mb in update)  # 2 pairs per micro-batch
-    # the first micro-batch: loss at the reference is log 2 (policy == reference), margins 0
+    # the first micro-batch: loss at the reference is log 2 per untied pair (policy == reference), margins 0
     [(loss, metrics)] = trainer.compute_loss(trainer.policy, update[0])
-    assert float(loss) == pytest.approx(math.log(2), abs=1e-5)
+    weight = update[0]["pair_weight"].chunk(2)[0]  # 0 for a tied pair, else pairs / untied pairs of the step
+    assert float(loss.detach()) == pytest.approx(math.log(2) * float(weight.mean()), abs=1e-5)
     assert float(metrics["rewards/margins"].abs().max()) < 1e-5
     trainer.train()
     rows = read_metrics(out)
     for name in ("objective/scores", "objective/kl", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                 "rewards/margins", "loss", "completions/mean_length", "tokens_per_second"):
+                 "rewards/margins", "loss", "completions/mean_length", "tokens_per_second", "frac_reward_zero_std"):
         assert all(math.isfinite(r[name]) for r in rows), name
     assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
     assert any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())

@@ -3,10 +3,11 @@ glue between rollout, rewards, :mod:`alignlab.losses.dpo` and the shared loop.
 
 Flow of one step (TRL 1.16's experimental ``OnlineDPOTrainer``): prompts -> two completions each from the
 current policy -> rewards (reward model and/or functions; ``missing_eos_penalty``) -> the better one is
-chosen (ties: the first) -> reference log-probs (when a loss needs them) -> one optimizer step on the
-preference loss of those pairs (any of :mod:`alignlab.losses.dpo`'s, as ``alignlab dpo``: ``--loss_type``,
-``--loss_weights`` and the hyperparameters the losses declare). The preference pairs are fresh every step, so
-the data stays on-policy.
+chosen; a pair whose two completions score the same carries no preference and is left out of the loss
+(``drop_tied_pairs``; TRL trains on it with the first completion as chosen) -> reference log-probs (when a
+loss needs them) -> one optimizer step on the preference loss of those pairs (any of
+:mod:`alignlab.losses.dpo`'s, as ``alignlab dpo``: ``--loss_type``, ``--loss_weights`` and the
+hyperparameters the losses declare). The preference pairs are fresh every step, so the data stays on-policy.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ class OnlineDPOConfig(PreferenceLossConfig, OnlineConfig):
     temperature: float = 0.9
     """Sampling temperature (TRL's default). The DPO log-probs are the policy's own (temperature 1), as TRL."""
 
+    drop_tied_pairs: bool = True
+    """Leave a pair whose two completions get the same score out of the loss (the step's loss is the mean over
+    the other pairs; a step whose pairs all tie changes nothing but the optimizer's state). TRL keeps such a
+    pair with the first completion as chosen, which trains toward an arbitrary one of two equal completions; with
+    a rule-based reward of few distinct values ties are common (kid-stories at compare's default preset: about
+    a third of the pairs), and they made Online DPO drift from the base model without raising the reward
+    (benchmarks/README.md, "Online DPO's tied pairs"). ``false``: TRL's behaviour. Logged as
+    ``frac_reward_zero_std`` (TRL GRPO's name for groups whose completions all score the same)."""
+
     RANGES: ClassVar[dict[str, Range]] = {"max_new_tokens": Range(ge=1)}
     """The ranges of the numeric flags (:func:`alignlab.train.config.check_ranges`)."""
 
@@ -77,6 +87,16 @@ def pick_chosen(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     first_wins = pairs[:, 0] >= pairs[:, 1]
     base = torch.arange(pairs.shape[0], device=scores.device) * 2
     return base + (~first_wins).long(), base + first_wins.long()
+
+
+def tied_pair_weights(tied: torch.Tensor) -> torch.Tensor:
+    """``(P,)`` loss weights of a step's pairs that leave the tied ones out: 0 for a tied pair and ``P / U`` for
+    each of the ``U`` others, so that the mean of ``weight * loss`` over the step's ``P`` pairs (the loop's mean
+    over equal micro-batches) is the mean loss over the ``U`` untied pairs; all 0 when every pair ties.
+    ``tied``: ``(P,)`` bool."""
+    untied = (~tied).float()
+    count = untied.sum()
+    return untied * (tied.numel() / count) if count > 0 else untied
 
 
 class OnlineDPOTrainer(OnlineAlgorithm):
@@ -109,6 +129,11 @@ class OnlineDPOTrainer(OnlineAlgorithm):
         scored = setup.sample(policy, examples, max_new_tokens=cfg.max_new_tokens, num_generations=2)
         chosen, rejected = pick_chosen(scored.scores)
         data = dict(scored.sequences)
+        tied = scored.scores[chosen] == scored.scores[rejected]
+        if cfg.drop_tied_pairs:
+            weights = tied_pair_weights(tied)
+            data["pair_weight"] = torch.empty_like(scored.scores, dtype=torch.float32)
+            data["pair_weight"][chosen], data["pair_weight"][rejected] = weights, weights
         start = time.perf_counter()
         if setup.has_reference:
             with self.runtime.precision():  # the policy's own log-probs (and objective/kl) come from the training pass
@@ -125,6 +150,7 @@ class OnlineDPOTrainer(OnlineAlgorithm):
         metrics.update({
             "objective/scores": scored.scores,
             "objective/scores_margin": scored.scores[chosen] - scored.scores[rejected],
+            "frac_reward_zero_std": tied.float(),
             "time/scoring": scored.scoring_seconds + forward_seconds,
         })
         if len(setup.sources) == 1:
@@ -147,6 +173,8 @@ class OnlineDPOTrainer(OnlineAlgorithm):
         chosen_lengths, rejected_lengths = lengths.chunk(2)
         pair = PairLogps(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, ref_chosen, ref_rejected)
         losses = preference_loss(cfg.loss_type, pair, loss_weights=cfg.loss_weights, **cfg.loss_hyperparameters())
+        if "pair_weight" in batch:  # tied pairs weigh 0 (drop_tied_pairs); both rows of a pair hold its weight
+            losses = losses * batch["pair_weight"].chunk(2)[0]
         metrics = preference_metrics(pair, beta=cfg.beta, reward_kind=combined_reward_kind(cfg.loss_type))
         if pair.has_reference:
             # summed log-ratio to the reference of every completion, before this step's update (TRL computes its
