@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from alignlab.experiments.stats import paired_comparison, pareto_front, seed_spread, verdict
+from alignlab.experiments.stats import paired_comparison, pareto_front, seed_spread, verdict, verdict_agreement
 
 
 # --- paired_comparison ------------------------------------------------------------------------------------
@@ -267,3 +267,60 @@ def test_pareto_front():
     assert pareto_front({}) == []
     with pytest.raises(ValueError, match="finite"):
         pareto_front({"a": (math.nan, 0.3)})
+
+
+# --- verdict_agreement ------------------------------------------------------------------------------------
+
+
+BASE = np.arange(6.0)
+
+
+def test_two_runs_with_the_same_order_agree():
+    # y - x = +1 on every prompt in both runs: y wins both, every interval is a point, nothing contradicts
+    run = {"base": BASE, "x": BASE + 1.0, "y": BASE + 2.0}
+    agreement = verdict_agreement(run, {k: v + 0.0 for k, v in run.items()}, n_resamples=200)
+    assert agreement.best_agrees and agreement.contradictions == [] and agreement.holds
+    assert agreement.first.winner == agreement.second.winner == "y"
+    assert agreement.sentence().startswith("The verdicts agree")
+
+
+def test_a_reversed_significant_difference_is_a_contradiction():
+    # first run: y - x = +1 everywhere (y wins); second run: y - x = -1 everywhere (x wins). Both beat the base
+    # in both runs, so (x, y) is the only contradiction and the best methods disagree
+    first = {"base": BASE, "x": BASE + 1.0, "y": BASE + 2.0}
+    second = {"base": BASE, "x": BASE + 2.0, "y": BASE + 1.0}
+    agreement = verdict_agreement(first, second, n_resamples=200)
+    assert not agreement.best_agrees and not agreement.holds
+    [(a, b, r1, r2)] = agreement.contradictions
+    assert (a, b, r1.mean_diff, r2.mean_diff) == ("x", "y", -1.0, 1.0)
+    assert "opposite significant differences for x - y (-1.000 [-1.000, -1.000] against +1.000" \
+        in agreement.sentence()
+
+
+def test_a_best_tied_with_the_other_runs_best_agrees():
+    # first run: y - x = [+1, -1, +1, -1, +1, -0.5] (mean +0.083, interval around 0): y best, tied with x;
+    # second run: the same noise the other way round: x best, tied with y. Each best is in the other's tie
+    noise = np.array([1.0, -1.0, 1.0, -1.0, 1.0, -0.5])
+    first = {"base": BASE, "x": BASE + 3.0, "y": BASE + 3.0 + noise}
+    second = {"base": BASE, "x": BASE + 3.0 + noise, "y": BASE + 3.0}
+    agreement = verdict_agreement(first, second, n_resamples=2000)
+    assert agreement.first.best == "y" and agreement.first.tied_with_best == ["x"]
+    assert agreement.second.best == "x" and agreement.second.tied_with_best == ["y"]
+    assert agreement.best_agrees and agreement.contradictions == [] and agreement.holds
+
+
+def test_a_best_outside_the_other_runs_top_disagrees_without_a_contradiction():
+    # first run: y best, tied with x (as above); second run: x - y = +1 everywhere, x wins outright. y, the first
+    # run's best, is neither the second run's winner nor tied with it; no pair is significant both ways
+    noise = np.array([1.0, -1.0, 1.0, -1.0, 1.0, -0.5])
+    first = {"base": BASE, "x": BASE + 3.0, "y": BASE + 3.0 + noise}
+    second = {"base": BASE, "x": BASE + 4.0, "y": BASE + 3.0}
+    agreement = verdict_agreement(first, second, n_resamples=2000)
+    assert agreement.second.winner == "x"
+    assert not agreement.best_agrees and agreement.contradictions == [] and not agreement.holds
+    assert agreement.sentence().startswith("The verdicts disagree: the best methods disagree (y in the first run")
+
+
+def test_agreement_needs_the_same_models():
+    with pytest.raises(ValueError, match="different models"):
+        verdict_agreement({"base": BASE, "x": BASE}, {"base": BASE, "y": BASE})

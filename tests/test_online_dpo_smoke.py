@@ -26,6 +26,31 @@ def test_pick_chosen_by_hand():
     assert chosen.tolist() == [1, 2, 4] and rejected.tolist() == [0, 3, 5]
 
 
+def test_pick_chosen_best_and_worst_of_a_group():
+    # groups of 3: [1, 5, 2] -> chosen 1, rejected 0; [4, 4, 0] -> the first of the maxima (3), rejected 5;
+    # [2, 7, 7] -> the first 7 (7), rejected 6; [3, 3, 3], all tied -> the first (9) over the last (11)
+    scores = torch.tensor([1.0, 5.0, 2.0, 4.0, 4.0, 0.0, 2.0, 7.0, 7.0, 3.0, 3.0, 3.0])
+    chosen, rejected = pick_chosen(scores, 3)
+    assert chosen.tolist() == [1, 3, 7, 9] and rejected.tolist() == [0, 5, 6, 11]
+    with pytest.raises(ValueError, match="groups of num_generations=3"):
+        pick_chosen(torch.zeros(4), 3)
+
+
+def test_best_and_worst_of_four_make_the_pairs(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    # 4 completions per prompt: each micro-batch pairs the highest- and the lowest-scored completion of a prompt
+    trainer = OnlineDPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "g4",
+                                       num_generations=4, drop_tied_pairs=False))
+    with torch.no_grad():
+        rollout = trainer.rollout(trainer.policy, trainer.prompts[:4], 1)
+    (update,) = rollout.updates
+    assert len(update) == 2 and all(mb["input_ids"].shape[0] == 4 for mb in update)  # 2 pairs per micro-batch
+    margins = rollout.metrics["objective/scores_margin"]
+    scores = rollout.metrics["objective/scores"].view(4, 4)
+    assert torch.equal(margins, scores.max(1).values - scores.min(1).values)
+    [(loss, _)] = trainer.compute_loss(trainer.policy, update[0])
+    assert float(loss.detach()) == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
+
+
 def test_tied_pair_weights_by_hand():
     # 4 pairs, 2 tied: the untied ones weigh 4 / 2 = 2, so the mean over all 4 is the mean over the untied 2
     weights = tied_pair_weights(torch.tensor([False, True, False, True]))

@@ -2,12 +2,13 @@
 glue between rollout, rewards, :mod:`alignlab.losses.dpo` and the shared loop.
 
 Flow of one step (TRL 1.16's experimental ``OnlineDPOTrainer``): prompts -> two completions each from the
-current policy -> rewards (reward model and/or functions; ``missing_eos_penalty``) -> the better one is
-chosen; a pair whose two completions score the same carries no preference and is left out of the loss
-(``drop_tied_pairs``; TRL trains on it with the first completion as chosen) -> reference log-probs (when a
-loss needs them) -> one optimizer step on the preference loss of those pairs (any of
-:mod:`alignlab.losses.dpo`'s, as ``alignlab dpo``: ``--loss_type``, ``--loss_weights`` and the
-hyperparameters the losses declare). The preference pairs are fresh every step, so the data stays on-policy.
+current policy (``num_generations``; with more, the best and the worst make the pair) -> rewards (reward
+model and/or functions; ``missing_eos_penalty``) -> the better one is chosen; a pair whose two completions
+score the same carries no preference and is left out of the loss (``drop_tied_pairs``; TRL trains on it
+with the first completion as chosen) -> reference log-probs (when a loss needs them) -> one optimizer step
+on the preference loss of those pairs (any of :mod:`alignlab.losses.dpo`'s, as ``alignlab dpo``:
+``--loss_type``, ``--loss_weights`` and the hyperparameters the losses declare). The preference pairs are
+fresh every step, so the data stays on-policy.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ ONLINE_DPO_PLOTS = {
 @dataclass
 class OnlineDPOConfig(PreferenceLossConfig, OnlineConfig):
     """Settings of ``alignlab online-dpo``; names and defaults follow TRL 1.16's ``OnlineDPOConfig``. One step
-    samples two completions for each of ``per_device_train_batch_size * gradient_accumulation_steps`` prompts
-    per process and makes one optimizer step. ``loss_type`` takes any preference loss ``alignlab dpo`` takes
+    samples ``num_generations`` completions for each of ``per_device_train_batch_size *
+    gradient_accumulation_steps`` prompts per process and makes one optimizer step. ``loss_type`` takes any preference loss ``alignlab dpo`` takes
     (TRL's Online DPO: sigmoid and ipo; here ipo averages log-ratios per token, as ``alignlab dpo``, where TRL's
     online IPO uses sums), with the same hyperparameter flags; no reference model is loaded when every loss is
     reference-free (simpo, cpo, orpo, sft), and ``objective/kl`` is then not logged."""
@@ -56,6 +57,10 @@ class OnlineDPOConfig(PreferenceLossConfig, OnlineConfig):
     temperature: float = 0.9
     """Sampling temperature (TRL's default). The DPO log-probs are the policy's own (temperature 1), as TRL."""
 
+    num_generations: int = 2
+    """Completions sampled per prompt; the highest-scored one is chosen and the lowest-scored one rejected (TRL's
+    Online DPO: always 2). More than 2 widens the reward gap of the pairs and makes ties rarer, at the cost of
+    sampling and scoring them; only the pair is trained on, so training costs the same."""
     drop_tied_pairs: bool = True
     """Leave a pair whose two completions get the same score out of the loss (the step's loss is the mean over
     the other pairs; a step whose pairs all tie changes nothing but the optimizer's state). TRL keeps such a
@@ -79,14 +84,22 @@ class OnlineDPOConfig(PreferenceLossConfig, OnlineConfig):
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
 
-def pick_chosen(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the chosen and rejected completion of each prompt, from ``(P * 2,)`` scores laid out prompt
-    by prompt (``[p0 first, p0 second, p1 first, ...]``): the higher score wins, a tie goes to the first (TRL:
-    ``first_half >= second_half``). Returns two ``(P,)`` long tensors."""
-    pairs = scores.view(-1, 2)
-    first_wins = pairs[:, 0] >= pairs[:, 1]
-    base = torch.arange(pairs.shape[0], device=scores.device) * 2
-    return base + (~first_wins).long(), base + first_wins.long()
+def pick_chosen(scores: torch.Tensor, num_generations: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the chosen and rejected completion of each prompt, from ``(P * G,)`` scores laid out prompt by
+    prompt (``G = num_generations``; ``[p0 first, p0 second, ..., p1 first, ...]``): the highest score is
+    chosen (the first of equal highest), the lowest rejected (the last of equal lowest), so that with ``G = 2`` a
+    tie gives first-chosen, second-rejected (TRL: ``first_half >= second_half``). Returns two ``(P,)`` long
+    tensors.
+
+    Raises:
+        ValueError: ``G < 2`` or a score count that is not a multiple of it."""
+    if num_generations < 2 or scores.numel() % num_generations:
+        raise ValueError(f"{scores.numel()} scores do not form groups of num_generations={num_generations} >= 2")
+    groups = scores.view(-1, num_generations)
+    base = torch.arange(groups.shape[0], device=scores.device) * num_generations
+    chosen = groups.argmax(dim=1)  # the first of equal maxima
+    rejected = num_generations - 1 - groups.flip(1).argmin(dim=1)  # the last of equal minima
+    return base + chosen, base + rejected
 
 
 def tied_pair_weights(tied: torch.Tensor) -> torch.Tensor:
@@ -122,29 +135,30 @@ class OnlineDPOTrainer(OnlineAlgorithm):
         return self.setup.logps(model, sequences, temperature=1.0).sum(1)
 
     def rollout(self, model, examples: list[dict], step: int) -> Rollout:
-        """Two completions per prompt, ranked by reward; returns one update over the step's pairs."""
+        """``num_generations`` completions per prompt, ranked by reward, the best and the worst of them paired;
+        returns one update over the step's pairs (only the pairs get reference log-probs)."""
         cfg, setup = self.config, self.setup
         device = self.runtime.device
         policy = self.runtime.unwrap(model)
-        scored = setup.sample(policy, examples, max_new_tokens=cfg.max_new_tokens, num_generations=2)
-        chosen, rejected = pick_chosen(scored.scores)
-        data = dict(scored.sequences)
+        scored = setup.sample(policy, examples, max_new_tokens=cfg.max_new_tokens,
+                              num_generations=cfg.num_generations)
+        chosen, rejected = pick_chosen(scored.scores, cfg.num_generations)
         tied = scored.scores[chosen] == scored.scores[rejected]
+        num_pairs = chosen.numel()
+        pairs = slice_rows(scored.sequences, torch.cat([chosen, rejected]).to(device))  # rows [chosen; rejected]
         if cfg.drop_tied_pairs:
-            weights = tied_pair_weights(tied)
-            data["pair_weight"] = torch.empty_like(scored.scores, dtype=torch.float32)
-            data["pair_weight"][chosen], data["pair_weight"][rejected] = weights, weights
+            pairs["pair_weight"] = tied_pair_weights(tied).repeat(2).to(device)
         start = time.perf_counter()
         if setup.has_reference:
             with self.runtime.precision():  # the policy's own log-probs (and objective/kl) come from the training pass
-                data["ref_logps"] = setup.reference_logps(policy, scored.sequences, temperature=1.0).sum(1)
+                pairs["ref_logps"] = setup.reference_logps(policy, pairs, temperature=1.0).sum(1)
         forward_seconds = time.perf_counter() - start
 
         micro = cfg.per_device_train_batch_size
         update = []
-        for i in range(0, chosen.numel(), micro):
-            rows = torch.cat([chosen[i : i + micro], rejected[i : i + micro]]).to(device)  # [chosen; rejected]
-            update.append(slice_rows(data, rows))
+        for i in range(0, num_pairs, micro):
+            rows = torch.arange(i, min(i + micro, num_pairs), device=device)
+            update.append(slice_rows(pairs, torch.cat([rows, rows + num_pairs])))
 
         metrics = scored.metrics()
         metrics.update({
@@ -200,8 +214,10 @@ register_method(Method(
     final_metrics=("objective/scores", "objective/kl", "rewards/accuracies"),
     compare=(CompareEntry(
         name="online-dpo",
+        # the best and the worst of as many completions per prompt as GRPO samples: the same sampled tokens
         args=lambda b: {"dataset_name": b.prompts, "per_device_train_batch_size": b.prompts_per_step,
-                        "max_new_tokens": b.max_new_tokens, "temperature": b.temperature, **b.rule},
+                        "num_generations": b.num_generations, "max_new_tokens": b.max_new_tokens,
+                        "temperature": b.temperature, **b.rule},
         learning_rate=5e-6,
         curve_label="task reward",
     ),),

@@ -104,7 +104,7 @@ class CompareConfig:
     prompts_per_step: int | None = None
     """Prompts (dpo: pairs) per step for every method: the shared budget."""
     num_generations: int | None = None
-    """GRPO's completions per prompt."""
+    """Completions per prompt of GRPO (its group) and of Online DPO (the best and the worst of them pair up)."""
     max_new_tokens: int | None = None
     """Completion budget in tokens, for sampling in every stage (default: the task's)."""
     learning_rate: float | None = None

@@ -396,3 +396,77 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     front = [i for i in range(len(names)) if not dominated[i]]
     front.sort(key=lambda i: (kl[i], -reward[i], i))
     return [names[i] for i in front]
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Whether two runs of the same comparison (other seeds, another machine or precision) reach the same
+    verdict, by :func:`verdict_agreement`'s two rules."""
+
+    first: Verdict
+    """The first run's verdict."""
+    second: Verdict
+    """The second run's verdict."""
+    best_agrees: bool
+    """Each run's best method is the other run's winner, or its best, or statistically tied with its best."""
+    contradictions: list[tuple[str, str, PairedResult, PairedResult]]
+    """Pairs of models ``(a, b)``, base included, that one run calls significantly different in one direction
+    and the other run in the opposite one, with both runs' ``a - b`` results."""
+
+    @property
+    def holds(self) -> bool:
+        """Both rules hold: the best agrees and there is no contradiction."""
+        return self.best_agrees and not self.contradictions
+
+    def sentence(self) -> str:
+        """One plain sentence with the outcome of both rules."""
+        a, b = self.first, self.second
+        best = (f"the best methods agree ({a.best} and {b.best})" if self.best_agrees
+                else f"the best methods disagree ({a.best} in the first run, {b.best} in the second, "
+                     f"each outside the other's tie with its best)")
+        if not self.contradictions:
+            return f"The verdicts agree: {best}, and no pair of models is significantly different in opposite " \
+                   f"directions." if self.best_agrees else f"The verdicts disagree: {best}; no pair of models is " \
+                                                           f"significantly different in opposite directions."
+        pairs = _join([f"{x} - {y} ({_fmt(r1)} against {_fmt(r2)})" for x, y, r1, r2 in self.contradictions])
+        return f"The verdicts disagree: {best}; opposite significant differences for {pairs}."
+
+
+def verdict_agreement(first: dict[str, Any], second: dict[str, Any], *, base: str = "base",
+                      confidence: float = 0.95, n_resamples: int = 10000, seed: int = 0) -> Agreement:
+    """Whether two runs of one comparison agree: the check that a verdict survives another seed, machine or
+    precision.
+
+    Args:
+        first, second: per model, rewards ``(K, P)`` or ``(P,)`` as for :func:`verdict`, one dict per run, on
+            the same prompts and with the same models (``base`` included).
+        base, confidence, n_resamples, seed: as for :func:`verdict`.
+
+    Rules (both must hold): (1) each run's best method is, in the other run, the winner, the best, or one of
+    the methods tied with the best; (2) no pair of models (base included) has a paired interval strictly above
+    0 in one run and strictly below 0 in the other.
+
+    Returns:
+        An :class:`Agreement`.
+
+    Raises:
+        ValueError: the runs hold different models, or any input :func:`verdict` refuses.
+    """
+    if set(first) != set(second):
+        raise ValueError(f"the runs hold different models: {sorted(first)} against {sorted(second)}")
+    settings = dict(base=base, confidence=confidence, n_resamples=n_resamples, seed=seed)
+    v1, v2 = verdict(first, **settings), verdict(second, **settings)
+
+    def top(v: Verdict) -> set[str]:
+        return {v.winner} if v.winner is not None else {v.best, *v.tied_with_best}
+
+    best_agrees = v1.best in top(v2) and v2.best in top(v1)
+    names = list(first)
+    contradictions = []
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            r1 = paired_comparison(first[x], first[y], n_resamples=n_resamples, confidence=confidence, seed=seed)
+            r2 = paired_comparison(second[x], second[y], n_resamples=n_resamples, confidence=confidence, seed=seed)
+            if (r1.above_zero and r2.below_zero) or (r1.below_zero and r2.above_zero):
+                contradictions.append((x, y, r1, r2))
+    return Agreement(first=v1, second=v2, best_agrees=best_agrees, contradictions=contradictions)
