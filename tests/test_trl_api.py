@@ -148,8 +148,10 @@ def test_callback_should_save_and_checkpoint_trainer_state(tiny_model_dir, tmp_p
 
     rows = [{"prompt": f"Say {i}.", "completion": f" {i}"} for i in range(8)]
     out = tmp_path / "sft"
+    from transformers import PrinterCallback, ProgressCallback
+
     trainer = SFTTrainer(tiny_model_dir, args=small(SFTConfig, out), train_dataset=Dataset.from_list(rows),
-                         callbacks=[SaveAtOne])
+                         callbacks=[SaveAtOne, PrinterCallback, ProgressCallback])  # transformers' own run too
     trainer.train()
     assert SaveAtOne.saves == 1
     state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
@@ -159,6 +161,29 @@ def test_callback_should_save_and_checkpoint_trainer_state(tiny_model_dir, tmp_p
                        train_dataset=Dataset.from_list(rows))
     again.train(resume_from_checkpoint=str(out / "checkpoint-1"))
     assert [h["step"] for h in again.state.log_history if "loss" in h] == [1, 2, 3]
+
+
+def test_evaluate_before_training_leaves_the_folder_free(tiny_model_dir, tmp_path):
+    from alignlab import RewardConfig, RewardTrainer
+
+    out = tmp_path / "rm"
+    trainer = RewardTrainer(tiny_model_dir, args=small(RewardConfig, out, max_steps=1),
+                            train_dataset=Dataset.from_list(PAIRS), eval_dataset=Dataset.from_list(PAIRS[:4]))
+    before = trainer.evaluate()
+    assert {"eval_loss", "eval_accuracy", "epoch"} <= set(before) and before["epoch"] == 0.0
+    assert not (out / "metrics.jsonl").exists()
+    trainer.train()  # not refused as a folder holding an earlier run
+    assert [h for h in trainer.state.log_history if "eval_loss" in h][0]["step"] == 0
+
+
+def test_the_same_object_as_model_and_ref_model_is_refused(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from alignlab import DPOConfig, DPOTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(UserError, match="model and ref_model cannot be the same object"):
+        DPOTrainer(model, model, args=small(DPOConfig, tmp_path / "x"), train_dataset=PAIRS)
 
 
 @pytest.mark.parametrize("method", ["reward", "kto"])

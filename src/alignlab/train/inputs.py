@@ -173,9 +173,8 @@ def _reward_inputs(config, reward_funcs, reward_processing_classes, inputs: Give
     stay in ``reward_funcs``; one reward model (an object, a folder or a hub id) becomes ``reward_model_path``,
     its weight moved last in ``reward_weights`` (alignlab's order: the functions, then the reward model)."""
     if reward_funcs is None:
-        entries = list(getattr(config, "reward_funcs", None) or [])
-    else:
-        entries = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        return {}  # the config's own reward_funcs (specs, or functions given in Python) stay as they are
+    entries = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     classes = reward_processing_classes
     if classes is not None and not isinstance(classes, (list, tuple)):
         classes = [classes]
@@ -202,8 +201,7 @@ def _reward_inputs(config, reward_funcs, reward_processing_classes, inputs: Give
             raise UserError("reward_funcs: a reward model object needs its tokenizer in reward_processing_classes")
         if tokenizer is not None:
             inputs.tokenizers[name] = tokenizer
-    if reward_funcs is not None or funcs != entries:
-        changes["reward_funcs"] = funcs or None
+    changes["reward_funcs"] = funcs or None
     weights = getattr(config, "reward_weights", None)
     if model_at is not None and weights and len(weights) == len(entries):
         changes["reward_weights"] = [w for i, w in enumerate(weights) if i != model_at] + [weights[model_at]]
@@ -260,6 +258,9 @@ def trainer_inputs(config, *, model=None, ref_model=None, train_dataset=None, ev
     elif name == "<model>":
         raise UserError("model: this model object does not say where it was loaded from: pass processing_class")
     if ref_model is not None:
+        if ref_model is model:
+            raise UserError("model and ref_model cannot be the same object: leave ref_model out for a frozen copy "
+                            "of model")
         if "ref_model_name_or_path" not in fields:
             raise UserError(f"ref_model: {type(config).__name__} has no separate reference model (the reference is "
                             "the initial model)")
