@@ -176,6 +176,15 @@ def test_evaluate_before_training_leaves_the_folder_free(tiny_model_dir, tmp_pat
     assert [h for h in trainer.state.log_history if "eval_loss" in h][0]["step"] == 0
 
 
+def test_ref_model_as_a_path_as_in_trls_quick_start(tiny_model_dir, tmp_path):
+    from alignlab import DPOConfig, DPOTrainer
+
+    trainer = DPOTrainer(model=tiny_model_dir, ref_model=tiny_model_dir, args=small(DPOConfig, tmp_path / "r"),
+                         train_dataset=PAIRS)
+    assert trainer.args.ref_model_name_or_path == tiny_model_dir
+    assert trainer.ref_model is not None and trainer.ref_model is not trainer.policy
+
+
 def test_the_same_object_as_model_and_ref_model_is_refused(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -258,7 +258,7 @@ def trainer_inputs(config, *, model=None, ref_model=None, train_dataset=None, ev
     elif name == "<model>":
         raise UserError("model: this model object does not say where it was loaded from: pass processing_class")
     if ref_model is not None:
-        if ref_model is model:
+        if ref_model is model and _is_model(model):
             raise UserError("model and ref_model cannot be the same object: leave ref_model out for a frozen copy "
                             "of model")
         if "ref_model_name_or_path" not in fields:
