@@ -112,7 +112,9 @@ def test_dpo_the_trl_way_with_callback_state_evaluate_and_save(tiny_model_dir, t
     trainer.train()
     assert trainer.state.global_step == 2  # stopped through control.should_training_stop
     assert "loss" in callback.logs[0] and "rewards/margins" in callback.logs[0]
-    for event in ("on_init_end", "on_train_begin", "on_step_begin", "on_step_end", "on_evaluate", "on_train_end"):
+    assert trainer.model is model
+    for event in ("on_init_end", "on_train_begin", "on_epoch_begin", "on_step_begin", "on_step_end", "on_evaluate",
+                  "on_epoch_end", "on_train_end"):
         assert event in callback.events, event
     history = trainer.state.log_history
     train_rows = [h for h in history if "loss" in h]

@@ -159,6 +159,19 @@ class Algorithm:
         return self.config
 
     @property
+    def model(self):
+        """The model being trained (TRL's ``trainer.model``): the policy (PPO: the policy-and-value module once
+        the loop is built), after training the trained one."""
+        loop = self.__dict__.get("_loop_trainer")
+        if loop is not None:
+            return loop.model
+        return self.__dict__.get("_model", self.__dict__.get("policy"))
+
+    @model.setter
+    def model(self, value) -> None:
+        self.__dict__["_model"] = value
+
+    @property
     def processing_class(self):
         """The tokenizer (TRL's ``trainer.processing_class``)."""
         return self.tokenizer

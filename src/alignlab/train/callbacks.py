@@ -132,6 +132,14 @@ class LoopEvents:
         handler.optimizer, handler.lr_scheduler, handler.train_dataloader = optimizer, lr_scheduler, train_dataloader
         self._call("on_train_begin")
 
+    def epoch_begin(self) -> None:
+        """``on_epoch_begin``."""
+        self._call("on_epoch_begin")
+
+    def epoch_end(self) -> None:
+        """``on_epoch_end`` (also when the run ends inside an epoch, as transformers calls it)."""
+        self._call("on_epoch_end")
+
     def step_begin(self) -> None:
         """``on_step_begin`` (it clears ``should_log``, ``should_evaluate`` and ``should_save``)."""
         self._call("on_step_begin")

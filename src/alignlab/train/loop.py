@@ -444,6 +444,7 @@ class Trainer:
                 train_loader.set_epoch(state.epoch)
                 loader = acc.skip_first_batches(train_loader, skip * per_step) if skip else train_loader
                 state.steps_in_epoch, skip = skip, 0
+                events.epoch_begin()
                 for update in self._updates(loader, online):
                     events.step_begin()
                     if online:
@@ -485,8 +486,10 @@ class Trainer:
                     if is_last or events.control.should_training_stop:  # a callback may stop it in on_log
                         break
                 else:
+                    events.epoch_end()
                     state.epoch += 1
                     continue
+                events.epoch_end()
                 break
         finally:
             bar.close()  # ends the bar's line, so an error message starts on its own
