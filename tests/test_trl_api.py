@@ -201,13 +201,14 @@ def test_the_same_object_as_model_and_ref_model_is_refused(tiny_model_dir, tmp_p
 def test_offline_trainers_take_datasets(method, tiny_model_dir, tiny_tokenizer, tmp_path):
     if method == "reward":
         from alignlab import RewardConfig as Config, RewardTrainer as Trainer
-        data = PAIRS
+        data = Dataset.from_list(PAIRS).to_iterable_dataset()  # read in full
     else:
         from alignlab import KTOConfig as Config, KTOTrainer as Trainer
         data = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in PAIRS
                 for k in ("chosen", "rejected")]
     trainer = Trainer(model=tiny_model_dir, args=small(Config, tmp_path / method, max_steps=2),
-                      train_dataset=Dataset.from_list(data), processing_class=tiny_tokenizer)
+                      train_dataset=data if method == "reward" else Dataset.from_list(data),
+                      processing_class=tiny_tokenizer)
     trainer.train()
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2]
 

@@ -93,7 +93,8 @@ def _trl_constructor(cls: type, init):
             config = config_cls(output_dir=f"{Path(str(name)).name}-{cls.__name__.removesuffix('Trainer')}")
         elif config_cls is not None and not isinstance(config, config_cls):
             raise UserError(f"{type(self).__name__}: args must be a {config_cls.__name__} "
-                            f"(from alignlab import {config_cls.__name__}), got {type(config).__name__}")
+                            f"(from alignlab import {config_cls.__name__}), got "
+                            f"{type(config).__module__}.{type(config).__qualname__}")
         callbacks = bound.pop("callbacks", None)
         config, inputs = given_inputs.trainer_inputs(config, **bound)
         config.check_inputs()
