@@ -510,9 +510,9 @@ def test_the_reward_timeout_gives_an_outer_timer_back():
     signal.setitimer(signal.ITIMER_REAL, 30.0)
     try:
         with reward_timeout(0.2):
-            assert call_reward_func(lambda p, c: [1.0] * len(c), "quick", ["a"], ["b"]).tolist() == [1.0]
+            assert call_reward_func(lambda prompts, completions: [1.0] * len(completions), "quick", ["a"], ["b"]).tolist() == [1.0]
             with pytest.raises(UserError, match=r"^reward function slow did not return within 0.2 s"):
-                call_reward_func(lambda p, c: time.sleep(5), "slow", ["a"], ["b"])
+                call_reward_func(lambda prompts, completions: time.sleep(5), "slow", ["a"], ["b"])
         left, _ = signal.getitimer(signal.ITIMER_REAL)
         assert 25.0 < left <= 30.0 and not fired  # the outer timer runs on, its handler is back
     finally:

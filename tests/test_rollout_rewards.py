@@ -65,13 +65,13 @@ def test_bad_specs_are_one_clear_error(funcs_file, spec, message):
 
 def test_return_values_are_checked():
     with pytest.raises(UserError, match="must return a list of 2 numbers, got 1 values"):
-        call_reward_func(lambda p, c, **k: [1.0], "f", ["a", "b"], ["x", "y"])
+        call_reward_func(lambda prompts, completions, **k: [1.0], "f", ["a", "b"], ["x", "y"])
     with pytest.raises(UserError, match="returned 'x' for completion 1"):
-        call_reward_func(lambda p, c, **k: [1.0, "x"], "f", ["a", "b"], ["x", "y"])
+        call_reward_func(lambda prompts, completions, **k: [1.0, "x"], "f", ["a", "b"], ["x", "y"])
     with pytest.raises(UserError, match="returned nan for completion 0"):
-        call_reward_func(lambda p, c, **k: [math.nan], "f", ["a"], ["x"])
+        call_reward_func(lambda prompts, completions, **k: [math.nan], "f", ["a"], ["x"])
     with pytest.raises(UserError, match="raised ZeroDivisionError"):
-        call_reward_func(lambda p, c, **k: [1 / 0], "f", ["a"], ["x"])
+        call_reward_func(lambda prompts, completions, **k: [1 / 0], "f", ["a"], ["x"])
 
 
 def test_weighted_sum_with_columns_and_none(funcs_file):

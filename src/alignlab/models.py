@@ -201,13 +201,17 @@ def load_tokenizer(name_or_path: str | None, *, trust_remote_code: bool = False,
     """
     from transformers import AutoTokenizer
 
-    path = os.path.expanduser(resolve_model_path(name_or_path))
-    _check_exists(path, flag)
-    check_model_dir(path, flag, tokenizer=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{flag}: cannot load a tokenizer from {path!r}: {_first_line(exc)}") from exc
+    from alignlab.train.inputs import given_tokenizer
+
+    tokenizer = given_tokenizer(name_or_path)  # a processing_class given to a trainer in Python
+    if tokenizer is None:
+        path = os.path.expanduser(resolve_model_path(name_or_path))
+        _check_exists(path, flag)
+        check_model_dir(path, flag, tokenizer=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{flag}: cannot load a tokenizer from {path!r}: {_first_line(exc)}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -251,6 +255,11 @@ def load_causal_lm(
 
     from safetensors import SafetensorError
 
+    from alignlab.train.inputs import given_model
+
+    given = given_model("causal_lm", name_or_path)  # a model object given to a trainer in Python
+    if given is not None:
+        return given
     path = os.path.expanduser(resolve_model_path(name_or_path))
     _check_exists(path, flag)
     check_model_dir(path, flag, weights=True)
@@ -299,6 +308,12 @@ def load_reward_model(
     from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification
 
+    from alignlab.train.inputs import given_model
+
+    given = given_model("reward", name_or_path)  # a model object given to a trainer in Python
+    if given is not None:
+        given.config.pad_token_id = pad_token_id
+        return given
     path = os.path.expanduser(resolve_model_path(name_or_path))
     _check_exists(path, flag)
     check_model_dir(path, flag, weights=True)
@@ -361,16 +376,28 @@ def apply_lora(
     initialised score head is trained in full and saved with the adapter.
     Hu et al. 2021, "LoRA" (arXiv 2106.09685).
     """
+    import copy
+
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules or "all-linear",
-        task_type=task_type,
-        modules_to_save=modules_to_save,
-    )
+    from alignlab.train.inputs import current, given_peft_config
+
+    if current() is not None and is_peft_model(model):
+        return model  # a peft model given to a trainer in Python: its adapters are trained
+    lora = copy.copy(given_peft_config())  # a peft_config given to a trainer in Python
+    if lora is not None:
+        lora.task_type = lora.task_type or task_type
+        if modules_to_save and not lora.modules_to_save:
+            lora.modules_to_save = modules_to_save
+    else:
+        lora = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=target_modules or "all-linear",
+            task_type=task_type,
+            modules_to_save=modules_to_save,
+        )
     try:
         return get_peft_model(model, lora)
     except ValueError as exc:

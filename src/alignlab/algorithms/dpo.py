@@ -238,6 +238,11 @@ class DPOTrainer(Algorithm):
         UserError / DataError: bad flags, unreadable data, a bad row (named by file and line or row).
     """
 
+    trl_positional = ("model", "ref_model", "args", "data_collator", "train_dataset", "eval_dataset",
+                      "processing_class", "compute_metrics", "callbacks", "optimizers", "quantization_config",
+                      "peft_config")
+    """TRL's positional argument order for this trainer."""
+
     def __init__(self, config: DPOConfig):
         super().__init__(config)
         runtime = self.runtime

@@ -88,7 +88,7 @@ class IterativeDPOConfig(DPOConfig):
         if self.generation_backend not in BACKENDS:
             raise UserError(f"--generation_backend must be one of {', '.join(BACKENDS)}, "
                             f"got {self.generation_backend!r}")
-        if len(self.objectives) > 1 or self.objectives[0].weight is not None:
+        if len(self.objectives) > 1 or (self.objectives and self.objectives[0].weight is not None):
             raise UserError("iterative-dpo takes one prompt set in --dataset_name (no weights)")
         if self.rounds < 1:
             raise UserError(f"--rounds must be >= 1, got {self.rounds}")
@@ -111,6 +111,7 @@ class IterativeDPO:
     """
 
     def __init__(self, config: IterativeDPOConfig):
+        config.check_inputs()
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.runtime = build_runtime(config)

@@ -136,6 +136,11 @@ class KTOTrainer(Algorithm):
         UserError / DataError: bad flags, unreadable data, a bad row (named by file and line or row).
     """
 
+    trl_positional = ("model", "ref_model", "args", "data_collator", "train_dataset", "eval_dataset",
+                      "processing_class", "compute_metrics", "callbacks", "optimizers", "quantization_config",
+                      "peft_config")
+    """TRL's positional argument order for this trainer."""
+
     plot_panels = KTO_PLOTS
 
     def __init__(self, config: KTOConfig):

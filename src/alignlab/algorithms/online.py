@@ -113,8 +113,6 @@ class OnlineConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.reward_model_path and not self.reward_funcs:
-            raise UserError("give --reward_model_path and/or --reward_funcs")
         if self.reward_func_errors not in ("raise", "drop"):
             raise UserError(f"--reward_func_errors must be raise or drop, got {self.reward_func_errors!r}")
         if self.generation_backend not in BACKENDS:
@@ -122,6 +120,17 @@ class OnlineConfig(TrainConfig):
                             f"got {self.generation_backend!r}")
         if self.eval_dataset_name or self.eval_split_size:
             raise UserError("online training has no evaluation pass: drop --eval_dataset_name / --eval_split_size")
+
+    def check_inputs(self) -> None:
+        """:meth:`TrainConfig.check_inputs`, and a reward source (reward functions given to the trainer in Python
+        count).
+
+        Raises:
+            UserError: no training data, or nothing to compute rewards with.
+        """
+        super().check_inputs()
+        if not self.reward_model_path and not self.reward_funcs:
+            raise UserError("give --reward_model_path and/or --reward_funcs")
 
     def writes_samples(self, step: int) -> bool:
         """Whether ``step`` appends to ``samples.jsonl``."""

@@ -119,6 +119,10 @@ class OnlineDPOTrainer(OnlineAlgorithm):
         UserError / DataError: bad flags, unreadable data or models, a bad row, a failing reward function.
     """
 
+    trl_positional = ("model", "ref_model", "reward_funcs", "args", "data_collator", "train_dataset",
+                      "eval_dataset", "processing_class", "reward_processing_classes", "peft_config")
+    """TRL's positional argument order for this trainer."""
+
     def __init__(self, config: OnlineDPOConfig):
         self.config = config
         self.setup = setup = OnlineSetup(

@@ -172,6 +172,11 @@ def read_rows(spec: str, *, config_name: str | None = None, split: str = "train"
             rows (an empty file, blank lines only).
         UserError: the data set cannot be found or loaded; ``file:weight`` whose weight is not a number.
     """
+    from alignlab.train.inputs import given_rows
+
+    given = given_rows(spec)  # a data set object given to a trainer in Python
+    if given is not None:
+        return given
     if spec.startswith(BUILTIN_PREFIX):
         path = builtin_path(spec[len(BUILTIN_PREFIX) :])
         return [(f"{spec}:{loc.rsplit(':', 1)[1]}", row) for loc, row in _read_json_file(path)]

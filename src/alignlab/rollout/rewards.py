@@ -50,12 +50,18 @@ RewardFunc = Callable[..., list]
 logger = logging.getLogger(__name__)
 
 
-def load_reward_func(spec: str) -> RewardFunc:
-    """The callable named by ``spec``: ``path/to/file.py:name`` or ``module:name``.
+def load_reward_func(spec: str | RewardFunc) -> RewardFunc:
+    """The callable named by ``spec``: ``path/to/file.py:name`` or ``module:name``; a function given itself (in
+    Python, as TRL's ``reward_funcs``) is returned as it is.
 
     Raises:
         UserError: malformed spec, missing file or module, import error in it, no such name, not callable.
     """
+    if not isinstance(spec, str):
+        if callable(spec) and not isinstance(spec, torch.nn.Module):
+            return spec
+        raise UserError(f"--reward_funcs {_short(spec)}: expected path/to/file.py:function, module:function or a "
+                        "function")
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name.isidentifier():
         raise UserError(f"--reward_funcs {spec!r}: expected path/to/file.py:function or module:function")
@@ -250,7 +256,7 @@ def run_reward_func(
     """
     n = len(completions)
     try:
-        values = _call_with_timeout(fn, _timeout, prompts, completions, **kwargs)
+        values = _call_with_timeout(fn, _timeout, prompts=prompts, completions=completions, **kwargs)  # as TRL calls
     except RewardTimeout:
         raise UserError(f"reward function {name} did not return within {_timeout:g} s (--reward_timeout); "
                         "it was stopped") from None
@@ -313,7 +319,8 @@ def build_reward_sources(
     for spec, fn, w in zip(reward_funcs or [], funcs, weights):
         base = getattr(fn, "__name__", "reward_func")
         seen[base] = seen.get(base, 0) + 1
-        sources.append(RewardSource(base if seen[base] == 1 else f"{base}_{seen[base]}", w, func=fn, spec=spec))
+        sources.append(RewardSource(base if seen[base] == 1 else f"{base}_{seen[base]}", w, func=fn,
+                                    spec=spec if isinstance(spec, str) else None))
     if with_reward_model:
         sources.append(RewardSource("reward_model", weights[-1]))
     return sources

@@ -126,8 +126,12 @@ def resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator, output_dir: Path, state: LoopState, *, keep: int | None) -> Path:
+def save_checkpoint(accelerator, output_dir: Path, state: LoopState, *, keep: int | None,
+                    trainer_state: dict | None = None) -> Path:
     """Write ``checkpoint-{global_step}`` atomically (all processes call it), then keep the newest ``keep``.
+
+    ``trainer_state``: transformers' ``TrainerState`` as a dict (``log_history``, a fractional ``epoch``, ...);
+    ``trainer_state.json`` then holds it, the loop's own position added (``epoch_index``, ``steps_in_epoch``).
 
     Returns:
         The checkpoint's path.
@@ -142,9 +146,10 @@ def save_checkpoint(accelerator, output_dir: Path, state: LoopState, *, keep: in
     acc.save_state(str(partial))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        (partial / STATE_FILE).write_text(json.dumps({"global_step": state.global_step, "epoch": state.epoch,
-                                                      "steps_in_epoch": state.steps_in_epoch,
-                                                      "num_processes": acc.num_processes}))
+        data = {**(trainer_state or {}), "global_step": state.global_step, "epoch_index": state.epoch,
+                "steps_in_epoch": state.steps_in_epoch, "num_processes": acc.num_processes}
+        data.setdefault("epoch", state.epoch)
+        (partial / STATE_FILE).write_text(json.dumps(data, indent=2, sort_keys=True))
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)  # a crash before this line leaves the previous checkpoint intact
@@ -174,4 +179,4 @@ def load_checkpoint(accelerator, path: Path) -> LoopState:
         accelerator.load_state(str(path))
     except Exception as exc:  # any file of it that does not load: SafetensorError, UnpicklingError, a shape, ...
         raise UserError(f"--resume_from_checkpoint: cannot load {path}: {_first_line(exc)}{_older_hint(path)}") from exc
-    return LoopState(data["global_step"], data["epoch"], data["steps_in_epoch"])
+    return LoopState(data["global_step"], int(data.get("epoch_index", data["epoch"])), data["steps_in_epoch"])

@@ -308,8 +308,6 @@ class TrainConfig:
             raise UserError(f"--eval_split_size must be a fraction in (0, 1) or a whole count, got {self.eval_split_size}")
         if not self.output_dir:
             raise UserError("--output_dir is required")
-        if not self.dataset_name:
-            raise UserError("--dataset_name is required")
         from alignlab.train.distributed import load_fsdp_config, parse_fsdp_flag
 
         parse_fsdp_flag(self.fsdp)
@@ -319,6 +317,16 @@ class TrainConfig:
         from alignlab.train.tracking import resolve_report_to
 
         self.report_to = resolve_report_to(self.report_to)
+
+    def check_inputs(self) -> None:
+        """The checks that need to know what the trainer was given besides the config (a data set object in
+        Python is as good as ``--dataset_name``); the trainer calls it once it has its inputs.
+
+        Raises:
+            UserError: no training data at all.
+        """
+        if not self.dataset_name:
+            raise UserError("--dataset_name is required")
 
 
 @functools.lru_cache(maxsize=None)

@@ -28,7 +28,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,8 @@ from alignlab.models import save_pretrained
 from alignlab.train.checkpoint import (  # noqa: F401 - re-exported: the loop's public names
     STATE_FILE, LoopState, find_latest_checkpoint, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint,
 )
+from alignlab.train.callbacks import LoopEvents
+from alignlab.train.inputs import config_as_dict
 from alignlab.train.output_dir import OutputFolder
 from alignlab.train.config import TrainConfig
 from alignlab.train.metrics import MetricsLog, plot_metrics
@@ -166,6 +167,8 @@ class Trainer:
         rollout_batch_size: examples per process per rollout (default ``per_device_train_batch_size``).
         model_to_save: picks what to save from the trained (unwrapped) model, e.g. the policy out of a
             policy-and-value module. Default: the model itself.
+        events: the callbacks and ``TrainerState`` (:class:`~alignlab.train.callbacks.LoopEvents`; default: no
+            callbacks, the state still kept and written as ``trainer_state.json``).
 
     Raises:
         UserError: an empty training set, or fewer prompts than one rollout takes.
@@ -186,6 +189,7 @@ class Trainer:
         rollout_fn: Callable[[torch.nn.Module, list, int], Rollout] | None = None,
         rollout_batch_size: int | None = None,
         model_to_save: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        events: LoopEvents | None = None,
     ):
         if len(train_dataset) == 0:
             raise UserError(f"the training set ({config.dataset_name}) is empty after preprocessing")
@@ -210,6 +214,8 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self._use_work_dir(self.output_dir)
         self._eval_loader = None
+        self.events = events or LoopEvents(config, model=model, processing_class=tokenizer,
+                                           is_main_process=self.accelerator.is_main_process)
 
     def _use_work_dir(self, work_dir: Path) -> None:
         """Write the run's files (metrics, samples, config, plots, checkpoints, the model) into ``work_dir``:
@@ -236,8 +242,9 @@ class Trainer:
             drop_last=online,
         )
 
-    def evaluate(self, model, step: int) -> dict[str, float]:
-        """Mean loss and metrics over the eval set (all processes), logged as ``eval_*`` at ``step``."""
+    def evaluate(self, model, step: int, record: bool = True) -> dict[str, float]:
+        """Mean loss and metrics over the eval set (all processes), logged as ``eval_*`` at ``step`` (in
+        ``metrics.jsonl`` when ``record``)."""
         if self._eval_loader is None:
             self._eval_loader = self.accelerator.prepare(
                 self._loader(self.eval_dataset, self.config.per_device_eval_batch_size, False)
@@ -254,9 +261,22 @@ class Trainer:
             model.train()
         result = {f"eval_{k}": v for k, v in window.means().items()}
         result["eval_runtime"] = time.perf_counter() - start
-        if self.accelerator.is_main_process:
+        if record and self.accelerator.is_main_process:
             self.metrics.append({"step": step, **result})
         return result
+
+    def save_model(self, output_dir: str | os.PathLike, model: torch.nn.Module | None = None) -> torch.nn.Module:
+        """Save ``model`` (default: the trained model; prepared or not) and the tokenizer into ``output_dir``
+        (every process calls it: a sharded model is gathered; the main process writes). Returns what was saved
+        (``model_to_save`` of the unwrapped model)."""
+        acc = self.accelerator
+        unwrapped = acc.unwrap_model(self.model if model is None else model)
+        to_save = self.model_to_save(unwrapped)
+        state_dict = self.runtime.full_state_dict(unwrapped, to_save)  # sharded: every process takes part
+        if acc.is_main_process:
+            save_pretrained(to_save, self.tokenizer, output_dir, merge_lora=self.config.merge_lora,
+                            state_dict=state_dict)
+        return to_save
 
     # ------------------------------------------------------------------------------------------------------
     def _update(self, model, optimizer, micro_batches: list[dict], window: MetricsWindow, step: int) -> torch.Tensor:
@@ -350,7 +370,7 @@ class Trainer:
         with OutputFolder(cfg, self.accelerator) as self.folder, self.runtime.training(), \
                 StopSignals(cfg.stop_grace_period) as self._signals, reward_timeout(cfg.reward_timeout):
             self._use_work_dir(self.folder.work_dir)
-            tracking = Tracking(self.accelerator, config=asdict(self.config), run_name=self.output_dir.name)
+            tracking = Tracking(self.accelerator, config=config_as_dict(self.config), run_name=self.output_dir.name)
             try:
                 return self._train(tracking)
             finally:
@@ -387,6 +407,7 @@ class Trainer:
         if resume is None:
             return LoopState()
         state = load_checkpoint(acc, resume)
+        self.events.resume(resume)
         if acc.is_main_process:  # rows the interrupted run wrote after the checkpoint come again
             self.metrics.truncate_after(state.global_step)
             MetricsLog(self.samples_path).truncate_after(state.global_step)
@@ -399,7 +420,7 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         if acc.is_main_process:
             with open(self.work_dir / "config.yaml", "w", encoding="utf-8") as handle:
-                yaml.safe_dump(asdict(cfg), handle, sort_keys=False)
+                yaml.safe_dump(config_as_dict(cfg), handle, sort_keys=False)
         online = self.rollout_fn is not None
         model, optimizer, scheduler, train_loader, per_step, steps_per_epoch, total_steps = self._setup(online)
         self.nonfinite = NonfiniteSteps(cfg.max_nonfinite_steps)
@@ -414,12 +435,18 @@ class Trainer:
                    unit="step")
         model.train()
         skip = state.steps_in_epoch
+        events = self.events
+        events.train_begin(max_steps=total_steps, num_train_epochs=cfg.num_train_epochs, global_step=state.global_step,
+                           epoch=state.epoch + state.steps_in_epoch / steps_per_epoch, model=model,
+                           optimizer=optimizer, lr_scheduler=scheduler, train_dataloader=train_loader)
         try:
             while state.global_step < total_steps:
                 train_loader.set_epoch(state.epoch)
                 loader = acc.skip_first_batches(train_loader, skip * per_step) if skip else train_loader
                 state.steps_in_epoch, skip = skip, 0
+                events.epoch_begin()
                 for update in self._updates(loader, online):
+                    events.step_begin()
                     if online:
                         grad_norm = self._online_step(model, optimizer, update, state.global_step + 1, window)
                     else:
@@ -429,10 +456,11 @@ class Trainer:
                     state.global_step += 1
                     state.steps_in_epoch += 1
                     bar.update(1)
-                    is_last = state.global_step >= total_steps
-                    if state.global_step % cfg.logging_steps == 0 or is_last:
-                        row = {"step": state.global_step,
-                               "epoch": round(state.epoch + state.steps_in_epoch / steps_per_epoch, 4)}
+                    epoch = round(state.epoch + state.steps_in_epoch / steps_per_epoch, 4)
+                    control = events.step_end(state.global_step, epoch)  # a callback can stop, log, save, evaluate
+                    is_last = state.global_step >= total_steps or control.should_training_stop
+                    if state.global_step % cfg.logging_steps == 0 or is_last or control.should_log:
+                        row = {"step": state.global_step, "epoch": epoch}
                         row.update(window.row(online=online))
                         row["learning_rate"] = scheduler.get_last_lr()[0]
                         row["grad_norm"] = float(grad_norm)
@@ -440,23 +468,28 @@ class Trainer:
                         if acc.is_main_process:
                             self.metrics.append(row)
                         tracking.log(row, state.global_step)
+                        events.log(row)
                         bar.set_postfix(loss=f"{row['loss']:.4f}")
                         last_train = row
-                    if self.eval_dataset is not None and cfg.eval_steps and state.global_step % cfg.eval_steps == 0 \
-                            and not is_last:
+                    if self.eval_dataset is not None and not is_last and (control.should_evaluate or (
+                            cfg.eval_steps and state.global_step % cfg.eval_steps == 0)):
                         last_eval = self.evaluate(model, state.global_step)
+                        events.evaluated(last_eval)
                         window.restart_clock()
-                    saved = bool(cfg.save_steps) and state.global_step % cfg.save_steps == 0 and not is_last
+                    saved = not is_last and (control.should_save or (
+                        bool(cfg.save_steps) and state.global_step % cfg.save_steps == 0))
                     if saved:
                         self._save_checkpoint(state)
                         window.restart_clock()
                     if not is_last and self._stop_requested():
                         self._stop(state, saved)
-                    if is_last:
+                    if is_last or events.control.should_training_stop:  # a callback may stop it in on_log
                         break
                 else:
+                    events.epoch_end()
                     state.epoch += 1
                     continue
+                events.epoch_end()
                 break
         finally:
             bar.close()  # ends the bar's line, so an error message starts on its own
@@ -465,13 +498,14 @@ class Trainer:
         if self.eval_dataset is not None:
             last_eval = self.evaluate(model, state.global_step)
             tracking.log(last_eval, state.global_step)
+            events.evaluated(last_eval)
         acc.wait_for_everyone()
         plots: list[Path] = []
-        unwrapped = acc.unwrap_model(model)
-        to_save = self.model_to_save(unwrapped)
-        state_dict = self.runtime.full_state_dict(unwrapped, to_save)  # sharded: every process takes part
+        to_save = self.save_model(self.work_dir, model)
+        events.train_end(train_runtime=train_seconds, steps=state.global_step,
+                         samples_per_step=self.batch_size * per_step * acc.num_processes)
         if acc.is_main_process:
-            save_pretrained(to_save, self.tokenizer, self.work_dir, merge_lora=cfg.merge_lora, state_dict=state_dict)
+            events.write_state(self.work_dir)
             self._write_model_card(to_save, {**last_train, **last_eval})
             plots = plot_metrics(self.metrics.rows(), self.work_dir / "plots", self.plot_panels)
             plots = [self.folder.final_path(p) for p in plots]
@@ -501,7 +535,7 @@ class Trainer:
         write_model_card(
             self.work_dir, base_model=cfg.model_name_or_path or "SmolLM2-135M-Instruct (embedded)",
             method=type(cfg).__name__.removesuffix("Config"), datasets=[str(d) for d in data if d],
-            hyperparameters={k: v for k, v in asdict(cfg).items() if not isinstance(v, (dict, list)) or v},
+            hyperparameters={k: v for k, v in config_as_dict(cfg).items() if not isinstance(v, (dict, list)) or v},
             final_metrics={k: v for k, v in final_metrics.items() if isinstance(v, (int, float))},
             command_line=shlex.join(["alignlab", *sys.argv[1:]] if "alignlab" in sys.argv[0] else sys.argv),
             peft=is_peft_model(model) and not cfg.merge_lora,
@@ -539,7 +573,8 @@ class Trainer:
         import shutil
 
         try:
-            save_checkpoint(self.accelerator, self.work_dir, state, keep=self.config.save_total_limit)
+            save_checkpoint(self.accelerator, self.work_dir, state, keep=self.config.save_total_limit,
+                            trainer_state=self.events.state_dict())
         except OSError as exc:
             partial = self.work_dir / f".checkpoint-{state.global_step}.partial"
             if self.accelerator.is_main_process:
@@ -548,3 +583,4 @@ class Trainer:
                             "(the earlier checkpoints are intact)") from exc
         if self.accelerator.is_main_process:
             plot_metrics(self.metrics.rows(), self.work_dir / "plots", self.plot_panels)
+        self.events.saved(self.work_dir / f"checkpoint-{state.global_step}")

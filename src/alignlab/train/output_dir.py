@@ -60,7 +60,7 @@ _OUTPUT_PATTERNS = (
     *RUN_FILES, "README.md", "config.json", "generation_config.json", "chat_template.jinja", "adapter_config.json",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "model*.safetensors*",
     "adapter_model*", "pytorch_model*", "tokenizer*", "checkpoint-*", ".checkpoint-*.partial", ".model.partial",
-    FAILURE_LOG,
+    "trainer_state.json", FAILURE_LOG,
 )
 """Names in ``output_dir`` that a run writes; what an earlier run left under them is replaced when a staged
 run saves. Anything else (a tracker's ``runs/`` or ``wandb/``, the user's own files) stays."""
