@@ -290,7 +290,8 @@ def chunked_head(
 
     Inside the block, a call ``head(hidden)`` with ``hidden`` ``(..., H)`` takes the rows ``positions`` of
     ``hidden.reshape(-1, H)`` and returns ``(1, N, 1)`` :func:`head_label_logps` of ``labels`` at
-    ``temperature`` (``(1, N, 2)``: log-probs and entropies with ``with_entropy``), using ``head.weight`` and
+    ``temperature`` (``(1, N, 2)``: log-probs and entropies with ``with_entropy``, the entropies without
+    gradient), using ``head.weight`` and
     ``head.bias`` as they are at that moment (under FSDP2: the gathered weight). Each output is also appended to
     the yielded list, so that the caller can check the model returned it unchanged. The head's previous
     instance-level forward (e.g. one installed by :mod:`alignlab.ops.linear`) is restored on exit.
@@ -309,7 +310,8 @@ def chunked_head(
         rows = hidden.reshape(-1, hidden.shape[-1])[positions]
         result = head_label_logps(rows, head.weight, head.bias, labels, temperature=temperature,
                                   with_entropy=with_entropy)
-        out = torch.stack(result, dim=-1) if with_entropy else result[:, None]
+        # the entropies detached: a metric, so the backward gets no (zero) gradient for them to fold in
+        out = torch.stack((result[0], result[1].detach()), dim=-1) if with_entropy else result[:, None]
         out = out.unsqueeze(0)
         outputs.append(out)
         return out

@@ -96,6 +96,29 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
     return _LabelLogProbs.apply(logits, index, 1.0 / temperature)
 
 
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``(...)`` float32 entropy (nats) of ``softmax(logits / temperature)`` over the last dimension, without
+    gradient: ``H = logsumexp(z) - sum_j softmax(z)_j z_j``, in chunks of :data:`CHUNK_ELEMENTS` entries
+    upcast one at a time. TRL's ``entropy_from_logits`` (``trl/trainer/utils.py``, the ``entropy`` metric of
+    its GRPO, RLOO, SFT and DPO trainers), of ``logits / temperature`` as TRL's trainers pass them.
+
+    Raises:
+        ValueError: ``temperature`` is not > 0.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    rows = logits.detach().reshape(-1, logits.shape[-1])
+    out = torch.empty(rows.shape[0], dtype=acc, device=logits.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    with torch.no_grad():
+        for start in range(0, rows.shape[0], step):
+            z = rows[start : start + step].to(acc) / temperature
+            lse = torch.logsumexp(z, dim=-1)
+            out[start : start + step] = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    return out.reshape(logits.shape[:-1])
+
+
 # Model types whose attention masks come from transformers' masking utilities, which read packed
 # sequences from ``position_ids`` (a new sequence starts wherever the position does not grow by one).
 PACKING_MODEL_TYPES = frozenset(
@@ -390,11 +413,13 @@ def target_token_logps(
     return token_logps, correct
 
 
-def _plain_head_logps(model, inputs, context, selected, labels, temperature) -> torch.Tensor:
+def _plain_head_logps(model, inputs, context, selected, labels, temperature,
+                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(N,)`` :func:`completion_logps` token log-probs through the model's logits of the ``selected``
-    positions (:func:`selected_logits`)."""
+    positions (:func:`selected_logits`), and with ``with_entropy`` their ``(N,)`` entropies (else ``None``)."""
     logits = selected_logits(model, inputs, selected, context)  # (1, N, V): completion positions only
-    return selective_log_softmax(logits, labels.unsqueeze(0), temperature).squeeze(0)
+    entropy = entropy_from_logits(logits, temperature).squeeze(0) if with_entropy else None
+    return selective_log_softmax(logits, labels.unsqueeze(0), temperature).squeeze(0), entropy
 
 
 _LOGITS_CHANGED: set[type] = set()
@@ -412,7 +437,8 @@ def completion_logps(
     pad_token_id: int = 0,
     temperature: float = 1.0,
     share_prompts: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token and summed log-probabilities of the completion tokens, in one forward pass.
 
     Args:
@@ -430,12 +456,16 @@ def completion_logps(
         share_prompts: with ``padding_free``, rows with the same prompt share one copy of it
             (:func:`shared_prompt_inputs`; the same log-probs, fewer tokens through the model); falls back to
             plain packing where that does not apply.
+        with_entropy: also return the entropy of the distribution each completion token was predicted from,
+            from the same pass (the chunked head's running statistics, or the selected logits).
 
     Returns:
         ``(per_token_logps, logps)``: ``(B, T-1)`` float32 log-probability of token ``t+1`` given tokens
         ``<= t``, zero outside the completion; and ``(B,)`` their sum over the completion (nats). The sum is
         the sequence log-probability of DPO (Rafailov et al. 2023, eq. 7): EOS included when it is part of
-        the completion.
+        the completion. With ``with_entropy`` a third item: ``(B, T-1)`` float32 entropies (nats) of
+        ``softmax(logits / temperature)`` at the same positions, zero outside the completion, detached (a
+        metric: TRL's ``entropy``).
 
     Only the positions that predict a completion token go through the output projection, so the prompt costs
     no vocabulary-sized work; and where the output head is a plain linear layer whose output the model returns
@@ -471,17 +501,25 @@ def completion_logps(
     inner = getattr(model, "module", model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if plain_head_reason(model, head) is None and type(base_model(model)) not in _LOGITS_CHANGED:
-        with chunked_head(head, selected, labels, temperature=temperature) as outputs, context:
-            out = model(**inputs, use_cache=False).logits  # (1, N, 1): the log-probs, from the head
+        with chunked_head(head, selected, labels, temperature=temperature, with_entropy=with_entropy) as outputs, \
+                context:
+            out = model(**inputs, use_cache=False).logits  # (1, N, 1 or 2): the log-probs (entropies), from the head
         if outputs and out is outputs[-1]:
             token_logps = out[0, :, 0]
+            token_entropy = out[0, :, 1].detach() if with_entropy else None
         else:  # the model changed the head's output on its way out: it needs the logits themselves
             _LOGITS_CHANGED.add(type(base_model(model)))
             if pack and shared is None:  # a fresh context for the second forward
                 context = packed_forward_inputs(model, input_ids, attention_mask, pad_token_id)[2]
-            token_logps = _plain_head_logps(model, inputs, context, selected, labels, temperature)
+            token_logps, token_entropy = _plain_head_logps(model, inputs, context, selected, labels, temperature,
+                                                           with_entropy)
     else:
-        token_logps = _plain_head_logps(model, inputs, context, selected, labels, temperature)
+        token_logps, token_entropy = _plain_head_logps(model, inputs, context, selected, labels, temperature,
+                                                       with_entropy)
     per_token = torch.zeros((n, width - 1), dtype=token_logps.dtype, device=token_logps.device)
     per_token = per_token.index_put((seq_idx, tok_idx), token_logps)
-    return per_token, per_token.sum(dim=1)
+    if not with_entropy:
+        return per_token, per_token.sum(dim=1)
+    entropy = torch.zeros((n, width - 1), dtype=token_entropy.dtype, device=token_entropy.device)
+    entropy = entropy.index_put((seq_idx, tok_idx), token_entropy)
+    return per_token, per_token.sum(dim=1), entropy

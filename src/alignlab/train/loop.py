@@ -166,6 +166,10 @@ class Trainer:
         rollout_batch_size: examples per process per rollout (default ``per_device_train_batch_size``).
         model_to_save: picks what to save from the trained (unwrapped) model, e.g. the policy out of a
             policy-and-value module. Default: the model itself.
+        eval_rollout_fn: online evaluation: ``eval_rollout_fn(model, prompts) -> (batch, metrics)`` samples and
+            scores a batch of ``eval_batch_size`` eval prompts (called without gradients, model in eval mode);
+            ``loss_fn`` then runs on ``batch``, and ``metrics`` join the ``eval_*`` means.
+        eval_batch_size: eval examples per process per batch (default ``per_device_eval_batch_size``).
 
     Raises:
         UserError: an empty training set, or fewer prompts than one rollout takes.
@@ -186,6 +190,8 @@ class Trainer:
         rollout_fn: Callable[[torch.nn.Module, list, int], Rollout] | None = None,
         rollout_batch_size: int | None = None,
         model_to_save: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        eval_rollout_fn: Callable[[torch.nn.Module, list], tuple[dict, dict]] | None = None,
+        eval_batch_size: int | None = None,
     ):
         if len(train_dataset) == 0:
             raise UserError(f"the training set ({config.dataset_name}) is empty after preprocessing")
@@ -206,6 +212,8 @@ class Trainer:
         self.eval_dataset = eval_dataset if eval_dataset is not None and len(eval_dataset) else None
         self.collate_fn = collate_fn
         self.loss_fn = loss_fn
+        self.eval_rollout_fn = eval_rollout_fn
+        self.eval_batch_size = eval_batch_size or config.per_device_eval_batch_size
         self.plot_panels = {"loss": ["loss"], **(plot_panels or {})}
         self.output_dir = Path(config.output_dir)
         self._use_work_dir(self.output_dir)
@@ -239,14 +247,16 @@ class Trainer:
     def evaluate(self, model, step: int) -> dict[str, float]:
         """Mean loss and metrics over the eval set (all processes), logged as ``eval_*`` at ``step``."""
         if self._eval_loader is None:
-            self._eval_loader = self.accelerator.prepare(
-                self._loader(self.eval_dataset, self.config.per_device_eval_batch_size, False)
-            )
+            self._eval_loader = self.accelerator.prepare(self._loader(self.eval_dataset, self.eval_batch_size, False))
         was_training = model.training
         model.eval()
         window = MetricsWindow(self._gather)
         start = time.perf_counter()
         for batch in self._eval_loader:
+            if self.eval_rollout_fn is not None:  # online: sample and score the prompts, then the loss on them
+                with torch.no_grad():
+                    batch, sampled = self.eval_rollout_fn(model, batch)
+                window.add_all(sampled)
             loss, metrics = evaluate_terms(self._precision, self.loss_fn, model, batch)
             window.add("loss", loss)
             window.add_all(metrics)
