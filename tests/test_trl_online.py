@@ -356,10 +356,12 @@ def test_head_entropy_matches_full_logits():
     hidden, weight, bias = torch.randn(37, 16), torch.randn(1000, 16), torch.randn(1000)
     labels = torch.randint(0, 1000, (37,))
     # small blocks: many vocabulary and token blocks, so the running statistics are exercised
-    logp, entropy = head_label_logps(hidden, weight, bias, labels, temperature=0.7, with_entropy=True,
-                                     chunk_elements=4096)
+    logp, entropy, mean = head_label_logps(hidden, weight, bias, labels, temperature=0.7, with_entropy=True,
+                                           chunk_elements=4096, with_mean_logits=True)
     full = torch.nn.functional.linear(hidden, weight, bias)
     assert torch.allclose(entropy.double(), _full_entropy(full, 0.7), atol=1e-5, rtol=0)
+    assert torch.allclose(mean.double(), full.double().mean(-1) / 0.7, atol=1e-5, rtol=0)
+    assert not mean.requires_grad
     assert torch.allclose(logp.double(), torch.log_softmax(full.double() / 0.7, -1).gather(1, labels[:, None])[:, 0],
                           atol=1e-5, rtol=0)
 
@@ -378,10 +380,50 @@ def test_completion_entropy_matches_a_plain_full_logits_computation(tiny_model_d
     attention_mask = torch.tensor([[1] * 9, [1] * 7 + [0] * 2, [1] * 5 + [0] * 4])
     completion_mask = torch.tensor([[0] * 4 + [1] * 5, [0] * 3 + [1] * 4 + [0] * 2, [0] * 2 + [1] * 3 + [0] * 4])
     with torch.no_grad():
-        per_token, _, entropy = logprobs.completion_logps(model, input_ids, attention_mask, completion_mask,
-                                                          temperature=0.9, with_entropy=True)
+        _, _, stats = logprobs.completion_logps(model, input_ids, attention_mask, completion_mask, temperature=0.9,
+                                                token_stats=("entropy", "mean_logits"))
         full = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
     scored = (completion_mask[:, 1:] * attention_mask[:, 1:]).bool()
     expected = torch.where(scored, _full_entropy(full, 0.9), 0.0)
-    assert torch.allclose(entropy.double(), expected, atol=1e-5, rtol=0)
-    assert bool((entropy[scored] > 0).all())
+    assert torch.allclose(stats["entropy"].double(), expected, atol=1e-5, rtol=0)
+    assert bool((stats["entropy"][scored] > 0).all())
+    mean = torch.where(scored, full.double().mean(-1) / 0.9, 0.0)
+    assert torch.allclose(stats["mean_logits"].double(), mean, atol=1e-5, rtol=0)
+
+
+# --- DPO: entropy and logits/chosen|rejected from the chunked head --------------------------------------------
+def test_dpo_logs_entropy_and_mean_logits_against_full_logits(tiny_model_dir, pairs_file, tmp_path):
+    from alignlab.algorithms.dpo import DPOConfig, DPOTrainer
+    from alignlab.data.preference import collate_pairs
+    from tests.conftest import tiny_config
+
+    out = tmp_path / "dpo"
+    trainer = DPOTrainer(tiny_config(DPOConfig, tiny_model_dir, pairs_file, out, max_steps=1))
+    batch = collate_pairs(trainer.train_examples[:3], trainer.tokenizer.pad_token_id)
+    with torch.no_grad():
+        [(_, metrics)] = trainer.compute_loss(trainer.policy, batch)
+        logits = trainer.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    tokens = (batch["completion_mask"][:, 1:] * batch["attention_mask"][:, 1:]).bool()
+    per_token_mean = logits.double().mean(-1)
+    assert float(metrics["logits/chosen"]) == pytest.approx(float(per_token_mean[:3][tokens[:3]].mean()), abs=1e-5)
+    assert float(metrics["logits/rejected"]) == pytest.approx(float(per_token_mean[3:][tokens[3:]].mean()), abs=1e-5)
+    assert float(metrics["entropy"]) == pytest.approx(float(_full_entropy(logits, 1.0)[tokens].mean()), abs=1e-5)
+    trainer.train()
+    row = next(r for r in read_metrics(out) if "loss" in r)
+    assert all(math.isfinite(row[n]) for n in ("entropy", "logits/chosen", "logits/rejected"))
+
+
+def test_sft_logs_entropy_against_full_logits(tiny_model_dir, tmp_path):
+    from alignlab.algorithms.sft import SFTConfig, SFTTrainer
+    from alignlab.data.sft import collate_sft
+    from tests.conftest import tiny_config
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Count to {i}.", "completion": " 1 2 3"}) + "\n" for i in range(8)))
+    trainer = SFTTrainer(tiny_config(SFTConfig, tiny_model_dir, data, tmp_path / "sft", max_steps=1))
+    batch = collate_sft(trainer.train_examples[:3], trainer.tokenizer.pad_token_id)
+    with torch.no_grad():
+        [(_, metrics)] = trainer.compute_loss(trainer.model, batch)
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).bool()
+    assert float(metrics["entropy"]) == pytest.approx(float(_full_entropy(logits, 1.0)[targets].mean()), abs=1e-5)

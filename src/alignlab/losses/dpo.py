@@ -260,6 +260,37 @@ def preference_metrics(pair: PairLogps, *, beta: float, reward_kind: str) -> dic
     }
 
 
+def token_statistics_metrics(entropy: Tensor, mean_logits: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """TRL 1.16 ``DPOTrainer``'s token-level metrics of a micro-batch of ``B`` pairs, 0-d and detached:
+
+    * ``entropy``: mean over every completion token (chosen and rejected) of the entropy of the policy's
+      next-token distribution (nats);
+    * ``logits/chosen``, ``logits/rejected``: mean over the chosen (rejected) completion tokens of each token's
+      mean logit over the vocabulary (TRL's ``mean_logits``, "Average logits for chosen and rejected
+      completions" in ``_compute_loss``). 0 where no token counts, as TRL.
+
+    Args:
+        entropy, mean_logits: ``(2B, T)`` per-token values, rows ``[chosen; rejected]``
+            (:func:`alignlab.ops.logprobs.completion_logps` with ``token_stats``).
+        mask: ``(2B, T)`` the completion tokens.
+
+    Raises:
+        ValueError: shapes that differ, or an odd number of rows.
+    """
+    if entropy.shape != mask.shape or mean_logits.shape != mask.shape or entropy.shape[0] % 2:
+        raise ValueError(f"entropy, mean_logits and mask must be (2B, T) alike, got {tuple(entropy.shape)}, "
+                         f"{tuple(mean_logits.shape)}, {tuple(mask.shape)}")
+    m = mask.bool()
+    chosen, rejected = m.chunk(2)
+    values = mean_logits.detach().float()
+
+    def mean(x: Tensor, sel: Tensor) -> Tensor:
+        return torch.where(sel, x, 0).sum() / sel.sum().clamp(min=1)
+
+    return {"entropy": mean(entropy.detach().float(), m), "logits/chosen": mean(values.chunk(2)[0], chosen),
+            "logits/rejected": mean(values.chunk(2)[1], rejected)}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Checks and shared pieces
 

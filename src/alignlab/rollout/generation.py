@@ -107,12 +107,12 @@ def completion_token_logps(
         padding_free=padding_free,
         pad_token_id=pad_token_id,
         temperature=temperature,
-        with_entropy=with_entropy,
+        token_stats=("entropy",) if with_entropy else (),
     )
     index = sequences["completion_index"].to(out[0].device)
     mask = sequences["response_mask"].to(out[0].device)
     logps = out[0].gather(1, index) * mask
-    return (logps, out[2].gather(1, index) * mask) if with_entropy else logps
+    return (logps, out[2]["entropy"].gather(1, index) * mask) if with_entropy else logps
 
 
 def token_values(value_model: torch.nn.Module, sequences: dict[str, torch.Tensor], *, padding_free: bool = False,
