@@ -427,3 +427,31 @@ def test_sft_logs_entropy_against_full_logits(tiny_model_dir, tmp_path):
         logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     targets = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).bool()
     assert float(metrics["entropy"]) == pytest.approx(float(_full_entropy(logits, 1.0)[targets].mean()), abs=1e-5)
+
+
+def test_kto_logs_entropy_and_mean_logits_against_full_logits(tiny_model_dir, tmp_path):
+    from alignlab.algorithms.kto import KTOConfig, KTOTrainer
+    from alignlab.data.unpaired import collate_unpaired
+
+    data = tmp_path / "unpaired.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f"{2 * i}.",
+                                        "label": bool(i % 3)}) + "\n" for i in range(9)))
+    out = tmp_path / "kto"
+    trainer = KTOTrainer(KTOConfig(model_name_or_path=tiny_model_dir, dataset_name=str(data), output_dir=str(out),
+                                   per_device_train_batch_size=4, max_steps=1, save_steps=0, bf16=False))
+    pad = trainer.tokenizer.pad_token_id
+    desirable = [e for e in trainer.train_examples if e["label"]]
+    for examples in (trainer.train_examples[:4], desirable[:3]):  # the second: no undesirable row
+        batch = collate_unpaired(examples, pad, max_length=trainer.config.max_length)
+        with torch.no_grad():
+            [(_, metrics)] = trainer.compute_loss(trainer.policy, batch)
+            logits = trainer.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        tokens = (batch["completion_mask"][:, 1:] * batch["attention_mask"][:, 1:]).bool()
+        means = logits.double().mean(-1)
+        label = batch["label"][:, None]
+        assert float(metrics["entropy"]) == pytest.approx(float(_full_entropy(logits, 1.0)[tokens].mean()), abs=1e-5)
+        assert float(metrics["logits/chosen"]) == pytest.approx(float(means[tokens & label].mean()), abs=1e-5)
+        if (~batch["label"]).any():
+            assert float(metrics["logits/rejected"]) == pytest.approx(float(means[tokens & ~label].mean()), abs=1e-5)
+        else:
+            assert "logits/rejected" not in metrics  # TRL's KTO logs none for a micro-batch without such rows

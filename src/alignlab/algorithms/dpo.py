@@ -351,7 +351,7 @@ class DPOTrainer(Algorithm):
         metrics = preference_metrics(pair, beta=cfg.beta, reward_kind=combined_reward_kind(cfg.loss_type))
         tokens = (batch["completion_mask"][:, 1:] * batch["attention_mask"][:, 1:]).bool()
         metrics.update(token_statistics_metrics(stats["entropy"][: 2 * n], stats["mean_logits"][: 2 * n],
-                                                tokens[: 2 * n]))
+                                                tokens[: 2 * n], torch.arange(2 * n) < n))
         if "objective" in batch:
             loss = losses.new_zeros(())
             for k, objective in enumerate(cfg.objectives):

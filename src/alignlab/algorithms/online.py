@@ -108,10 +108,6 @@ class OnlineConfig(TrainConfig):
     log_completions: bool = False
     """Also append them at every logged step (each ``logging_steps``): TRL's completions table (prompt,
     completion, each reward, advantage) as ``samples.jsonl`` rows."""
-    mask_truncated_completions: bool = False
-    """Leave completions that reached ``max_completion_length`` without EOS out of the loss (their tokens get no
-    weight and do not count in the token averages; their rewards still enter the advantages of their group).
-    TRL's name and default (DAPO, Yu et al. 2025, recommends it)."""
     padding_free: bool = True
     """Pack sequences without padding (as ``alignlab dpo``) for every forward over sampled sequences: the
     policy's and the reference's log-probs, the reward model's scores and, in PPO, the value model."""
@@ -136,7 +132,7 @@ class OnlineConfig(TrainConfig):
 
     evaluates: ClassVar[bool] = False
     """Whether the method evaluates on ``eval_dataset_name`` / ``eval_split_size`` (sampling on the eval prompts,
-    :meth:`PolicyGradientAlgorithm.evaluate_prompts`); the others refuse those flags."""
+    :meth:`PolicyGradientAlgorithm.eval_rollout`); the others refuse those flags."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -178,7 +174,8 @@ class OnlineConfig(TrainConfig):
 
 @dataclass
 class GenerationBatchConfig(OnlineConfig):
-    """TRL 1.16's generation-batch flags of ``GRPOConfig`` and ``RLOOConfig``, and evaluation on eval prompts.
+    """TRL 1.16's generation-batch flags of ``GRPOConfig`` and ``RLOOConfig``, ``mask_truncated_completions``, and
+    evaluation on eval prompts.
 
     One generation samples ``per_device_train_batch_size * steps_per_generation`` completions per process
     (``generation_batch_size`` over all processes), which feed ``steps_per_generation`` micro-batches: with
@@ -196,6 +193,10 @@ class GenerationBatchConfig(OnlineConfig):
     ``gradient_accumulation_steps``, one optimizer step per generation). A multiple of
     ``gradient_accumulation_steps`` here (whole optimizer steps per generation); not with
     ``generation_batch_size``."""
+    mask_truncated_completions: bool = False
+    """Leave completions that reached ``max_completion_length`` without EOS out of the loss (their tokens get no
+    weight and do not count in the token averages; their rewards still enter the advantages of their group).
+    TRL's name and default (DAPO, Yu et al. 2025, recommends it)."""
 
     evaluates: ClassVar[bool] = True
     RANGES: ClassVar[dict[str, Range]] = {"steps_per_generation": Range(ge=1)}
@@ -538,7 +539,7 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
 
         mask = data["response_mask"]
         loss_mask = mask
-        if cfg.mask_truncated_completions:
+        if getattr(cfg, "mask_truncated_completions", False):  # GRPO's and RLOO's flag (GenerationBatchConfig)
             loss_mask = mask * scored.has_eos.to(mask.device, mask.dtype).unsqueeze(1)
             kl = None if kl is None else kl * loss_mask
         outputs = AdvantageOutputs.of(estimator(
