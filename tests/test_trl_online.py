@@ -455,3 +455,55 @@ def test_kto_logs_entropy_and_mean_logits_against_full_logits(tiny_model_dir, tm
             assert float(metrics["logits/rejected"]) == pytest.approx(float(means[tokens & ~label].mean()), abs=1e-5)
         else:
             assert "logits/rejected" not in metrics  # TRL's KTO logs none for a micro-batch without such rows
+
+
+def test_the_command_line_takes_the_trl_flags(capsys, tiny_model_dir, prompts_file, rewards_file, tmp_path,
+                                              monkeypatch):
+    pytest.importorskip("trl")
+    package = tmp_path / "cli_pkg_rewards"
+    package.mkdir()
+    (package / "__init__.py").write_text("from .funcs import *\n")
+    (package / "funcs.py").write_text("def shorter(prompts, completions, **kw):\n"
+                                      "    return [-float(len(c[0]['content'])) for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "cli_pkg_rewards", raising=False)
+    monkeypatch.delitem(sys.modules, "cli_pkg_rewards.funcs", raising=False)
+    out = tmp_path / "cli"
+    code, _, err = run_cli(
+        capsys, "grpo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(prompts_file),
+        "--output_dir", str(out), "--reward_funcs", "cli_pkg_rewards.funcs.shorter", "think_format_reward",
+        "--num_generations", "2", "--per_device_train_batch_size", "2", "--steps_per_generation", "2",
+        "--max_completion_length", "4", "--top_k", "50", "--min_p", "0.01", "--repetition_penalty", "1.1",
+        "--mask_truncated_completions", "--log_completions", "--eval_split_size", "2", "--per_device_eval_batch_size",
+        "2", "--max_steps", "1", "--save_steps", "0", "--bf16", "false")
+    assert code == 0, err
+    rows = read_metrics(out)
+    assert {"rewards/shorter/mean", "rewards/think_format_reward/mean", "entropy"} <= set(rows[0])
+    assert "eval_reward" in rows[-1]
+
+
+def test_reward_functions_are_called_by_keyword_as_trl_calls_them():
+    from alignlab.rollout.rewards import call_reward_func
+
+    def completions_first(completions, solution, **kwargs):  # TRL's accuracy_reward's signature
+        return [float(c == s) for c, s in zip(completions, solution)]
+
+    assert call_reward_func(completions_first, "f", ["p", "q"], ["a", "b"], solution=["a", "c"],
+                            completion_ids=[[1], [2]]).tolist() == [1.0, 0.0]
+    ids_only = lambda completion_ids, **kw: [float(len(i)) for i in completion_ids]  # noqa: E731
+    assert call_reward_func(ids_only, "f", ["p"], ["a"], completion_ids=[[1, 2]]).tolist() == [2.0]
+    positional = lambda p, c, **k: [float(len(c[0]))]  # noqa: E731 - other names: positionally
+    assert call_reward_func(positional, "f", ["p"], ["abc"], completion_ids=[[1]]).tolist() == [3.0]
+    with pytest.raises(UserError, match="missing 1 required positional argument: 'solution'"):
+        call_reward_func(completions_first, "f", ["p"], ["a"], completion_ids=[[1]])
+
+
+def test_a_step_whose_completions_are_all_truncated_has_a_finite_zero_loss(tiny_model_dir, prompts_file,
+                                                                           rewards_file, tmp_path):
+    out = tmp_path / "all"
+    # the tiny random model never draws EOS in 3 tokens: every completion is truncated and masked out
+    GRPOTrainer(_grpo(tiny_model_dir, prompts_file, rewards_file, out, max_completion_length=3,
+                      mask_truncated_completions=True)).train()
+    (row,) = read_metrics(out)
+    assert row["completions/clipped_ratio"] == 1.0
+    assert row["loss"] == 0.0 and row["nonfinite_steps"] == 0

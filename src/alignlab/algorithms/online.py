@@ -484,8 +484,10 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         # dapo: every token of an update weighs the same. The loop weights each micro-batch's loss by 1 / (number
         # of micro-batches), so each divides its token sum by (the update's tokens / its micro-batches)
         n_micro = self.mini_batches * len(updates[0])
+        # at least 1 token (TRL's clamp): with mask_truncated_completions every completion may be out of the loss
+        tokens = max(float(data["response_mask"].sum()), 1.0)
         return Rollout(updates=updates, metrics=metrics, samples=samples,
-                       scalars={"num_items_in_batch": float(data["response_mask"].sum()) / n_micro})
+                       scalars={"num_items_in_batch": tokens / n_micro})
 
     def eval_rollout(self, model, examples: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """One batch of eval prompts, sampled and scored as a training step's (``group_size`` completions each,
@@ -495,7 +497,7 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         loop logs both as ``eval_*`` (TRL's names for evaluation with ``eval_strategy``). Nothing goes to
         ``samples.jsonl`` and the training shuffle is not drawn from."""
         data, metrics, _ = self._sampled_batch(model, examples, step=None)
-        data["num_items_in_batch"] = float(data["response_mask"].sum())
+        data["num_items_in_batch"] = max(float(data["response_mask"].sum()), 1.0)
         return data, metrics
 
     def _sampled_batch(self, model, examples: list[dict],

@@ -5,6 +5,9 @@ Reward functions follow TRL's signature (``GRPOTrainer``'s ``reward_funcs``)::
 
     def my_reward(prompts, completions, **kwargs) -> list[float | None]
 
+and are called as TRL calls them, by keyword (:func:`reward_call_arguments`; a function whose first two
+parameters have other names gets ``prompts`` and ``completions`` positionally).
+
 ``prompts`` and ``completions`` are strings, or message lists for conversational prompts (the completion
 is then ``[{"role": "assistant", "content": text}]``); ``kwargs`` holds ``completion_ids`` (token id lists)
 and every other column of the prompt rows as a list, one entry per completion. ``None`` means "does not
@@ -294,6 +297,31 @@ def _call_with_timeout(fn: Callable, seconds: float, *args: Any, **kwargs: Any) 
             signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3))
 
 
+def reward_call_arguments(fn: RewardFunc, prompts: list, completions: list,
+                          kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """``(args, keywords)`` to call reward function ``fn`` with. All by keyword, ``fn(prompts=...,
+    completions=..., completion_ids=..., **columns)``, as TRL's ``GRPOTrainer`` calls its reward functions (TRL's
+    built-in rewards take no ``prompts`` first: ``think_format_reward(completions, **kwargs)``,
+    ``accuracy_reward(completions, solution, **kwargs)``, ``soft_overlong_punishment(completion_ids,
+    **kwargs)``), when ``fn`` names a ``completions`` parameter or takes the keywords through ``**kwargs``;
+    otherwise ``prompts`` and ``completions`` positionally (``fn(p, c, **kw)``)."""
+    import inspect
+
+    keywords = {"prompts": prompts, "completions": completions, **kwargs}
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to inspect: positionally
+        return (prompts, completions), kwargs
+    named = parameters.get("completions")
+    if named is not None and named.kind != inspect.Parameter.POSITIONAL_ONLY:
+        return (), keywords
+    try:
+        inspect.signature(fn).bind(**keywords)
+    except TypeError:
+        return (prompts, completions), kwargs
+    return (), keywords
+
+
 def run_reward_func(
     fn: RewardFunc, name: str, prompts: list, completions: list, *, on_error: str = "raise", **kwargs: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,7 +343,8 @@ def run_reward_func(
     """
     n = len(completions)
     try:
-        values = _call_with_timeout(fn, _timeout, prompts, completions, **kwargs)
+        args, keywords = reward_call_arguments(fn, prompts, completions, kwargs)
+        values = _call_with_timeout(fn, _timeout, *args, **keywords)
     except RewardTimeout:
         raise UserError(f"reward function {name} did not return within {_timeout:g} s (--reward_timeout); "
                         "it was stopped") from None
