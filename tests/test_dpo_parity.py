@@ -4,8 +4,9 @@ Matched settings: the same model (the embedded SmolLM2-135M-Instruct) and the sa
 fp32, no gradient checkpointing, a constant learning rate, one batch holding all rows, dropout off, sigmoid
 loss without label smoothing, AdamW (betas 0.9/0.999, eps 1e-8, no weight decay), gradient clipping at 1.0.
 
-* Step 1 (policy == reference, nothing trained yet): ``logps/chosen`` and ``logps/rejected`` agree to 1e-3
-  relative. This checks tokenization (prompt/completion split, EOS), truncation and the log-prob sums.
+* Step 1 (policy == reference, nothing trained yet): ``logps/chosen``, ``logps/rejected`` (and TRL's token
+  statistics ``entropy``, ``logits/chosen``, ``logits/rejected``) agree to 1e-3 relative. This checks
+  tokenization (prompt/completion split, EOS), truncation and the log-prob sums.
 * Step 2 (after one full AdamW update): ``loss`` and ``rewards/margins`` agree to 2e-2 relative. This checks
   the loss, its gradient, clipping and the optimizer step.
 """
@@ -197,7 +198,7 @@ def test_dpo_matches_trl_first_two_steps(tmp_path):
     print(report)
 
     failures = []
-    for key in ("logps/chosen", "logps/rejected"):
+    for key in ("logps/chosen", "logps/rejected", "entropy", "logits/chosen", "logits/rejected"):
         a, b = ours[0][key], theirs[0][key]
         if not _rel_close(a, b, STEP1_RTOL):
             failures.append(f"step 1 {key}: alignlab {a:.6f} vs trl {b:.6f} (rel {abs(a - b) / abs(b):.2e} > {STEP1_RTOL})")

@@ -193,6 +193,9 @@ def test_grpo_loss_and_gradient_match_trl(case, shared):
     clip_key = CLIP_METRIC.get(case, "clip_ratio/region_mean")
     if clip_key is not None:
         assert 0 < trl_metrics[clip_key] < 1, f"{case}: the clip must be taken on some, not all, tokens"
-        assert float(ours_metrics["clip_ratio"]) == pytest.approx(trl_metrics[clip_key], abs=1e-6)
+        for key in [clip_key] + (["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/low_min",
+                                  "clip_ratio/high_max"] if clip_key == "clip_ratio/region_mean" else []):
+            assert float(ours_metrics[key]) == pytest.approx(trl_metrics[key], abs=1e-6), key
+    assert float(ours_metrics["entropy"]) == pytest.approx(trl_metrics["entropy"], rel=RTOL)
     if settings.get("beta"):
         assert float(ours_metrics["kl"]) == pytest.approx(trl_metrics["kl"], rel=RTOL)

@@ -29,7 +29,9 @@ def test_grpo_writes_outputs_with_trl_metric_names(tiny_model_dir, prompts_file,
     trainer.train()
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
-    for name in ("reward", "reward_std", "kl", "clip_ratio", "completions/mean_length", "completions/clipped_ratio",
+    for name in ("reward", "reward_std", "kl", "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                 "clip_ratio/low_min", "clip_ratio/high_max", "entropy", "completions/mean_length",
+                 "completions/min_length", "completions/max_length", "completions/clipped_ratio",
                  "frac_reward_zero_std", "rewards/short/mean", "tokens_per_second", "loss", "learning_rate"):
         assert all(math.isfinite(r[name]) for r in rows), name
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference on the first step
@@ -74,7 +76,7 @@ def test_other_loss_types_and_iterations_run(tiny_model_dir, prompts_file, rewar
     first = {**rollout.updates[0][0], **rollout.scalars}
     with torch.no_grad():
         [(_, metrics)] = trainer.compute_loss(trainer.policy, first)
-    assert float(metrics["clip_ratio"]) == 0.0
+    assert float(metrics["clip_ratio/region_mean"]) == 0.0
     trainer.train()
     row = read_metrics(out)[0]
     assert math.isfinite(row["loss"]) and row["grad_norm"] > 0
@@ -119,7 +121,8 @@ def test_loss_types_match_the_pure_loss_on_a_rollout(tiny_model_dir, prompts_fil
                                         max_completion_length=cfg.max_completion_length,
                                         num_items_in_batch=mb["num_items_in_batch"])
     assert float(loss) == pytest.approx(float(expected), abs=1e-6)
-    assert ("clip_ratio" in metrics) == (cfg.loss_type != "sapo")
+    clip_key = {"cispo": "cispo_clip_ratio", "sapo": None}.get(cfg.loss_type, "clip_ratio/region_mean")
+    assert clip_key is None or clip_key in metrics
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     trainer.train()
     assert any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())

@@ -8,8 +8,9 @@ alignlab puts a batch back in data order before pairing each prompt with the pre
 KL reference point's mismatched pairs are the same), dropout off, AdamW (0.9/0.999, eps 1e-8, no weight decay),
 gradient clipping at 1.0, beta 0.1, both class weights 1.
 
-* Step 1 (policy == reference): ``logps/chosen`` and ``logps/rejected`` agree to 1e-3 relative (tokenization,
-  EOS, the prompt/completion split, the log-prob sums).
+* Step 1 (policy == reference): ``logps/chosen`` and ``logps/rejected`` (and the token statistics ``entropy``,
+  ``logits/chosen``, ``logits/rejected``) agree to 1e-3 relative (tokenization, EOS, the prompt/completion
+  split, the log-prob sums).
 * Step 2 (after one AdamW update): ``loss`` and ``rewards/margins`` agree to 2e-2 relative (the loss with its
   KL reference point, its gradient, clipping and the optimizer step); ``kl`` is printed.
 """
@@ -93,7 +94,8 @@ def test_kto_matches_trl_first_two_steps(tmp_path, monkeypatch):
     report = "\n".join(f"step {s + 1} {key}: alignlab {ours[s][key]!r}  trl {theirs[s][key]!r}"
                        for s in range(2) for key in keys)
     print(report)
-    checks = [(0, key, STEP1_RTOL) for key in ("logps/chosen", "logps/rejected")]
+    checks = [(0, key, STEP1_RTOL) for key in ("logps/chosen", "logps/rejected", "entropy", "logits/chosen",
+                                               "logits/rejected")]
     checks += [(1, key, STEP2_RTOL) for key in ("loss", "rewards/margins")]
     failures = [f"step {s + 1} {key}: alignlab {ours[s][key]:.6f} vs trl {theirs[s][key]:.6f}"
                 for s, key, rtol in checks if not _rel_close(ours[s][key], theirs[s][key], rtol)]

@@ -118,4 +118,7 @@ def test_rloo_loss_and_logps_match_trl_on_the_same_completions(tmp_path):
     assert advantages.tolist() == [-2.0, 2.0, -2.5, 2.5]
     assert float(ours_metrics["clip_ratio/region_mean"]) == trl._metrics["train"]["clip_ratio/region_mean"][-1] == 0.75
     assert float(ours_metrics["clip_ratio/high_mean"]) == trl._metrics["train"]["clip_ratio/high_mean"][-1] == 0.25
+    for key in ("clip_ratio/low_mean", "clip_ratio/low_min", "clip_ratio/high_max"):
+        assert float(ours_metrics[key]) == trl._metrics["train"][key][-1], key
+    assert float(ours_metrics["entropy"]) == pytest.approx(trl._metrics["train"]["entropy"][-1], rel=RTOL)
     assert _grad_norm(ours.policy) == pytest.approx(_grad_norm(model), rel=RTOL)

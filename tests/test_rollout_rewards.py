@@ -51,7 +51,7 @@ def test_loads_from_a_file_and_from_a_module(funcs_file, monkeypatch):
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("no_colon", "expected path/to/file.py:function or module:function"),
+        ("no_colon", "expected path/to/file.py:function, module:function, package.module.function"),
         ("missing.py:f", "file not found"),
         ("{file}:nope", "has no 'nope'"),
         ("{file}:NOT_CALLABLE", "is not callable"),

@@ -20,7 +20,7 @@ from alignlab.data.preference import build_pair_examples, collate_pairs
 from alignlab.errors import UserError
 from alignlab.losses.dpo import (
     PREFERENCE_LOSSES, PairLogps, combined_reward_kind, get_preference_loss, preference_loss, preference_loss_kwargs,
-    preference_metrics,
+    preference_metrics, token_statistics_metrics,
 )
 from alignlab.methods import CompareBudget, CompareEntry, Method, register_method
 from alignlab.models import is_peft_model, load_causal_lm
@@ -288,16 +288,19 @@ class DPOTrainer(Algorithm):
             self.ref_model = None  # freed: the logps travel with the examples
 
     # ------------------------------------------------------------------------------------------------------
-    def _logps(self, model, batch) -> torch.Tensor:
-        """``(2B + M,)`` sequence logps of a collated batch under ``model`` (``M`` contrastive rows)."""
-        return completion_logps(
+    def _logps(self, model, batch, token_stats: tuple[str, ...] = ()):
+        """``(2B + M,)`` sequence logps of a collated batch under ``model`` (``M`` contrastive rows); with
+        ``token_stats`` also their per-token statistics (:func:`~alignlab.ops.logprobs.completion_logps`)."""
+        out = completion_logps(
             model,
             batch["input_ids"],
             batch["attention_mask"],
             batch["completion_mask"],
             padding_free=self.config.padding_free,
             pad_token_id=self.tokenizer.pad_token_id,
-        )[1]
+            token_stats=token_stats,
+        )
+        return (out[1], out[2]) if token_stats else out[1]
 
     def _reference_logps(self, model, batch) -> torch.Tensor:
         """``(2B + M,)`` reference sequence logps for a collated batch, without gradients."""
@@ -331,10 +334,12 @@ class DPOTrainer(Algorithm):
 
         All rows go through the policy in one forward pass. Metrics (per pair): TRL's ``rewards/*`` and
         ``logps/*``; with several objectives also ``<name>/rewards/*`` and ``<name>/loss`` per objective; with
-        ``contrastive_weight`` also ``contrastive/loss`` and ``contrastive/accuracies``.
+        ``contrastive_weight`` also ``contrastive/loss`` and ``contrastive/accuracies``. Per micro-batch, from
+        the same forward (the chunked output head's running statistics): TRL's ``entropy``, ``logits/chosen`` and
+        ``logits/rejected`` (:func:`~alignlab.losses.dpo.token_statistics_metrics`).
         """
         cfg = self.config
-        logps = self._logps(model, batch)
+        logps, stats = self._logps(model, batch, token_stats=("entropy", "mean_logits"))
         n_cross = batch["contrastive_index"].shape[0] if "contrastive_index" in batch else 0
         n = (logps.shape[0] - n_cross) // 2
         chosen_logps, rejected_logps = logps[:n], logps[n : 2 * n]
@@ -349,6 +354,9 @@ class DPOTrainer(Algorithm):
         hyper = cfg.loss_hyperparameters()
         losses = preference_loss(cfg.loss_type, pair, loss_weights=cfg.loss_weights, **hyper)
         metrics = preference_metrics(pair, beta=cfg.beta, reward_kind=combined_reward_kind(cfg.loss_type))
+        tokens = (batch["completion_mask"][:, 1:] * batch["attention_mask"][:, 1:]).bool()
+        metrics.update(token_statistics_metrics(stats["entropy"][: 2 * n], stats["mean_logits"][: 2 * n],
+                                                tokens[: 2 * n], torch.arange(2 * n) < n))
         if "objective" in batch:
             loss = losses.new_zeros(())
             for k, objective in enumerate(cfg.objectives):

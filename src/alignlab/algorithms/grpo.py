@@ -17,13 +17,15 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm, group_sampling_args
+from alignlab.algorithms.online import GenerationBatchConfig, PolicyGradientAlgorithm, group_sampling_args
 from alignlab.errors import UserError
-from alignlab.losses.ppo import aggregate_token_loss, get_policy_loss, importance_weights, policy_loss_kwargs
+from alignlab.losses.ppo import (
+    aggregate_token_loss, clip_ratio_metrics, get_policy_loss, importance_weights, policy_loss_kwargs,
+)
 from alignlab.train.config import Range
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.ops.kl import kl_k3
-from alignlab.ops.masked import masked_mean
+from alignlab.ops.masked import masked_mean_or_zero
 from alignlab.train.types import TrainResult
 from alignlab.train.steps import LossTerms
 
@@ -33,17 +35,19 @@ GRPO_PLOTS = {
     "reward": ["reward"],
     "reward_std": ["reward_std"],
     "kl": ["kl"],
-    "clip_ratio": ["clip_ratio"],
+    "clip_ratio": ["clip_ratio/region_mean"],
+    "entropy": ["entropy"],
     "completion_length": ["completions/mean_length"],
 }
 
 
 @dataclass
-class GRPOConfig(OnlineConfig):
+class GRPOConfig(GenerationBatchConfig):
     """Settings of ``alignlab grpo``; names and defaults follow TRL 1.16's ``GRPOConfig`` unless a field's
     docstring says otherwise. ``per_device_train_batch_size`` counts completions, as in TRL: one step samples
-    ``per_device_train_batch_size * gradient_accumulation_steps`` completions per process, ``num_generations``
-    for each of ``(per_device_train_batch_size * gradient_accumulation_steps) / num_generations`` prompts."""
+    ``per_device_train_batch_size * steps_per_generation`` completions per process (``steps_per_generation``
+    defaults to ``gradient_accumulation_steps``), ``num_generations`` for each of that many /
+    ``num_generations`` prompts."""
 
     learning_rate: float = 1e-6
     """Peak AdamW learning rate (TRL's GRPO default)."""
@@ -90,10 +94,10 @@ class GRPOConfig(OnlineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        per_step = self.per_device_train_batch_size * self.resolved_steps_per_generation
         if per_step % self.num_generations:
             raise UserError(
-                f"per_device_train_batch_size x gradient_accumulation_steps = {per_step} completions per step is not "
+                f"per_device_train_batch_size x steps_per_generation = {per_step} completions per step is not "
                 f"a multiple of --num_generations {self.num_generations}"
             )
         if self.loss_type == "cispo" and self.epsilon_high is None:
@@ -102,7 +106,7 @@ class GRPOConfig(OnlineConfig):
     @property
     def prompts_per_step(self) -> int:
         """Prompts per process per step."""
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps // self.num_generations
+        return self.per_device_train_batch_size * self.resolved_steps_per_generation // self.num_generations
 
 
 class GRPOTrainer(PolicyGradientAlgorithm):
@@ -135,21 +139,29 @@ class GRPOTrainer(PolicyGradientAlgorithm):
 
     def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
         """Clipped surrogate (+ ``beta`` k3 KL, times the importance weight with ``use_bias_correction_kl``) per
-        token, reduced by ``loss_type``, on one micro-batch."""
+        token, reduced by ``loss_type``, on one micro-batch. Metrics (TRL 1.16's): ``entropy``, the clip statistics
+        of :func:`~alignlab.losses.ppo.clip_ratio_metrics` (``cispo_clip_ratio`` for cispo, none for sapo) and
+        ``kl`` with ``beta`` > 0."""
         cfg = self.config
         mask = batch["response_mask"].bool()
-        logps, old_logps = self.current_and_old_logps(model, batch)
+        metrics: dict[str, Any] = {}
+        logps, old_logps = self.current_and_old_logps(model, batch, metrics)  # + TRL's entropy
         # the loss's hyperparameters, read from the config as the policy-loss registry declares them
         per_token, policy_metrics = get_policy_loss(cfg.loss_type)(
             logps, old_logps, batch["advantages"], mask, **policy_loss_kwargs(cfg.loss_type, cfg))
-        metrics = {"clip_ratio": policy_metrics["policy/clipfrac"]} if "policy/clipfrac" in policy_metrics else {}
+        if cfg.loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = policy_metrics["policy/clipfrac"]
+        elif cfg.loss_type != "sapo":  # TRL's clip statistics of the clipped losses
+            metrics.update(clip_ratio_metrics(
+                logps, old_logps, batch["advantages"], mask, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                importance_sampling_level=cfg.importance_sampling_level))
         if cfg.beta > 0:
             kl = kl_k3(logps, batch["ref_logps"])
             if cfg.use_bias_correction_kl:  # TRL 1.16: per_token_kl * coef_1
                 kl = kl * importance_weights(logps, old_logps, mask,
                                              importance_sampling_level=cfg.importance_sampling_level)
             per_token = per_token + cfg.beta * kl
-            metrics["kl"] = masked_mean(kl.detach(), mask)
+            metrics["kl"] = masked_mean_or_zero(kl.detach(), mask)
         loss = aggregate_token_loss(
             per_token, mask, loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
             num_items_in_batch=batch["num_items_in_batch"],

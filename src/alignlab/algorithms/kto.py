@@ -21,6 +21,7 @@ import torch
 from alignlab.algorithms.base import Algorithm
 from alignlab.data.unpaired import build_unpaired_examples, collate_unpaired
 from alignlab.errors import UserError
+from alignlab.losses.dpo import token_statistics_metrics
 from alignlab.losses.kto import kto_loss
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.models import load_causal_lm
@@ -163,11 +164,14 @@ class KTOTrainer(Algorithm):
     def _gather(self, value: torch.Tensor) -> torch.Tensor:
         return self.runtime.gather(value)
 
-    def _sequence_logps(self, model, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
-        """``(B,)`` summed completion log-probs of the ``prefix`` rows (``""`` matched, ``"KL_"`` mismatched)."""
-        return completion_logps(model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"],
-                                batch[f"{prefix}completion_mask"], padding_free=self.config.padding_free,
-                                pad_token_id=self.tokenizer.pad_token_id)[1]
+    def _sequence_logps(self, model, batch: dict[str, torch.Tensor], prefix: str = "",
+                        token_stats: tuple[str, ...] = ()):
+        """``(B,)`` summed completion log-probs of the ``prefix`` rows (``""`` matched, ``"KL_"`` mismatched); with
+        ``token_stats`` also their per-token statistics (:func:`~alignlab.ops.logprobs.completion_logps`)."""
+        out = completion_logps(model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"],
+                               batch[f"{prefix}completion_mask"], padding_free=self.config.padding_free,
+                               pad_token_id=self.tokenizer.pad_token_id, token_stats=token_stats)
+        return (out[1], out[2]) if token_stats else out[1]
 
     @contextlib.contextmanager
     def _reference(self, model):
@@ -183,10 +187,15 @@ class KTOTrainer(Algorithm):
         """KTO loss and TRL's metrics on a collated batch (:func:`~alignlab.data.unpaired.collate_unpaired`).
 
         Metrics: ``kl`` (the reference point ``z0``), ``rewards/chosen``, ``rewards/rejected``, ``logps/chosen``,
-        ``logps/rejected`` and ``rewards/margins`` reduced over processes per micro-batch (:func:`subset_means`).
+        ``logps/rejected`` and ``rewards/margins`` reduced over processes per micro-batch (:func:`subset_means`);
+        TRL's ``entropy``, ``logits/chosen`` and ``logits/rejected`` from the same forward
+        (:func:`~alignlab.losses.dpo.token_statistics_metrics`).
         """
         cfg = self.config
-        logps = self._sequence_logps(model, batch)
+        logps, stats = self._sequence_logps(model, batch, token_stats=("entropy", "mean_logits"))
+        tokens = (batch["completion_mask"][:, 1:] * batch["attention_mask"][:, 1:]).bool()
+        token_metrics = token_statistics_metrics(stats["entropy"], stats["mean_logits"], tokens,
+                                                 batch["label"].bool(), skip_empty=True)
         with torch.no_grad():
             kl_logps = self._sequence_logps(model, batch, "KL_")
             with self._reference(model) as reference:
@@ -196,7 +205,7 @@ class KTOTrainer(Algorithm):
             z0 = self._gather((kl_logps - ref_kl_logps).mean().reshape(1).float()).mean().clamp(min=0)
         losses, metrics = kto_loss(logps, ref_logps, batch["label"], z0.to(logps.device), beta=cfg.beta,
                                    desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
-        return [(losses.mean(), {"kl": metrics["kl"], **subset_means(metrics, self._gather)})]
+        return [(losses.mean(), {"kl": metrics["kl"], **subset_means(metrics, self._gather), **token_metrics})]
 
     def loop_inputs(self) -> dict:
         pad, max_length = self.tokenizer.pad_token_id, self.config.max_length

@@ -27,14 +27,13 @@ from alignlab.advantages.registry import (
     get_advantage_estimator,
 )
 from alignlab.algorithms.base import OnlineAlgorithm
-from alignlab.data.io import read_rows
 from alignlab.data.prompts import build_prompt_examples
 from alignlab.errors import UserError
 from alignlab.losses.ppo import aggregate_token_loss, clipped_policy_loss
 from alignlab.methods import CompareBudget
 from alignlab.models import is_peft_model, load_causal_lm, load_tokenizer
 from alignlab.ops.kl import KL_ESTIMATORS
-from alignlab.ops.masked import masked_mean
+from alignlab.ops.masked import masked_mean_or_zero
 from alignlab.rollout.engines import BACKENDS
 from alignlab.rollout.experience import ScoredCompletions, sample_and_score
 from alignlab.data.sequences import slice_rows
@@ -43,6 +42,7 @@ from alignlab.rollout.rewards import build_reward_sources
 from alignlab.rollout.scoring import attach_reward_model
 from alignlab.train.config import Range, TrainConfig
 from alignlab.train.runtime import build_runtime
+from alignlab.train.setup import load_train_eval
 from alignlab.train.types import Rollout
 from alignlab.train.steps import LossTerms
 
@@ -74,15 +74,30 @@ class OnlineConfig(TrainConfig):
     """A trained reward model (an ``alignlab reward`` output_dir or hub id); its score of the prompt+completion,
     read at the last token, is a reward. Scored on the policy's token ids when the vocabularies match, else
     on the text re-tokenized with its own tokenizer."""
+    reward_model_name_or_path: str | None = None
+    """The same as ``reward_model_path``, under the name TRL's ``trl grpo`` / ``trl rloo`` scripts give it."""
     reward_funcs: list[str] | None = None
-    """Python reward functions, ``path/to/file.py:name`` or ``module:name`` (TRL signature
-    ``fn(prompts, completions, **columns) -> list[float]``); several allowed."""
+    """Python reward functions, ``path/to/file.py:name``, ``module:name`` or ``package.module.name``, or TRL's
+    built-in reward names (``accuracy_reward``, ``reasoning_accuracy_reward``, ``think_format_reward``,
+    ``get_soft_overlong_punishment``; need trl installed) (TRL signature ``fn(prompts, completions, **columns)
+    -> list[float]``); several allowed."""
     reward_weights: list[float] | None = None
     """One weight per reward source: the reward functions in order, then the reward model. Default: all 1."""
     temperature: float = 1.0
     """Sampling temperature; log-probs are computed at the same temperature."""
     top_p: float = 1.0
     """Nucleus sampling threshold (1: off; then the log-probs are those of the sampling distribution)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0: off; TRL's name and default)."""
+    min_p: float | None = None
+    """Drop tokens whose probability is below ``min_p`` times the most likely token's (unset: off; TRL's name
+    and default; typical values 0.01-0.2)."""
+    repetition_penalty: float = 1.0
+    """Divide the positive logits (multiply the negative ones) of tokens already in the prompt or the completion
+    by this while sampling (above 1: fewer repeats; 1: off; TRL's name and default, transformers'
+    ``RepetitionPenaltyLogitsProcessor``). As in TRL, the log-probs the losses use are those of
+    ``softmax(logits / temperature)``, not of the penalised distribution; so with ``top_p``, ``top_k`` and
+    ``min_p``."""
     max_prompt_length: int | None = 512
     """Keep at most the last this many prompt tokens."""
     missing_eos_penalty: float | None = None
@@ -90,6 +105,9 @@ class OnlineConfig(TrainConfig):
     sample_steps: int = 10
     """Append the step's prompts, completions and rewards to ``samples.jsonl`` at step 1 and every this many
     steps (0: never)."""
+    log_completions: bool = False
+    """Also append them at every logged step (each ``logging_steps``): TRL's completions table (prompt,
+    completion, each reward, advantage) as ``samples.jsonl`` rows."""
     padding_free: bool = True
     """Pack sequences without padding (as ``alignlab dpo``) for every forward over sampled sequences: the
     policy's and the reference's log-probs, the reward model's scores and, in PPO, the value model."""
@@ -106,20 +124,31 @@ class OnlineConfig(TrainConfig):
     paged KV cache) or ``auto`` (the fastest measured on the device type)."""
     RANGES: ClassVar[dict[str, Range]] = {
         "max_prompt_length": Range(ge=1), "temperature": Range(gt=0), "top_p": Range(gt=0, le=1),
-        "sample_steps": Range(ge=0), "missing_eos_penalty": Range(ge=0),
+        "sample_steps": Range(ge=0), "missing_eos_penalty": Range(ge=0), "top_k": Range(ge=0),
+        "min_p": Range(ge=0, le=1), "repetition_penalty": Range(gt=0),
     }
     """The ranges of the numeric flags every online method shares (:func:`alignlab.train.config.check_ranges`,
     run first by ``TrainConfig.__post_init__``)."""
 
+    evaluates: ClassVar[bool] = False
+    """Whether the method evaluates on ``eval_dataset_name`` / ``eval_split_size`` (sampling on the eval prompts,
+    :meth:`PolicyGradientAlgorithm.eval_rollout`); the others refuse those flags."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.reward_model_name_or_path:
+            if self.reward_model_path and self.reward_model_path != self.reward_model_name_or_path:
+                raise UserError("--reward_model_name_or_path and --reward_model_path name different reward models: "
+                                "give one")
+            self.reward_model_path = self.reward_model_name_or_path
         if self.reward_func_errors not in ("raise", "drop"):
             raise UserError(f"--reward_func_errors must be raise or drop, got {self.reward_func_errors!r}")
         if self.generation_backend not in BACKENDS:
             raise UserError(f"--generation_backend must be one of {', '.join(BACKENDS)}, "
                             f"got {self.generation_backend!r}")
-        if self.eval_dataset_name or self.eval_split_size:
-            raise UserError("online training has no evaluation pass: drop --eval_dataset_name / --eval_split_size")
+        if (self.eval_dataset_name or self.eval_split_size) and not self.evaluates:
+            raise UserError(f"{type(self).__name__.removesuffix('Config')} has no evaluation pass: drop "
+                            "--eval_dataset_name / --eval_split_size")
 
     def check_inputs(self) -> None:
         """:meth:`TrainConfig.check_inputs`, and a reward source (reward functions given to the trainer in Python
@@ -133,8 +162,88 @@ class OnlineConfig(TrainConfig):
             raise UserError("give --reward_model_path and/or --reward_funcs")
 
     def writes_samples(self, step: int) -> bool:
-        """Whether ``step`` appends to ``samples.jsonl``."""
+        """Whether ``step`` appends to ``samples.jsonl``: step 1 and every ``sample_steps``, and with
+        ``log_completions`` every logged step."""
+        if self.log_completions and step % self.logging_steps == 0:
+            return True
         return bool(self.sample_steps) and (step == 1 or step % self.sample_steps == 0)
+
+    @property
+    def updates_per_generation(self) -> int:
+        """Optimizer steps per pass over one generation's completions (1 here; TRL's ``steps_per_generation /
+        gradient_accumulation_steps`` in :class:`GenerationBatchConfig`)."""
+        return 1
+
+    @property
+    def samples_logp_distribution(self) -> bool:
+        """Whether tokens are drawn from ``softmax(logits / temperature)`` itself (no top-p, top-k, min-p or
+        repetition penalty), so that the sampler's log-probs are the policy's."""
+        return self.top_p == 1.0 and not self.top_k and not self.min_p and self.repetition_penalty == 1.0
+
+
+@dataclass
+class GenerationBatchConfig(OnlineConfig):
+    """TRL 1.16's generation-batch flags of ``GRPOConfig`` and ``RLOOConfig``, ``mask_truncated_completions``, and
+    evaluation on eval prompts.
+
+    One generation samples ``per_device_train_batch_size * steps_per_generation`` completions per process
+    (``generation_batch_size`` over all processes), which feed ``steps_per_generation`` micro-batches: with
+    ``gradient_accumulation_steps`` micro-batches per optimizer step, ``steps_per_generation /
+    gradient_accumulation_steps`` optimizer steps per pass (times ``num_iterations`` passes). alignlab counts
+    one generation with all its optimizer steps as one step (``max_steps``, ``logging_steps``, ``save_steps``
+    and the learning-rate schedule); TRL counts each optimizer step."""
+
+    generation_batch_size: int | None = None
+    """Completions per generation, over all processes (TRL's name; unset: ``per_device_train_batch_size x
+    processes x steps_per_generation``). A multiple of ``per_device_train_batch_size x processes``; not with
+    ``steps_per_generation``."""
+    steps_per_generation: int | None = None
+    """Micro-batches of ``per_device_train_batch_size`` completions each generation feeds (TRL's name; unset:
+    ``gradient_accumulation_steps``, one optimizer step per generation). A multiple of
+    ``gradient_accumulation_steps`` here (whole optimizer steps per generation); not with
+    ``generation_batch_size``."""
+    mask_truncated_completions: bool = False
+    """Leave completions that reached ``max_completion_length`` without EOS out of the loss (their tokens get no
+    weight and do not count in the token averages; their rewards still enter the advantages of their group).
+    TRL's name and default (DAPO, Yu et al. 2025, recommends it)."""
+
+    evaluates: ClassVar[bool] = True
+    RANGES: ClassVar[dict[str, Range]] = {"steps_per_generation": Range(ge=1)}
+    """The generation flags' ranges (``generation_batch_size``'s is :data:`~alignlab.train.config.FIELD_RANGES`')."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        import os
+
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise UserError("--generation_batch_size and --steps_per_generation can not be both configured: give one")
+        per_micro_batch = self.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
+        if self.generation_batch_size is not None and self.generation_batch_size % per_micro_batch:
+            raise UserError(f"--generation_batch_size {self.generation_batch_size} must be divisible by the global "
+                            f"batch size per_device_train_batch_size x processes = {per_micro_batch}")
+        steps = self.resolved_steps_per_generation
+        if steps % self.gradient_accumulation_steps:
+            raise UserError(f"a generation feeds {steps} micro-batches (--steps_per_generation / "
+                            "--generation_batch_size), not a multiple of --gradient_accumulation_steps "
+                            f"{self.gradient_accumulation_steps}: alignlab runs whole optimizer steps per generation")
+
+    @property
+    def resolved_steps_per_generation(self) -> int:
+        """``steps_per_generation`` as TRL resolves it: given, or from ``generation_batch_size``, or
+        ``gradient_accumulation_steps``."""
+        import os
+
+        if self.steps_per_generation is not None:
+            return self.steps_per_generation
+        if self.generation_batch_size is not None:
+            return self.generation_batch_size // (self.per_device_train_batch_size
+                                                  * int(os.environ.get("WORLD_SIZE", "1")))
+        return self.gradient_accumulation_steps
+
+    @property
+    def updates_per_generation(self) -> int:
+        """Optimizer steps per pass over one generation: ``steps_per_generation / gradient_accumulation_steps``."""
+        return self.resolved_steps_per_generation // self.gradient_accumulation_steps
 
 
 class OnlineSetup:
@@ -147,7 +256,8 @@ class OnlineSetup:
         need_reference: load a reference (a frozen copy of the policy, or the policy's disabled adapters with
             ``use_peft``); GRPO with ``beta = 0`` needs none.
 
-    Attributes: ``accelerator``, ``tokenizer``, ``prompts`` (examples), ``sources`` (reward sources, models
+    Attributes: ``accelerator``, ``tokenizer``, ``prompts`` (examples), ``eval_prompts`` (from
+    ``eval_dataset_name`` or an ``eval_split_size`` hold-out; empty without), ``sources`` (reward sources, models
     attached), ``policy`` (prepared for training, on the device), ``ref_model`` (``None`` with LoRA or
     without a reference), ``reward_tokenizer`` (``None`` unless the reward model's vocabulary differs).
 
@@ -160,12 +270,9 @@ class OnlineSetup:
         self.runtime = runtime = build_runtime(config)
         self.accelerator = acc = runtime.accelerator
         self.tokenizer = tok = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-        rows = read_rows(config.dataset_name, config_name=config.dataset_config, split=config.dataset_train_split)
-        self.prompts, stats = build_prompt_examples(
-            rows, tok, max_prompt_length=config.max_prompt_length, prompt_column=config.prompt_column
-        )
-        if acc.is_main_process:
-            logger.info("prompts %s: %s", config.dataset_name, stats.describe())
+        self.prompts, self.eval_prompts = load_train_eval(
+            config, build_prompt_examples, tok, is_main_process=acc.is_main_process,
+            max_prompt_length=config.max_prompt_length, prompt_column=config.prompt_column)
         if len(self.prompts) < prompts_per_step:
             raise UserError(
                 f"one rollout takes {prompts_per_step} prompts per process ({batch_hint}) but "
@@ -194,13 +301,14 @@ class OnlineSetup:
         return generator
 
     def logps(self, model: torch.nn.Module, sequences: dict[str, torch.Tensor], *,
-              temperature: float | None = None) -> torch.Tensor:
+              temperature: float | None = None, with_entropy: bool = False) -> torch.Tensor:
         """``(N, L)`` completion-token log-probs under ``model`` at ``temperature`` (default: the sampling
-        temperature)."""
+        temperature); ``with_entropy``: and their ``(N, L)`` detached entropies, from the same pass
+        (:func:`~alignlab.rollout.generation.completion_token_logps`)."""
         cfg = self.config
         return completion_token_logps(
             model, sequences, temperature=cfg.temperature if temperature is None else temperature,
-            padding_free=cfg.padding_free, pad_token_id=self.tokenizer.pad_token_id,
+            padding_free=cfg.padding_free, pad_token_id=self.tokenizer.pad_token_id, with_entropy=with_entropy,
         )
 
     def reference_logps(self, policy: torch.nn.Module, sequences: dict[str, torch.Tensor], *,
@@ -245,8 +353,9 @@ class OnlineSetup:
         with self.runtime.sampling(policy) as model:
             scored = sample_and_score(
                 model, self.tokenizer, examples, self.sources, device=device, precision=self.precision(),
-                max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                num_generations=num_generations, missing_eos_penalty=cfg.missing_eos_penalty,
+                max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty, num_generations=num_generations,
+                missing_eos_penalty=cfg.missing_eos_penalty,
                 reward_tokenizer=self.reward_tokenizer, return_logps=return_logps,
                 padding_free=cfg.padding_free, on_error=cfg.reward_func_errors,
                 generation_backend=cfg.generation_backend, do_sample=do_sample,
@@ -313,6 +422,7 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
                  kl_coef: float, batch_hint: str, kl_in_loss: bool = False, kl_estimator: str = "k1",
                  mini_batches: int = 1, need_reference: bool | None = None, keep_old_logps: bool = False,
                  old_logps_from_sampling: bool = False):
+        mini_batches *= config.updates_per_generation  # steps_per_generation / generation_batch_size (TRL)
         per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * mini_batches
         if per_step % group_size:
             raise UserError(f"per_device_train_batch_size x gradient_accumulation_steps = {per_step} completions per "
@@ -330,6 +440,18 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         self.accelerator, self.tokenizer, self.prompts, self.policy = (setup.accelerator, setup.tokenizer,
                                                                        setup.prompts, setup.policy)
         self.shuffle = setup.checkpointed_generator(config.seed)  # saved in checkpoints
+        if setup.eval_prompts and config.per_device_eval_batch_size % group_size:
+            raise UserError(f"--per_device_eval_batch_size {config.per_device_eval_batch_size} counts eval "
+                            f"completions: it must be a multiple of the {group_size} completions per prompt")
+
+    def loop_inputs(self) -> dict[str, Any]:
+        """The online loop inputs, and with eval prompts (``eval_dataset_name`` / ``eval_split_size``) the
+        evaluation: :meth:`eval_rollout` on batches of ``per_device_eval_batch_size / group_size`` prompts."""
+        inputs = super().loop_inputs()
+        if self.setup.eval_prompts:
+            inputs.update(eval_dataset=self.setup.eval_prompts, eval_rollout_fn=self.eval_rollout,
+                          eval_batch_size=self.config.per_device_eval_batch_size // self.group_size)
+        return inputs
 
     @property
     def prompts_per_step(self) -> int:
@@ -359,13 +481,41 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         rollout's forwards) after it."""
         metrics = {**scored.metrics(), **estimator_metrics}
         if kl is not None:
-            metrics["kl"] = masked_mean(kl, data["response_mask"].bool())
+            metrics["kl"] = masked_mean_or_zero(kl, data["response_mask"].bool())
         metrics.update(reward_spread(scored))
         return metrics
 
     # --- the rollout ----------------------------------------------------------------------------------------
     def rollout(self, model, examples: list[dict], step: int) -> Rollout:
         """Sample, score, estimate the advantages; returns the step's updates (see the class docstring)."""
+        data, metrics, samples = self._sampled_batch(model, examples, step)
+        updates = self._updates(data)
+        # dapo: every token of an update weighs the same. The loop weights each micro-batch's loss by 1 / (number
+        # of micro-batches), so each divides its token sum by (the update's tokens / its micro-batches)
+        n_micro = self.mini_batches * len(updates[0])
+        # at least 1 token (TRL's clamp): with mask_truncated_completions every completion may be out of the loss
+        tokens = max(float(data["response_mask"].sum()), 1.0)
+        return Rollout(updates=updates, metrics=metrics, samples=samples,
+                       scalars={"num_items_in_batch": tokens / n_micro})
+
+    def eval_rollout(self, model, examples: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """One batch of eval prompts, sampled and scored as a training step's (``group_size`` completions each,
+        the same sampling flags): ``(batch, metrics)``, the batch whole as one micro-batch for the loss (its
+        ``num_items_in_batch`` its own completion tokens, as TRL's evaluation: no accumulation), the metrics
+        those of a step (``reward``, ``reward_std``, ``rewards/<name>/mean``, ``completions/*``, ...). The
+        loop logs both as ``eval_*`` (TRL's names for evaluation with ``eval_strategy``). Nothing goes to
+        ``samples.jsonl`` and the training shuffle is not drawn from."""
+        data, metrics, _ = self._sampled_batch(model, examples, step=None)
+        data["num_items_in_batch"] = max(float(data["response_mask"].sum()), 1.0)
+        return data, metrics
+
+    def _sampled_batch(self, model, examples: list[dict],
+                       step: int | None) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict]]:
+        """Steps 1-4 of the class docstring for ``examples``: ``(data, metrics, samples)``, the sampled rows with
+        their advantages (and old / reference log-probs, values, returns as they apply), the step's metrics and
+        its ``samples.jsonl`` rows (none for ``step`` ``None``: evaluation). With ``mask_truncated_completions``
+        the completions without EOS get a zero ``response_mask`` (and no KL in their reward), as TRL zeroes
+        their ``completion_mask``; their scores still enter the advantages."""
         cfg, setup, device = self.config, self.setup, self.accelerator.device
         unwrapped = self.runtime.unwrap(model)
         policy = self.policy_of(unwrapped)
@@ -399,6 +549,10 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
             data["old_values"] = values
 
         mask = data["response_mask"]
+        loss_mask = mask
+        if getattr(cfg, "mask_truncated_completions", False):  # GRPO's and RLOO's flag (GenerationBatchConfig)
+            loss_mask = mask * scored.has_eos.to(mask.device, mask.dtype).unsqueeze(1)
+            kl = None if kl is None else kl * loss_mask
         outputs = AdvantageOutputs.of(estimator(
             AdvantageInputs(scores=scored.scores.to(device), num_generations=self.group_size, mask=mask, kl=kl,
                             values=values, baseline_scores=None if baseline is None else baseline.to(device)),
@@ -406,12 +560,13 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         data["advantages"] = outputs.advantages.to(device)
         if outputs.returns is not None:
             data["returns"] = outputs.returns
+        data["response_mask"] = loss_mask
 
         metrics = self.rollout_metrics(scored, data, kl, outputs.metrics)
         metrics["time/scoring"] = scored.scoring_seconds + forward_seconds
         if baseline is not None:
             metrics["time/baseline"] = baseline_seconds
-        samples = scored.sample_rows(step) if cfg.writes_samples(step) else []
+        samples = scored.sample_rows(step) if step is not None and cfg.writes_samples(step) else []
         if self.log_sample_advantages:
             advantages = outputs.advantages
             first_token = advantages if advantages.dim() == 1 else advantages[:, 0]  # per token: the first one's
@@ -420,12 +575,7 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         if baseline is not None:
             for i, row in enumerate(samples):
                 row["baseline_score"] = float(baseline[i // self.group_size])
-        updates = self._updates(data)
-        # dapo: every token of an update weighs the same. The loop weights each micro-batch's loss by 1 / (number
-        # of micro-batches), so each divides its token sum by (the update's tokens / its micro-batches)
-        n_micro = self.mini_batches * len(updates[0])
-        return Rollout(updates=updates, metrics=metrics, samples=samples,
-                       scalars={"num_items_in_batch": float(mask.sum()) / n_micro})
+        return data, metrics, samples
 
     def _updates(self, data: dict[str, torch.Tensor]) -> list[list[dict[str, torch.Tensor]]]:
         """``iterations x mini_batches`` updates of micro-batches: each pass shuffles the rows with the
@@ -460,11 +610,18 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         return scored, baseline, greedy.generation_seconds + greedy.scoring_seconds
 
     # --- loss helpers ---------------------------------------------------------------------------------------
-    def current_and_old_logps(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def current_and_old_logps(self, model, batch: dict[str, torch.Tensor],
+                              metrics: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(N, L)`` completion-token log-probs of ``batch`` under ``model`` (with gradients) and the old
         policy's: the batch's ``old_logps``, or the current ones detached when the batch has none (one pass:
-        the ratio is exactly 1)."""
-        logps = self.setup.logps(model, batch)
+        the ratio is exactly 1). Given ``metrics``, puts TRL's ``entropy`` there: the mean over the batch's
+        ``response_mask`` tokens of the entropy of the policy's ``softmax(logits / temperature)``, from the
+        same forward (the chunked output head's running statistics: no ``(tokens x vocabulary)`` logits)."""
+        if metrics is None:
+            logps = self.setup.logps(model, batch)
+        else:
+            logps, entropy = self.setup.logps(model, batch, with_entropy=True)
+            metrics["entropy"] = masked_mean_or_zero(entropy, batch["response_mask"].bool())
         return logps, batch["old_logps"] if "old_logps" in batch else logps.detach()
 
     def clipped_token_loss(self, model, batch: dict[str, torch.Tensor], *, epsilon: float,
@@ -472,14 +629,16 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         """The per-token clipped surrogate ``max(-A_t r_t, -A_t clip(r_t, 1 - epsilon, 1 + epsilon_high))``
         (:func:`~alignlab.losses.ppo.clipped_policy_loss`, PPO's eq. 7 per token), averaged over the
         micro-batch's completion tokens (OpenRLHF ``PolicyLoss``'s token-level mean; veRL
-        ``loss_agg_mode="token-mean"``). Metrics: ``clip_ratio`` (fraction of clipped tokens) and
+        ``loss_agg_mode="token-mean"``). Metrics: ``clip_ratio`` (fraction of clipped tokens), ``entropy`` and
         ``policy/approxkl``. ``(N,)`` advantages are broadcast over their completion's tokens."""
         mask = batch["response_mask"].bool()
-        logps, old_logps = self.current_and_old_logps(model, batch)
+        out: dict[str, Any] = {}
+        logps, old_logps = self.current_and_old_logps(model, batch, out)
         per_token, metrics = clipped_policy_loss(logps, old_logps, batch["advantages"], mask, cliprange=epsilon,
                                                  cliprange_high=epsilon_high)
         loss = aggregate_token_loss(per_token, mask, loss_type="bnpo")
-        return [(loss, {"clip_ratio": metrics["policy/clipfrac"], "policy/approxkl": metrics["policy/approxkl"]})]
+        out.update({"clip_ratio": metrics["policy/clipfrac"], "policy/approxkl": metrics["policy/approxkl"]})
+        return [(loss, out)]
 
 
 def reward_spread(scored: ScoredCompletions) -> dict[str, float]:

@@ -155,13 +155,13 @@ class PPOTrainer(PolicyGradientAlgorithm):
     log_sample_advantages = False
 
     def __init__(self, config: PPOConfig):
-        # When the policy samples with top_p = 1, its old log-probs are those of the sampled tokens under
-        # softmax(logits / temperature), which the sampler records as it draws (TRL 0.24 takes them from the
+        # When the policy samples from softmax(logits / temperature) itself, its old log-probs are those of the
+        # sampled tokens under it, which the sampler records as it draws (TRL 0.24 takes them from the
         # generation logits too); otherwise one more forward computes them.
         super().__init__(
             config, group_size=1, iterations=config.num_ppo_epochs, max_new_tokens=config.response_length,
             kl_coef=config.kl_coef, kl_estimator=config.kl_estimator, mini_batches=config.num_mini_batches,
-            need_reference=True, keep_old_logps=True, old_logps_from_sampling=config.top_p == 1.0,
+            need_reference=True, keep_old_logps=True, old_logps_from_sampling=config.samples_logp_distribution,
             batch_hint="per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches",
         )
         cfg, tok = config, self.tokenizer

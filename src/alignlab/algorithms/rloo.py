@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm, group_sampling_args
+from alignlab.algorithms.online import GenerationBatchConfig, PolicyGradientAlgorithm, group_sampling_args
 from alignlab.errors import UserError
 from alignlab.losses.ppo import clipped_policy_loss
 from alignlab.train.config import Range
@@ -26,11 +26,12 @@ from alignlab.train.steps import LossTerms
 
 
 @dataclass
-class RLOOConfig(OnlineConfig):
+class RLOOConfig(GenerationBatchConfig):
     """Settings of ``alignlab rloo``; names and defaults follow TRL 1.16's ``RLOOConfig`` unless a field's
     docstring says otherwise. ``per_device_train_batch_size`` counts completions, as in TRL: one step samples
-    ``per_device_train_batch_size * gradient_accumulation_steps`` completions per process, ``num_generations``
-    for each of that many / ``num_generations`` prompts."""
+    ``per_device_train_batch_size * steps_per_generation`` completions per process (``steps_per_generation``
+    defaults to ``gradient_accumulation_steps``), ``num_generations`` for each of that many / ``num_generations``
+    prompts."""
 
     learning_rate: float = 1e-6
     """Peak AdamW learning rate (TRL's RLOO default)."""
@@ -75,7 +76,8 @@ class RLOOTrainer(PolicyGradientAlgorithm):
     """
 
     plot_panels = {"reward": ["reward"], "reward_std": ["reward_std"], "kl": ["kl"],
-                   "clip_ratio": ["clip_ratio/region_mean"], "completion_length": ["completions/mean_length"]}
+                   "clip_ratio": ["clip_ratio/region_mean"], "entropy": ["entropy"],
+                   "completion_length": ["completions/mean_length"]}
 
     def __init__(self, config: RLOOConfig):
         super().__init__(config, group_size=config.num_generations, iterations=config.num_iterations,
@@ -90,10 +92,13 @@ class RLOOTrainer(PolicyGradientAlgorithm):
 
     def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
         """TRL 1.16 ``RLOOTrainer._compute_loss``: ``-min(r A, clip(r, 1 - eps, 1 + eps_high) A)`` with the sequence
-        ratio ``r = exp(sum_t log pi - sum_t log pi_old)``, averaged over the micro-batch's completions."""
-        logps, old_logps = self.current_and_old_logps(model, batch)
-        return rloo_policy_loss(logps.sum(-1), old_logps.sum(-1), batch["advantages"], epsilon=self.config.epsilon,
-                                epsilon_high=self.config.epsilon_high)
+        ratio ``r = exp(sum_t log pi - sum_t log pi_old)``, averaged over the micro-batch's completions; with TRL's
+        ``entropy`` (mean over the completion tokens) beside :func:`rloo_policy_loss`'s clip statistics."""
+        entropy: dict[str, Any] = {}
+        logps, old_logps = self.current_and_old_logps(model, batch, entropy)
+        [(loss, metrics)] = rloo_policy_loss(logps.sum(-1), old_logps.sum(-1), batch["advantages"],
+                                             epsilon=self.config.epsilon, epsilon_high=self.config.epsilon_high)
+        return [(loss, {**metrics, **entropy})]
 
 
 def rloo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, *, epsilon: float,
@@ -111,7 +116,8 @@ def rloo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: t
     Returns:
         ``[(loss, metrics)]`` with TRL's ``clip_ratio/region_mean``, ``clip_ratio/low_mean`` and
         ``clip_ratio/high_mean`` (fractions of the completions clipped below with ``A < 0``, above with
-        ``A > 0``, either).
+        ``A > 0``, either), ``clip_ratio/low_min`` and ``clip_ratio/high_max`` (the smallest low-clipped and
+        the largest high-clipped indicator over the completions: TRL's ``nanmin`` / ``nanmax``).
     """
     ones = torch.ones_like(logps, dtype=torch.bool).unsqueeze(1)
     per_sequence, policy_metrics = clipped_policy_loss(logps.unsqueeze(1), old_logps.unsqueeze(1), advantages, ones,
@@ -119,9 +125,11 @@ def rloo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: t
     with torch.no_grad():
         ratio = torch.exp(logps - old_logps)
         high = epsilon if epsilon_high is None else epsilon_high
-        metrics = {"clip_ratio/region_mean": policy_metrics["policy/clipfrac"],
-                   "clip_ratio/low_mean": ((ratio < 1 - epsilon) & (advantages < 0)).float().mean(),
-                   "clip_ratio/high_mean": ((ratio > 1 + high) & (advantages > 0)).float().mean()}
+        low = ((ratio < 1 - epsilon) & (advantages < 0)).float()
+        above = ((ratio > 1 + high) & (advantages > 0)).float()
+        metrics = {"clip_ratio/region_mean": policy_metrics["policy/clipfrac"], "clip_ratio/low_mean": low.mean(),
+                   "clip_ratio/high_mean": above.mean(), "clip_ratio/low_min": low.min(),
+                   "clip_ratio/high_max": above.max()}
     return [(per_sequence.mean(), metrics)]
 
 

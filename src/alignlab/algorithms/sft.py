@@ -130,18 +130,20 @@ class SFTTrainer(Algorithm):
             logger.info(message)
 
     def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
-        """Mean NLL over the target tokens of a collated batch, and ``mean_token_accuracy`` (the fraction of
-        target tokens that are the argmax of the logits; TRL's metric)."""
-        token_logps, correct = target_token_logps(
+        """Mean NLL over the target tokens of a collated batch, ``mean_token_accuracy`` (the fraction of
+        target tokens that are the argmax of the logits) and ``entropy`` (the mean entropy of the distributions
+        the targets are predicted from, nats, from the same logits); TRL SFT's metrics."""
+        token_logps, correct, entropy = target_token_logps(
             model,
             batch["input_ids"],
             batch["attention_mask"],
             batch["loss_mask"],
             position_ids=batch.get("position_ids"),
+            with_entropy=True,
         )
         count = max(token_logps.numel(), 1)  # a batch without targets gives a finite 0
         loss = -token_logps.sum() / count
-        return [(loss, {"mean_token_accuracy": correct.float().sum() / count})]
+        return [(loss, {"mean_token_accuracy": correct.float().sum() / count, "entropy": entropy.sum() / count})]
 
     plot_panels = SFT_PLOTS
 

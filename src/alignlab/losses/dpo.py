@@ -260,6 +260,43 @@ def preference_metrics(pair: PairLogps, *, beta: float, reward_kind: str) -> dic
     }
 
 
+def token_statistics_metrics(entropy: Tensor, mean_logits: Tensor, mask: Tensor, chosen: Tensor, *,
+                             skip_empty: bool = False) -> dict[str, Tensor]:
+    """TRL 1.16's token-level metrics of a micro-batch of preference rows (``DPOTrainer`` and ``KTOTrainer``
+    ``_compute_loss``), 0-d and detached, over this process's rows:
+
+    * ``entropy``: mean over every completion token of the entropy of the policy's next-token distribution
+      (nats);
+    * ``logits/chosen``, ``logits/rejected``: mean over the completion tokens of the chosen (desirable) rows and
+      of the others of each token's mean logit over the vocabulary (TRL's ``mean_logits``, "Average logits for
+      chosen and rejected completions"). Where no token counts: 0 (TRL's DPO), or left out with ``skip_empty``
+      (TRL's KTO, whose micro-batches may hold only one kind).
+
+    Args:
+        entropy, mean_logits: ``(R, T)`` per-token values (:func:`alignlab.ops.logprobs.completion_logps` with
+            ``token_stats``).
+        mask: ``(R, T)`` the completion tokens.
+        chosen: ``(R,)`` bool, the chosen (desirable) rows.
+        skip_empty: leave out ``logits/chosen`` or ``logits/rejected`` when its rows hold no token.
+
+    Raises:
+        ValueError: shapes that do not fit together.
+    """
+    if entropy.shape != mask.shape or mean_logits.shape != mask.shape or chosen.shape != mask.shape[:1]:
+        raise ValueError(f"entropy, mean_logits and mask must be (R, T) alike and chosen (R,), got "
+                         f"{tuple(entropy.shape)}, {tuple(mean_logits.shape)}, {tuple(mask.shape)}, {tuple(chosen.shape)}")
+    m = mask.bool()
+    picked = chosen.bool().to(m.device)[:, None]
+    values = mean_logits.detach().float()
+    out = {"entropy": torch.where(m, entropy.detach().float(), 0).sum() / m.sum().clamp(min=1)}
+    for name, rows in (("logits/chosen", m & picked), ("logits/rejected", m & ~picked)):
+        count = rows.sum()
+        if skip_empty and not bool(count):
+            continue
+        out[name] = torch.where(rows, values, 0).sum() / count.clamp(min=1)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Checks and shared pieces
 

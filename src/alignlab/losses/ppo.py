@@ -345,6 +345,66 @@ def get_policy_loss(loss_type: str):
     return POLICY_LOSSES.get(loss_type)
 
 
+def clip_ratio_metrics(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float | None = None,
+    importance_sampling_level: str = "token",
+) -> dict[str, torch.Tensor]:
+    """TRL 1.16 ``GRPOTrainer``'s clip statistics of the clipped losses (``loss_type`` grpo, bnpo, dr_grpo, dapo),
+    with its names and definitions (``_compute_loss``, "Compute the clipped probability ratios").
+
+    With the importance weight ``r`` (per token, or per sequence ``exp(mean_t (logps - old_logps))`` at
+    ``importance_sampling_level="sequence"``: TRL's ``coef_1``), a token (sequence) is *low-clipped* when
+    ``r < 1 - epsilon_low`` and ``A < 0``, *high-clipped* when ``r > 1 + epsilon_high`` and ``A > 0``, and in
+    the *clip region* when either holds (the tokens the clip takes the gradient from):
+
+    * ``clip_ratio/low_mean``, ``/high_mean``, ``/region_mean``: their fraction over the masked tokens (over
+      the sequences at sequence level, every sequence counted);
+    * ``clip_ratio/low_min``: the smallest per-sequence fraction of low-clipped tokens (sequences with no
+      masked token left out, as TRL's ``nanmin``); ``clip_ratio/high_max``: the largest of high-clipped ones.
+      Left out of the result when no sequence has a masked token.
+
+    Args:
+        logps, old_logps: ``(B, T)`` current and sampling-time log-probs (nats); used detached.
+        advantages: ``(B,)`` per sequence (broadcast over its tokens) or ``(B, T)`` per token.
+        mask: ``(B, T)`` tokens that count.
+        epsilon_low, epsilon_high: the clip range (``epsilon_high`` ``None``: ``epsilon_low``).
+        importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO).
+
+    Returns:
+        ``{name: 0-d tensor}``, fractions in [0, 1].
+
+    Raises:
+        ValueError: unknown importance_sampling_level; shape mismatch.
+    """
+    high = epsilon_low if epsilon_high is None else epsilon_high
+    with torch.no_grad():
+        m, adv, _, log_weights, per_sequence = _policy_inputs(
+            logps.detach(), old_logps, advantages, mask, importance_sampling_level)
+        ratio = torch.exp(log_weights)
+        if per_sequence:  # one weight and one advantage per sequence: TRL's (B, 1) coef_1
+            ratio, adv = ratio[:, :1], advantages.detach().reshape(-1, 1)
+            counted = torch.ones_like(ratio, dtype=torch.bool)
+        else:
+            counted = m
+        low = (ratio < 1 - epsilon_low) & (adv < 0) & counted
+        above = (ratio > 1 + high) & (adv > 0) & counted
+        total = counted.sum().clamp(min=1)
+        metrics = {"clip_ratio/low_mean": low.sum() / total, "clip_ratio/high_mean": above.sum() / total,
+                   "clip_ratio/region_mean": (low | above).sum() / total}
+        rows = counted.any(-1)
+        if bool(rows.any()):
+            tokens = counted.sum(-1)[rows]
+            metrics["clip_ratio/low_min"] = (low.sum(-1)[rows] / tokens).min()
+            metrics["clip_ratio/high_max"] = (above.sum(-1)[rows] / tokens).max()
+    return metrics
+
+
 def policy_loss_kwargs(loss_type: str, config) -> dict:
     """The keyword arguments of ``loss_type``'s policy loss, read from ``config`` as the loss declares them
     (:data:`POLICY_LOSSES`): for a TRL-named ``GRPOConfig``, ``cliprange=epsilon, cliprange_high=epsilon_high``

@@ -67,7 +67,9 @@ class _HeadLabelLogProbs(torch.autograd.Function):
     (Milakov & Gimelshein 2018, arXiv 1805.02867): the maximum ``m``, ``s = sum_j exp(z_j - m)`` and, with the
     entropy, ``t = sum_j exp(z_j - m) z_j``, both rescaled by ``exp(m_old - m_new)`` as ``m`` grows; and the
     label's ``z`` where the label falls in the block. Then ``lse = m + log s``, ``logp = z[label] - lse`` and
-    ``H = lse - t / s`` (``H = -sum_j p_j log p_j`` with ``log p_j = z_j - lse``).
+    ``H = lse - t / s`` (``H = -sum_j p_j log p_j`` with ``log p_j = z_j - lse``). With ``with_mean``, also the
+    mean of ``z`` over the vocabulary, ``sum_j z_j / V`` (summed block by block; no gradient: TRL's
+    ``mean_logits``, the ``logits/chosen`` and ``logits/rejected`` metrics of its DPO trainer).
 
     Backward: ``d logp / d z_j = onehot_j - p_j`` and ``d H / d z_j = -p_j (z_j - E[z])`` with ``E[z] = t / s``,
     so for upstream gradients ``g`` (log-probs) and ``e`` (entropy) ``dz_j = g onehot_j - p_j (g + e (z_j -
@@ -78,7 +80,7 @@ class _HeadLabelLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, scale, with_entropy, budget):
+    def forward(ctx, hidden, weight, bias, labels, scale, with_entropy, budget, with_mean=False):
         compute = _compute_dtype(hidden, weight)
         acc = torch.promote_types(compute, torch.float32)
         rows, vocab = hidden.shape[0], weight.shape[0]
@@ -87,6 +89,7 @@ class _HeadLabelLogProbs(torch.autograd.Function):
         logp = torch.empty(rows, dtype=acc, device=device)
         lse_all = torch.empty(rows, dtype=acc, device=device)
         mean_z = torch.empty(rows, dtype=acc, device=device) if with_entropy else None
+        mean_logits = torch.zeros(rows, dtype=acc, device=device) if with_mean else None
         with torch.autocast(device_type=device.type, enabled=False):
             for r0 in range(0, rows, block_rows):
                 r1 = min(rows, r0 + block_rows)
@@ -97,6 +100,8 @@ class _HeadLabelLogProbs(torch.autograd.Function):
                 target = torch.zeros(r1 - r0, dtype=acc, device=device)
                 for v0 in range(0, vocab, cols):
                     z = _block_logits(h, weight, bias, v0, v0 + cols, compute, acc, scale)
+                    if with_mean:
+                        mean_logits[r0:r1] += z.sum(dim=1)
                     inside = (label >= v0) & (label < v0 + z.shape[1])
                     picked = z.gather(1, (label - v0).clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
                     target = torch.where(inside, picked, target)
@@ -117,16 +122,21 @@ class _HeadLabelLogProbs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, labels, lse_all, mean_z)
         ctx.scale, ctx.compute, ctx.budget = scale, compute, budget
         ctx.set_materialize_grads(False)
-        if not with_entropy:
-            return logp
-        return logp, lse_all - mean_z
+        ctx.with_entropy = with_entropy
+        outputs = [logp] + ([lse_all - mean_z] if with_entropy else [])
+        if with_mean:
+            mean_logits /= vocab
+            ctx.mark_non_differentiable(mean_logits)
+            outputs.append(mean_logits)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy=None):
+    def backward(ctx, grad_logp, *grad_rest):
+        grad_entropy = grad_rest[0] if ctx.with_entropy else None
         hidden, weight, bias, labels, lse_all, mean_z = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if grad_logp is None and grad_entropy is None or not (need_hidden or need_weight or need_bias):
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         scale, compute, acc = ctx.scale, ctx.compute, lse_all.dtype
         fused = compute == acc  # float32 (float64) throughout: the scale rides on the matmuls
         rows, vocab = hidden.shape[0], weight.shape[0]
@@ -166,7 +176,7 @@ class _HeadLabelLogProbs(torch.autograd.Function):
             grad_hidden.to(hidden.dtype) if need_hidden else None,
             grad_weight.to(weight.dtype) if need_weight else None,
             grad_bias.to(bias.dtype) if need_bias else None,
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -201,7 +211,8 @@ def head_label_logps(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_elements: int | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    with_mean_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``log_softmax((hidden @ weight.T + bias) / temperature)`` at ``labels``, without the ``(N, V)`` logits.
 
     Args:
@@ -212,11 +223,14 @@ def head_label_logps(
         temperature: divide the logits by this (> 0): the log-probs of the sampling distribution
             ``softmax(logits / temperature)`` (TRL GRPO / PPO).
         with_entropy: also return the entropy of that distribution per token.
+        with_mean_logits: also return each token's mean logit over the vocabulary, ``sum_j z_j / V`` of ``z =
+            logits / temperature``, without gradient (TRL's ``mean_logits``).
         chunk_elements: logits entries computed at a time (default :data:`HEAD_CHUNK_ELEMENTS`).
 
     Returns:
         ``(N,)`` float32 log-probabilities (nats; float64 for float64 inputs), and with ``with_entropy`` also
-        ``(N,)`` entropies (nats). Differentiable in ``hidden``, ``weight`` and ``bias``.
+        ``(N,)`` entropies (nats), then with ``with_mean_logits`` ``(N,)`` mean logits: a tuple when either is
+        asked for. Differentiable in ``hidden``, ``weight`` and ``bias``.
 
     Values and gradients equal ``selective_log_softmax(F.linear(hidden, weight, bias), labels, temperature)``
     (:func:`alignlab.ops.logprobs.selective_log_softmax`; TRL's ``selective_log_softmax`` of ``logits /
@@ -235,7 +249,8 @@ def head_label_logps(
         raise ValueError(f"hidden (N, H), weight (V, H), labels (N,) expected, got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(labels.shape)}")
     budget = HEAD_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-    return _HeadLabelLogProbs.apply(hidden, weight, bias, labels, 1.0 / temperature, with_entropy, budget)
+    return _HeadLabelLogProbs.apply(hidden, weight, bias, labels, 1.0 / temperature, with_entropy, budget,
+                                    with_mean_logits)
 
 
 def plain_head_reason(model: torch.nn.Module, head: torch.nn.Module | None) -> str | None:
@@ -284,13 +299,15 @@ def chunked_head(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    with_mean_logits: bool = False,
 ) -> Iterator[list[torch.Tensor]]:
     """For the length of the block, ``head`` (a plain ``nn.Linear`` output head, see :func:`plain_head_reason`)
     returns per-token log-probs of ``labels`` in place of logits.
 
     Inside the block, a call ``head(hidden)`` with ``hidden`` ``(..., H)`` takes the rows ``positions`` of
     ``hidden.reshape(-1, H)`` and returns ``(1, N, 1)`` :func:`head_label_logps` of ``labels`` at
-    ``temperature`` (``(1, N, 2)``: log-probs and entropies with ``with_entropy``), using ``head.weight`` and
+    ``temperature`` (``(1, N, k)``: the log-probs, then the entropies with ``with_entropy`` and the mean logits
+    with ``with_mean_logits``, these two without gradient), using ``head.weight`` and
     ``head.bias`` as they are at that moment (under FSDP2: the gathered weight). Each output is also appended to
     the yielded list, so that the caller can check the model returned it unchanged. The head's previous
     instance-level forward (e.g. one installed by :mod:`alignlab.ops.linear`) is restored on exit.
@@ -299,7 +316,7 @@ def chunked_head(
         head: the output head.
         positions: ``(N,)`` long flat indices of the positions to score.
         labels: ``(N,)`` long token ids they predict.
-        temperature, with_entropy: as :func:`head_label_logps`.
+        temperature, with_entropy, with_mean_logits: as :func:`head_label_logps`.
     """
     outputs: list[torch.Tensor] = []
     had_own = "forward" in head.__dict__
@@ -308,9 +325,11 @@ def chunked_head(
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         rows = hidden.reshape(-1, hidden.shape[-1])[positions]
         result = head_label_logps(rows, head.weight, head.bias, labels, temperature=temperature,
-                                  with_entropy=with_entropy)
-        out = torch.stack(result, dim=-1) if with_entropy else result[:, None]
-        out = out.unsqueeze(0)
+                                  with_entropy=with_entropy, with_mean_logits=with_mean_logits)
+        if not isinstance(result, tuple):
+            result = (result,)
+        # the statistics detached: metrics, so the backward gets no (zero) gradient for them to fold in
+        out = torch.stack((result[0], *(r.detach() for r in result[1:])), dim=-1).unsqueeze(0)
         outputs.append(out)
         return out
 

@@ -96,6 +96,29 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
     return _LabelLogProbs.apply(logits, index, 1.0 / temperature)
 
 
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``(...)`` float32 entropy (nats) of ``softmax(logits / temperature)`` over the last dimension, without
+    gradient: ``H = logsumexp(z) - sum_j softmax(z)_j z_j``, in chunks of :data:`CHUNK_ELEMENTS` entries
+    upcast one at a time. TRL's ``entropy_from_logits`` (``trl/trainer/utils.py``, the ``entropy`` metric of
+    its GRPO, RLOO, SFT and DPO trainers), of ``logits / temperature`` as TRL's trainers pass them.
+
+    Raises:
+        ValueError: ``temperature`` is not > 0.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    rows = logits.detach().reshape(-1, logits.shape[-1])
+    out = torch.empty(rows.shape[0], dtype=acc, device=logits.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    with torch.no_grad():
+        for start in range(0, rows.shape[0], step):
+            z = rows[start : start + step].to(acc) / temperature
+            lse = torch.logsumexp(z, dim=-1)
+            out[start : start + step] = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    return out.reshape(logits.shape[:-1])
+
+
 # Model types whose attention masks come from transformers' masking utilities, which read packed
 # sequences from ``position_ids`` (a new sequence starts wherever the position does not grow by one).
 PACKING_MODEL_TYPES = frozenset(
@@ -357,7 +380,8 @@ def target_token_logps(
     loss_mask: torch.Tensor,
     *,
     position_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probabilities and greedy hits of the target tokens of a batch, in one forward pass (SFT's).
 
     Token ``t`` (``t >= 1``) is a target where ``loss_mask[:, t]`` and ``attention_mask[:, t]`` are 1; it is
@@ -369,11 +393,13 @@ def target_token_logps(
         input_ids, attention_mask, loss_mask: ``(B, T)`` long tensors, right-padded.
         position_ids: ``(B, T)`` for packed rows (positions restart at each example); the forward then gets no
             2-D attention mask and transformers separates the examples from the positions.
+        with_entropy: also the ``(N,)`` entropies (nats, detached) of the distributions the targets are predicted
+            from, from the same logits (:func:`entropy_from_logits`; TRL SFT's ``entropy`` metric).
 
     Returns:
         ``(token_logps, correct)``: ``(N,)`` float32 log-probabilities (nats) of the ``N`` target tokens of the
         batch, in row-major order, and ``(N,)`` bools, True where the argmax of the logits is the target (TRL's
-        ``mean_token_accuracy`` numerator).
+        ``mean_token_accuracy`` numerator); with ``with_entropy`` a third item, the entropies.
     """
     width = input_ids.shape[1]
     targets = loss_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # (B, T-1): token t+1 is a target
@@ -387,14 +413,28 @@ def target_token_logps(
     logits = selected_logits(model, inputs, selected)  # (1, N, V)
     token_logps = selective_log_softmax(logits, labels.unsqueeze(0)).squeeze(0)  # (N,)
     correct = logits.detach().squeeze(0).argmax(dim=-1) == labels
+    if with_entropy:
+        return token_logps, correct, entropy_from_logits(logits).squeeze(0)
     return token_logps, correct
 
 
-def _plain_head_logps(model, inputs, context, selected, labels, temperature) -> torch.Tensor:
+TOKEN_STATS = ("entropy", "mean_logits")
+"""Per-token statistics :func:`completion_logps` computes from the same pass when asked (``token_stats``): the
+entropy of ``softmax(logits / temperature)`` and the mean of ``logits / temperature`` over the vocabulary (TRL's
+``entropy`` and ``mean_logits``)."""
+
+
+def _plain_head_logps(model, inputs, context, selected, labels, temperature,
+                      token_stats: tuple[str, ...] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(N,)`` :func:`completion_logps` token log-probs through the model's logits of the ``selected``
-    positions (:func:`selected_logits`)."""
+    positions (:func:`selected_logits`), and ``{stat: (N,)}`` for each of ``token_stats`` (detached)."""
     logits = selected_logits(model, inputs, selected, context)  # (1, N, V): completion positions only
-    return selective_log_softmax(logits, labels.unsqueeze(0), temperature).squeeze(0)
+    stats = {}
+    if "entropy" in token_stats:
+        stats["entropy"] = entropy_from_logits(logits, temperature).squeeze(0)
+    if "mean_logits" in token_stats:
+        stats["mean_logits"] = logits.detach().mean(-1, dtype=torch.float32).squeeze(0) / temperature
+    return selective_log_softmax(logits, labels.unsqueeze(0), temperature).squeeze(0), stats
 
 
 _LOGITS_CHANGED: set[type] = set()
@@ -412,7 +452,8 @@ def completion_logps(
     pad_token_id: int = 0,
     temperature: float = 1.0,
     share_prompts: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    token_stats: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token and summed log-probabilities of the completion tokens, in one forward pass.
 
     Args:
@@ -430,12 +471,20 @@ def completion_logps(
         share_prompts: with ``padding_free``, rows with the same prompt share one copy of it
             (:func:`shared_prompt_inputs`; the same log-probs, fewer tokens through the model); falls back to
             plain packing where that does not apply.
+        token_stats: names in :data:`TOKEN_STATS` to compute per completion token from the same pass (the
+            chunked head's running statistics, or the selected logits): ``entropy``, ``mean_logits``.
 
     Returns:
         ``(per_token_logps, logps)``: ``(B, T-1)`` float32 log-probability of token ``t+1`` given tokens
         ``<= t``, zero outside the completion; and ``(B,)`` their sum over the completion (nats). The sum is
         the sequence log-probability of DPO (Rafailov et al. 2023, eq. 7): EOS included when it is part of
-        the completion.
+        the completion. With ``token_stats`` a third item, ``{stat: (B, T-1)}`` float32 at the same positions,
+        zero outside the completion, detached (metrics): ``entropy`` (nats) of ``softmax(logits / temperature)``
+        and ``mean_logits``, the mean of ``logits / temperature`` over the vocabulary (TRL's ``entropy`` and
+        ``mean_logits``).
+
+    Raises:
+        ValueError: a name in ``token_stats`` outside :data:`TOKEN_STATS`.
 
     Only the positions that predict a completion token go through the output projection, so the prompt costs
     no vocabulary-sized work; and where the output head is a plain linear layer whose output the model returns
@@ -445,6 +494,9 @@ def completion_logps(
     :func:`selected_logits` gives the logits of those positions alone and they go through
     :func:`selective_log_softmax`.
     """
+    unknown = set(token_stats) - set(TOKEN_STATS)
+    if unknown:
+        raise ValueError(f"unknown token_stats {sorted(unknown)}; choose from {', '.join(TOKEN_STATS)}")
     n, width = input_ids.shape
     context = contextlib.nullcontext()
     shift_mask = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
@@ -471,17 +523,24 @@ def completion_logps(
     inner = getattr(model, "module", model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if plain_head_reason(model, head) is None and type(base_model(model)) not in _LOGITS_CHANGED:
-        with chunked_head(head, selected, labels, temperature=temperature) as outputs, context:
-            out = model(**inputs, use_cache=False).logits  # (1, N, 1): the log-probs, from the head
+        asked = [name for name in TOKEN_STATS if name in token_stats]  # the head's column order
+        with chunked_head(head, selected, labels, temperature=temperature, with_entropy="entropy" in asked,
+                          with_mean_logits="mean_logits" in asked) as outputs, context:
+            out = model(**inputs, use_cache=False).logits  # (1, N, 1 + stats): the log-probs (stats), from the head
         if outputs and out is outputs[-1]:
             token_logps = out[0, :, 0]
+            stats = {name: out[0, :, 1 + k].detach() for k, name in enumerate(asked)}
         else:  # the model changed the head's output on its way out: it needs the logits themselves
             _LOGITS_CHANGED.add(type(base_model(model)))
             if pack and shared is None:  # a fresh context for the second forward
                 context = packed_forward_inputs(model, input_ids, attention_mask, pad_token_id)[2]
-            token_logps = _plain_head_logps(model, inputs, context, selected, labels, temperature)
+            token_logps, stats = _plain_head_logps(model, inputs, context, selected, labels, temperature, token_stats)
     else:
-        token_logps = _plain_head_logps(model, inputs, context, selected, labels, temperature)
+        token_logps, stats = _plain_head_logps(model, inputs, context, selected, labels, temperature, token_stats)
     per_token = torch.zeros((n, width - 1), dtype=token_logps.dtype, device=token_logps.device)
     per_token = per_token.index_put((seq_idx, tok_idx), token_logps)
-    return per_token, per_token.sum(dim=1)
+    if not token_stats:
+        return per_token, per_token.sum(dim=1)
+    laid_out = {name: torch.zeros((n, width - 1), dtype=v.dtype, device=v.device).index_put((seq_idx, tok_idx), v)
+                for name, v in stats.items()}
+    return per_token, per_token.sum(dim=1), laid_out

@@ -73,6 +73,17 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return total / _count(mask, dim)
 
 
+def masked_mean_or_zero(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """0-d ``sum(values * mask) / max(sum(mask), 1)``: :func:`masked_mean` over everything, but 0 for an empty
+    selection and without a device synchronisation (for metrics of micro-batches that may hold no counted
+    token, e.g. with ``mask_truncated_completions``; TRL 1.16 GRPO's ``global_masked_mean`` on one process).
+
+    Raises:
+        ValueError: ``mask.shape != values.shape``.
+    """
+    return masked_sum(values, mask) / mask.bool().sum().clamp(min=1)
+
+
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of the selected entries (all dimensions pooled), 0-d tensor in squared units of ``values``.
 

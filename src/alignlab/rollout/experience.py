@@ -54,11 +54,22 @@ class ScoredCompletions:
         return torch.tensor(self.completions.lengths, dtype=torch.float32)
 
     def metrics(self) -> dict[str, Any]:
-        """Metrics every online algorithm logs (TRL GRPO names for the completion statistics)."""
-        lengths = self.lengths
+        """Metrics every online algorithm logs, with TRL 1.16 GRPO's names and definitions for the completion
+        statistics (``_generate_and_score_completions``): lengths in tokens, EOS included;
+        ``completions/mean_length``, ``min_length``, ``max_length`` over the step's completions;
+        ``clipped_ratio``: the fraction without EOS (truncated at the length limit); ``mean_terminated_length``,
+        ``min_terminated_length``, ``max_terminated_length`` over those with EOS (all 0 when none has). The
+        minima and maxima are this process's (TRL takes them over every process's completions)."""
+        lengths, has_eos = self.lengths, self.has_eos
+        terminated = lengths[has_eos] if bool(has_eos.any()) else torch.zeros(1)
         out = {
             "completions/mean_length": lengths,
-            "completions/clipped_ratio": (~self.has_eos).float(),
+            "completions/min_length": float(lengths.min()) if lengths.numel() else 0.0,
+            "completions/max_length": float(lengths.max()) if lengths.numel() else 0.0,
+            "completions/clipped_ratio": (~has_eos).float(),
+            "completions/mean_terminated_length": float(terminated.mean()),
+            "completions/min_terminated_length": float(terminated.min()),
+            "completions/max_terminated_length": float(terminated.max()),
             "time/generation": self.generation_seconds,
             "time/scoring": self.scoring_seconds,
             "tokens_per_second/generation": float(lengths.sum()) / max(self.generation_seconds, 1e-9),
@@ -152,6 +163,9 @@ def sample_and_score(
     max_new_tokens: int,
     temperature: float,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
     num_generations: int = 1,
     missing_eos_penalty: float | None = None,
     reward_tokenizer=None,
@@ -171,8 +185,8 @@ def sample_and_score(
         device: where the sequences go.
         precision: a fresh autocast context (entered once) for sampling and the reward models, e.g.
             ``runtime.precision()`` (:class:`alignlab.train.runtime.Runtime`).
-        max_new_tokens, temperature, top_p, num_generations: sampling settings
-            (:func:`~alignlab.rollout.generation.sample_completions`).
+        max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, num_generations: sampling settings
+            (:class:`~alignlab.rollout.engines.SamplingParams`).
         missing_eos_penalty: subtracted from the score of completions without EOS (TRL); ``None``: none.
         reward_tokenizer: the reward model's tokenizer when its vocabulary differs from the policy's
             (the text is then re-tokenized); ``None``: the policy's token ids are scored as they are.
@@ -196,6 +210,7 @@ def sample_and_score(
         engine = engine_for(policy, generation_backend)
         params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p,
+                                top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
                                 num_generations=num_generations, return_logps=return_logps, do_sample=do_sample)
         completions = engine.generate(prompt_ids, params)
         generation_seconds = time.perf_counter() - start

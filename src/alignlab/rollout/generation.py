@@ -31,6 +31,8 @@ def sample_completions(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
     num_generations: int = 1,
     batch_size: int | None = None,
     return_logps: bool = False,
@@ -41,8 +43,8 @@ def sample_completions(
     ``model`` (:func:`alignlab.rollout.engines.engine_for`: built once per model, pointed at its current
     weights before the call).
 
-    Generation stops per completion at ``eos_token_id`` or after ``max_new_tokens``. Only temperature, top-p and
-    top-k act on the distribution (the checkpoint's own generation defaults, e.g. a repetition penalty, are not
+    Generation stops per completion at ``eos_token_id`` or after ``max_new_tokens``. Only temperature, top-p,
+    top-k, min-p and the repetition penalty act on the distribution (the checkpoint's own generation defaults, e.g. a repetition penalty, are not
     applied), so the tokens are draws from ``softmax(logits / temperature)`` restricted by top-p / top-k: with
     ``top_p=1`` and ``top_k=0`` this is exactly the distribution whose log-probs
     :func:`completion_token_logps` computes (TRL PPO: ``top_k=0, top_p=1``).
@@ -55,6 +57,7 @@ def sample_completions(
         temperature: > 0.
         top_p: nucleus threshold in (0, 1].
         top_k: keep the k most likely tokens; 0 disables.
+        min_p, repetition_penalty: as :class:`SamplingParams` (``None`` / 1: off).
         num_generations: completions per prompt (GRPO's group size).
         batch_size: prompts per ``generate`` call (default: all at once; the ``paged`` engine schedules all
             prompts itself).
@@ -71,7 +74,8 @@ def sample_completions(
             backend.
     """
     params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                            temperature=temperature, top_p=top_p, top_k=top_k, num_generations=num_generations,
+                            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                            repetition_penalty=repetition_penalty, num_generations=num_generations,
                             batch_size=batch_size, return_logps=return_logps, do_sample=do_sample)
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
@@ -85,14 +89,17 @@ def completion_token_logps(
     temperature: float = 1.0,
     padding_free: bool = True,
     pad_token_id: int = 0,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``(N, L)`` float32 log-probs of each completion token under ``model`` at ``temperature``, 0 on padding.
 
     ``log softmax(logits / temperature)`` at the sampled token: the log-probs of the distribution the tokens
     were drawn from (TRL PPO and GRPO divide the logits by the sampling temperature the same way). One
-    forward, only completion positions through the output head (:func:`completion_logps`).
+    forward, only completion positions through the output head (:func:`completion_logps`). ``with_entropy``:
+    also the ``(N, L)`` detached entropies of those distributions from the same pass, 0 on padding (TRL GRPO's
+    ``entropies`` of ``_get_per_token_logps_and_entropies``).
     """
-    per_token, _ = completion_logps(
+    out = completion_logps(
         model,
         sequences["input_ids"],
         sequences["attention_mask"],
@@ -100,9 +107,12 @@ def completion_token_logps(
         padding_free=padding_free,
         pad_token_id=pad_token_id,
         temperature=temperature,
+        token_stats=("entropy",) if with_entropy else (),
     )
-    logps = per_token.gather(1, sequences["completion_index"].to(per_token.device))
-    return logps * sequences["response_mask"].to(logps.device)
+    index = sequences["completion_index"].to(out[0].device)
+    mask = sequences["response_mask"].to(out[0].device)
+    logps = out[0].gather(1, index) * mask
+    return (logps, out[2]["entropy"].gather(1, index) * mask) if with_entropy else logps
 
 
 def token_values(value_model: torch.nn.Module, sequences: dict[str, torch.Tensor], *, padding_free: bool = False,

@@ -5,6 +5,9 @@ Reward functions follow TRL's signature (``GRPOTrainer``'s ``reward_funcs``)::
 
     def my_reward(prompts, completions, **kwargs) -> list[float | None]
 
+and are called as TRL calls them, by keyword (:func:`reward_call_arguments`; a function whose first two
+parameters have other names gets ``prompts`` and ``completions`` positionally).
+
 ``prompts`` and ``completions`` are strings, or message lists for conversational prompts (the completion
 is then ``[{"role": "assistant", "content": text}]``); ``kwargs`` holds ``completion_ids`` (token id lists)
 and every other column of the prompt rows as a list, one entry per completion. ``None`` means "does not
@@ -15,8 +18,9 @@ NaN, infinities or non-numbers are a one-line :class:`~alignlab.errors.UserError
 spec and the first bad value with its index; or, with ``on_error="drop"``, those completions are marked bad
 and their rewards are NaN.
 
-A function is loaded only from a place the user names: ``path/to/file.py:name`` (the file is imported) or
-``package.module:name`` (imported from the Python path).
+A function is loaded only from a place the user names: ``path/to/file.py:name`` (the file is imported),
+``package.module:name`` or ``package.module.name`` (TRL's dotted form; imported from the Python path, the working
+directory first), or one of TRL's built-in reward names (:data:`TRL_REWARD_FUNCS`, imported from ``trl.rewards``).
 
 A call that does not return within the reward timeout (``--reward_timeout``, :func:`reward_timeout`; default
 :data:`DEFAULT_REWARD_TIMEOUT` seconds) is stopped and is a one-line error naming the function, whatever
@@ -50,21 +54,79 @@ RewardFunc = Callable[..., list]
 logger = logging.getLogger(__name__)
 
 
+TRL_REWARD_FUNCS: dict[str, tuple[str, dict[str, int] | None]] = {
+    "accuracy_reward": ("accuracy_reward", None),
+    "reasoning_accuracy_reward": ("reasoning_accuracy_reward", None),
+    "think_format_reward": ("think_format_reward", None),
+    "get_soft_overlong_punishment": ("get_soft_overlong_punishment",
+                                     {"max_completion_len": 1280, "soft_punish_cache": 256}),
+}
+"""The reward names TRL 1.16's ``trl grpo`` / ``trl rloo`` scripts accept in ``--reward_funcs``
+(``reward_funcs_registry`` in ``trl/scripts/grpo.py``): name -> (the ``trl.rewards`` attribute, the factory's
+arguments or ``None`` for a function used as it is). ``get_soft_overlong_punishment`` is built with the script's
+values (``max_completion_len=1280, soft_punish_cache=256``); for others, name ``trl.rewards.<factory>`` results
+through a Python file of one's own."""
+
+_SPEC_FORMS = (f"expected path/to/file.py:function, module:function, package.module.function or one of TRL's "
+               f"reward names ({', '.join(TRL_REWARD_FUNCS)})")
+
+
+def _trl_reward_func(spec: str) -> RewardFunc:
+    """TRL's built-in reward ``spec`` (a key of :data:`TRL_REWARD_FUNCS`) from ``trl.rewards``."""
+    attribute, factory_args = TRL_REWARD_FUNCS[spec]
+    try:
+        rewards = importlib.import_module("trl.rewards")
+        fn = getattr(rewards, attribute)
+    except ImportError as exc:
+        raise UserError(f"--reward_funcs {spec!r} is TRL's built-in reward: it needs trl installed "
+                        f"(pip install trl): {type(exc).__name__}: {exc}") from None
+    except AttributeError:
+        raise UserError(f"--reward_funcs {spec!r}: the installed trl.rewards has no {attribute!r}") from None
+    return fn(**factory_args) if factory_args is not None else fn
+
+
+def _import_from_cwd(spec: str, target: str):
+    """Module ``target``, looked up in the working directory first (as TRL's scripts do), then the Python path."""
+    import os
+
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(target)
+    except Exception as exc:
+        raise UserError(f"--reward_funcs {spec!r}: cannot import {target!r}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def load_reward_func(spec: str | RewardFunc) -> RewardFunc:
-    """The callable named by ``spec``: ``path/to/file.py:name`` or ``module:name``; a function given itself (in
-    Python, as TRL's ``reward_funcs``) is returned as it is.
+    """The callable named by ``spec``: ``path/to/file.py:name``, ``module:name``, ``package.module.name``
+    (TRL's ``trl grpo --reward_funcs`` dotted import path) or a TRL built-in reward name
+    (:data:`TRL_REWARD_FUNCS`, from ``trl.rewards``); a function given itself (in Python, as TRL's
+    ``reward_funcs``) is returned as it is.
 
     Raises:
-        UserError: malformed spec, missing file or module, import error in it, no such name, not callable.
+        UserError: malformed spec, missing file or module, import error in it, no such name, not callable; a TRL
+            reward name without trl installed.
     """
     if not isinstance(spec, str):
         if callable(spec) and not isinstance(spec, torch.nn.Module):
             return spec
-        raise UserError(f"--reward_funcs {_short(spec)}: expected path/to/file.py:function, module:function or a "
-                        "function")
+        raise UserError(f"--reward_funcs {_short(spec)}: {_SPEC_FORMS}, or a function")
+    if spec in TRL_REWARD_FUNCS:
+        return _trl_reward_func(spec)
     target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name.isidentifier():
-        raise UserError(f"--reward_funcs {spec!r}: expected path/to/file.py:function or module:function")
+    if not sep:  # TRL's dotted form: the last dot separates the module from the name
+        target, dot, name = spec.rpartition(".")
+        if not dot or not target or not name.isidentifier() or name == "py" \
+                or not all(part.isidentifier() for part in target.split(".")):
+            raise UserError(f"--reward_funcs {spec!r}: {_SPEC_FORMS}")
+        return _checked(spec, target, name, _import_from_cwd(spec, target))
+    if not target or not name.isidentifier():
+        raise UserError(f"--reward_funcs {spec!r}: {_SPEC_FORMS}")
     if target.endswith(".py"):
         path = Path(target).expanduser()
         if not path.is_file():
@@ -83,6 +145,11 @@ def load_reward_func(spec: str | RewardFunc) -> RewardFunc:
             module = importlib.import_module(target)
         except Exception as exc:
             raise UserError(f"--reward_funcs {spec!r}: cannot import {target!r}: {type(exc).__name__}: {exc}") from exc
+    return _checked(spec, target, name, module)
+
+
+def _checked(spec: str, target: str, name: str, module) -> RewardFunc:
+    """``module.name``, which must exist and be callable."""
     fn = getattr(module, name, None)
     if fn is None:
         raise UserError(f"--reward_funcs {spec!r}: {target} has no {name!r}")
@@ -235,6 +302,31 @@ def _call_with_timeout(fn: Callable, seconds: float, *args: Any, **kwargs: Any) 
             signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3))
 
 
+def reward_call_arguments(fn: RewardFunc, prompts: list, completions: list,
+                          kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """``(args, keywords)`` to call reward function ``fn`` with. All by keyword, ``fn(prompts=...,
+    completions=..., completion_ids=..., **columns)``, as TRL's ``GRPOTrainer`` calls its reward functions (TRL's
+    built-in rewards take no ``prompts`` first: ``think_format_reward(completions, **kwargs)``,
+    ``accuracy_reward(completions, solution, **kwargs)``, ``soft_overlong_punishment(completion_ids,
+    **kwargs)``), when ``fn`` names a ``completions`` parameter or takes the keywords through ``**kwargs``;
+    otherwise ``prompts`` and ``completions`` positionally (``fn(p, c, **kw)``)."""
+    import inspect
+
+    keywords = {"prompts": prompts, "completions": completions, **kwargs}
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to inspect: positionally
+        return (prompts, completions), kwargs
+    named = parameters.get("completions")
+    if named is not None and named.kind != inspect.Parameter.POSITIONAL_ONLY:
+        return (), keywords
+    try:
+        inspect.signature(fn).bind(**keywords)
+    except TypeError:
+        return (prompts, completions), kwargs
+    return (), keywords
+
+
 def run_reward_func(
     fn: RewardFunc, name: str, prompts: list, completions: list, *, on_error: str = "raise", **kwargs: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,7 +348,8 @@ def run_reward_func(
     """
     n = len(completions)
     try:
-        values = _call_with_timeout(fn, _timeout, prompts=prompts, completions=completions, **kwargs)  # as TRL calls
+        args, keywords = reward_call_arguments(fn, prompts, completions, kwargs)
+        values = _call_with_timeout(fn, _timeout, *args, **keywords)
     except RewardTimeout:
         raise UserError(f"reward function {name} did not return within {_timeout:g} s (--reward_timeout); "
                         "it was stopped") from None

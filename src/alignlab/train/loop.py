@@ -169,6 +169,10 @@ class Trainer:
             policy-and-value module. Default: the model itself.
         events: the callbacks and ``TrainerState`` (:class:`~alignlab.train.callbacks.LoopEvents`; default: no
             callbacks, the state still kept and written as ``trainer_state.json``).
+        eval_rollout_fn: online evaluation: ``eval_rollout_fn(model, prompts) -> (batch, metrics)`` samples and
+            scores a batch of ``eval_batch_size`` eval prompts (called without gradients, model in eval mode);
+            ``loss_fn`` then runs on ``batch``, and ``metrics`` join the ``eval_*`` means.
+        eval_batch_size: eval examples per process per batch (default ``per_device_eval_batch_size``).
 
     Raises:
         UserError: an empty training set, or fewer prompts than one rollout takes.
@@ -190,6 +194,8 @@ class Trainer:
         rollout_batch_size: int | None = None,
         model_to_save: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
         events: LoopEvents | None = None,
+        eval_rollout_fn: Callable[[torch.nn.Module, list], tuple[dict, dict]] | None = None,
+        eval_batch_size: int | None = None,
     ):
         if len(train_dataset) == 0:
             raise UserError(f"the training set ({config.dataset_name}) is empty after preprocessing")
@@ -210,6 +216,8 @@ class Trainer:
         self.eval_dataset = eval_dataset if eval_dataset is not None and len(eval_dataset) else None
         self.collate_fn = collate_fn
         self.loss_fn = loss_fn
+        self.eval_rollout_fn = eval_rollout_fn
+        self.eval_batch_size = eval_batch_size or config.per_device_eval_batch_size
         self.plot_panels = {"loss": ["loss"], **(plot_panels or {})}
         self.output_dir = Path(config.output_dir)
         self._use_work_dir(self.output_dir)
@@ -246,14 +254,16 @@ class Trainer:
         """Mean loss and metrics over the eval set (all processes), logged as ``eval_*`` at ``step`` (in
         ``metrics.jsonl`` when ``record``)."""
         if self._eval_loader is None:
-            self._eval_loader = self.accelerator.prepare(
-                self._loader(self.eval_dataset, self.config.per_device_eval_batch_size, False)
-            )
+            self._eval_loader = self.accelerator.prepare(self._loader(self.eval_dataset, self.eval_batch_size, False))
         was_training = model.training
         model.eval()
         window = MetricsWindow(self._gather)
         start = time.perf_counter()
         for batch in self._eval_loader:
+            if self.eval_rollout_fn is not None:  # online: sample and score the prompts, then the loss on them
+                with torch.no_grad():
+                    batch, sampled = self.eval_rollout_fn(model, batch)
+                window.add_all(sampled)
             loss, metrics = evaluate_terms(self._precision, self.loss_fn, model, batch)
             window.add("loss", loss)
             window.add_all(metrics)

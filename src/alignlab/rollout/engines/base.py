@@ -22,15 +22,21 @@ class SamplingParams:
         temperature: > 0; the logits are divided by it.
         top_p: nucleus threshold in (0, 1]; 1 is off.
         top_k: keep the k most likely tokens; 0 is off.
+        min_p: drop tokens whose probability is below ``min_p`` times the most likely token's (transformers'
+            ``MinPLogitsWarper``; TRL ``min_p``); ``None`` is off.
+        repetition_penalty: divide the positive logits (multiply the negative ones) of every token already in the
+            prompt or the completion so far by this (transformers' ``RepetitionPenaltyLogitsProcessor``, CTRL's
+            penalty; TRL ``repetition_penalty``); 1 is off.
         num_generations: completions per prompt, adjacent in the output (GRPO's group size).
         batch_size: prompts per call of the backend (default: all at once); engines that schedule sequences
             themselves (``paged``) take all prompts at once and ignore it.
         return_logps: also return each completion token's log-prob under the distribution it was drawn from.
-        do_sample: ``False``: greedy decoding (the most likely token, temperature / top-p / top-k unused; the
-            log-probs are then those of ``softmax(logits)``).
+        do_sample: ``False``: greedy decoding (the most likely token, temperature / top-p / top-k / min-p and the
+            repetition penalty unused; the log-probs are then those of ``softmax(logits)``).
 
     Raises:
-        ValueError: temperature <= 0, top_p outside (0, 1], top_k < 0, max_new_tokens < 1,
+        ValueError: temperature <= 0, top_p outside (0, 1], top_k < 0, min_p outside [0, 1], repetition_penalty
+            <= 0, max_new_tokens < 1,
             num_generations < 1 or batch_size < 1.
     """
 
@@ -40,6 +46,8 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
     num_generations: int = 1
     batch_size: int | None = None
     return_logps: bool = False
@@ -52,6 +60,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.num_generations < 1:

@@ -56,6 +56,32 @@ class InverseCDFSampling:
         return torch.full_like(scores, -math.inf).scatter_(1, tokens, 0.0)
 
 
+def sampling_processors(params: SamplingParams):
+    """transformers' ``LogitsProcessorList`` for ``params``, in the order ``generate`` builds it from a
+    ``GenerationConfig`` (``_get_logits_processor``): the repetition penalty, then the temperature, top-k, top-p
+    and min-p warpers; each left out where it is off, and all of them for greedy decoding (``do_sample=False``).
+    The repetition penalty sees every token of the row so far: the prompt (and, left-padded, the pad token) and
+    the completion."""
+    from transformers import (
+        LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+        TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    processors = LogitsProcessorList()
+    if not params.do_sample:
+        return processors
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    processors.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k:
+        processors.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        processors.append(TopPLogitsWarper(params.top_p))
+    if params.min_p:
+        processors.append(MinPLogitsWarper(params.min_p))
+    return processors
+
+
 @ENGINES.register("generate")
 class GenerateEngine(GenerationEngine):
     """``--generation_backend generate``: transformers' ``generate`` with its default ``DynamicCache``.
@@ -72,8 +98,8 @@ class GenerateEngine(GenerationEngine):
     end at EOS took 1.36x less time this way (benchmarks/README.md). ``segment_tokens=None``: one call for
     all ``max_new_tokens``.
 
-    Only temperature, top-p and top-k act on the distribution (the checkpoint's own generation defaults, e.g.
-    a repetition penalty, are not applied); the token is drawn by :class:`InverseCDFSampling` at the end of
+    Only the settings of :class:`SamplingParams` act on the distribution (:func:`sampling_processors`; the
+    checkpoint's own generation defaults, e.g. its repetition penalty, are not applied); the token is drawn by :class:`InverseCDFSampling` at the end of
     ``generate``'s logits processors on its greedy path (``do_sample=False``), which also records the
     log-probs. The calls run inside the CPU speed layer's decoding context
     (:func:`alignlab.ops.cpu_kernels.decoding`).
@@ -96,17 +122,9 @@ class GenerateEngine(GenerationEngine):
         return cpu_kernels.decoding(self.model, rows=rows)
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Completions:
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
         check_prompts(prompt_ids)
         sampler = InverseCDFSampling(greedy=not params.do_sample)
-        processors = LogitsProcessorList()
-        if params.do_sample:
-            processors.append(TemperatureLogitsWarper(params.temperature))
-            if params.top_k:
-                processors.append(TopKLogitsWarper(params.top_k))
-            if params.top_p < 1.0:
-                processors.append(TopPLogitsWarper(params.top_p))
+        processors = sampling_processors(params)
         processors.append(sampler)
         device = next(self.model.parameters()).device
         batch_size = params.batch_size or len(prompt_ids)

@@ -74,10 +74,13 @@ class PagedEngine(GenerationEngine):
         from transformers.generation.continuous_batching.utils import WorkloadHints
 
         check_prompts(prompt_ids)
+        if params.do_sample and params.repetition_penalty != 1.0:
+            raise UserError("--generation_backend paged cannot apply --repetition_penalty (transformers' continuous "
+                            "batching drops it): use --generation_backend generate or static")
         rows = repeated(prompt_ids, params.num_generations)
         generation_config = GenerationConfig(
             do_sample=params.do_sample, temperature=params.temperature, top_p=params.top_p,
-            top_k=params.top_k or None, max_new_tokens=params.max_new_tokens, eos_token_id=params.eos_token_id,
+            top_k=params.top_k or None, min_p=params.min_p or None, max_new_tokens=params.max_new_tokens, eos_token_id=params.eos_token_id,
             pad_token_id=params.pad_token_id,
         )
         # the cache sized for this workload (the manager's default takes a share of all free memory, which on
