@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from alignlab.models import load_tokenizer
+from alignlab.train.trl_args import apply_tokenizer_options
 from alignlab.train.loop import Trainer
 from alignlab.train.runtime import build_runtime
 from alignlab.train.types import TrainResult
@@ -30,7 +31,8 @@ class Algorithm:
         self.config = config
         self.runtime = build_runtime(config)
         self.accelerator = self.runtime.accelerator
-        self.tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        self.tokenizer = apply_tokenizer_options(
+            load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code), config)
 
     def compute_loss(self, model, batch: dict[str, Any]) -> LossTerms:
         """The loss terms of one micro-batch (:data:`alignlab.train.steps.LossFn`)."""

@@ -24,6 +24,7 @@ from alignlab.errors import UserError
 from alignlab.losses.kto import kto_loss
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.models import load_causal_lm
+from alignlab.train.trl_args import KTOTrlFields, model_init_kwargs
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
 from alignlab.train.setup import load_train_eval
@@ -66,11 +67,13 @@ def subset_means(metrics: dict[str, torch.Tensor], gather: Callable[[torch.Tenso
 
 
 @dataclass
-class KTOConfig(TrainConfig):
+class KTOConfig(KTOTrlFields, TrainConfig):
     """Settings of ``alignlab kto``; names and defaults follow TRL 1.16's ``KTOConfig`` (``loss_type="kto"``)."""
 
     learning_rate: float = 1e-6
     """Peak AdamW learning rate (TRL's KTO default)."""
+    train_sampling_strategy: str = "sequential"
+    """Training rows in data-set order (TRL's KTO default; random: shuffled each epoch)."""
     beta: float = 0.1
     """Strength of the pull toward the reference model (the paper's beta)."""
     desirable_weight: float = 1.0
@@ -149,7 +152,7 @@ class KTOTrainer(Algorithm):
         if advice and self.accelerator.is_main_process:
             logger.warning("%s", advice)
         policy = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code,
-                                use_kernels=config.use_kernels)
+                                use_kernels=config.use_kernels, init_kwargs=model_init_kwargs(config))
         self.ref_model = None
         if not config.use_peft:
             self.ref_model = self.runtime.frozen_model(copy.deepcopy(policy))

@@ -50,6 +50,7 @@ from alignlab.train.steps import (
     LossFn, NonfiniteSteps, all_finite, evaluate_terms, guarded_optimizer_step, run_update,
 )
 from alignlab.train.runtime import Runtime
+from alignlab.train.schedule import Cadence, build_optimizer, build_scheduler, loader_options
 from alignlab.train.tracking import Tracking
 from alignlab.train.types import Rollout, TrainResult
 from alignlab.train.window import MetricsWindow
@@ -229,11 +230,8 @@ class Trainer:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
             collate_fn=list if online else self.collate_fn,
-            num_workers=self.config.dataloader_num_workers,
-            generator=torch.Generator().manual_seed(self.config.seed),
-            drop_last=online,
+            **loader_options(self.config, shuffle=shuffle, online=online, device=self.runtime.device),
         )
 
     def evaluate(self, model, step: int) -> dict[str, float]:
@@ -350,7 +348,9 @@ class Trainer:
         with OutputFolder(cfg, self.accelerator) as self.folder, self.runtime.training(), \
                 StopSignals(cfg.stop_grace_period) as self._signals, reward_timeout(cfg.reward_timeout):
             self._use_work_dir(self.folder.work_dir)
-            tracking = Tracking(self.accelerator, config=asdict(self.config), run_name=self.output_dir.name)
+            project = {} if cfg.project == "huggingface" else {"project_name": cfg.project}  # unset: "alignlab"
+            tracking = Tracking(self.accelerator, config=asdict(self.config),
+                                run_name=cfg.run_name or self.output_dir.name, **project)
             try:
                 return self._train(tracking)
             finally:
@@ -359,24 +359,13 @@ class Trainer:
     def _setup(self, online: bool):
         """Optimizer, schedule, prepared model and loader, and the step count."""
         cfg, acc = self.config, self.accelerator
-        from transformers import get_scheduler
-
         train_loader = self._loader(self.train_dataset, self.batch_size, True, online=online)
-        groups = parameter_groups(self.model, cfg.weight_decay)
-        optimizer = torch.optim.AdamW(
-            groups,
-            lr=cfg.learning_rate,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon,
-            fused=_fused_adamw_supported([p for g in groups for p in g["params"]]),
-        )
+        optimizer = build_optimizer(cfg, self.model, parameter_groups(self.model, cfg.weight_decay))
         model, optimizer, train_loader = self.runtime.prepare(self.model, optimizer, train_loader)
         per_step = 1 if online else cfg.gradient_accumulation_steps
         steps_per_epoch = max(1, math.ceil(len(train_loader) / per_step))
         total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-        scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                                  num_training_steps=total_steps)
+        scheduler = build_scheduler(cfg, optimizer, total_steps)
         acc.register_for_checkpointing(scheduler)
         return model, optimizer, scheduler, train_loader, per_step, steps_per_epoch, total_steps
 
@@ -410,10 +399,15 @@ class Trainer:
         last_train: dict[str, float] = {}
         last_eval: dict[str, float] = {}
         train_start = time.perf_counter()
-        bar = tqdm(total=total_steps, initial=state.global_step, disable=not acc.is_main_process, desc="training",
-                   unit="step")
+        bar = tqdm(total=total_steps, initial=state.global_step, disable=not acc.is_main_process or cfg.disable_tqdm,
+                   desc="training", unit="step")
+        cadence = Cadence.from_config(cfg, total_steps)
+        if cfg.logging_nan_inf_filter:
+            window.finite_only.add("loss")
+        if cfg.eval_on_start and self.eval_dataset is not None and not state.global_step:
+            last_eval = self.evaluate(model, 0)
         model.train()
-        skip = state.steps_in_epoch
+        skip = 0 if cfg.ignore_data_skip else state.steps_in_epoch
         try:
             while state.global_step < total_steps:
                 train_loader.set_epoch(state.epoch)
@@ -430,23 +424,28 @@ class Trainer:
                     state.steps_in_epoch += 1
                     bar.update(1)
                     is_last = state.global_step >= total_steps
-                    if state.global_step % cfg.logging_steps == 0 or is_last:
+                    epoch_end = state.steps_in_epoch >= steps_per_epoch
+                    cadence.after_step(state.global_step)
+                    if cadence.log(state.global_step, epoch_end, is_last):
                         row = {"step": state.global_step,
                                "epoch": round(state.epoch + state.steps_in_epoch / steps_per_epoch, 4)}
                         row.update(window.row(online=online))
                         row["learning_rate"] = scheduler.get_last_lr()[0]
                         row["grad_norm"] = float(grad_norm)
                         row["nonfinite_steps"] = self.nonfinite.count
+                        if cfg.include_num_input_tokens_seen not in ("no", False):
+                            row["num_input_tokens_seen"] = row.get("num_tokens")
                         if acc.is_main_process:
                             self.metrics.append(row)
                         tracking.log(row, state.global_step)
-                        bar.set_postfix(loss=f"{row['loss']:.4f}")
+                        bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
                         last_train = row
-                    if self.eval_dataset is not None and cfg.eval_steps and state.global_step % cfg.eval_steps == 0 \
-                            and not is_last:
+                    epochs = state.epoch + state.steps_in_epoch / steps_per_epoch
+                    if self.eval_dataset is not None and not is_last \
+                            and cadence.evaluate(state.global_step, epochs, epoch_end):
                         last_eval = self.evaluate(model, state.global_step)
                         window.restart_clock()
-                    saved = bool(cfg.save_steps) and state.global_step % cfg.save_steps == 0 and not is_last
+                    saved = not is_last and cadence.save(state.global_step, epoch_end)
                     if saved:
                         self._save_checkpoint(state)
                         window.restart_clock()
