@@ -46,7 +46,9 @@ class Algorithm:
 
     def train(self) -> TrainResult:
         """Train, evaluate when there is an eval set, save; returns where everything went."""
-        inputs = {"plot_panels": self.plot_panels, **self.loop_inputs()}
+        setup = getattr(self, "setup", None)  # the online algorithms' OnlineSetup holds their reference model
+        reference = getattr(self, "ref_model", None) or getattr(setup, "ref_model", None)
+        inputs = {"plot_panels": self.plot_panels, "ref_model": reference, **self.loop_inputs()}
         return Trainer(self.config, self.runtime, tokenizer=self.tokenizer, loss_fn=self.compute_loss,
                        **inputs).train()
 

@@ -186,12 +186,16 @@ class KTOTrainer(Algorithm):
         cfg = self.config
         logps = self._sequence_logps(model, batch)
         with torch.no_grad():
-            kl_logps = self._sequence_logps(model, batch, "KL_")
             with self._reference(model) as reference:
                 ref_logps = self._sequence_logps(reference, batch)
-                ref_kl_logps = self._sequence_logps(reference, batch, "KL_")
-            # TRL: the mean log-ratio of the mismatched pairs, averaged over processes, then clamped at 0
-            z0 = self._gather((kl_logps - ref_kl_logps).mean().reshape(1).float()).mean().clamp(min=0)
+            if cfg.loss_type == "apo_zero_unpaired":  # APO-zero, unpaired (TRL): KTO without the reference point
+                z0 = torch.zeros(())
+            else:
+                kl_logps = self._sequence_logps(model, batch, "KL_")
+                with self._reference(model) as reference:
+                    ref_kl_logps = self._sequence_logps(reference, batch, "KL_")
+                # TRL: the mean log-ratio of the mismatched pairs, averaged over processes, then clamped at 0
+                z0 = self._gather((kl_logps - ref_kl_logps).mean().reshape(1).float()).mean().clamp(min=0)
         losses, metrics = kto_loss(logps, ref_logps, batch["label"], z0.to(logps.device), beta=cfg.beta,
                                    desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
         return [(losses.mean(), {"kl": metrics["kl"], **subset_means(metrics, self._gather)})]

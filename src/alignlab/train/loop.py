@@ -50,7 +50,7 @@ from alignlab.train.steps import (
     LossFn, NonfiniteSteps, all_finite, evaluate_terms, guarded_optimizer_step, run_update,
 )
 from alignlab.train.runtime import Runtime
-from alignlab.train.schedule import Cadence, build_optimizer, build_scheduler, loader_options
+from alignlab.train.schedule import Cadence, build_optimizer, build_scheduler, loader_options, sync_reference
 from alignlab.train.tracking import Tracking
 from alignlab.train.types import Rollout, TrainResult
 from alignlab.train.window import MetricsWindow
@@ -167,6 +167,7 @@ class Trainer:
         rollout_batch_size: examples per process per rollout (default ``per_device_train_batch_size``).
         model_to_save: picks what to save from the trained (unwrapped) model, e.g. the policy out of a
             policy-and-value module. Default: the model itself.
+        ref_model: the frozen reference model, updated towards the policy with ``sync_ref_model``.
 
     Raises:
         UserError: an empty training set, or fewer prompts than one rollout takes.
@@ -187,6 +188,7 @@ class Trainer:
         rollout_fn: Callable[[torch.nn.Module, list, int], Rollout] | None = None,
         rollout_batch_size: int | None = None,
         model_to_save: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        ref_model: torch.nn.Module | None = None,
     ):
         if len(train_dataset) == 0:
             raise UserError(f"the training set ({config.dataset_name}) is empty after preprocessing")
@@ -198,6 +200,10 @@ class Trainer:
                 f"{len(train_dataset)}"
             )
         self.model_to_save = model_to_save or (lambda m: m)
+        self.ref_model = ref_model
+        if getattr(config, "sync_ref_model", False) and ref_model is None:
+            raise UserError("--sync_ref_model needs a reference model, and this run has none (a reference-free "
+                            "loss, --beta 0, or --use_peft)")
         self.config = config
         self.runtime = runtime
         self.accelerator = self.runtime.accelerator
@@ -426,6 +432,9 @@ class Trainer:
                     is_last = state.global_step >= total_steps
                     epoch_end = state.steps_in_epoch >= steps_per_epoch
                     cadence.after_step(state.global_step)
+                    if getattr(cfg, "sync_ref_model", False) and state.global_step % cfg.ref_model_sync_steps == 0:
+                        sync_reference(self.model_to_save(acc.unwrap_model(model)), self.ref_model,
+                                       cfg.ref_model_mixup_alpha)
                     if cadence.log(state.global_step, epoch_end, is_last):
                         row = {"step": state.global_step,
                                "epoch": round(state.epoch + state.steps_in_epoch / steps_per_epoch, 4)}

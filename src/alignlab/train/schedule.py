@@ -148,6 +148,23 @@ class Cadence:
         return self.save_strategy == "epoch" and epoch_end
 
 
+def sync_reference(policy: torch.nn.Module, reference: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO's reference update (Gorbatovski et al. 2024, arXiv 2404.09656; TRL's ``SyncRefModelCallback``):
+    every reference parameter becomes ``alpha * policy + (1 - alpha) * reference``, in place.
+
+    Raises:
+        UserError: the two models' parameters do not match one to one (names and shapes).
+    """
+    ref_params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            target = ref_params.get(name)
+            if target is None or target.shape != param.shape:
+                raise UserError(f"--sync_ref_model: the reference model has no parameter {name} of shape "
+                                f"{tuple(param.shape)}")
+            target.mul_(1.0 - alpha).add_(param.to(target.dtype), alpha=alpha)
+
+
 def loader_options(config: Any, *, shuffle: bool, online: bool, device: torch.device) -> dict[str, Any]:
     """``torch.utils.data.DataLoader`` keyword arguments from the config's ``dataloader_*`` fields,
     ``train_sampling_strategy`` (random or sequential), ``shuffle_dataset`` (GRPO's and RLOO's prompt order; SFT's

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from alignlab.errors import UserError
 
@@ -62,6 +62,8 @@ class ModelArgumentsFields:
     dtype: str | None = "float32"
     """Dtype the weights are loaded in: float32 (mixed precision then comes from ``bf16``), bfloat16, float16
     (pure low-precision training), or auto (the checkpoint's own)."""
+    torch_dtype: str | None = None
+    """The earlier name of ``dtype`` (older TRL recipes and scripts); when set it wins over ``dtype``."""
     attn_implementation: str | None = None
     """Attention kernel (``from_pretrained(attn_implementation=...)``): eager, sdpa, flash_attention_2, ...;
     unset: transformers' choice."""
@@ -203,7 +205,6 @@ EXCEPTIONS: dict[str, Unsupported] = {
                                        "differs", error=False),
     "transformers_continuous_batching_config": Unsupported("alignlab's paged engine sizes itself; only speed "
                                                           "differs", error=False),
-    "sync_ref_model": Unsupported("TR-DPO reference-model updates are not implemented"),
     "cast_lm_head_to_fp32": Unsupported("a float32 LM head under bf16 is not implemented (alignlab keeps float32 "
                                        "weights and bf16 autocast)"),
     "multi_objective_aggregation": Unsupported("normalize_then_sum is not implemented; rewards are summed, then "
@@ -220,7 +221,6 @@ EXCEPTIONS: dict[str, Unsupported] = {
     "is_encoder_decoder": Unsupported("alignlab trains decoder-only models"),
     "precompute_ref_log_probs": Unsupported("precomputing reference log-probs is implemented for DPO only",
                                            only="KTOTrlFields"),
-    "loss_type": Unsupported("TRL's apo_zero_unpaired is not implemented for KTO", only="KTOTrlFields"),
     "padding_free": Unsupported("SFT batches are padded unless --packing; padding is masked, so the result is the "
                                "same", error=False, only="SFTConfig"),
     "max_length": Unsupported("Online DPO caps prompts (max_prompt_length) and completions (max_new_tokens) "
@@ -286,6 +286,10 @@ def check_trl_args(config: Any) -> None:
         if value not in allowed:
             raise UserError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
         setattr(config, name, value)
+    if getattr(config, "sync_ref_model", False) and (config.use_peft or getattr(config, "precompute_ref_log_probs",
+                                                                                 False)):
+        raise UserError("--sync_ref_model updates a separate reference model: drop --use_peft / "
+                        "--precompute_ref_log_probs (as TRL)")
     if getattr(config, "load_in_4bit", False) and getattr(config, "load_in_8bit", False):
         raise UserError("--load_in_4bit and --load_in_8bit: choose one")
     for name in ("lr_scheduler_kwargs", "gradient_checkpointing_kwargs", "activation_checkpointing_kwargs",
@@ -403,10 +407,11 @@ def model_init_kwargs(config: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if getattr(config, "model_revision", "main") not in (None, "main"):
         kwargs["revision"] = config.model_revision
-    dtype = getattr(config, "dtype", "float32")
+    dtype = getattr(config, "torch_dtype", None) or getattr(config, "dtype", "float32")
     if dtype not in (None, "auto"):
         if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-            raise UserError(f"--dtype: unknown dtype {dtype!r} (float32, bfloat16, float16 or auto)")
+            flag = "--torch_dtype" if getattr(config, "torch_dtype", None) else "--dtype"
+            raise UserError(f"{flag}: unknown dtype {dtype!r} (float32, bfloat16, float16 or auto)")
         kwargs["dtype"] = getattr(torch, dtype)
     elif dtype == "auto":
         kwargs["dtype"] = "auto"
@@ -497,7 +502,8 @@ class PolicyGradientTrlFields:
     transformers_continuous_batching_config: dict[str, Any] | str | None = None
     """``ContinuousBatchingConfig`` settings (a speed setting; alignlab's paged engine sizes itself)."""
     sync_ref_model: bool = False
-    """TR-DPO reference updates every ``ref_model_sync_steps`` steps (not implemented: docs/trl.md)."""
+    """TR-DPO: every ``ref_model_sync_steps`` steps the reference model moves to ``ref_model_mixup_alpha *
+    policy + (1 - ref_model_mixup_alpha) * reference`` (needs a separate reference model)."""
     ref_model_mixup_alpha: float = 0.6
     """TR-DPO's mixing weight (with ``sync_ref_model``)."""
     ref_model_sync_steps: int = 512
@@ -575,7 +581,8 @@ class PreferenceTrlFields:
     use_weighting: bool = False
     """WPO's pair weighting (not implemented: docs/trl.md)."""
     sync_ref_model: bool = False
-    """TR-DPO reference updates every ``ref_model_sync_steps`` steps (not implemented: docs/trl.md)."""
+    """TR-DPO: every ``ref_model_sync_steps`` steps the reference model moves to ``ref_model_mixup_alpha *
+    policy + (1 - ref_model_mixup_alpha) * reference`` (needs a separate reference model)."""
     ref_model_mixup_alpha: float = 0.6
     """TR-DPO's mixing weight (with ``sync_ref_model``)."""
     ref_model_sync_steps: int = 512
@@ -597,14 +604,15 @@ class PreferenceTrlFields:
 class KTOTrlFields:
     """TRL ``KTOConfig`` fields the alignlab config declares nowhere else."""
 
-    loss_type: str = "kto"
-    """kto (what alignlab computes); TRL's apo_zero_unpaired is not offered."""
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    """kto; or apo_zero_unpaired (D'Oosterlinck et al. 2024, arXiv 2408.06266, eq. 7 unpaired, as TRL): the KTO
+    losses with the reference point ``z0`` at 0, so no mismatched-pair forward passes."""
     precompute_ref_log_probs: bool = False
     """Precompute the reference log-probs (not implemented for KTO: docs/trl.md)."""
     precompute_ref_batch_size: int | None = None
     """Batch size of the precomputation (with ``precompute_ref_log_probs``)."""
     sync_ref_model: bool = False
-    """TR-DPO reference updates (not implemented: docs/trl.md)."""
+    """TR-DPO reference updates, as ``alignlab dpo``'s ``sync_ref_model``."""
     ref_model_mixup_alpha: float = 0.6
     """TR-DPO's mixing weight (with ``sync_ref_model``)."""
     ref_model_sync_steps: int = 512
