@@ -129,6 +129,9 @@ class PreferenceLossConfig:
     cpo_alpha: float = 1.0
     """Weight of CPO's (and SimPO's, when > 0 with loss_type cpo) NLL term on the chosen completion (TRL
     ``CPOConfig.cpo_alpha``)."""
+    alpha: float = 0.0
+    """AlphaPO's reward shape for cpo and simpo: each log-prob ``logp`` becomes ``(1 - exp(-alpha logp)) / alpha``
+    (TRL ``CPOConfig.alpha``; 0: the log-prob itself)."""
 
     def _check_loss_types(self) -> None:
         """``loss_type`` as a list of registered names, and ``loss_weights`` of its length.

@@ -216,7 +216,6 @@ EXCEPTIONS: dict[str, Unsupported] = {
     "ld_alpha": Unsupported("LD-DPO's length weighting is not implemented"),
     "f_divergence_type": Unsupported("f-DPO divergences other than reverse_kl are not implemented"),
     "use_weighting": Unsupported("WPO weighting is not implemented"),
-    "alpha": Unsupported("AlphaPO's reward shape is not implemented (0: CPO/SimPO)"),
     "generate_during_eval": Unsupported("sampling at evaluation is not implemented"),
     "is_encoder_decoder": Unsupported("alignlab trains decoder-only models"),
     "precompute_ref_log_probs": Unsupported("precomputing reference log-probs is implemented for DPO only",
@@ -590,8 +589,6 @@ class PreferenceTrlFields:
     max_completion_length: int | None = None
     """ORPO's and CPO's cap on completion tokens: each completion keeps its first this many tokens, before
     ``max_length`` caps prompt+completion (unset: no cap)."""
-    alpha: float = 0.0
-    """CPO's AlphaPO reward shape; 0 is the CPO/SimPO reward alignlab computes (other values: docs/trl.md)."""
     generate_during_eval: bool = False
     """Sample and log completions at evaluation (not implemented: docs/trl.md)."""
     is_encoder_decoder: bool | None = None
