@@ -57,11 +57,6 @@ from alignlab.train.window import MetricsWindow
 
 logger = logging.getLogger(__name__)
 
-def _fused_adamw_supported(params: list) -> bool:
-    # torch's fused AdamW kernel runs on CPU and CUDA for floating-point parameters (torch >= 2.4).
-    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-
-
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters split for AdamW: matrices decay, vectors (biases, norm weights) do not."""
     decay, no_decay = [], []
@@ -190,6 +185,10 @@ class Trainer:
         model_to_save: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
         ref_model: torch.nn.Module | None = None,
     ):
+        from transformers.trainer_utils import TrainerMemoryTracker
+
+        self._memory = TrainerMemoryTracker(getattr(config, "skip_memory_metrics", True))  # transformers' metrics
+        self._memory.start()
         if len(train_dataset) == 0:
             raise UserError(f"the training set ({config.dataset_name}) is empty after preprocessing")
         self.rollout_fn = rollout_fn
@@ -217,6 +216,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self._use_work_dir(self.output_dir)
         self._eval_loader = None
+        self._memory.stop_and_update_metrics()
 
     def _use_work_dir(self, work_dir: Path) -> None:
         """Write the run's files (metrics, samples, config, plots, checkpoints, the model) into ``work_dir``:
@@ -357,10 +357,17 @@ class Trainer:
             project = {} if cfg.project == "huggingface" else {"project_name": cfg.project}  # unset: "alignlab"
             tracking = Tracking(self.accelerator, config=asdict(self.config),
                                 run_name=cfg.run_name or self.output_dir.name, **project)
+            memory: dict[str, float] = {}  # with --skip_memory_metrics false: transformers' *_mem_* metrics
+            self._memory.start()
             try:
-                return self._train(tracking)
+                result = self._train(tracking)
             finally:
                 tracking.end_training()
+                self._memory.stop_and_update_metrics(memory)
+        if memory and self.accelerator.is_main_process:
+            self.metrics.append({"step": result.global_step, **memory})
+        result.train_metrics.update(memory)
+        return result
 
     def _setup(self, online: bool):
         """Optimizer, schedule, prepared model and loader, and the step count."""

@@ -186,8 +186,6 @@ EXCEPTIONS: dict[str, Unsupported] = {
                                    error=False),
     "activation_offloading": Unsupported("offloading activations to CPU memory is a GPU memory saving; the "
                                         "result is the same without it", error=False),
-    "skip_memory_metrics": Unsupported("memory metrics are not logged (benchmarks/README.md has measured memory)",
-                                      error=False),
     "dataset_num_proc": Unsupported("alignlab tokenises in the training process; the result is the same",
                                    error=False),
     "save_on_each_node": Unsupported("checkpoints are written by the main process of the whole run (a shared "
