@@ -214,7 +214,7 @@ def test_sigint_stops_after_the_step_with_a_checkpoint_and_exit_130(tiny_model_d
 
 # --- non-finite loss or gradient ------------------------------------------------------------------------------
 def test_nonfinite_updates_are_skipped_and_counted(tiny_model_dir, pairs_file, tmp_path):
-    trainer = _dpo_trainer(tiny_model_dir, pairs_file, tmp_path / "run")
+    trainer = _dpo_trainer(tiny_model_dir, pairs_file, tmp_path / "run", logging_nan_inf_filter=False)
     weight = next(trainer.model.parameters()) if hasattr(trainer, "model") else None
     # step 2: a NaN loss; step 4: a finite loss (0) whose gradient is NaN (sqrt's slope at 0 times 0)
     log = _on_calls(trainer, {2, 4}, lambda loss: loss * float("nan") if len(log) == 2
@@ -305,7 +305,8 @@ def _grpo_argv(model, data, rewards, out, *extra):
     return ["grpo", "--model_name_or_path", model, "--dataset_name", str(data), "--output_dir", str(out),
             "--reward_funcs", f"{rewards}:flaky", "--per_device_train_batch_size", "4",
             "--gradient_accumulation_steps", "2", "--num_generations", "4", "--max_completion_length", "6",
-            "--max_steps", "3", "--save_steps", "0", "--bf16", "false", "--sample_steps", "1", *extra]
+            "--max_steps", "3", "--save_steps", "0", "--bf16", "false", "--sample_steps", "1", "--logging_steps", "1",
+            *extra]
 
 
 def test_reward_func_errors_raise_names_the_function(tiny_model_dir, prompts_file, tmp_path, capsys):

@@ -229,7 +229,7 @@ def test_registry_holds_trl_dpo_losses_and_reference_free_ones():
     reference_free = {name for name, spec in PREFERENCE_LOSSES.items() if not spec.needs_reference}
     assert reference_free == {"sft", "simpo", "cpo", "orpo"}
     assert all(spec.source for spec in PREFERENCE_LOSSES.values())
-    assert get_preference_loss("simpo").hyperparameters == ("beta", "simpo_gamma", "label_smoothing")
+    assert get_preference_loss("simpo").hyperparameters == ("beta", "simpo_gamma", "label_smoothing", "alpha")
     assert get_preference_loss("simpo").required_hyperparameters == ("beta", "simpo_gamma")
     assert get_preference_loss("orpo").reward_kind == "mean_logp"
     assert get_preference_loss("cpo").reward_kind == "logp"
@@ -515,7 +515,7 @@ def test_configs_pass_what_the_selected_losses_declare(tmp_path):
 
     assert config(beta=0.3).loss_hyperparameters() == {"beta": 0.3, "label_smoothing": 0.0}
     assert config(loss_type=["simpo", "sft"], simpo_gamma=0.7).loss_hyperparameters() == {
-        "beta": 0.1, "simpo_gamma": 0.7, "label_smoothing": 0.0}
+        "beta": 0.1, "simpo_gamma": 0.7, "label_smoothing": 0.0, "alpha": 0.0}
     assert config(loss_type=["discopop"], discopop_tau=0.2).loss_hyperparameters() == {"beta": 0.1, "discopop_tau": 0.2}
 
     # a loss with a hyperparameter no config offers fails loudly instead of running at its default

@@ -357,7 +357,8 @@ def test_policy_loss_registry():
 
 def test_policy_loss_kwargs_come_from_the_declarations():
     # what GRPO passes for each loss_type (TRL's GRPOConfig names): the clipped loss's cliprange pair is TRL's
-    # epsilon pair, cispo's bound is epsilon_high itself, sapo's gate its two temperatures; delta stays off
+    # epsilon pair and delta (TRL's two-sided clipping, off unless set), cispo's bound is epsilon_high itself,
+    # sapo's gate its two temperatures
     import dataclasses
 
     from alignlab.algorithms.grpo import GRPOConfig
@@ -365,7 +366,7 @@ def test_policy_loss_kwargs_come_from_the_declarations():
     config = GRPOConfig(dataset_name="p.jsonl", output_dir="out", reward_funcs=["m:f"], epsilon=0.25,
                         epsilon_high=0.3, importance_sampling_level="sequence", sapo_temperature_pos=0.9,
                         sapo_temperature_neg=1.2)
-    clipped = {"cliprange": 0.25, "cliprange_high": 0.3, "importance_sampling_level": "sequence"}
+    clipped = {"cliprange": 0.25, "cliprange_high": 0.3, "importance_sampling_level": "sequence", "delta": None}
     for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
         assert policy_loss_kwargs(loss_type, config) == clipped
     assert policy_loss_kwargs("cispo", config) == {"epsilon_high": 0.3, "importance_sampling_level": "sequence"}

@@ -51,7 +51,7 @@ def _grpo(capsys, model, data, out, reward, *extra) -> tuple[int, str]:
     code, _, err = run_cli(capsys, "grpo", "--model_name_or_path", model, "--dataset_name", str(data), "--output_dir",
                            str(out), "--reward_funcs", reward, "--per_device_train_batch_size", "4",
                            "--num_generations", "4", "--max_completion_length", "6", "--max_steps", "2",
-                           "--save_steps", "0", "--bf16", "false", *extra)
+                           "--save_steps", "0", "--bf16", "false", "--logging_steps", "1", *extra)
     return code, err
 
 

@@ -34,6 +34,7 @@ def _config(model, data, rewards, out, **kw):
         learning_rate=1e-3,
         save_steps=0,
         bf16=False,
+        logging_steps=1,
     )
     base.update(kw)
     return PPOConfig(**base)

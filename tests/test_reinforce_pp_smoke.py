@@ -14,7 +14,7 @@ def _config(model, data, rewards, out, **kw):
     base = dict(
         model_name_or_path=model, dataset_name=str(data), output_dir=str(out), reward_funcs=[f"{rewards}:short"],
         per_device_train_batch_size=4, gradient_accumulation_steps=2, n_samples_per_prompt=4,
-        max_completion_length=6, max_steps=2, learning_rate=1e-3, save_steps=0, bf16=False,
+        max_completion_length=6, max_steps=2, learning_rate=1e-3, save_steps=0, bf16=False, logging_steps=1,
     )
     base.update(kw)
     return ReinforcePPConfig(**base)

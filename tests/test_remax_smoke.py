@@ -18,7 +18,7 @@ def _config(model, data, rewards, out, **kw):
     return ReMaxConfig(**{"model_name_or_path": model, "dataset_name": str(data), "output_dir": str(out),
                           "reward_funcs": [f"{rewards}:short"], "num_generations": 2, "max_completion_length": 6,
                           "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 2,
-                          "learning_rate": 1e-3, "save_steps": 0, "bf16": False, **kw})
+                          "learning_rate": 1e-3, "save_steps": 0, "bf16": False, "logging_steps": 1, **kw})
 
 
 def test_remax_trains_against_the_greedy_baseline(tiny_model_dir, prompts_file, rewards_file, tmp_path):

@@ -17,7 +17,7 @@ def _config(model, data, rewards, out, **kw):
     return RLOOConfig(**{"model_name_or_path": model, "dataset_name": str(data), "output_dir": str(out),
                          "reward_funcs": [f"{rewards}:short"], "num_generations": 4, "max_completion_length": 6,
                          "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 2,
-                         "learning_rate": 1e-3, "save_steps": 0, "bf16": False, **kw})
+                         "learning_rate": 1e-3, "save_steps": 0, "bf16": False, "logging_steps": 1, **kw})
 
 
 def test_rloo_trains_with_trl_metric_names_and_leave_one_out_advantages(tiny_model_dir, prompts_file, rewards_file,

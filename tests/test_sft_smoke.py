@@ -60,7 +60,7 @@ def test_sft_writes_outputs_updates_weights_and_feeds_dpo(tiny_model_dir, sft_fi
     before = load_file(Path(tiny_model_dir) / "model.safetensors")
     after = load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert yaml.safe_load((out / "config.yaml").read_text())["completion_only_loss"] is True
+    assert yaml.safe_load((out / "config.yaml").read_text())["completion_only_loss"] is None  # TRL's: yes
     for stem in ("loss", "mean_token_accuracy"):
         assert (out / "plots" / f"{stem}.png").stat().st_size > 1000
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,7 +132,8 @@ def test_packing_run_and_lora_on_conversations(tiny_model_dir, sft_file, chat_fi
 def test_bad_rows_give_one_line_through_the_cli(capsys, tmp_path, tiny_model_dir, rows, needle):
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, _, err = run_cli(capsys, "sft", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"))
+    code, _, err = run_cli(capsys, "sft", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--output_dir", str(tmp_path / "o"),
+                           "--assistant_only_loss", "true")
     assert code == 1
     line = one_line(err)
     assert line.startswith("alignlab sft: error: ") and f"{data}{needle}" in line

@@ -233,6 +233,7 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     use_kernels: bool = False,
     flag: str = "--model_name_or_path",
+    init_kwargs: dict | None = None,
 ):
     """Load a causal LM (``AutoModelForCausalLM``) from safetensors weights.
 
@@ -246,6 +247,9 @@ def load_causal_lm(
         use_kernels: let transformers swap in Hugging Face hub kernels (it downloads them). Off unless the user
             asks: transformers 5 turns them on by default on CUDA, which fails offline.
         flag: the flag that named the model, for error messages.
+        init_kwargs: more ``from_pretrained`` keyword arguments, winning over the above (a training config's
+            ``dtype``, ``attn_implementation``, ``model_revision``, quantisation:
+            :func:`alignlab.train.trl_args.model_init_kwargs`).
 
     Raises:
         UserError: if the model cannot be found, is not a model folder, or has no (or truncated) safetensors
@@ -264,9 +268,9 @@ def load_causal_lm(
     _check_exists(path, flag)
     check_model_dir(path, flag, weights=True)
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, use_kernels=use_kernels
-        )
+        options = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True,
+                   "use_kernels": use_kernels, **(init_kwargs or {})}
+        return AutoModelForCausalLM.from_pretrained(path, **options)
     except (OSError, ValueError, SafetensorError) as exc:
         raise UserError(f"{flag}: cannot load a causal LM from {path!r}: {_first_line(exc)}") from exc
 
@@ -280,6 +284,7 @@ def load_reward_model(
     use_kernels: bool = False,
     require_score_head: bool = False,
     flag: str = "--model_name_or_path",
+    init_kwargs: dict | None = None,
 ):
     """Load a causal LM as a reward model: ``AutoModelForSequenceClassification`` with ``num_labels=1``.
 
@@ -300,6 +305,7 @@ def load_reward_model(
         require_score_head: the model scores (a ``--reward_model_path``): a checkpoint without a trained score
             head (a causal LM, an SFT adapter) is an error rather than a model whose scores are random.
         flag: the flag that named the model, for error messages.
+        init_kwargs: more ``from_pretrained`` keyword arguments, as :func:`load_causal_lm`'s.
 
     Raises:
         UserError: if the model cannot be found, is not a model folder, has no (or truncated) safetensors weights
@@ -327,7 +333,7 @@ def load_reward_model(
         if not base_path:
             raise UserError(f"{flag}: {adapter_config} names no base model")
         base = load_reward_model(base_path, pad_token_id=pad_token_id, dtype=dtype, trust_remote_code=trust_remote_code,
-                                 use_kernels=use_kernels, flag=flag)
+                                 use_kernels=use_kernels, flag=flag, init_kwargs=init_kwargs)
         try:
             peft_config = PeftConfig.from_pretrained(path)
             if peft_config.task_type != "SEQ_CLS":
@@ -340,10 +346,10 @@ def load_reward_model(
             raise UserError(f"{flag}: cannot load the adapter in {path!r}: {_first_line(exc)}") from exc
     else:
         try:
+            options = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True,
+                       "use_kernels": use_kernels, **(init_kwargs or {})}
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
-                use_kernels=use_kernels, output_loading_info=True,
-            )
+                path, num_labels=1, output_loading_info=True, **options)
         except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             message = f"cannot load a reward model from {path!r}: {_first_line(exc)}"
             raise UserError(f"{flag}: {message}") from exc
@@ -368,8 +374,13 @@ def apply_lora(
     target_modules: list[str] | None,
     task_type: str = "CAUSAL_LM",
     modules_to_save: list[str] | None = None,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    target_parameters: list[str] | None = None,
 ):
-    """Wrap ``model`` with fresh LoRA adapters (peft); only the adapters stay trainable.
+    """Wrap ``model`` with fresh LoRA adapters (peft); only the adapters stay trainable. ``use_rslora`` (scale
+    ``alpha / sqrt(r)``, Kalajdzievski 2023, arXiv 2312.03732), ``use_dora`` (DoRA, Liu et al. 2024, arXiv
+    2402.09353) and ``target_parameters`` are peft's ``LoraConfig`` options of the same names.
 
     ``target_modules=None`` adapts every linear layer except the output head (peft's ``"all-linear"``).
     ``task_type="SEQ_CLS"`` with ``modules_to_save=["score"]`` is the reward-model set-up: the freshly
@@ -397,6 +408,9 @@ def apply_lora(
             target_modules=target_modules or "all-linear",
             task_type=task_type,
             modules_to_save=modules_to_save,
+            use_rslora=use_rslora,
+            use_dora=use_dora,
+            target_parameters=target_parameters,
         )
     try:
         return get_peft_model(model, lora)

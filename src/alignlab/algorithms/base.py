@@ -21,6 +21,7 @@ from alignlab.errors import UserError
 from alignlab.models import load_tokenizer
 from alignlab.train import inputs as given_inputs
 from alignlab.train.callbacks import LoopEvents
+from alignlab.train.trl_args import apply_tokenizer_options
 from alignlab.train.loop import Trainer
 from alignlab.train.runtime import build_runtime
 from alignlab.train.types import TrainResult
@@ -141,7 +142,8 @@ class Algorithm:
         self.config = config
         self.runtime = build_runtime(config)
         self.accelerator = self.runtime.accelerator
-        self.tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        self.tokenizer = apply_tokenizer_options(
+            load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code), config)
 
     def compute_loss(self, model, batch: dict[str, Any]) -> LossTerms:
         """The loss terms of one micro-batch (:data:`alignlab.train.steps.LossFn`)."""
@@ -207,7 +209,9 @@ class Algorithm:
     def _loop(self) -> Trainer:
         """The training loop of this trainer (built once)."""
         if getattr(self, "_loop_trainer", None) is None:
-            inputs = {"plot_panels": self.plot_panels, **self.loop_inputs()}
+            setup = getattr(self, "setup", None)  # the online algorithms' OnlineSetup holds their reference model
+            reference = getattr(self, "ref_model", None) or getattr(setup, "ref_model", None)
+            inputs = {"plot_panels": self.plot_panels, "ref_model": reference, **self.loop_inputs()}
             self._loop_trainer = Trainer(self.config, self.runtime, tokenizer=self.tokenizer,
                                          loss_fn=self.compute_loss, events=self.events, **inputs)
         return self._loop_trainer

@@ -24,6 +24,7 @@ from alignlab.losses.dpo import (
 )
 from alignlab.methods import CompareBudget, CompareEntry, Method, register_method
 from alignlab.models import is_peft_model, load_causal_lm
+from alignlab.train.trl_args import PreferenceTrlFields, model_init_kwargs
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
 from alignlab.train.setup import load_train_eval
@@ -128,6 +129,9 @@ class PreferenceLossConfig:
     cpo_alpha: float = 1.0
     """Weight of CPO's (and SimPO's, when > 0 with loss_type cpo) NLL term on the chosen completion (TRL
     ``CPOConfig.cpo_alpha``)."""
+    alpha: float = 0.0
+    """AlphaPO's reward shape for cpo and simpo: each log-prob ``logp`` becomes ``(1 - exp(-alpha logp)) / alpha``
+    (TRL ``CPOConfig.alpha``; 0: the log-prob itself)."""
 
     def _check_loss_types(self) -> None:
         """``loss_type`` as a list of registered names, and ``loss_weights`` of its length.
@@ -171,7 +175,7 @@ class PreferenceLossConfig:
 
 
 @dataclass
-class DPOConfig(PreferenceLossConfig, TrainConfig):
+class DPOConfig(PreferenceLossConfig, PreferenceTrlFields, TrainConfig):
     """Settings of ``alignlab dpo``; names and defaults follow TRL's ``DPOConfig`` (TRL 1.16)."""
 
     dataset_name: list[str] | None = None
@@ -250,6 +254,7 @@ class DPOTrainer(Algorithm):
             is_main_process=self.accelerator.is_main_process,
             max_length=config.max_length,
             truncation_mode=config.truncation_mode,
+            max_completion_length=config.max_completion_length,
             prompt_column=config.prompt_column,
             chosen_column=config.chosen_column,
             rejected_column=config.rejected_column,
@@ -270,8 +275,8 @@ class DPOTrainer(Algorithm):
             self.train_examples, self.eval_examples = load_train_eval(
                 config, build_pair_examples, self.tokenizer, **build_kwargs
             )
-        policy = load_causal_lm(config.model_name_or_path,
-                                trust_remote_code=config.trust_remote_code, use_kernels=config.use_kernels)
+        policy = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code,
+                                use_kernels=config.use_kernels, init_kwargs=model_init_kwargs(config))
         self.ref_model = None
         if config.ref_model_name_or_path:
             ref = load_causal_lm(config.ref_model_name_or_path,
@@ -313,14 +318,20 @@ class DPOTrainer(Algorithm):
             with unwrapped.disable_adapter():
                 return self._logps(unwrapped, batch)
 
+    @property
+    def _pad_id(self) -> int:
+        """The id padding the batches: ``padding_value`` (TRL ORPO's), else the tokenizer's pad id."""
+        value = self.config.padding_value
+        return self.tokenizer.pad_token_id if value is None else value
+
     def _precompute_ref_logps(self, examples: list[dict]) -> None:
-        size = self.config.per_device_eval_batch_size
+        size = self.config.precompute_ref_batch_size or self.config.per_device_eval_batch_size
         device = self.runtime.device
         model = self.ref_model if self.ref_model is not None else self.policy
         model.eval()
         for start in range(0, len(examples), size):
             chunk = examples[start : start + size]
-            batch = {k: v.to(device) for k, v in collate_pairs(chunk, self.tokenizer.pad_token_id).items()}
+            batch = {k: v.to(device) for k, v in collate_pairs(chunk, self._pad_id).items()}
             with self.runtime.precision():
                 logps = self._reference_logps(model, batch)
             chosen, rejected = logps.float().cpu().chunk(2)
@@ -390,7 +401,7 @@ class DPOTrainer(Algorithm):
         if contrastive:
             plots["contrastive"] = ["contrastive/loss", "contrastive/accuracies"]
         return {"model": self.policy, "train_dataset": self.train_examples, "eval_dataset": self.eval_examples,
-                "collate_fn": lambda ex: collate_pairs(ex, self.tokenizer.pad_token_id, contrastive=contrastive),
+                "collate_fn": lambda ex: collate_pairs(ex, self._pad_id, contrastive=contrastive),
                 "plot_panels": plots}
 
 def train_dpo(config: DPOConfig) -> TrainResult:

@@ -23,6 +23,7 @@ from alignlab.losses.ppo import (
     aggregate_token_loss, clip_ratio_metrics, get_policy_loss, importance_weights, policy_loss_kwargs,
 )
 from alignlab.train.config import Range
+from alignlab.train.trl_args import GRPOTrlFields, PolicyGradientTrlFields, VllmFields
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.ops.kl import kl_k3
 from alignlab.ops.masked import masked_mean_or_zero
@@ -42,7 +43,7 @@ GRPO_PLOTS = {
 
 
 @dataclass
-class GRPOConfig(GenerationBatchConfig):
+class GRPOConfig(GRPOTrlFields, PolicyGradientTrlFields, VllmFields, GenerationBatchConfig):
     """Settings of ``alignlab grpo``; names and defaults follow TRL 1.16's ``GRPOConfig`` unless a field's
     docstring says otherwise. ``per_device_train_batch_size`` counts completions, as in TRL: one step samples
     ``per_device_train_batch_size * steps_per_generation`` completions per process (``steps_per_generation``
@@ -53,8 +54,12 @@ class GRPOConfig(GenerationBatchConfig):
     """Peak AdamW learning rate (TRL's GRPO default)."""
     num_generations: int = 8
     """Completions per prompt (the group). The completions per step must be a multiple of it."""
-    max_completion_length: int = 256
-    """Most tokens sampled per completion."""
+    max_completion_length: int = 512
+    """Most tokens sampled per completion (TRL's default)."""
+    disable_dropout: bool = False
+    """Set every dropout probability to 0 (off by default, as TRL's GRPO)."""
+    shuffle_dataset: bool = True
+    """Shuffle the prompts each epoch (TRL's ``shuffle_dataset``; false: in data-set order)."""
     beta: float = 0.0
     """Weight of the per-token k3 KL to the reference (TRL 1.16's default 0: no reference model is loaded)."""
     use_bias_correction_kl: bool = True
@@ -83,11 +88,15 @@ class GRPOConfig(GenerationBatchConfig):
     """Divide the group-centred rewards by the group's std (the paper), the batch's std, or nothing (Dr. GRPO)."""
     num_iterations: int = 1
     """Optimizer steps per sampled batch (the paper's mu). Above 1 the old log-probs are computed once."""
+    delta: float | None = None
+    """Two-sided clipping (INTELLECT-2, arXiv 2505.07291): cap the unclipped ratio at ``delta`` (> 1 + epsilon
+    recommended) so that tokens with a negative advantage cannot get arbitrarily large updates; unset: off
+    (TRL's ``delta``; grpo, bnpo, dr_grpo and dapo losses)."""
 
     RANGES: ClassVar[dict[str, Range]] = {
         "max_completion_length": Range(ge=1), "num_iterations": Range(ge=1), "beta": Range(ge=0),
         "epsilon": Range(gt=0, lt=1), "epsilon_high": Range(gt=0), "sapo_temperature_pos": Range(gt=0),
-        "sapo_temperature_neg": Range(gt=0),
+        "sapo_temperature_neg": Range(gt=0), "delta": Range(gt=1),
     }
     """The ranges of the numeric flags (:func:`alignlab.train.config.check_ranges`; ``num_generations`` >= 2 is
     :data:`~alignlab.train.config.FIELD_RANGES`')."""

@@ -25,6 +25,7 @@ from alignlab.losses.dpo import token_statistics_metrics
 from alignlab.losses.kto import kto_loss
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.models import load_causal_lm
+from alignlab.train.trl_args import KTOTrlFields, model_init_kwargs
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
 from alignlab.train.setup import load_train_eval
@@ -67,11 +68,13 @@ def subset_means(metrics: dict[str, torch.Tensor], gather: Callable[[torch.Tenso
 
 
 @dataclass
-class KTOConfig(TrainConfig):
+class KTOConfig(KTOTrlFields, TrainConfig):
     """Settings of ``alignlab kto``; names and defaults follow TRL 1.16's ``KTOConfig`` (``loss_type="kto"``)."""
 
     learning_rate: float = 1e-6
     """Peak AdamW learning rate (TRL's KTO default)."""
+    train_sampling_strategy: str = "sequential"
+    """Training rows in data-set order (TRL's KTO default; random: shuffled each epoch)."""
     beta: float = 0.1
     """Strength of the pull toward the reference model (the paper's beta)."""
     desirable_weight: float = 1.0
@@ -155,7 +158,7 @@ class KTOTrainer(Algorithm):
         if advice and self.accelerator.is_main_process:
             logger.warning("%s", advice)
         policy = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code,
-                                use_kernels=config.use_kernels)
+                                use_kernels=config.use_kernels, init_kwargs=model_init_kwargs(config))
         self.ref_model = None
         if not config.use_peft:
             self.ref_model = self.runtime.frozen_model(copy.deepcopy(policy))
@@ -197,12 +200,16 @@ class KTOTrainer(Algorithm):
         token_metrics = token_statistics_metrics(stats["entropy"], stats["mean_logits"], tokens,
                                                  batch["label"].bool(), skip_empty=True)
         with torch.no_grad():
-            kl_logps = self._sequence_logps(model, batch, "KL_")
             with self._reference(model) as reference:
                 ref_logps = self._sequence_logps(reference, batch)
-                ref_kl_logps = self._sequence_logps(reference, batch, "KL_")
-            # TRL: the mean log-ratio of the mismatched pairs, averaged over processes, then clamped at 0
-            z0 = self._gather((kl_logps - ref_kl_logps).mean().reshape(1).float()).mean().clamp(min=0)
+            if cfg.loss_type == "apo_zero_unpaired":  # APO-zero, unpaired (TRL): KTO without the reference point
+                z0 = torch.zeros(())
+            else:
+                kl_logps = self._sequence_logps(model, batch, "KL_")
+                with self._reference(model) as reference:
+                    ref_kl_logps = self._sequence_logps(reference, batch, "KL_")
+                # TRL: the mean log-ratio of the mismatched pairs, averaged over processes, then clamped at 0
+                z0 = self._gather((kl_logps - ref_kl_logps).mean().reshape(1).float()).mean().clamp(min=0)
         losses, metrics = kto_loss(logps, ref_logps, batch["label"], z0.to(logps.device), beta=cfg.beta,
                                    desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
         return [(losses.mean(), {"kl": metrics["kl"], **subset_means(metrics, self._gather), **token_metrics})]

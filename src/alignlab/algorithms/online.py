@@ -32,6 +32,7 @@ from alignlab.errors import UserError
 from alignlab.losses.ppo import aggregate_token_loss, clipped_policy_loss
 from alignlab.methods import CompareBudget
 from alignlab.models import is_peft_model, load_causal_lm, load_tokenizer
+from alignlab.train.trl_args import apply_tokenizer_options, model_init_kwargs
 from alignlab.ops.kl import KL_ESTIMATORS
 from alignlab.ops.masked import masked_mean_or_zero
 from alignlab.rollout.engines import BACKENDS
@@ -68,8 +69,9 @@ class GeneratorState:
 class OnlineConfig(TrainConfig):
     """Flags every online algorithm shares (TRL names). Each step samples from the current policy."""
 
-    logging_steps: int = 1
-    """Write a row to ``metrics.jsonl`` every this many steps (each step is a whole rollout)."""
+    remove_unused_columns: bool = False
+    """TRL's online default: keep the data set's extra columns (alignlab passes every column of a row to the
+    reward functions either way)."""
     reward_model_path: str | None = None
     """A trained reward model (an ``alignlab reward`` output_dir or hub id); its score of the prompt+completion,
     read at the last token, is a reward. Scored on the policy's token ids when the vocabularies match, else
@@ -122,6 +124,10 @@ class OnlineConfig(TrainConfig):
     """How completions are sampled (docs/rollouts.md): ``generate`` (transformers ``generate``, dynamic KV
     cache), ``static`` (static KV cache, compiled decode step), ``paged`` (transformers' continuous batching,
     paged KV cache) or ``auto`` (the fastest measured on the device type)."""
+    use_transformers_paged: bool = False
+    """TRL's switch to transformers' paged generation: the same as ``--generation_backend paged``."""
+    use_transformers_continuous_batching: bool = False
+    """TRL's switch to transformers' continuous batching: the same as ``--generation_backend paged``."""
     RANGES: ClassVar[dict[str, Range]] = {
         "max_prompt_length": Range(ge=1), "temperature": Range(gt=0), "top_p": Range(gt=0, le=1),
         "sample_steps": Range(ge=0), "missing_eos_penalty": Range(ge=0), "top_k": Range(ge=0),
@@ -143,6 +149,8 @@ class OnlineConfig(TrainConfig):
             self.reward_model_path = self.reward_model_name_or_path
         if self.reward_func_errors not in ("raise", "drop"):
             raise UserError(f"--reward_func_errors must be raise or drop, got {self.reward_func_errors!r}")
+        if self.use_transformers_paged or self.use_transformers_continuous_batching:
+            self.generation_backend = "paged"
         if self.generation_backend not in BACKENDS:
             raise UserError(f"--generation_backend must be one of {', '.join(BACKENDS)}, "
                             f"got {self.generation_backend!r}")
@@ -269,7 +277,8 @@ class OnlineSetup:
         self.config = config
         self.runtime = runtime = build_runtime(config)
         self.accelerator = acc = runtime.accelerator
-        self.tokenizer = tok = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        self.tokenizer = tok = apply_tokenizer_options(
+            load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code), config)
         self.prompts, self.eval_prompts = load_train_eval(
             config, build_prompt_examples, tok, is_main_process=acc.is_main_process,
             max_prompt_length=config.max_prompt_length, prompt_column=config.prompt_column)
@@ -282,8 +291,8 @@ class OnlineSetup:
             config.reward_funcs, config.reward_weights, with_reward_model=bool(config.reward_model_path)
         )
 
-        policy = load_causal_lm(config.model_name_or_path,
-                                trust_remote_code=config.trust_remote_code, use_kernels=config.use_kernels)
+        policy = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code,
+                                use_kernels=config.use_kernels, init_kwargs=model_init_kwargs(config))
         self.has_reference = need_reference
         self.ref_model = None
         if need_reference and not config.use_peft:  # with LoRA the reference is the policy, adapters disabled

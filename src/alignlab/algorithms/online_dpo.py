@@ -26,6 +26,7 @@ from alignlab.algorithms.online import OnlineConfig, OnlineSetup
 from alignlab.data.sequences import slice_rows
 from alignlab.losses.dpo import PairLogps, combined_reward_kind, preference_loss, preference_metrics
 from alignlab.train.config import Range
+from alignlab.train.trl_args import PolicyGradientTrlFields, VllmFields
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.train.steps import LossTerms
 from alignlab.train.types import Rollout, TrainResult
@@ -42,7 +43,7 @@ ONLINE_DPO_PLOTS = {
 
 
 @dataclass
-class OnlineDPOConfig(PreferenceLossConfig, OnlineConfig):
+class OnlineDPOConfig(PreferenceLossConfig, PolicyGradientTrlFields, VllmFields, OnlineConfig):
     """Settings of ``alignlab online-dpo``; names and defaults follow TRL 1.16's ``OnlineDPOConfig``. One step
     samples ``num_generations`` completions for each of ``per_device_train_batch_size *
     gradient_accumulation_steps`` prompts per process and makes one optimizer step. ``loss_type`` takes any preference loss ``alignlab dpo`` takes
@@ -56,6 +57,11 @@ class OnlineDPOConfig(PreferenceLossConfig, OnlineConfig):
     """Most tokens sampled per completion."""
     temperature: float = 0.9
     """Sampling temperature (TRL's default). The DPO log-probs are the policy's own (temperature 1), as TRL."""
+    max_length: int | None = 512
+    """TRL's cap on prompt+completion tokens for the log-probs; alignlab caps ``max_prompt_length`` and
+    ``max_new_tokens`` instead, and another value is refused (docs/trl.md)."""
+    vllm_gpu_memory_utilization: float = 0.55
+    """GPU memory share of a colocated vLLM (with ``use_vllm``; TRL's Online DPO default)."""
 
     num_generations: int = 2
     """Completions sampled per prompt; the highest-scored one is chosen and the lowest-scored one rejected (TRL's

@@ -25,6 +25,7 @@ from alignlab.errors import DataError, UserError
 from alignlab.losses.reward import bradley_terry_loss
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.models import load_reward_model, load_tokenizer
+from alignlab.train.trl_args import model_init_kwargs
 from alignlab.rollout.scoring import sequence_scores
 from alignlab.train.config import TrainConfig, resolve_bf16
 from alignlab.train.setup import load_train_eval
@@ -181,6 +182,7 @@ class RewardTrainer(Algorithm):
             pad_token_id=self.tokenizer.pad_token_id,
             trust_remote_code=config.trust_remote_code,
             use_kernels=config.use_kernels,
+            init_kwargs=model_init_kwargs(config),
         )
         self.model = self.runtime.prepare_model(model, task_type="SEQ_CLS", modules_to_save=["score"])
 

@@ -20,13 +20,14 @@ from alignlab.algorithms.online import GenerationBatchConfig, PolicyGradientAlgo
 from alignlab.errors import UserError
 from alignlab.losses.ppo import clipped_policy_loss
 from alignlab.train.config import Range
+from alignlab.train.trl_args import PolicyGradientTrlFields, VllmFields
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.train.types import TrainResult
 from alignlab.train.steps import LossTerms
 
 
 @dataclass
-class RLOOConfig(GenerationBatchConfig):
+class RLOOConfig(PolicyGradientTrlFields, VllmFields, GenerationBatchConfig):
     """Settings of ``alignlab rloo``; names and defaults follow TRL 1.16's ``RLOOConfig`` unless a field's
     docstring says otherwise. ``per_device_train_batch_size`` counts completions, as in TRL: one step samples
     ``per_device_train_batch_size * steps_per_generation`` completions per process (``steps_per_generation``
@@ -37,8 +38,12 @@ class RLOOConfig(GenerationBatchConfig):
     """Peak AdamW learning rate (TRL's RLOO default)."""
     num_generations: int = 2
     """Completions per prompt, >= 2 (each one's baseline is the mean reward of the others)."""
-    max_completion_length: int = 256
-    """Most tokens sampled per completion (TRL: 512; 256 here, as ``alignlab grpo``, for CPU budgets)."""
+    max_completion_length: int = 512
+    """Most tokens sampled per completion (TRL's default)."""
+    disable_dropout: bool = False
+    """Set every dropout probability to 0 (off by default, as TRL's RLOO)."""
+    shuffle_dataset: bool = True
+    """Shuffle the prompts each epoch (TRL's ``shuffle_dataset``; false: in data-set order)."""
     beta: float = 0.05
     """KL coefficient: ``beta * sum_t (log pi_old - log pi_ref)`` is subtracted from each completion's reward
     (TRL's default; 0: no reference model is loaded)."""

@@ -8,8 +8,9 @@ only at target positions -> token log-probs -> mean NLL -> optimizer step -> met
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -18,6 +19,7 @@ from alignlab.data.sft import build_sft_examples, collate_sft, pack_sft_examples
 from alignlab.errors import UserError
 from alignlab.methods import Method, register_method
 from alignlab.models import load_causal_lm
+from alignlab.train.trl_args import model_init_kwargs
 from alignlab.ops.logprobs import supports_packing, target_token_logps
 from alignlab.train.config import TrainConfig
 from alignlab.train.setup import load_train_eval
@@ -46,12 +48,12 @@ class SFTConfig(TrainConfig):
     packing: bool = False
     """Concatenate examples into rows of up to ``max_length`` tokens (first-fit decreasing), each example
     attending only to itself (restarting ``position_ids``); batch sizes then count packed rows."""
-    completion_only_loss: bool = True
-    """Train only on completion tokens of prompt-completion rows, and (unless ``assistant_only_loss`` says
-    otherwise) only on assistant turns of ``messages`` rows. False: every token is a target."""
-    assistant_only_loss: bool | None = None
-    """Conversational rows: train only on the tokens of assistant turns. Unset: follows
-    ``completion_only_loss`` (TRL's flag, which defaults to false there)."""
+    completion_only_loss: bool | None = None
+    """Train only on completion tokens of prompt-completion rows (unset: yes, as TRL). False: every token of
+    them is a target."""
+    assistant_only_loss: bool = False
+    """Conversational (``messages``) rows: train only on the tokens of assistant turns. Off by default, as in
+    TRL: every token of the conversation is a target."""
     dataset_text_field: str = "text"
     """Column holding plain text (language-modeling rows)."""
     prompt_column: str = "prompt"
@@ -60,18 +62,35 @@ class SFTConfig(TrainConfig):
     """Column holding the completion (prompt-completion rows)."""
     messages_column: str = "messages"
     """Column holding a conversation as a list of {role, content} messages."""
+    loss_type: Literal["nll", "dft"] = "nll"
+    """nll: mean negative log-likelihood of the target tokens; dft: each token's NLL weighted by its probability
+    (detached), Dynamic Fine-Tuning (Wu et al. 2025, arXiv 2508.05629; TRL's ``loss_type="dft"``)."""
+    packing_strategy: Literal["bfd"] = "bfd"
+    """How ``packing`` fills rows: bfd, sorting examples by length and filling rows first-fit (alignlab's packer
+    in place of TRL's best-fit decreasing: every example whole, isolated by restarting position ids). TRL's
+    ``wrapped`` (cutting examples across rows) is not offered."""
+    eval_packing: bool | None = None
+    """Pack the evaluation set too (unset: as ``packing``)."""
+    shuffle_dataset: bool = False
+    """Shuffle the training examples once (with ``seed``) before packing (TRL's ``shuffle_dataset``)."""
+    padding_free: bool = False
+    """Batches without padding. ``packing`` batches are padding-free already; without it alignlab pads (the same
+    numbers: padding is masked), so true logs a warning (docs/trl.md)."""
+    dataset_kwargs: dict[str, Any] | None = None
+    """TRL's data-set preparation options (``skip_prepare_dataset``): alignlab always prepares the rows, so any
+    value is refused (docs/trl.md)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.max_length is not None and self.max_length < 2:
             raise UserError(f"--max_length must be >= 2, got {self.max_length}")
-        if self.packing and self.max_length is None:
+        if (self.packing or self.eval_packing) and self.max_length is None:
             raise UserError("--packing needs --max_length (the length of a packed row)")
 
     @property
     def assistant_only(self) -> bool:
-        """Whether conversational rows train on assistant turns only."""
-        return self.completion_only_loss if self.assistant_only_loss is None else self.assistant_only_loss
+        """Whether conversational rows train on assistant turns only (``assistant_only_loss``)."""
+        return bool(self.assistant_only_loss)
 
 
 class SFTTrainer(Algorithm):
@@ -97,7 +116,7 @@ class SFTTrainer(Algorithm):
             is_main_process=self.accelerator.is_main_process,
             max_length=config.max_length,
             truncation_mode=config.truncation_mode,
-            completion_only_loss=config.completion_only_loss,
+            completion_only_loss=config.completion_only_loss is not False,
             assistant_only_loss=config.assistant_only,
             dataset_text_field=config.dataset_text_field,
             prompt_column=config.prompt_column,
@@ -105,16 +124,21 @@ class SFTTrainer(Algorithm):
             messages_column=config.messages_column,
         )
 
-        model = load_causal_lm(config.model_name_or_path,
-                               trust_remote_code=config.trust_remote_code, use_kernels=config.use_kernels)
-        if config.packing:
+        model = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code,
+                               use_kernels=config.use_kernels, init_kwargs=model_init_kwargs(config))
+        if config.shuffle_dataset:
+            random.Random(config.seed).shuffle(self.train_examples)
+        pack_eval = config.packing if config.eval_packing is None else config.eval_packing
+        if config.packing or pack_eval:
             if not supports_packing(model):
                 raise UserError(
                     f"--packing: model type {model.config.model_type!r} cannot keep packed examples apart "
                     "(its attention mask ignores position_ids); run without --packing"
                 )
-            self.train_examples = self._pack(self.train_examples, "train")
-            self.eval_examples = self._pack(self.eval_examples, "eval") if self.eval_examples else []
+            if config.packing:
+                self.train_examples = self._pack(self.train_examples, "train")
+            if pack_eval and self.eval_examples:
+                self.eval_examples = self._pack(self.eval_examples, "eval")
         self.model = self.runtime.prepare_model(model)
 
     # ------------------------------------------------------------------------------------------------------
@@ -142,6 +166,8 @@ class SFTTrainer(Algorithm):
             with_entropy=True,
         )
         count = max(token_logps.numel(), 1)  # a batch without targets gives a finite 0
+        if self.config.loss_type == "dft":  # TRL's dft_loss: -p.detach() * log p per token
+            token_logps = token_logps * token_logps.detach().exp()
         loss = -token_logps.sum() / count
         return [(loss, {"mean_token_accuracy": correct.float().sum() / count, "entropy": entropy.sum() / count})]
 

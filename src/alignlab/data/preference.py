@@ -234,6 +234,7 @@ def build_pair_examples(
     prompt_column: str = "prompt",
     chosen_column: str = "chosen",
     rejected_column: str = "rejected",
+    max_completion_length: int | None = None,
 ) -> tuple[list[dict[str, list[int]]], PairStats]:
     """Parse, tokenize and truncate rows into training examples.
 
@@ -245,6 +246,8 @@ def build_pair_examples(
         truncation_mode: ``keep_start`` (cut the end, as TRL), ``keep_end`` (cut the start), or ``drop``
             (drop pairs where either sequence is too long). Pairs whose prompt alone fills ``max_length``
             under ``keep_start`` are dropped, since no completion token would remain (as TRL does).
+        max_completion_length: keep at most the first this many tokens of each completion, before
+            ``max_length`` applies (TRL ORPO's and CPO's ``max_completion_length``; ``None``: no cap).
 
     Raises:
         DataError: on the first bad row (missing or empty field, wrong type), naming its location.
@@ -262,6 +265,9 @@ def build_pair_examples(
         if not pair.conversational and not (pair.chosen.strip() and pair.rejected.strip()):
             stats.empty_completion += 1
         tok = tokenize_pair(pair, tokenizer)
+        if max_completion_length is not None:
+            tok["chosen_ids"] = tok["chosen_ids"][:max_completion_length]
+            tok["rejected_ids"] = tok["rejected_ids"][:max_completion_length]
         n_prompt = len(tok["prompt_ids"])
         longest = n_prompt + max(len(tok["chosen_ids"]), len(tok["rejected_ids"]))
         if max_length is not None and longest > max_length:

@@ -672,18 +672,27 @@ def sft_loss(pair: PairLogps) -> Tensor:
     return _chosen_nll(pair)
 
 
+def _alphapo(logps: Tensor, alpha: float) -> Tensor:
+    """AlphaPO's reward shape ``(1 - p^-alpha) / alpha`` of a log-prob (``p = exp(logps)``); ``logps`` itself at
+    ``alpha = 0`` (its limit). Gupta et al. 2025, "AlphaPO" (arXiv 2501.03884); TRL's CPOTrainer ``alpha``."""
+    return logps if alpha == 0 else (1 - torch.exp(-alpha * logps)) / alpha
+
+
 @register_preference_loss(
     "simpo",
     needs_reference=False,
-    hyperparameters=("beta", "simpo_gamma", "label_smoothing"),
+    hyperparameters=("beta", "simpo_gamma", "label_smoothing", "alpha"),
     reward_kind="mean_logp",
     source="SimPO, Meng et al. 2024 (arXiv 2405.14734) eq. 6; TRL experimental CPOTrainer loss_type='simpo'",
 )
-def simpo_loss(pair: PairLogps, *, beta: float, simpo_gamma: float, label_smoothing: float = 0.0) -> Tensor:
+def simpo_loss(pair: PairLogps, *, beta: float, simpo_gamma: float, label_smoothing: float = 0.0,
+               alpha: float = 0.0) -> Tensor:
     """SimPO: DPO without a reference on per-token log-probs, with a target reward margin ``gamma``.
 
     ``z = beta (c / |y_w| - r / |y_l|) - gamma``; ``loss = -(1 - e) log sigmoid(z) - e log sigmoid(-z)``,
-    ``(B,)``; with ``e = 0`` it is the paper's eq. 6.
+    ``(B,)``; with ``e = 0`` it is the paper's eq. 6. ``alpha`` != 0 replaces each per-token log-prob by
+    AlphaPO's reward ``(1 - p^-alpha) / alpha`` (TRL CPOConfig's ``alpha``; the logged ``rewards/*`` stay
+    ``beta`` times the per-token log-probs).
 
     Source: Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward"
     (arXiv 2405.14734), eq. 6. TRL: experimental ``CPOTrainer`` with ``loss_type="simpo"`` (``beta``
@@ -696,7 +705,8 @@ def simpo_loss(pair: PairLogps, *, beta: float, simpo_gamma: float, label_smooth
     """
     _check_beta(beta)
     _check_smoothing(label_smoothing)
-    logits = _per_token(pair.chosen_logps, pair.chosen_lengths) - _per_token(pair.rejected_logps, pair.rejected_lengths)
+    logits = (_alphapo(_per_token(pair.chosen_logps, pair.chosen_lengths), alpha)
+              - _alphapo(_per_token(pair.rejected_logps, pair.rejected_lengths), alpha))
     logits = logits - simpo_gamma / beta  # TRL's order of operations
     return _smoothed_sigmoid(beta * logits, label_smoothing)
 
@@ -704,11 +714,12 @@ def simpo_loss(pair: PairLogps, *, beta: float, simpo_gamma: float, label_smooth
 @register_preference_loss(
     "cpo",
     needs_reference=False,
-    hyperparameters=("beta", "cpo_alpha", "label_smoothing"),
+    hyperparameters=("beta", "cpo_alpha", "label_smoothing", "alpha"),
     reward_kind="logp",
     source="CPO, Xu et al. 2024 (arXiv 2401.08417) eq. 3 + NLL; TRL experimental CPOTrainer loss_type='sigmoid'",
 )
-def cpo_loss(pair: PairLogps, *, beta: float, cpo_alpha: float, label_smoothing: float = 0.0) -> Tensor:
+def cpo_loss(pair: PairLogps, *, beta: float, cpo_alpha: float, label_smoothing: float = 0.0,
+             alpha: float = 0.0) -> Tensor:
     """CPO: reference-free DPO on summed log-probs plus ``cpo_alpha`` times the chosen NLL, ``(B,)``.
 
     ``z = beta (c - r)``; ``loss = -(1 - e) log sigmoid(z) - e log sigmoid(-z) + cpo_alpha * NLL`` with
@@ -717,14 +728,16 @@ def cpo_loss(pair: PairLogps, *, beta: float, cpo_alpha: float, label_smoothing:
     Source: Xu et al. 2024, "Contrastive Preference Optimization" (arXiv 2401.08417): the preference term
     is eq. 3 (DPO with a uniform reference, the limit TRL describes as beta -> 0), plus the NLL term.
     TRL: experimental ``CPOTrainer`` with ``loss_type="sigmoid"``; ``cpo_alpha`` default 1.0, ``beta``
-    default 0.1. TRL's ``alpha`` (AlphaPO reward shape) is not implemented: it is the ``alpha = 0`` case.
+    default 0.1. ``alpha`` != 0 replaces ``c`` and ``r`` by AlphaPO's rewards ``(1 - p^-alpha) / alpha`` (TRL's
+    ``alpha``; the NLL term and the logged ``rewards/*`` keep the log-probs).
 
     Raises:
         ValueError: beta <= 0 or label_smoothing outside [0, 0.5).
     """
     _check_beta(beta)
     _check_smoothing(label_smoothing)
-    preference = _smoothed_sigmoid(beta * (pair.chosen_logps - pair.rejected_logps), label_smoothing)
+    margin = _alphapo(pair.chosen_logps, alpha) - _alphapo(pair.rejected_logps, alpha)
+    preference = _smoothed_sigmoid(beta * margin, label_smoothing)
     if cpo_alpha == 0:  # TRL skips the NLL term entirely
         return preference
     return preference + cpo_alpha * _chosen_nll(pair)

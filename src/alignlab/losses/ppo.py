@@ -141,7 +141,7 @@ def _approxkl(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @POLICY_LOSSES.register("grpo", "bnpo", "dr_grpo", "dapo", hyperparameters={
     "cliprange": "epsilon", "cliprange_high": "epsilon_high", "importance_sampling_level": "importance_sampling_level",
-    "delta": None})
+    "delta": "delta"})
 def clipped_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from alignlab.errors import UserError
+from alignlab.train.trl_args import ModelArgumentsFields, TrainingArgumentsFields, TrlCommonFields
 
 
 def fast_bf16_available() -> bool:
@@ -141,8 +142,10 @@ def check_ranges(config: Any, values: dict[str, Any] | None = None) -> None:
 
 
 @dataclass
-class TrainConfig:
-    """Model, data, optimisation, precision, LoRA, logging and checkpointing settings."""
+class TrainConfig(TrlCommonFields, ModelArgumentsFields, TrainingArgumentsFields):
+    """Model, data, optimisation, precision, LoRA, logging and checkpointing settings. Every field of transformers'
+    ``TrainingArguments`` and TRL's ``ModelConfig`` is accepted with its name and default
+    (:mod:`alignlab.train.trl_args`); those documented below are the ones alignlab describes itself."""
 
     # --- model -----------------------------------------------------------------------------------------
     model_name_or_path: str | None = None
@@ -164,7 +167,8 @@ class TrainConfig:
     eval_dataset_name: str | None = None
     """Separate evaluation data, same forms as ``dataset_name``."""
     dataset_test_split: str = "test"
-    """Split of ``eval_dataset_name`` to evaluate on (hub datasets and saved DatasetDicts)."""
+    """Split to evaluate on (hub datasets and saved DatasetDicts): of ``eval_dataset_name`` when given, else, with
+    an ``eval_strategy`` other than "no" and no ``eval_split_size``, of ``dataset_name`` (as TRL's scripts)."""
     eval_split_size: float = 0.0
     """Hold out this part of the training data for evaluation: a fraction in (0, 1) or a row count >= 1.
     Ignored when ``eval_dataset_name`` is given. The split is random with ``seed``."""
@@ -197,10 +201,13 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0: no clipping)."""
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    """Learning-rate schedule after warm-up (transformers' ``get_scheduler``)."""
-    warmup_steps: int = 0
-    """Linear warm-up steps; overrides ``warmup_ratio`` when > 0."""
+    lr_scheduler_type: str = "linear"
+    """Learning-rate schedule after warm-up: any of transformers' ``SchedulerType`` names (linear, cosine,
+    cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, cosine_with_min_lr,
+    cosine_warmup_with_min_lr, warmup_stable_decay, ...), built by ``transformers.get_scheduler`` with
+    ``lr_scheduler_kwargs``."""
+    warmup_steps: float = 0
+    """Linear warm-up steps, or a ratio of the total steps when below 1; overrides ``warmup_ratio`` when > 0."""
     warmup_ratio: float = 0.0
     """Warm-up as a fraction of the total steps."""
     seed: int = 42
@@ -233,16 +240,19 @@ class TrainConfig:
     """Save the merged full model instead of the adapter."""
 
     # --- logging, evaluation, checkpoints --------------------------------------------------------------
-    logging_steps: int = 10
-    """Write a row to ``metrics.jsonl`` every this many optimizer steps (and at the last step)."""
-    report_to: list[str] | None = None
+    logging_steps: float = 10
+    """Write a row to ``metrics.jsonl`` every this many optimizer steps (and at the last step) with
+    ``logging_strategy`` steps; a value below 1 is a ratio of the total steps."""
+    report_to: list[str] | None = "none"
     """Experiment trackers that also get every ``metrics.jsonl`` row (TRL's flag, through accelerate):
     tensorboard, wandb, trackio, ... several at once, or none (the default). Local trackers write under
     ``output_dir/runs`` (wandb under ``output_dir/wandb``; ``WANDB_MODE=offline`` needs no network)."""
-    eval_steps: int | None = None
-    """Evaluate every this many steps; evaluation also runs once at the end whenever an eval set is given."""
-    save_steps: int = 500
-    """Write ``checkpoint-N/`` every this many steps (0: only the final model)."""
+    eval_steps: float | None = None
+    """Evaluate every this many steps (a ratio of the total steps when below 1) with ``eval_strategy`` steps,
+    or alone (then it implies steps); evaluation also runs once at the end whenever an eval set is given."""
+    save_steps: float = 500
+    """Write ``checkpoint-N/`` every this many steps (a ratio of the total steps when below 1) with
+    ``save_strategy`` steps (0: only the final model)."""
     save_total_limit: int | None = None
     """Keep at most this many checkpoints (oldest removed first)."""
     resume_from_checkpoint: str | None = None
@@ -253,7 +263,7 @@ class TrainConfig:
     """Worker processes for data loading."""
 
     # --- several processes (FSDP2) ---------------------------------------------------------------------
-    fsdp: str = ""
+    fsdp: str | None = None
     """Shard the trained model's parameters, gradients and optimizer state across processes with PyTorch
     FSDP2 (TrainingArguments' flag): ``full_shard``, ``shard_grad_op`` (parameters stay gathered between
     forward and backward), optionally with ``auto_wrap`` and ``offload``, space-separated; empty: DDP
@@ -278,10 +288,14 @@ class TrainConfig:
     0: stop at once on the first signal. alignlab's own flag (docs/faults.md)."""
 
     RANGES: ClassVar[dict[str, Range]] = {
-        "logging_steps": Range(ge=1),
+        "logging_steps": Range(gt=0),
+        "save_steps": Range(ge=0),
+        "warmup_steps": Range(ge=0),
+        "local_rank": Range(ge=-1),
+        "eval_delay": Range(ge=0),
         "lora_r": Range(ge=1),
         "lora_alpha": Range(ge=1),
-        "eval_steps": Range(ge=1),
+        "eval_steps": Range(gt=0),
         "save_total_limit": Range(ge=1),
         "max_steps": Range(ge=1, also=(-1,), why="or -1 to use --num_train_epochs"),
         "num_train_epochs": Range(ge=0),
@@ -300,7 +314,13 @@ class TrainConfig:
     ``__post_init__``; a subclass declares its own ``RANGES`` (merged with these, its own winning)."""
 
     def __post_init__(self) -> None:
+        from alignlab.train.schedule import check_steps
+        from alignlab.train.trl_args import check_trl_args
+
         check_ranges(self)
+        for name in ("logging_steps", "eval_steps", "save_steps", "warmup_steps"):
+            check_steps(name, getattr(self, name))
+        check_trl_args(self)
         self.bf16 = resolve_bf16(self.bf16)
         if self.max_steps < 0 and not self.num_train_epochs > 0:
             raise UserError(f"--num_train_epochs must be > 0, got {self.num_train_epochs}")

@@ -51,16 +51,12 @@ from alignlab.train.steps import (
     LossFn, NonfiniteSteps, all_finite, evaluate_terms, guarded_optimizer_step, run_update,
 )
 from alignlab.train.runtime import Runtime
+from alignlab.train.schedule import Cadence, build_optimizer, build_scheduler, loader_options, sync_reference
 from alignlab.train.tracking import Tracking
 from alignlab.train.types import Rollout, TrainResult
 from alignlab.train.window import MetricsWindow
 
 logger = logging.getLogger(__name__)
-
-def _fused_adamw_supported(params: list) -> bool:
-    # torch's fused AdamW kernel runs on CPU and CUDA for floating-point parameters (torch >= 2.4).
-    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters split for AdamW: matrices decay, vectors (biases, norm weights) do not."""
@@ -173,6 +169,7 @@ class Trainer:
             scores a batch of ``eval_batch_size`` eval prompts (called without gradients, model in eval mode);
             ``loss_fn`` then runs on ``batch``, and ``metrics`` join the ``eval_*`` means.
         eval_batch_size: eval examples per process per batch (default ``per_device_eval_batch_size``).
+        ref_model: the frozen reference model, updated towards the policy with ``sync_ref_model``.
 
     Raises:
         UserError: an empty training set, or fewer prompts than one rollout takes.
@@ -196,7 +193,12 @@ class Trainer:
         events: LoopEvents | None = None,
         eval_rollout_fn: Callable[[torch.nn.Module, list], tuple[dict, dict]] | None = None,
         eval_batch_size: int | None = None,
+        ref_model: torch.nn.Module | None = None,
     ):
+        from transformers.trainer_utils import TrainerMemoryTracker
+
+        self._memory = TrainerMemoryTracker(getattr(config, "skip_memory_metrics", True))  # transformers' metrics
+        self._memory.start()
         if len(train_dataset) == 0:
             raise UserError(f"the training set ({config.dataset_name}) is empty after preprocessing")
         self.rollout_fn = rollout_fn
@@ -207,6 +209,10 @@ class Trainer:
                 f"{len(train_dataset)}"
             )
         self.model_to_save = model_to_save or (lambda m: m)
+        self.ref_model = ref_model
+        if getattr(config, "sync_ref_model", False) and ref_model is None:
+            raise UserError("--sync_ref_model needs a reference model, and this run has none (a reference-free "
+                            "loss, --beta 0, or --use_peft)")
         self.config = config
         self.runtime = runtime
         self.accelerator = self.runtime.accelerator
@@ -224,6 +230,7 @@ class Trainer:
         self._eval_loader = None
         self.events = events or LoopEvents(config, model=model, processing_class=tokenizer,
                                            is_main_process=self.accelerator.is_main_process)
+        self._memory.stop_and_update_metrics()
 
     def _use_work_dir(self, work_dir: Path) -> None:
         """Write the run's files (metrics, samples, config, plots, checkpoints, the model) into ``work_dir``:
@@ -243,11 +250,8 @@ class Trainer:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
             collate_fn=list if online else self.collate_fn,
-            num_workers=self.config.dataloader_num_workers,
-            generator=torch.Generator().manual_seed(self.config.seed),
-            drop_last=online,
+            **loader_options(self.config, shuffle=shuffle, online=online, device=self.runtime.device),
         )
 
     def evaluate(self, model, step: int, record: bool = True) -> dict[str, float]:
@@ -380,33 +384,31 @@ class Trainer:
         with OutputFolder(cfg, self.accelerator) as self.folder, self.runtime.training(), \
                 StopSignals(cfg.stop_grace_period) as self._signals, reward_timeout(cfg.reward_timeout):
             self._use_work_dir(self.folder.work_dir)
-            tracking = Tracking(self.accelerator, config=config_as_dict(self.config), run_name=self.output_dir.name)
+            project = {} if cfg.project == "huggingface" else {"project_name": cfg.project}  # unset: "alignlab"
+            tracking = Tracking(self.accelerator, config=config_as_dict(self.config),
+                                run_name=cfg.run_name or self.output_dir.name, **project)
+            memory: dict[str, float] = {}  # with --skip_memory_metrics false: transformers' *_mem_* metrics
+            self._memory.start()
             try:
-                return self._train(tracking)
+                result = self._train(tracking)
             finally:
                 tracking.end_training()
+                self._memory.stop_and_update_metrics(memory)
+        if memory and self.accelerator.is_main_process:
+            self.metrics.append({"step": result.global_step, **memory})
+        result.train_metrics.update(memory)
+        return result
 
     def _setup(self, online: bool):
         """Optimizer, schedule, prepared model and loader, and the step count."""
         cfg, acc = self.config, self.accelerator
-        from transformers import get_scheduler
-
         train_loader = self._loader(self.train_dataset, self.batch_size, True, online=online)
-        groups = parameter_groups(self.model, cfg.weight_decay)
-        optimizer = torch.optim.AdamW(
-            groups,
-            lr=cfg.learning_rate,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon,
-            fused=_fused_adamw_supported([p for g in groups for p in g["params"]]),
-        )
+        optimizer = build_optimizer(cfg, self.model, parameter_groups(self.model, cfg.weight_decay))
         model, optimizer, train_loader = self.runtime.prepare(self.model, optimizer, train_loader)
         per_step = 1 if online else cfg.gradient_accumulation_steps
         steps_per_epoch = max(1, math.ceil(len(train_loader) / per_step))
         total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-        scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                                  num_training_steps=total_steps)
+        scheduler = build_scheduler(cfg, optimizer, total_steps)
         acc.register_for_checkpointing(scheduler)
         return model, optimizer, scheduler, train_loader, per_step, steps_per_epoch, total_steps
 
@@ -441,10 +443,15 @@ class Trainer:
         last_train: dict[str, float] = {}
         last_eval: dict[str, float] = {}
         train_start = time.perf_counter()
-        bar = tqdm(total=total_steps, initial=state.global_step, disable=not acc.is_main_process, desc="training",
-                   unit="step")
+        bar = tqdm(total=total_steps, initial=state.global_step, disable=not acc.is_main_process or cfg.disable_tqdm,
+                   desc="training", unit="step")
+        cadence = Cadence.from_config(cfg, total_steps)
+        if cfg.logging_nan_inf_filter:
+            window.finite_only.add("loss")
+        if cfg.eval_on_start and self.eval_dataset is not None and not state.global_step:
+            last_eval = self.evaluate(model, 0)
         model.train()
-        skip = state.steps_in_epoch
+        skip = 0 if cfg.ignore_data_skip else state.steps_in_epoch
         events = self.events
         events.train_begin(max_steps=total_steps, num_train_epochs=cfg.num_train_epochs, global_step=state.global_step,
                            epoch=state.epoch + state.steps_in_epoch / steps_per_epoch, model=model,
@@ -466,28 +473,35 @@ class Trainer:
                     state.global_step += 1
                     state.steps_in_epoch += 1
                     bar.update(1)
+                    epoch_end = state.steps_in_epoch >= steps_per_epoch
+                    cadence.after_step(state.global_step)
+                    if getattr(cfg, "sync_ref_model", False) and state.global_step % cfg.ref_model_sync_steps == 0:
+                        sync_reference(self.model_to_save(acc.unwrap_model(model)), self.ref_model,
+                                       cfg.ref_model_mixup_alpha)
                     epoch = round(state.epoch + state.steps_in_epoch / steps_per_epoch, 4)
                     control = events.step_end(state.global_step, epoch)  # a callback can stop, log, save, evaluate
                     is_last = state.global_step >= total_steps or control.should_training_stop
-                    if state.global_step % cfg.logging_steps == 0 or is_last or control.should_log:
+                    if cadence.log(state.global_step, epoch_end, is_last) or control.should_log:
                         row = {"step": state.global_step, "epoch": epoch}
                         row.update(window.row(online=online))
                         row["learning_rate"] = scheduler.get_last_lr()[0]
                         row["grad_norm"] = float(grad_norm)
                         row["nonfinite_steps"] = self.nonfinite.count
+                        if cfg.include_num_input_tokens_seen not in ("no", False):
+                            row["num_input_tokens_seen"] = row.get("num_tokens")
                         if acc.is_main_process:
                             self.metrics.append(row)
                         tracking.log(row, state.global_step)
                         events.log(row)
-                        bar.set_postfix(loss=f"{row['loss']:.4f}")
+                        bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
                         last_train = row
-                    if self.eval_dataset is not None and not is_last and (control.should_evaluate or (
-                            cfg.eval_steps and state.global_step % cfg.eval_steps == 0)):
+                    epochs = state.epoch + state.steps_in_epoch / steps_per_epoch
+                    if self.eval_dataset is not None and not is_last and (
+                            cadence.evaluate(state.global_step, epochs, epoch_end) or control.should_evaluate):
                         last_eval = self.evaluate(model, state.global_step)
                         events.evaluated(last_eval)
                         window.restart_clock()
-                    saved = not is_last and (control.should_save or (
-                        bool(cfg.save_steps) and state.global_step % cfg.save_steps == 0))
+                    saved = not is_last and (cadence.save(state.global_step, epoch_end) or control.should_save)
                     if saved:
                         self._save_checkpoint(state)
                         window.restart_clock()

@@ -105,8 +105,10 @@ class Runtime:
         """
         from alignlab.models import apply_lora
 
+        from alignlab.train.trl_args import prepare_options
+
         config = self.config
-        model.config.use_cache = False
+        model.config.use_cache = bool(getattr(config, "use_cache", False))
         if config.disable_dropout:
             disable_dropout(model)
         if config.use_peft:
@@ -117,10 +119,20 @@ class Runtime:
                 dropout=config.lora_dropout,
                 target_modules=config.lora_target_modules,
                 task_type=task_type,
-                modules_to_save=modules_to_save,
+                modules_to_save=[*(modules_to_save or []), *(getattr(config, "lora_modules_to_save", None) or [])]
+                or None,
+                use_rslora=getattr(config, "use_rslora", False),
+                use_dora=getattr(config, "use_dora", False),
+                target_parameters=getattr(config, "lora_target_parameters", None),
             )
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = getattr(config, "gradient_checkpointing_kwargs", None) or {"use_reentrant": False}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif getattr(config, "activation_checkpointing", None):  # transformers 5's name, with its own options
+            model.activation_checkpointing_enable(**(config.activation_checkpointing_kwargs or {}))
+        prepare_options(model, config)
+        if getattr(model, "is_quantized", False):  # bitsandbytes weights are placed when loaded
+            return model
         return model.to(self.device)
 
     def frozen_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -195,7 +207,7 @@ def build_runtime(config) -> Runtime:
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import set_seed
 
     from alignlab.train.tracking import accelerator_tracking_kwargs
 
@@ -208,16 +220,22 @@ def build_runtime(config) -> Runtime:
     else:  # torch < 2.6
         no_accelerator = not torch.cuda.is_available()
     fsdp_plugin = distributed.build_fsdp_plugin(config.fsdp, config.fsdp_config)
+    from alignlab.train.trl_args import accelerator_options
+
     accelerator = Accelerator(
-        cpu=no_accelerator,
+        cpu=no_accelerator or bool(getattr(config, "use_cpu", False)),
+        **accelerator_options(config),
         mixed_precision="no",
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         fsdp_plugin=fsdp_plugin,
         **accelerator_tracking_kwargs(config.report_to, config.output_dir),
     )
     distributed.enable_on_cpu(accelerator, fsdp_plugin)
     distributed.keep_loading_whole()
     set_seed(config.seed)
+    if getattr(config, "full_determinism", False):
+        from transformers import enable_full_determinism
+
+        enable_full_determinism(config.seed)
     cpu_kernels.configure(config.cpu_kernels)
     return Runtime(config, accelerator)
 

@@ -33,6 +33,23 @@ def split_rows(rows: list, eval_split_size: float, seed: int) -> tuple[list, lis
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
+def test_split_source(config: TrainConfig) -> tuple:
+    """Where TRL's scripts take the evaluation set when ``eval_strategy`` is not "no" and no other eval data is
+    given: the ``dataset_test_split`` split of ``dataset_name`` (a hub data set or a saved ``DatasetDict``).
+    Returns ``read_rows``' arguments.
+
+    Raises:
+        UserError: ``dataset_name`` is a single file or a built-in set, which has no such split.
+    """
+    from pathlib import Path
+
+    spec = config.dataset_name
+    if not isinstance(spec, str) or spec.startswith("builtin:") or Path(spec).is_file():
+        raise UserError(f"--eval_strategy {config.eval_strategy}: {spec} has no {config.dataset_test_split!r} split; "
+                        "give --eval_dataset_name or --eval_split_size")
+    return spec, {"config_name": config.dataset_config, "split": config.dataset_test_split}
+
+
 def load_train_eval(
     config: TrainConfig, build: Callable, tokenizer, *, is_main_process: bool = True, **build_kwargs
 ) -> tuple[list, list]:
@@ -49,6 +66,9 @@ def load_train_eval(
     rows = read_rows(config.dataset_name, config_name=config.dataset_config, split=config.dataset_train_split)
     if config.eval_dataset_name:
         eval_rows = read_rows(config.eval_dataset_name, config_name=config.dataset_config, split=config.dataset_test_split)
+    elif getattr(config, "eval_strategy", "no") != "no" and not config.eval_split_size:
+        spec, options = test_split_source(config)
+        eval_rows = read_rows(spec, **options)
     else:
         rows, eval_rows = split_rows(rows, config.eval_split_size, config.seed)
     train, stats = build(rows, tokenizer, **build_kwargs)

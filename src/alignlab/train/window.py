@@ -23,6 +23,7 @@ class MetricsWindow:
         self.tokens = 0  # this process's, since the last row
         self.train_seconds = 0.0  # this process's time in the updates (online), since the last row
         self.num_tokens = num_tokens  # TRL's name: every process's tokens since the start
+        self.finite_only: set[str] = set()  # metrics whose NaN / infinite values the means leave out
         self.start = time.perf_counter()
 
     def add(self, name: str, value) -> None:
@@ -39,8 +40,17 @@ class MetricsWindow:
         self.start = time.perf_counter()
 
     def means(self) -> dict[str, float]:
-        """Each metric's mean over the window (every process's values)."""
-        return {name: torch.cat(values).mean().item() for name, values in self.values.items() if values}
+        """Each metric's mean over the window (every process's values); a metric in :attr:`finite_only`
+        averages its finite values only (transformers' ``logging_nan_inf_filter``) and is left out of the row
+        when it has none."""
+        out = {}
+        for name, values in self.values.items():
+            merged = torch.cat(values) if values else torch.empty(0)
+            if name in self.finite_only:
+                merged = merged[torch.isfinite(merged)]
+            if merged.numel():
+                out[name] = merged.mean().item()
+        return out
 
     def row(self, *, online: bool) -> dict[str, float]:
         """The window's means plus ``tokens_per_second`` (all processes' tokens per second of the window),
