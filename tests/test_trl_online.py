@@ -181,7 +181,7 @@ def test_generation_batch_flags_are_checked(tiny_model_dir, prompts_file, reward
 # --- log_completions, evaluation, reward model ----------------------------------------------------------------
 def test_log_completions_and_evaluation_with_trl_names(tiny_model_dir, prompts_file, rewards_file, tmp_path):
     out = tmp_path / "ev"
-    cfg = _grpo(tiny_model_dir, prompts_file, rewards_file, out, max_steps=2, log_completions=True,
+    cfg = _grpo(tiny_model_dir, prompts_file, rewards_file, out, max_steps=2, log_completions=True, logging_steps=1,
                 eval_dataset_name=str(prompts_file), eval_steps=1, per_device_eval_batch_size=8)
     GRPOTrainer(cfg).train()
     rows = read_metrics(out)
