@@ -66,14 +66,15 @@ class OnlineDPOConfig(PreferenceLossConfig, PolicyGradientTrlFields, VllmFields,
     num_generations: int = 2
     """Completions sampled per prompt; the highest-scored one is chosen and the lowest-scored one rejected (TRL's
     Online DPO: always 2). More than 2 widens the reward gap of the pairs and makes ties rarer, at the cost of
-    sampling and scoring them; only the pair is trained on, so training costs the same."""
+    sampling and scoring them; only the pair is trained on, so training costs the same (with 4, Online DPO
+    first rose above the base model at compare's default preset: benchmarks/README.md, "Online DPO's pairs")."""
     drop_tied_pairs: bool = True
     """Leave a pair whose two completions get the same score out of the loss (the step's loss is the mean over
     the other pairs; a step whose pairs all tie changes nothing but the optimizer's state). TRL keeps such a
     pair with the first completion as chosen, which trains toward an arbitrary one of two equal completions; with
-    a rule-based reward of few distinct values ties are common (kid-stories at compare's default preset: about
-    a third of the pairs), and they made Online DPO drift from the base model without raising the reward
-    (benchmarks/README.md, "Online DPO's tied pairs"). ``false``: TRL's behaviour. Logged as
+    a rule-based reward of few distinct values ties are common (kid-stories at compare's default preset: a
+    quarter of the pairs of two), and leaving them out cut Online DPO's drift from the base model by a third
+    (benchmarks/README.md, "Online DPO's pairs"). ``false``: TRL's behaviour. Logged as
     ``frac_reward_zero_std`` (TRL GRPO's name for groups whose completions all score the same)."""
 
     RANGES: ClassVar[dict[str, Range]] = {"max_new_tokens": Range(ge=1)}
