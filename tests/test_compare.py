@@ -278,3 +278,16 @@ def test_tune_chooses_on_the_validation_split_of_the_training_prompts(tiny_model
     assert "validation split" in fairness["sentence"] and any("optimizer steps" in x for x in fairness["equalised"])
     page = html.unescape((out / "report.html").read_text())
     assert fairness["sentence"] in page and "validation reward" in page
+
+
+def test_fairness_names_the_shared_group_size():
+    from alignlab.experiments.tuning import fairness
+
+    budget = dict(max_steps=8, train_prompts=32, prompts_per_step=4, max_new_tokens=40, temperature=1.0, seeds=[42],
+                  eval_prompts=32, eval_samples_per_prompt=1, grpo_num_generations=4,
+                  learning_rate={"dpo": 2e-5, "grpo": 2e-5, "online-dpo": 2e-5})
+    fair = fairness(budget, None, None, ["dpo", "grpo", "online-dpo"])
+    assert "4 sampled completions per prompt for grpo, online-dpo (Online DPO trains on the best and the worst of " \
+           "them)" in fair["equalised"]
+    assert not any("completions per prompt" in x for x in fairness(budget, None, None, ["dpo"])["equalised"])
+    assert fair["sentence"].startswith("Nothing was tuned in this run; learning rates: dpo 2e-05, grpo 2e-05")

@@ -135,6 +135,10 @@ def grid(start: float, factors: list[float]) -> list[float]:
     return out
 
 
+GROUP_SAMPLING_METHODS = ("grpo", "rloo", "reinforce-pp", "remax", "online-dpo")
+"""The compare methods that sample ``--num_generations`` completions per prompt (PPO samples one)."""
+
+
 def fairness(budget: dict[str, Any], tuning: dict[str, dict[str, Any]] | None, tune_info: dict[str, Any] | None,
              methods: list[str]) -> dict[str, Any]:
     """What ``compare`` held equal between the methods and what it tuned per method, for ``results.json`` and
@@ -146,6 +150,10 @@ def fairness(budget: dict[str, Any], tuning: dict[str, dict[str, Any]] | None, t
              f"a completion budget of {budget['max_new_tokens']} tokens at temperature {budget['temperature']}",
              f"seed(s) {', '.join(str(s) for s in budget['seeds'])}",
              f"{budget['eval_prompts']} held-out prompts, {budget['eval_samples_per_prompt']} sampled completion(s) each"]
+    group = [m for m in methods if m in GROUP_SAMPLING_METHODS]
+    if group and budget.get("grpo_num_generations"):
+        equal.append(f"{budget['grpo_num_generations']} sampled completions per prompt for {', '.join(group)} "
+                     "(Online DPO trains on the best and the worst of them)")
     differs = ["sampled tokens and training tokens per step (each method's num_tokens), hence FLOPs and wall time",
                "what each step trains on: offline pairs sampled once from the base model (DPO family) or the "
                "policy's own samples (online methods)"]
