@@ -38,6 +38,19 @@ class _Exit(Exception):
         self.code = code
 
 
+def _optional_bool(value):
+    """A ``bool | None`` flag's value: "auto" (or None) is None, decide for me; otherwise transformers'
+    ``string_to_bool`` (true/false/yes/no/1/0)."""
+    from transformers.hf_argparser import string_to_bool
+
+    if value is None or (isinstance(value, str) and value.lower() == "auto"):
+        return None
+    try:
+        return string_to_bool(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected true, false or auto, got {value!r}") from None
+
+
 def _parser(prog: str, config_cls):
     from transformers import HfArgumentParser
 
@@ -52,8 +65,8 @@ def _parser(prog: str, config_cls):
     optional_bools = {f.name for f in dataclasses.fields(config_cls) if str(f.type).replace(" ", "") == "bool|None"}
     for action in parser._actions:
         name = action.dest
-        if name in optional_bools:  # unset means "decide for me"; a bare --flag means true, as for plain bools
-            action.nargs, action.const = "?", True
+        if name in optional_bools:  # unset ("auto") means "decide for me"; a bare --flag means true, as for bools
+            action.nargs, action.const, action.type = "?", True, _optional_bool
         if name in docs and not action.help:
             # argparse %-formats help strings; HfArgumentParser's formatter appends "(default: ...)" itself
             action.help = docs[name].replace("%", "%%")

@@ -79,6 +79,9 @@ class OnlineDPOConfig(PreferenceLossConfig, PolicyGradientTrlFields, VllmFields,
 
     RANGES: ClassVar[dict[str, Range]] = {"max_new_tokens": Range(ge=1)}
     """The ranges of the numeric flags (:func:`alignlab.train.config.check_ranges`)."""
+    TRAIN_ROWS_PER_PROMPT: ClassVar[int] = 2
+    """Rows of a training micro-batch per prompt (its chosen and rejected completions), for the memory estimate of
+    ``--gradient_checkpointing auto``."""
 
     def __post_init__(self) -> None:
         self._check_loss_types()

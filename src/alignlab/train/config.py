@@ -26,6 +26,15 @@ def fast_bf16_available() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def auto_to_none(config: Any) -> None:
+    """Read the value "auto" of every ``bool | None`` field of a config dataclass as ``None`` (unset: decide for
+    me), as the command line and YAML do (``bf16="auto"``, ``gradient_checkpointing="auto"``)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, str) and value.lower() == "auto" and str(f.type).replace(" ", "") == "bool|None":
+            setattr(config, f.name, None)
+
+
 def resolve_bf16(value: bool | None) -> bool:
     """``value``, or :func:`fast_bf16_available` when unset."""
     return fast_bf16_available() if value is None else bool(value)
@@ -218,9 +227,10 @@ class TrainConfig(TrlCommonFields, ModelArgumentsFields, TrainingArgumentsFields
     """bfloat16 autocast with float32 master weights. Unset: on where bf16 matrix products are fast (a CUDA GPU
     with bf16, a CPU with AMX or AVX512-BF16: several times faster than float32 there), off elsewhere (a CPU
     without them emulates bf16, tens of times slower than float32)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory at ~30% more compute. Off by default
-    (TRL turns it on): models of the size trained on CPU fit without it."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass to save memory at ~30% more compute. Unset ("auto"): on when
+    the estimated activations of the largest micro-batch exceed half the memory available (host RAM on CPU, free
+    GPU memory), off otherwise, decided before training and logged (:mod:`alignlab.train.checkpointing`)."""
     cpu_kernels: Literal["auto", "reuse_memory", "off"] = "auto"
     """The CPU speed layer (:mod:`alignlab.ops.cpu_kernels`): auto turns on oneDNN linear layers for float32
     training forwards and for decoding where they apply (measured faster on the CPUs benchmarked:
@@ -320,6 +330,7 @@ class TrainConfig(TrlCommonFields, ModelArgumentsFields, TrainingArgumentsFields
         check_ranges(self)
         for name in ("logging_steps", "eval_steps", "save_steps", "warmup_steps"):
             check_steps(name, getattr(self, name))
+        auto_to_none(self)
         check_trl_args(self)
         self.bf16 = resolve_bf16(self.bf16)
         if self.max_steps < 0 and not self.num_train_epochs > 0:

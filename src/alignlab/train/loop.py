@@ -402,6 +402,7 @@ class Trainer:
     def _setup(self, online: bool):
         """Optimizer, schedule, prepared model and loader, and the step count."""
         cfg, acc = self.config, self.accelerator
+        self.runtime.auto_checkpointing(self.model, self.train_dataset, self.collate_fn, online=online)
         train_loader = self._loader(self.train_dataset, self.batch_size, True, online=online)
         optimizer = build_optimizer(cfg, self.model, parameter_groups(self.model, cfg.weight_decay))
         model, optimizer, train_loader = self.runtime.prepare(self.model, optimizer, train_loader)

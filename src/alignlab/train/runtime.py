@@ -98,13 +98,15 @@ class Runtime:
                       modules_to_save: list[str] | None = None) -> torch.nn.Module:
         """Ready a freshly loaded model for training as the config asks: no KV cache, dropout off when
         ``disable_dropout``, LoRA adapters when ``use_peft`` (peft ``task_type``, ``modules_to_save``),
-        gradient checkpointing when asked, then moved to the device. Returns the (possibly peft-wrapped) model.
+        gradient checkpointing when asked (unset, "auto": :meth:`auto_checkpointing`, which the loop calls once it
+        knows the data), then moved to the device. Returns the (possibly peft-wrapped) model.
 
         Raises:
             UserError: ``--lora_target_modules`` names no layer of the model.
         """
         from alignlab.models import apply_lora
 
+        from alignlab.train import checkpointing
         from alignlab.train.trl_args import prepare_options
 
         config = self.config
@@ -125,15 +127,22 @@ class Runtime:
                 use_dora=getattr(config, "use_dora", False),
                 target_parameters=getattr(config, "lora_target_parameters", None),
             )
-        if config.gradient_checkpointing:
-            kwargs = getattr(config, "gradient_checkpointing_kwargs", None) or {"use_reentrant": False}
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if config.gradient_checkpointing:  # unset (auto): decided by the loop once it knows the data
+            checkpointing.enable(model, config)
         elif getattr(config, "activation_checkpointing", None):  # transformers 5's name, with its own options
             model.activation_checkpointing_enable(**(config.activation_checkpointing_kwargs or {}))
         prepare_options(model, config)
         if getattr(model, "is_quantized", False):  # bitsandbytes weights are placed when loaded
             return model
         return model.to(self.device)
+
+    def auto_checkpointing(self, model: torch.nn.Module, dataset, collate_fn, *, online: bool) -> bool:
+        """``--gradient_checkpointing auto``: turn checkpointing on in ``model`` (prepared by
+        :meth:`prepare_model`) when the activations of the largest micro-batch of ``dataset`` would take more than
+        half the memory available (:func:`alignlab.train.checkpointing.resolve_auto`). Returns whether it is on."""
+        from alignlab.train.checkpointing import resolve_auto
+
+        return resolve_auto(self, model, dataset, collate_fn, online=online)
 
     def frozen_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` as a frozen model (a reference or reward model): on the device, in eval mode, without
