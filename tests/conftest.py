@@ -116,3 +116,13 @@ def prompts_file(tmp_path) -> Path:
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a ``torchrun --master_port``: a fixed one can still be held by
+    another run's processes (or linger after one), and then the two runs' processes meet in one store."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_metrics
+from tests.conftest import free_port, read_metrics
 
 
 @pytest.mark.integration
@@ -17,7 +17,7 @@ def test_torchrun_two_processes(tiny_model_dir, pairs_file, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         "-m", "alignlab.cli", "dpo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(pairs_file),
         "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1",
         "--eval_split_size", "4", "--learning_rate", "1e-3", "--save_steps", "1",
@@ -48,8 +48,8 @@ def _env():
     return env
 
 
-def _torchrun(port: int, *argv: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+def _torchrun(*argv: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "alignlab.cli", *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -102,8 +102,7 @@ def test_fsdp_matches_one_process(method, tiny_model_dir, tmp_path):
     if method == "sft":  # LoRA under FSDP2: trainable adapters on a frozen, sharded base
         common += ["--use_peft", "--lora_r", "4", "--lora_dropout", "0"]
     fsdp = tmp_path / "fsdp"
-    port = {"dpo": 29531, "sft": 29532, "reward": 29533}[method]
-    proc = _torchrun(port, method, *common, "--output_dir", str(fsdp), "--fsdp", "full_shard auto_wrap",
+    proc = _torchrun(method, *common, "--output_dir", str(fsdp), "--fsdp", "full_shard auto_wrap",
                      "--save_steps", "2")
     one = tmp_path / "one"
     _one_process(method, *common, "--output_dir", str(one), "--gradient_accumulation_steps", "2", "--save_steps", "0")
@@ -137,7 +136,7 @@ def test_fsdp_matches_one_process(method, tiny_model_dir, tmp_path):
 
     shutil.copytree(fsdp / "checkpoint-2", resumed / "checkpoint-2")
     (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in (fsdp / "metrics.jsonl").read_text().splitlines()[:2]))
-    _torchrun(29534, method, *common, "--output_dir", str(resumed), "--fsdp", "full_shard auto_wrap",
+    _torchrun(method, *common, "--output_dir", str(resumed), "--fsdp", "full_shard auto_wrap",
               "--save_steps", "2", "--resume_from_checkpoint", "true")
     _assert_same_trajectory(fsdp, resumed, rel=1e-6)
     c = load_file(resumed / "model.safetensors")
@@ -163,9 +162,8 @@ def test_fsdp_online_matches_ddp(method, extra, tiny_model_dir, rewards_file, tm
     common = ["--model_name_or_path", tiny_model_dir, "--dataset_name", str(_prompts(tmp_path)), "--max_steps", "3",
               "--logging_steps", "1", "--learning_rate", "1e-3", "--bf16", "false", "--save_steps", "0",
               "--reward_funcs", f"{rewards_file}:short", "--sample_steps", "1", *extra]
-    port = {"grpo": 29541, "ppo": 29543, "online-dpo": 29545}[method]
-    _torchrun(port, method, *common, "--output_dir", str(tmp_path / "ddp"))
-    _torchrun(port + 1, method, *common, "--output_dir", str(tmp_path / "fsdp"), "--fsdp", "full_shard")
+    _torchrun(method, *common, "--output_dir", str(tmp_path / "ddp"))
+    _torchrun(method, *common, "--output_dir", str(tmp_path / "fsdp"), "--fsdp", "full_shard")
     ddp_samples = (tmp_path / "ddp" / "samples.jsonl").read_text().splitlines()
     assert len(ddp_samples) >= 3 * 2  # every step, the main process's prompts
     assert (tmp_path / "fsdp" / "samples.jsonl").read_text().splitlines() == ddp_samples  # the same completions
@@ -206,12 +204,12 @@ ref = runtime.frozen_model(AutoModelForCausalLM.from_pretrained(path))  # FSDP2 
 (``ref``)."""
 
 
-def _run_sharded(script: str, tiny_model_dir: str, tmp_path: Path, port: int, timeout: int = 600) -> list[list[str]]:
+def _run_sharded(script: str, tiny_model_dir: str, tmp_path: Path, timeout: int = 600) -> list[list[str]]:
     """Run :data:`_SHARDED_PRELUDE` + ``script`` on 2 processes; the words after ``RESULT`` of each printed
     result line."""
     path = tmp_path / "script.py"
     path.write_text(_SHARDED_PRELUDE + script)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(path), tiny_model_dir, str(tmp_path / "out")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout,
                           cwd=Path(__file__).parents[1])
@@ -244,7 +242,7 @@ print(f"RESULT {acc.process_index} {local} {total} {layers} {diff} {any(p.requir
 def test_frozen_models_are_sharded_under_fsdp(tiny_model_dir, tmp_path):
     """The reference (and reward) model under --fsdp: each process holds half the weights, each decoder layer is
     a unit, and a forward (different inputs on each process) gives the whole model's logits."""
-    results = _run_sharded(_FROZEN_SCRIPT, tiny_model_dir, tmp_path, 29551)
+    results = _run_sharded(_FROZEN_SCRIPT, tiny_model_dir, tmp_path)
     assert sorted(r[0] for r in results) == ["0", "1"]
     for _, local, total, layers, diff, trainable in results:
         assert abs(int(local) - int(total) / 2) <= 64  # half the weights, up to the rounding of odd dimensions
@@ -281,6 +279,6 @@ def test_sampling_from_a_sharded_policy_keeps_processes_together(tiny_model_dir,
     """A policy sharded over two processes, one of which finishes its completions long before the other: the
     first keeps joining the other's forwards (a process that stopped early would leave the other waiting on
     the weights' all-gather), and both get the whole model's greedy completions."""
-    lengths = {r[0]: r[1:] for r in _run_sharded(_SAMPLING_SCRIPT, tiny_model_dir, tmp_path, 29553, timeout=300)}
+    lengths = {r[0]: r[1:] for r in _run_sharded(_SAMPLING_SCRIPT, tiny_model_dir, tmp_path, timeout=300)}
     assert int(lengths["0"][0]) <= 3 and lengths["1"] == ["40", "40"], lengths
 

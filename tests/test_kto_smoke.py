@@ -11,7 +11,7 @@ import torch
 from alignlab.algorithms.kto import KTOConfig, KTOTrainer, check_class_weights, subset_means
 from alignlab.data.unpaired import build_unpaired_examples, collate_unpaired
 from alignlab.losses.kto import kto_loss
-from tests.conftest import one_line, read_metrics, run_cli
+from tests.conftest import free_port, one_line, read_metrics, run_cli
 
 
 @pytest.fixture
@@ -167,7 +167,7 @@ def test_two_processes_reduce_subset_metrics_without_hanging(tiny_model_dir, unp
     out = tmp_path / "ddp"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "alignlab.cli", "kto", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(unpaired_file),
            "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "2", "--logging_steps", "1",
            "--learning_rate", "1e-3", "--save_steps", "0", "--bf16", "false", "--eval_split_size", "2"]

@@ -388,12 +388,9 @@ def test_chunked_head_under_fsdp2(tiny_model_dir, tmp_path):
 
     script = tmp_path / "script.py"
     script.write_text(_FSDP_SCRIPT)
-    import socket
+    from tests.conftest import free_port
 
-    with socket.socket() as sock:  # a free port: a fixed one can still be held by another run's processes
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(script), tiny_model_dir, str(tmp_path / "out")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
