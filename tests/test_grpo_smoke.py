@@ -163,3 +163,29 @@ def test_kl_bias_correction_keeps_the_value_on_policy_and_adds_kl_times_grad_log
     assert any(d.abs().max() > 0 for d in difference)
     for d, p in zip(difference, params):
         torch.testing.assert_close(d, torch.zeros_like(p) if p.grad is None else p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_top_entropy_quantile_and_off_policy_mask_shape_the_loss(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    """TRL's top_entropy_quantile and off_policy_mask_threshold: the policy term counts only the high-entropy
+    tokens of the sequences kept, the reduction (dapo) still divides by every token."""
+    from alignlab.losses.ppo import high_entropy_mask
+
+    trainer = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "r",
+                                  top_entropy_quantile=0.25, off_policy_mask_threshold=0.1))
+    with torch.no_grad():
+        rollout = trainer.rollout(trainer.policy, trainer.prompts[:2], 1)
+        mb = {**rollout.updates[0][0], **rollout.scalars}
+        mask = mb["response_mask"].bool()
+        logps, entropy = trainer.setup.logps(trainer.policy, mb, with_entropy=True)
+        adv = mb["advantages"]
+        # old log-probs one nat above the current ones: every negative-advantage sequence is off-policy (KL 1 > 0.1)
+        old = torch.where(mask, logps + 1.0, 0.0)
+        [(loss, _)] = trainer.compute_loss(trainer.policy, {**mb, "old_logps": old})
+        per_token = clipped_policy_loss(logps, old, adv, mask)[0]
+        keep = high_entropy_mask(entropy, mask, 0.25) & (adv >= 0).unsqueeze(1)
+        expected = aggregate_token_loss(per_token * keep, mask, loss_type="dapo",
+                                        num_items_in_batch=mb["num_items_in_batch"])
+        plain = aggregate_token_loss(per_token, mask, loss_type="dapo", num_items_in_batch=mb["num_items_in_batch"])
+    assert 0 < keep.sum() < mask.sum() and (adv < 0).any()
+    assert float(loss) == pytest.approx(float(expected), abs=1e-6)
+    assert float(loss) != pytest.approx(float(plain), abs=1e-6)

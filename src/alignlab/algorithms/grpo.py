@@ -20,7 +20,8 @@ import torch
 from alignlab.algorithms.online import GenerationBatchConfig, PolicyGradientAlgorithm, group_sampling_args
 from alignlab.errors import UserError
 from alignlab.losses.ppo import (
-    aggregate_token_loss, clip_ratio_metrics, get_policy_loss, importance_weights, policy_loss_kwargs,
+    aggregate_token_loss, clip_ratio_metrics, get_policy_loss, high_entropy_mask, importance_weights,
+    off_policy_sequence_mask, policy_loss_kwargs,
 )
 from alignlab.train.config import Range
 from alignlab.train.trl_args import GRPOTrlFields, PolicyGradientTrlFields, VllmFields
@@ -96,7 +97,8 @@ class GRPOConfig(GRPOTrlFields, PolicyGradientTrlFields, VllmFields, GenerationB
     RANGES: ClassVar[dict[str, Range]] = {
         "max_completion_length": Range(ge=1), "num_iterations": Range(ge=1), "beta": Range(ge=0),
         "epsilon": Range(gt=0, lt=1), "epsilon_high": Range(gt=0), "sapo_temperature_pos": Range(gt=0),
-        "sapo_temperature_neg": Range(gt=0), "delta": Range(gt=1),
+        "sapo_temperature_neg": Range(gt=0), "delta": Range(gt=1), "top_entropy_quantile": Range(ge=0, le=1),
+        "off_policy_mask_threshold": Range(gt=0),
     }
     """The ranges of the numeric flags (:func:`alignlab.train.config.check_ranges`; ``num_generations`` >= 2 is
     :data:`~alignlab.train.config.FIELD_RANGES`')."""
@@ -150,14 +152,24 @@ class GRPOTrainer(PolicyGradientAlgorithm):
         """Clipped surrogate (+ ``beta`` k3 KL, times the importance weight with ``use_bias_correction_kl``) per
         token, reduced by ``loss_type``, on one micro-batch. Metrics (TRL 1.16's): ``entropy``, the clip statistics
         of :func:`~alignlab.losses.ppo.clip_ratio_metrics` (``cispo_clip_ratio`` for cispo, none for sapo) and
-        ``kl`` with ``beta`` > 0."""
+        ``kl`` with ``beta`` > 0. As TRL, the policy term (not the KL) is multiplied by the off-policy sequence
+        mask (``off_policy_mask_threshold``, :func:`~alignlab.losses.ppo.off_policy_sequence_mask`) and the
+        high-entropy token mask (``top_entropy_quantile`` < 1, :func:`~alignlab.losses.ppo.high_entropy_mask`,
+        the quantile over every process's tokens of the micro-batch); the reduction still counts every token."""
         cfg = self.config
         mask = batch["response_mask"].bool()
         metrics: dict[str, Any] = {}
-        logps, old_logps = self.current_and_old_logps(model, batch, metrics)  # + TRL's entropy
+        entropies: list[torch.Tensor] = []
+        logps, old_logps = self.current_and_old_logps(model, batch, metrics, entropies=entropies)  # + TRL's entropy
         # the loss's hyperparameters, read from the config as the policy-loss registry declares them
         per_token, policy_metrics = get_policy_loss(cfg.loss_type)(
             logps, old_logps, batch["advantages"], mask, **policy_loss_kwargs(cfg.loss_type, cfg))
+        if cfg.off_policy_mask_threshold is not None:
+            per_token = per_token * off_policy_sequence_mask(
+                batch["advantages"], logps, old_logps, mask, cfg.off_policy_mask_threshold)
+        if cfg.top_entropy_quantile < 1.0:
+            per_token = per_token * high_entropy_mask(entropies[0], mask, cfg.top_entropy_quantile,
+                                                      pool=self._gathered(entropies[0][mask]))
         if cfg.loss_type == "cispo":
             metrics["cispo_clip_ratio"] = policy_metrics["policy/clipfrac"]
         elif cfg.loss_type != "sapo":  # TRL's clip statistics of the clipped losses
@@ -176,6 +188,16 @@ class GRPOTrainer(PolicyGradientAlgorithm):
             num_items_in_batch=batch["num_items_in_batch"],
         )
         return [(loss, metrics)]
+
+
+    def _gathered(self, values: torch.Tensor) -> torch.Tensor:
+        """1-D ``values`` of every process, concatenated (TRL's pad-gather-drop with a negative sentinel)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return values
+        sentinel = -1e9  # entropies are >= 0
+        gathered = acc.gather(acc.pad_across_processes(values.float(), dim=0, pad_index=sentinel))
+        return gathered[gathered != sentinel]
 
 
 def train_grpo(config: GRPOConfig) -> TrainResult:

@@ -620,17 +620,22 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
 
     # --- loss helpers ---------------------------------------------------------------------------------------
     def current_and_old_logps(self, model, batch: dict[str, torch.Tensor],
-                              metrics: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              metrics: dict[str, Any] | None = None, *,
+                              entropies: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(N, L)`` completion-token log-probs of ``batch`` under ``model`` (with gradients) and the old
         policy's: the batch's ``old_logps``, or the current ones detached when the batch has none (one pass:
         the ratio is exactly 1). Given ``metrics``, puts TRL's ``entropy`` there: the mean over the batch's
         ``response_mask`` tokens of the entropy of the policy's ``softmax(logits / temperature)``, from the
-        same forward (the chunked output head's running statistics: no ``(tokens x vocabulary)`` logits)."""
-        if metrics is None:
+        same forward (the chunked output head's running statistics: no ``(tokens x vocabulary)`` logits); given
+        the list ``entropies``, appends the ``(N, L)`` detached per-token entropies to it."""
+        if metrics is None and entropies is None:
             logps = self.setup.logps(model, batch)
         else:
             logps, entropy = self.setup.logps(model, batch, with_entropy=True)
-            metrics["entropy"] = masked_mean_or_zero(entropy, batch["response_mask"].bool())
+            if metrics is not None:
+                metrics["entropy"] = masked_mean_or_zero(entropy, batch["response_mask"].bool())
+            if entropies is not None:
+                entropies.append(entropy)
         return logps, batch["old_logps"] if "old_logps" in batch else logps.detach()
 
     def clipped_token_loss(self, model, batch: dict[str, torch.Tensor], *, epsilon: float,

@@ -207,10 +207,8 @@ EXCEPTIONS: dict[str, Unsupported] = {
                                        "weights and bf16 autocast)"),
     "multi_objective_aggregation": Unsupported("normalize_then_sum is not implemented; rewards are summed, then "
                                               "normalised per group"),
-    "top_entropy_quantile": Unsupported("entropy-based token selection is not implemented"),
     "entropy_coef": Unsupported("the entropy bonus is not implemented"),
     "use_adaptive_entropy": Unsupported("adaptive entropy control is not implemented"),
-    "off_policy_mask_threshold": Unsupported("off-policy sequence masking is not implemented"),
     "ld_alpha": Unsupported("LD-DPO's length weighting is not implemented"),
     "f_divergence_type": Unsupported("f-DPO divergences other than reverse_kl are not implemented"),
     "use_weighting": Unsupported("WPO weighting is not implemented"),
@@ -531,7 +529,9 @@ class GRPOTrlFields:
     """Several rewards: weighted sum, then the group normalisation (TRL's default, what alignlab does);
     normalize_then_sum is not offered (docs/trl.md)."""
     top_entropy_quantile: float = 1.0
-    """Keep only the top quantile of tokens by entropy in the loss (not implemented below 1: docs/trl.md)."""
+    """rho of "Beyond the 80/20 Rule" (arXiv 2506.01939): only the top ``rho`` share of completion tokens by the
+    policy's entropy count in the policy loss (the quantile over the micro-batch of every process, as TRL); 1.0
+    keeps all, 0.0 only the highest; the paper recommends 0.2."""
     entropy_coef: float = 0.0
     """Entropy bonus weight (not implemented: docs/trl.md)."""
     use_adaptive_entropy: bool = False
@@ -557,7 +557,9 @@ class GRPOTrlFields:
     vllm_importance_sampling_cap: float | None = None
     """TRL's deprecated name of ``vllm_importance_sampling_clip_max`` (with ``use_vllm``)."""
     off_policy_mask_threshold: float | None = None
-    """Mask off-policy sequences with negative advantages (not implemented: docs/trl.md)."""
+    """DeepSeek-V3.2's off-policy sequence masking (arXiv 2512.02556, eq. 9, the delta): a sequence with a
+    negative advantage whose mean per-token KL from the sampling policy exceeds it leaves the policy loss
+    (e.g. 0.5); unset: off."""
     log_completions_hub_repo: str | None = None
     """A hub data set to upload logged completions to (needs a hub account: docs/trl.md)."""
 
