@@ -209,8 +209,6 @@ EXCEPTIONS: dict[str, Unsupported] = {
                                               "normalised per group"),
     "entropy_coef": Unsupported("the entropy bonus is not implemented"),
     "use_adaptive_entropy": Unsupported("adaptive entropy control is not implemented"),
-    "ld_alpha": Unsupported("LD-DPO's length weighting is not implemented"),
-    "f_divergence_type": Unsupported("f-DPO divergences other than reverse_kl are not implemented"),
     "use_weighting": Unsupported("WPO weighting is not implemented"),
     "generate_during_eval": Unsupported("sampling at evaluation is not implemented"),
     "is_encoder_decoder": Unsupported("alignlab trains decoder-only models"),
@@ -572,9 +570,12 @@ class PreferenceTrlFields:
     precompute_ref_batch_size: int | None = None
     """Batch size of the reference log-prob precomputation (unset: ``per_device_eval_batch_size``)."""
     ld_alpha: float | None = None
-    """LD-DPO's weight of the verbose tokens (not implemented: docs/trl.md)."""
+    """LD-DPO (arXiv 2409.06411): each pair's tokens past the shorter completion's length count this much in the
+    sequence log-probs, of the policy and the reference, in [0, 1] (unset: fully, plain DPO)."""
     f_divergence_type: str = "reverse_kl"
-    """f-DPO's divergence: reverse_kl (DPO's own, what alignlab computes); the others are not offered."""
+    """f-DPO's divergence (arXiv 2309.16240): reverse_kl (DPO's own), forward_kl, js_divergence or
+    alpha_divergence; the loss reads ``f'(pi / pi_ref)`` instead of the log-ratio (loss types sigmoid,
+    sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft, as TRL)."""
     f_alpha_divergence_coef: float = 0.5
     """f-DPO's alpha (with ``f_divergence_type`` alpha_divergence)."""
     use_weighting: bool = False
