@@ -507,3 +507,31 @@ def test_a_step_whose_completions_are_all_truncated_has_a_finite_zero_loss(tiny_
     (row,) = read_metrics(out)
     assert row["completions/clipped_ratio"] == 1.0
     assert row["loss"] == 0.0 and row["nonfinite_steps"] == 0
+
+
+def test_generation_kwargs_override_the_sampling_flags(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    """TRL's generation_kwargs: its keys win over the flags of the same name when sampling; others are refused."""
+    trainer = GRPOTrainer(_grpo(tiny_model_dir, prompts_file, rewards_file, tmp_path / "r", temperature=1.5,
+                                generation_kwargs='{"top_k": 1}'))
+    assert trainer.config.generation_kwargs == {"top_k": 1} and trainer.config.top_k == 0
+    torch.manual_seed(0)
+    sampled = _sample(trainer, num_generations=4).completions.ids
+    greedy = _sample(trainer, do_sample=False).completions.ids
+    assert sampled == [g for g in greedy for _ in range(4)]
+    for bad, message in (({"num_beams": 4}, "num_beams not supported here"), ({"top_p": 2.0}, "top_p")):
+        with pytest.raises(UserError, match=message):
+            _grpo(tiny_model_dir, prompts_file, rewards_file, tmp_path / "x", generation_kwargs=bad)
+
+
+def test_chat_template_kwargs_reach_the_prompt_template(tiny_model_dir, rewards_file, tmp_path):
+    """TRL's chat_template_kwargs: extra apply_chat_template arguments (template variables) render the prompts."""
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}{% if think %} THINK{% endif %}")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Hi {i}"}]}) + "\n" for i in range(4)))
+    kw = dict(chat_template_path=str(template), per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    plain = GRPOTrainer(_grpo(tiny_model_dir, data, rewards_file, tmp_path / "a", **kw))
+    think = GRPOTrainer(_grpo(tiny_model_dir, data, rewards_file, tmp_path / "b", chat_template_kwargs={"think": True},
+                              **kw))
+    assert plain.tokenizer.decode(plain.prompts[0]["prompt_ids"]) == "Hi 0"
+    assert think.tokenizer.decode(think.prompts[0]["prompt_ids"]) == "Hi 0 THINK"

@@ -281,7 +281,8 @@ class OnlineSetup:
             load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code), config)
         self.prompts, self.eval_prompts = load_train_eval(
             config, build_prompt_examples, tok, is_main_process=acc.is_main_process,
-            max_prompt_length=config.max_prompt_length, prompt_column=config.prompt_column)
+            max_prompt_length=config.max_prompt_length, prompt_column=config.prompt_column,
+            chat_template_kwargs=getattr(config, "chat_template_kwargs", None))
         if len(self.prompts) < prompts_per_step:
             raise UserError(
                 f"one rollout takes {prompts_per_step} prompts per process ({batch_hint}) but "
@@ -359,11 +360,13 @@ class OnlineSetup:
         resharded after it (:meth:`alignlab.train.runtime.Runtime.sampling`), so decoding runs on full weights,
         as in one process or DDP."""
         cfg, device = self.config, self.runtime.device
+        sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, "min_p": cfg.min_p,
+                    "repetition_penalty": cfg.repetition_penalty}
+        sampling.update(getattr(cfg, "generation_kwargs", None) or {})  # TRL: they override the flags
         with self.runtime.sampling(policy) as model:
             scored = sample_and_score(
                 model, self.tokenizer, examples, self.sources, device=device, precision=self.precision(),
-                max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty, num_generations=num_generations,
+                max_new_tokens=max_new_tokens, **sampling, num_generations=num_generations,
                 missing_eos_penalty=cfg.missing_eos_penalty,
                 reward_tokenizer=self.reward_tokenizer, return_logps=return_logps,
                 padding_free=cfg.padding_free, on_error=cfg.reward_func_errors,

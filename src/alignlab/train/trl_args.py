@@ -197,8 +197,6 @@ EXCEPTIONS: dict[str, Unsupported] = {
     "pad_to_multiple_of": Unsupported("alignlab pads or packs batches its own way; padding is masked, so only speed "
                                      "differs", error=False),
     "num_generations_eval": Unsupported("the online commands have no evaluation pass"),
-    "generation_kwargs": Unsupported("extra GenerationConfig settings are not passed to alignlab's engines"),
-    "chat_template_kwargs": Unsupported("extra apply_chat_template arguments are not passed when rendering prompts"),
     "cache_implementation": Unsupported("alignlab's engines choose the KV cache (--generation_backend); only speed "
                                        "differs", error=False),
     "transformers_continuous_batching_config": Unsupported("alignlab's paged engine sizes itself; only speed "
@@ -223,6 +221,9 @@ EXCEPTIONS: dict[str, Unsupported] = {
 }
 """The documented exceptions (docs/trl.md's table lists the same names): each field keeps TRL's name and default;
 another value stops with a one-line error, or (``error=False``) logs a one-line warning."""
+
+GENERATION_KWARGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+"""The ``generation_kwargs`` keys alignlab's engines honour (the ``SamplingParams`` they share)."""
 
 VALUE_EXCEPTIONS: dict[str, dict[Any, str]] = {
     "save_strategy": {"best": "saving on the best metric needs load_best_model_at_end, which is not implemented"},
@@ -286,7 +287,7 @@ def check_trl_args(config: Any) -> None:
     if getattr(config, "load_in_4bit", False) and getattr(config, "load_in_8bit", False):
         raise UserError("--load_in_4bit and --load_in_8bit: choose one")
     for name in ("lr_scheduler_kwargs", "gradient_checkpointing_kwargs", "activation_checkpointing_kwargs",
-                 "model_init_kwargs"):
+                 "model_init_kwargs", "generation_kwargs", "chat_template_kwargs"):
         value = getattr(config, name, None)
         if isinstance(value, str) and value.strip().startswith("{"):
             try:
@@ -295,6 +296,17 @@ def check_trl_args(config: Any) -> None:
                 raise UserError(f"--{name}: not a JSON object: {exc.msg}") from exc
         elif value is not None and not isinstance(value, dict):
             raise UserError(f"--{name} must be a JSON object (a mapping in YAML), got {value!r}")
+    unknown = sorted(set(getattr(config, "generation_kwargs", None) or {}) - set(GENERATION_KWARGS))
+    if unknown:
+        raise UserError(f"--generation_kwargs: {', '.join(unknown)} not supported here (alignlab's engines take "
+                        f"{', '.join(GENERATION_KWARGS)})")
+    if getattr(config, "generation_kwargs", None):
+        from alignlab.rollout.engines.base import SamplingParams
+
+        try:
+            SamplingParams(max_new_tokens=1, eos_token_id=0, pad_token_id=0, **config.generation_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"--generation_kwargs: {exc}") from exc
     model_init_kwargs(config)  # a bad --dtype, or 4/8-bit loading this machine cannot do, stops here
 
 
@@ -487,9 +499,13 @@ class PolicyGradientTrlFields:
     num_generations_eval: int | None = None
     """Completions per prompt when evaluating (online evaluation is not implemented: docs/trl.md)."""
     generation_kwargs: dict[str, Any] | str | None = None
-    """More ``GenerationConfig`` settings for sampling (not passed through: docs/trl.md)."""
+    """Sampling settings that override the flags of the same name when sampling completions (a mapping, or JSON
+    on the command line), as TRL's ``generation_kwargs`` override its ``GenerationConfig``: ``temperature``,
+    ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty`` (the losses' log-probs keep ``--temperature``, as
+    TRL); other keys are refused with a one-line error (:data:`GENERATION_KWARGS`)."""
     chat_template_kwargs: dict[str, Any] | str | None = None
-    """More ``apply_chat_template`` arguments for rendering prompts (not passed through: docs/trl.md)."""
+    """More ``apply_chat_template`` keyword arguments (template variables, e.g. ``{"enable_thinking": false}``)
+    for rendering conversational prompts (a mapping, or JSON on the command line)."""
     cache_implementation: str | None = None
     """KV cache of transformers' ``generate`` (a speed setting; alignlab's engines choose: docs/trl.md)."""
     transformers_continuous_batching_config: dict[str, Any] | str | None = None
