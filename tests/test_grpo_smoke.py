@@ -189,3 +189,29 @@ def test_top_entropy_quantile_and_off_policy_mask_shape_the_loss(tiny_model_dir,
     assert 0 < keep.sum() < mask.sum() and (adv < 0).any()
     assert float(loss) == pytest.approx(float(expected), abs=1e-6)
     assert float(loss) != pytest.approx(float(plain), abs=1e-6)
+
+
+def test_multi_objective_aggregation_normalize_then_sum(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    """TRL's normalize_then_sum (GDPO): each source normalised per group, weighted sum, then the batch std."""
+    from alignlab.advantages.group import group_advantages
+
+    other = tmp_path / "long.py"
+    other.write_text("def long(prompts, completions, **kw):\n    return [100.0 * len(c) for c in completions]\n")
+    trainer = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "r",
+                                  reward_funcs=[f"{rewards_file}:short", f"{other}:long"], reward_weights=[1.0, 0.5],
+                                  multi_objective_aggregation="normalize_then_sum"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        scored = trainer.setup.sample(trainer.policy, trainer.prompts[:2], max_new_tokens=6, num_generations=4)
+    rewards = trainer.advantage_scores(scored)
+    groups = torch.stack([scored.per_source["short"], scored.per_source["long"]], 1).view(2, 4, 2)
+    normalised = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
+    expected = (normalised * torch.tensor([1.0, 0.5])).sum(-1).flatten()
+    assert rewards.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert not torch.allclose(rewards, scored.scores)
+    name, kw = trainer.advantage_estimator()
+    advantages, _ = group_advantages(rewards, 4, **kw)
+    trl = (expected - expected.mean()) / (expected.std() + 1e-4)  # TRL's batch-level step
+    assert advantages.tolist() == pytest.approx(trl.tolist(), abs=1e-5)
+    with pytest.raises(Exception, match="multi_objective_aggregation"):
+        _config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "x", multi_objective_aggregation="mean")

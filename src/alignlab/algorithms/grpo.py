@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from alignlab.advantages.group import MULTI_OBJECTIVE_AGGREGATIONS, normalize_then_sum
 from alignlab.algorithms.online import GenerationBatchConfig, PolicyGradientAlgorithm, group_sampling_args
 from alignlab.errors import UserError
 from alignlab.losses.ppo import (
@@ -111,6 +112,12 @@ class GRPOConfig(GRPOTrlFields, PolicyGradientTrlFields, VllmFields, GenerationB
                 f"per_device_train_batch_size x steps_per_generation = {per_step} completions per step is not "
                 f"a multiple of --num_generations {self.num_generations}"
             )
+        if self.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+            raise UserError(f"--multi_objective_aggregation must be one of {', '.join(MULTI_OBJECTIVE_AGGREGATIONS)}, "
+                            f"got {self.multi_objective_aggregation!r}")
+        if self.multi_objective_aggregation == "normalize_then_sum" and self.missing_eos_penalty:
+            raise UserError("--missing_eos_penalty changes the summed reward, which normalize_then_sum does not use: "
+                            "drop one")
         if self.loss_type == "cispo" and self.epsilon_high is None:
             raise UserError("--loss_type cispo caps the importance weight at --epsilon_high: give it (e.g. 5.0)")
 
@@ -139,8 +146,21 @@ class GRPOTrainer(PolicyGradientAlgorithm):
         )
 
     def advantage_estimator(self) -> tuple[str, dict[str, Any]]:
-        """Group-relative advantages (:func:`alignlab.advantages.group.group_advantages`)."""
+        """Group-relative advantages (:func:`alignlab.advantages.group.group_advantages`); with
+        ``multi_objective_aggregation`` normalize_then_sum, the batch std of the group-centred GDPO sum, as TRL."""
+        if self.config.multi_objective_aggregation == "normalize_then_sum":
+            return "grpo", {"scale_rewards": "batch"}
         return "grpo", {"scale_rewards": self.config.scale_rewards}
+
+    def advantage_scores(self, scored) -> torch.Tensor:
+        """The weighted reward sum, or with ``multi_objective_aggregation`` normalize_then_sum each source's
+        group-normalised rewards summed with their weights (:func:`~alignlab.advantages.group.normalize_then_sum`)."""
+        if self.config.multi_objective_aggregation != "normalize_then_sum":
+            return scored.scores
+        sources = self.setup.sources
+        per_source = torch.stack([scored.per_source[source.name] for source in sources], dim=1)
+        weights = torch.tensor([source.weight for source in sources])
+        return normalize_then_sum(per_source, weights, self.group_size)
 
     def rollout_metrics(self, scored, data, kl, estimator_metrics) -> dict[str, Any]:
         """The shared metrics less ``reward_std_within_group`` (TRL 1.16 logs the batch std as ``reward_std``)."""

@@ -471,6 +471,10 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         return self._prompts_per_step
 
     # --- hooks ----------------------------------------------------------------------------------------------
+    def advantage_scores(self, scored: ScoredCompletions) -> torch.Tensor:
+        """``(N,)`` the rewards the advantage estimator reads: the weighted sum ``scored.scores``."""
+        return scored.scores
+
     def advantage_estimator(self) -> tuple[str | AdvantageEstimator, dict[str, Any]]:
         """The advantage estimator, by its registry name (or, for one that is not registered, the function
         itself), and its hyperparameters from the config."""
@@ -566,7 +570,8 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
             loss_mask = mask * scored.has_eos.to(mask.device, mask.dtype).unsqueeze(1)
             kl = None if kl is None else kl * loss_mask
         outputs = AdvantageOutputs.of(estimator(
-            AdvantageInputs(scores=scored.scores.to(device), num_generations=self.group_size, mask=mask, kl=kl,
+            AdvantageInputs(scores=self.advantage_scores(scored).to(device), num_generations=self.group_size,
+                            mask=mask, kl=kl,
                             values=values, baseline_scores=None if baseline is None else baseline.to(device)),
             **hyperparameters))
         data["advantages"] = outputs.advantages.to(device)

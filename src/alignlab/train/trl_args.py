@@ -203,8 +203,6 @@ EXCEPTIONS: dict[str, Unsupported] = {
                                                           "differs", error=False),
     "cast_lm_head_to_fp32": Unsupported("a float32 LM head under bf16 is not implemented (alignlab keeps float32 "
                                        "weights and bf16 autocast)"),
-    "multi_objective_aggregation": Unsupported("normalize_then_sum is not implemented; rewards are summed, then "
-                                              "normalised per group"),
     "entropy_coef": Unsupported("the entropy bonus is not implemented"),
     "use_adaptive_entropy": Unsupported("adaptive entropy control is not implemented"),
     "use_weighting": Unsupported("WPO weighting is not implemented"),
@@ -540,8 +538,9 @@ class GRPOTrlFields:
     vespo_lambda_neg: float = 2.0
     """VESPO's decay for negative advantages (with ``loss_type`` vespo)."""
     multi_objective_aggregation: str = "sum_then_normalize"
-    """Several rewards: weighted sum, then the group normalisation (TRL's default, what alignlab does);
-    normalize_then_sum is not offered (docs/trl.md)."""
+    """Several reward sources: sum_then_normalize (the weighted sum, then ``scale_rewards``' normalisation;
+    TRL's default) or normalize_then_sum (GDPO, arXiv 2601.05242: each source normalised within its group, the
+    weighted sum, then divided by its batch std; ``scale_rewards`` unused, as TRL)."""
     top_entropy_quantile: float = 1.0
     """rho of "Beyond the 80/20 Rule" (arXiv 2506.01939): only the top ``rho`` share of completion tokens by the
     policy's entropy count in the policy loss (the quantile over the micro-batch of every process, as TRL); 1.0
