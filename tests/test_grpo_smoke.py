@@ -203,7 +203,7 @@ def test_multi_objective_aggregation_normalize_then_sum(tiny_model_dir, prompts_
     torch.manual_seed(0)
     with torch.no_grad():
         scored = trainer.setup.sample(trainer.policy, trainer.prompts[:2], max_new_tokens=6, num_generations=4)
-    rewards = trainer.advantage_scores(scored)
+    rewards = trainer.advantage_scores(scored, 4)
     groups = torch.stack([scored.per_source["short"], scored.per_source["long"]], 1).view(2, 4, 2)
     normalised = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
     expected = (normalised * torch.tensor([1.0, 0.5])).sum(-1).flatten()

@@ -535,3 +535,23 @@ def test_chat_template_kwargs_reach_the_prompt_template(tiny_model_dir, rewards_
                               **kw))
     assert plain.tokenizer.decode(plain.prompts[0]["prompt_ids"]) == "Hi 0"
     assert think.tokenizer.decode(think.prompts[0]["prompt_ids"]) == "Hi 0 THINK"
+
+
+def test_num_generations_eval_sets_the_eval_group(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    """TRL's num_generations_eval: each eval prompt gets that many completions (the training group stays 4)."""
+    trainer = GRPOTrainer(_grpo(tiny_model_dir, prompts_file, rewards_file, tmp_path / "g", eval_split_size=2,
+                                per_device_eval_batch_size=4, num_generations_eval=2))
+    assert trainer.loop_inputs()["eval_batch_size"] == 2  # prompts per eval batch: 4 completions / 2
+    with torch.no_grad():
+        data, metrics = trainer.eval_rollout(trainer.policy, trainer.setup.eval_prompts[:2])
+    assert data["response_mask"].shape[0] == 4 and math.isfinite(float(metrics["reward"]))
+    # group-relative advantages over pairs: each pair's two advantages sum to 0
+    assert data["advantages"].view(2, 2).sum(1).abs().max() < 1e-5
+    with pytest.raises(UserError, match="multiple of the 2 completions"):
+        GRPOTrainer(_grpo(tiny_model_dir, prompts_file, rewards_file, tmp_path / "h", eval_split_size=2,
+                          per_device_eval_batch_size=3, num_generations_eval=2))
+    from alignlab.algorithms.online_dpo import OnlineDPOConfig
+
+    with pytest.raises(UserError, match="num_generations_eval"):
+        OnlineDPOConfig(model_name_or_path=tiny_model_dir, dataset_name=str(prompts_file), output_dir=str(tmp_path),
+                        reward_funcs=[f"{rewards_file}:short"], num_generations_eval=2)

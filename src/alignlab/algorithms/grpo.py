@@ -152,7 +152,7 @@ class GRPOTrainer(PolicyGradientAlgorithm):
             return "grpo", {"scale_rewards": "batch"}
         return "grpo", {"scale_rewards": self.config.scale_rewards}
 
-    def advantage_scores(self, scored) -> torch.Tensor:
+    def advantage_scores(self, scored, group_size: int) -> torch.Tensor:
         """The weighted reward sum, or with ``multi_objective_aggregation`` normalize_then_sum each source's
         group-normalised rewards summed with their weights (:func:`~alignlab.advantages.group.normalize_then_sum`)."""
         if self.config.multi_objective_aggregation != "normalize_then_sum":
@@ -160,7 +160,7 @@ class GRPOTrainer(PolicyGradientAlgorithm):
         sources = self.setup.sources
         per_source = torch.stack([scored.per_source[source.name] for source in sources], dim=1)
         weights = torch.tensor([source.weight for source in sources])
-        return normalize_then_sum(per_source, weights, self.group_size)
+        return normalize_then_sum(per_source, weights, group_size)
 
     def rollout_metrics(self, scored, data, kl, estimator_metrics) -> dict[str, Any]:
         """The shared metrics less ``reward_std_within_group`` (TRL 1.16 logs the batch std as ``reward_std``)."""

@@ -452,17 +452,20 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         self.accelerator, self.tokenizer, self.prompts, self.policy = (setup.accelerator, setup.tokenizer,
                                                                        setup.prompts, setup.policy)
         self.shuffle = setup.checkpointed_generator(config.seed)  # saved in checkpoints
-        if setup.eval_prompts and config.per_device_eval_batch_size % group_size:
+        self.eval_group_size = getattr(config, "num_generations_eval", None) or group_size  # TRL's
+        if setup.eval_prompts and config.per_device_eval_batch_size % self.eval_group_size:
             raise UserError(f"--per_device_eval_batch_size {config.per_device_eval_batch_size} counts eval "
-                            f"completions: it must be a multiple of the {group_size} completions per prompt")
+                            f"completions: it must be a multiple of the {self.eval_group_size} completions per "
+                            "prompt")
 
     def loop_inputs(self) -> dict[str, Any]:
         """The online loop inputs, and with eval prompts (``eval_dataset_name`` / ``eval_split_size``) the
-        evaluation: :meth:`eval_rollout` on batches of ``per_device_eval_batch_size / group_size`` prompts."""
+        evaluation: :meth:`eval_rollout` on batches of ``per_device_eval_batch_size / eval_group_size`` prompts
+        (``eval_group_size``: ``num_generations_eval``, else the training group size)."""
         inputs = super().loop_inputs()
         if self.setup.eval_prompts:
             inputs.update(eval_dataset=self.setup.eval_prompts, eval_rollout_fn=self.eval_rollout,
-                          eval_batch_size=self.config.per_device_eval_batch_size // self.group_size)
+                          eval_batch_size=self.config.per_device_eval_batch_size // self.eval_group_size)
         return inputs
 
     @property
@@ -471,8 +474,9 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         return self._prompts_per_step
 
     # --- hooks ----------------------------------------------------------------------------------------------
-    def advantage_scores(self, scored: ScoredCompletions) -> torch.Tensor:
-        """``(N,)`` the rewards the advantage estimator reads: the weighted sum ``scored.scores``."""
+    def advantage_scores(self, scored: ScoredCompletions, group_size: int) -> torch.Tensor:
+        """``(N,)`` the rewards the advantage estimator reads (groups of ``group_size``): the weighted sum
+        ``scored.scores``."""
         return scored.scores
 
     def advantage_estimator(self) -> tuple[str | AdvantageEstimator, dict[str, Any]]:
@@ -515,8 +519,8 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
                        scalars={"num_items_in_batch": tokens / n_micro})
 
     def eval_rollout(self, model, examples: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """One batch of eval prompts, sampled and scored as a training step's (``group_size`` completions each,
-        the same sampling flags): ``(batch, metrics)``, the batch whole as one micro-batch for the loss (its
+        """One batch of eval prompts, sampled and scored as a training step's (``eval_group_size`` completions
+        each, TRL's ``num_generations_eval``; the same sampling flags): ``(batch, metrics)``, the batch whole as one micro-batch for the loss (its
         ``num_items_in_batch`` its own completion tokens, as TRL's evaluation: no accumulation), the metrics
         those of a step (``reward``, ``reward_std``, ``rewards/<name>/mean``, ``completions/*``, ...). The
         loop logs both as ``eval_*`` (TRL's names for evaluation with ``eval_strategy``). Nothing goes to
@@ -533,16 +537,17 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         the completions without EOS get a zero ``response_mask`` (and no KL in their reward), as TRL zeroes
         their ``completion_mask``; their scores still enter the advantages."""
         cfg, setup, device = self.config, self.setup, self.accelerator.device
+        group = self.group_size if step is not None else self.eval_group_size
         unwrapped = self.runtime.unwrap(model)
         policy = self.policy_of(unwrapped)
         estimator, hyperparameters = self.advantage_estimator()
         if isinstance(estimator, str):
             estimator = get_advantage_estimator(estimator)
-        scored = setup.sample(policy, examples, max_new_tokens=self.max_new_tokens, num_generations=self.group_size,
+        scored = setup.sample(policy, examples, max_new_tokens=self.max_new_tokens, num_generations=group,
                               return_logps=self.old_logps_from_sampling)
         baseline = None
         if getattr(estimator, "needs_greedy_baseline", False):
-            scored, baseline, baseline_seconds = self._greedy_baseline(policy, examples, scored)
+            scored, baseline, baseline_seconds = self._greedy_baseline(policy, examples, scored, group)
         data = dict(scored.sequences)
         sampling_logps = data.pop("sampling_logps", None)
         kl_in_reward = setup.has_reference and not self.kl_in_loss
@@ -570,7 +575,7 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
             loss_mask = mask * scored.has_eos.to(mask.device, mask.dtype).unsqueeze(1)
             kl = None if kl is None else kl * loss_mask
         outputs = AdvantageOutputs.of(estimator(
-            AdvantageInputs(scores=self.advantage_scores(scored).to(device), num_generations=self.group_size,
+            AdvantageInputs(scores=self.advantage_scores(scored, group).to(device), num_generations=group,
                             mask=mask, kl=kl,
                             values=values, baseline_scores=None if baseline is None else baseline.to(device)),
             **hyperparameters))
@@ -591,7 +596,7 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
                 row["advantage"] = value
         if baseline is not None:
             for i, row in enumerate(samples):
-                row["baseline_score"] = float(baseline[i // self.group_size])
+                row["baseline_score"] = float(baseline[i // group])
         return data, metrics, samples
 
     def _updates(self, data: dict[str, torch.Tensor]) -> list[list[dict[str, torch.Tensor]]]:
@@ -609,20 +614,20 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
                 updates.append([slice_rows(data, rows[i : i + micro].to(device)) for i in range(0, mini, micro)])
         return updates
 
-    def _greedy_baseline(self, policy, examples: list[dict],
-                         scored: ScoredCompletions) -> tuple[ScoredCompletions, torch.Tensor, float]:
+    def _greedy_baseline(self, policy, examples: list[dict], scored: ScoredCompletions,
+                         group: int) -> tuple[ScoredCompletions, torch.Tensor, float]:
         """One greedy completion per prompt, scored: ``(scored, (P,) baseline scores of its groups' prompts,
         seconds)``. With ``--reward_func_errors drop`` a prompt whose greedy completion could not be scored
         leaves the step with its group (counted in ``rewards/dropped``)."""
         greedy = self.setup.sample(policy, examples, max_new_tokens=self.max_new_tokens, do_sample=False)
         position = {p: i for i, p in enumerate(greedy.completions.prompt_index)}
-        prompts = scored.completions.prompt_index[:: self.group_size]  # each group's prompt
+        prompts = scored.completions.prompt_index[::group]  # each group's prompt
         baseline = torch.tensor([float(greedy.scores[position[p]]) if p in position else math.nan for p in prompts])
         missing = baseline.isnan()
         if missing.any():
-            bad = missing.repeat_interleave(self.group_size)
+            bad = missing.repeat_interleave(group)
             scored = dataclasses.replace(scored, scores=torch.where(bad, math.nan, scored.scores))
-            scored = scored.without_bad_rewards(self.group_size)
+            scored = scored.without_bad_rewards(group)
             baseline = baseline[~missing]
         return scored, baseline, greedy.generation_seconds + greedy.scoring_seconds
 

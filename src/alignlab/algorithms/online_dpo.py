@@ -24,6 +24,7 @@ from alignlab.algorithms.base import OnlineAlgorithm
 from alignlab.algorithms.dpo import PreferenceLossConfig
 from alignlab.algorithms.online import OnlineConfig, OnlineSetup
 from alignlab.data.sequences import slice_rows
+from alignlab.errors import UserError
 from alignlab.losses.dpo import PairLogps, combined_reward_kind, preference_loss, preference_metrics
 from alignlab.train.config import Range
 from alignlab.train.trl_args import PolicyGradientTrlFields, VllmFields
@@ -84,6 +85,8 @@ class OnlineDPOConfig(PreferenceLossConfig, PolicyGradientTrlFields, VllmFields,
         self._check_loss_types()
         super().__post_init__()
         self._check_loss_hyperparameters()
+        if self.num_generations_eval is not None:  # GRPO's and RLOO's field; TRL's Online DPO has none
+            raise UserError("--num_generations_eval: Online DPO has no evaluation pass (a GRPO and RLOO flag)")
 
     @property
     def prompts_per_step(self) -> int:

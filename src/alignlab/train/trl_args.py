@@ -196,7 +196,6 @@ EXCEPTIONS: dict[str, Unsupported] = {
                                   "differs", error=False),
     "pad_to_multiple_of": Unsupported("alignlab pads or packs batches its own way; padding is masked, so only speed "
                                      "differs", error=False),
-    "num_generations_eval": Unsupported("the online commands have no evaluation pass"),
     "cache_implementation": Unsupported("alignlab's engines choose the KV cache (--generation_backend); only speed "
                                        "differs", error=False),
     "transformers_continuous_batching_config": Unsupported("alignlab's paged engine sizes itself; only speed "
@@ -495,7 +494,8 @@ class PolicyGradientTrlFields:
     """Fields TRL's ``GRPOConfig`` and ``RLOOConfig`` share that the alignlab configs declare nowhere else."""
 
     num_generations_eval: int | None = None
-    """Completions per prompt when evaluating (online evaluation is not implemented: docs/trl.md)."""
+    """Completions per eval prompt (GRPO, RLOO; fewer than ``num_generations`` saves time; unset: as training);
+    ``per_device_eval_batch_size`` must be a multiple of it."""
     generation_kwargs: dict[str, Any] | str | None = None
     """Sampling settings that override the flags of the same name when sampling completions (a mapping, or JSON
     on the command line), as TRL's ``generation_kwargs`` override its ``GenerationConfig``: ``temperature``,
