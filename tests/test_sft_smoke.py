@@ -152,3 +152,20 @@ def test_cli_flags_andrun_cli(capsys, tmp_path, tiny_model_dir, sft_file):
     assert code == 0, err
     assert f"trained model: {out}" in stdout and "eval mean_token_accuracy:" in stdout
     assert yaml.safe_load((out / "config.yaml").read_text())["learning_rate"] == 2e-5  # TRL's SFT default
+
+
+def test_padding_free_batches_are_one_row_with_the_padded_numbers(tiny_model_dir, sft_file, tmp_path):
+    """TRL's padding_free: a micro-batch is one row, positions restarting per example; loss and metrics as padded."""
+    padded = SFTTrainer(tiny_config(SFTConfig, tiny_model_dir, sft_file, tmp_path / "a"))
+    free = SFTTrainer(tiny_config(SFTConfig, tiny_model_dir, sft_file, tmp_path / "b", padding_free=True))
+    examples = sorted(padded.train_examples, key=lambda e: len(e["input_ids"]))[::4][:3]
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert len(set(lengths)) > 1  # the padded batch has padding
+    batch = free.collate(examples)
+    assert batch["input_ids"].shape == (1, sum(lengths)) and bool(batch["attention_mask"].all())
+    assert batch["position_ids"][0, lengths[0]] == 0
+    with torch.no_grad():
+        [(loss_free, m_free)] = free.compute_loss(padded.model, batch)
+        [(loss_pad, m_pad)] = padded.compute_loss(padded.model, padded.collate(examples))
+    assert float(loss_free) == pytest.approx(float(loss_pad), abs=1e-5)
+    assert float(m_free["mean_token_accuracy"]) == pytest.approx(float(m_pad["mean_token_accuracy"]))

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 
 from alignlab.algorithms.base import Algorithm
-from alignlab.data.sft import build_sft_examples, collate_sft, pack_sft_examples
+from alignlab.data.sft import build_sft_examples, collate_sft, pack_sft_examples, padding_free_row
 from alignlab.errors import UserError
 from alignlab.methods import Method, register_method
 from alignlab.models import load_causal_lm
@@ -74,8 +74,9 @@ class SFTConfig(TrainConfig):
     shuffle_dataset: bool = False
     """Shuffle the training examples once (with ``seed``) before packing (TRL's ``shuffle_dataset``)."""
     padding_free: bool = False
-    """Batches without padding. ``packing`` batches are padding-free already; without it alignlab pads (the same
-    numbers: padding is masked), so true logs a warning (docs/trl.md)."""
+    """Batches without padding: the examples of a micro-batch are concatenated into one row whose
+    ``position_ids`` restart at each example (TRL's ``padding_free``; the same numbers as padded rows, no compute
+    on padding). Needs a model type that keeps packed examples apart, as ``packing``."""
     dataset_kwargs: dict[str, Any] | None = None
     """TRL's data-set preparation options (``skip_prepare_dataset``): alignlab always prepares the rows, so any
     value is refused (docs/trl.md)."""
@@ -129,11 +130,12 @@ class SFTTrainer(Algorithm):
         if config.shuffle_dataset:
             random.Random(config.seed).shuffle(self.train_examples)
         pack_eval = config.packing if config.eval_packing is None else config.eval_packing
-        if config.packing or pack_eval:
+        if config.packing or pack_eval or config.padding_free:
             if not supports_packing(model):
+                flag = "--padding_free" if config.padding_free else "--packing"
                 raise UserError(
-                    f"--packing: model type {model.config.model_type!r} cannot keep packed examples apart "
-                    "(its attention mask ignores position_ids); run without --packing"
+                    f"{flag}: model type {model.config.model_type!r} cannot keep packed examples apart "
+                    f"(its attention mask ignores position_ids); run without {flag}"
                 )
             if config.packing:
                 self.train_examples = self._pack(self.train_examples, "train")
@@ -175,7 +177,14 @@ class SFTTrainer(Algorithm):
 
     def loop_inputs(self) -> dict:
         return {"model": self.model, "train_dataset": self.train_examples, "eval_dataset": self.eval_examples,
-                "collate_fn": lambda ex: collate_sft(ex, self.tokenizer.pad_token_id)}
+                "collate_fn": self.collate}
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """A micro-batch of examples as tensors (:func:`~alignlab.data.sft.collate_sft`); with ``padding_free``
+        one row without padding (:func:`~alignlab.data.sft.padding_free_row`)."""
+        if self.config.padding_free:
+            examples = padding_free_row(examples)
+        return collate_sft(examples, self.tokenizer.pad_token_id)
 
 
 def train_sft(config: SFTConfig) -> TrainResult:

@@ -284,6 +284,19 @@ def pack_sft_examples(examples: list[dict[str, list[int]]], max_length: int) -> 
     return packed
 
 
+def padding_free_row(examples: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+    """The examples of a batch concatenated into one row with ``position_ids`` restarting at each example (a
+    packed example's own positions kept), so the collated batch has no padding: TRL's ``padding_free``
+    (``DataCollatorForLanguageModeling(padding_free=True)``). The model then keeps the examples apart from the
+    positions, as for packed rows: the same numbers as the padded batch."""
+    ids, mask, positions = [], [], []
+    for e in examples:
+        ids += e["input_ids"]
+        mask += e["loss_mask"]
+        positions += e.get("position_ids") or list(range(len(e["input_ids"])))
+    return [{"input_ids": ids, "loss_mask": mask, "position_ids": positions}]
+
+
 def collate_sft(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Stack examples into one right-padded batch.
 

@@ -209,8 +209,6 @@ EXCEPTIONS: dict[str, Unsupported] = {
     "is_encoder_decoder": Unsupported("alignlab trains decoder-only models"),
     "precompute_ref_log_probs": Unsupported("precomputing reference log-probs is implemented for DPO only",
                                            only="KTOTrlFields"),
-    "padding_free": Unsupported("SFT batches are padded unless --packing; padding is masked, so the result is the "
-                               "same", error=False, only="SFTConfig"),
     "max_length": Unsupported("Online DPO caps prompts (max_prompt_length) and completions (max_new_tokens) "
                              "instead", only="OnlineDPOConfig"),
     "dataset_kwargs": Unsupported("alignlab prepares every data set itself"),
