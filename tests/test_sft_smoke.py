@@ -169,3 +169,25 @@ def test_padding_free_batches_are_one_row_with_the_padded_numbers(tiny_model_dir
         [(loss_pad, m_pad)] = padded.compute_loss(padded.model, padded.collate(examples))
     assert float(loss_free) == pytest.approx(float(loss_pad), abs=1e-5)
     assert float(m_free["mean_token_accuracy"]) == pytest.approx(float(m_pad["mean_token_accuracy"]))
+
+
+@pytest.mark.parametrize("strategy", ["wrapped", "bfd_split"])
+def test_packing_strategies_wrapped_and_bfd_split_keep_every_token(tiny_model_dir, sft_file, tmp_path, strategy):
+    """TRL's packing_strategy: wrapped cuts the concatenated examples every max_length tokens (no position ids);
+    bfd_split cuts longer examples into fragments instead of truncating them, then packs first-fit."""
+    whole = SFTTrainer(tiny_config(SFTConfig, tiny_model_dir, sft_file, tmp_path / "w", max_length=None))
+    packed = SFTTrainer(tiny_config(SFTConfig, tiny_model_dir, sft_file, tmp_path / strategy, max_length=8,
+                                    packing=True, packing_strategy=strategy))
+    rows = packed.train_examples
+    tokens = [t for e in whole.train_examples for t in e["input_ids"]]
+    assert max(len(e["input_ids"]) for e in whole.train_examples) > 8  # plain bfd would truncate
+    assert all(len(r["input_ids"]) <= 8 for r in rows)
+    if strategy == "wrapped":
+        assert [t for r in rows for t in r["input_ids"]] == tokens
+        assert [len(r["input_ids"]) for r in rows[:-1]] == [8] * (len(rows) - 1) and "position_ids" not in rows[0]
+    else:
+        assert sorted(t for r in rows for t in r["input_ids"]) == sorted(tokens)
+        assert all(r["position_ids"][0] == 0 for r in rows)
+    with torch.no_grad():
+        [(loss, _)] = packed.compute_loss(packed.model, packed.collate(rows[:2]))
+    assert math.isfinite(float(loss))

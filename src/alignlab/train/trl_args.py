@@ -212,7 +212,6 @@ EXCEPTIONS: dict[str, Unsupported] = {
     "max_length": Unsupported("Online DPO caps prompts (max_prompt_length) and completions (max_new_tokens) "
                              "instead", only="OnlineDPOConfig"),
     "dataset_kwargs": Unsupported("alignlab prepares every data set itself"),
-    "packing_strategy": Unsupported("TRL's wrapped packing (cutting examples across rows) is not offered"),
 }
 """The documented exceptions (docs/trl.md's table lists the same names): each field keeps TRL's name and default;
 another value stops with a one-line error, or (``error=False``) logs a one-line warning."""
