@@ -207,8 +207,6 @@ EXCEPTIONS: dict[str, Unsupported] = {
     "use_weighting": Unsupported("WPO weighting is not implemented"),
     "generate_during_eval": Unsupported("sampling at evaluation is not implemented"),
     "is_encoder_decoder": Unsupported("alignlab trains decoder-only models"),
-    "precompute_ref_log_probs": Unsupported("precomputing reference log-probs is implemented for DPO only",
-                                           only="KTOTrlFields"),
     "max_length": Unsupported("Online DPO caps prompts (max_prompt_length) and completions (max_new_tokens) "
                              "instead", only="OnlineDPOConfig"),
     "dataset_kwargs": Unsupported("alignlab prepares every data set itself"),
@@ -618,7 +616,9 @@ class KTOTrlFields:
     """kto; or apo_zero_unpaired (D'Oosterlinck et al. 2024, arXiv 2408.06266, eq. 7 unpaired, as TRL): the KTO
     losses with the reference point ``z0`` at 0, so no mismatched-pair forward passes."""
     precompute_ref_log_probs: bool = False
-    """Precompute the reference log-probs (not implemented for KTO: docs/trl.md)."""
+    """Compute the reference log-probs of every example and of its mismatched pair once before training, and free
+    the reference model (the mismatched completions are then fixed per block of ``per_device_train_batch_size``
+    rows in data order, as TRL's)."""
     precompute_ref_batch_size: int | None = None
     """Batch size of the precomputation (with ``precompute_ref_log_probs``)."""
     sync_ref_model: bool = False
