@@ -598,7 +598,9 @@ class Trainer:
 
         try:
             save_checkpoint(self.accelerator, self.work_dir, state, keep=self.config.save_total_limit,
-                            trainer_state=self.events.state_dict())
+                            trainer_state=self.events.state_dict(),
+                            model_only=getattr(self.config, "save_only_model", False),
+                            each_node=getattr(self.config, "save_on_each_node", False))
         except OSError as exc:
             partial = self.work_dir / f".checkpoint-{state.global_step}.partial"
             if self.accelerator.is_main_process:

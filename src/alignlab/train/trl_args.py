@@ -188,12 +188,8 @@ EXCEPTIONS: dict[str, Unsupported] = {
                                         "result is the same without it", error=False),
     "dataset_num_proc": Unsupported("alignlab tokenises in the training process; the result is the same",
                                    error=False),
-    "save_on_each_node": Unsupported("checkpoints are written by the main process of the whole run (a shared "
-                                    "file system); the same on one machine", error=False),
     "label_smoothing_factor": Unsupported("label smoothing of the SFT loss is not implemented (TRL's other trainers "
                                          "ignore it too)", only="SFTConfig"),
-    "save_only_model": Unsupported("checkpoints always hold the optimizer state too (resumable); only disk use "
-                                  "differs", error=False),
     "pad_to_multiple_of": Unsupported("alignlab pads or packs batches its own way; padding is masked, so only speed "
                                      "differs", error=False),
     "cache_implementation": Unsupported("alignlab's engines choose the KV cache (--generation_backend); only speed "
@@ -309,7 +305,8 @@ def accelerator_options(config: Any) -> dict[str, Any]:
     them; ``accelerator_config``'s data-loader keys (``split_batches``, ``dispatch_batches``, ``even_batches``,
     ``use_seedable_sampler``, default true here, ``non_blocking``) as a ``DataLoaderConfiguration``; and
     ``torch_compile`` (with ``torch_compile_backend``, default inductor, and ``torch_compile_mode``) as a
-    ``TorchDynamoPlugin``, so accelerate compiles the trained model in ``prepare``. Also applies ``tf32`` (TF32 matrix products on Ampere and newer GPUs; no effect elsewhere) and
+    ``TorchDynamoPlugin``, so accelerate compiles the trained model in ``prepare``; ``save_on_each_node`` as a
+    ``ProjectConfiguration`` (accelerate then writes checkpoint files on every machine). Also applies ``tf32`` (TF32 matrix products on Ampere and newer GPUs; no effect elsewhere) and
     ``log_level`` / ``log_level_replica`` (transformers' and alignlab's log verbosity on the main process and
     the others).
 
@@ -366,6 +363,10 @@ def accelerator_options(config: Any) -> dict[str, Any]:
                             "alignlab accumulates gradients itself)")
         loader[key] = value
     options = {"kwargs_handlers": handlers, "dataloader_config": DataLoaderConfiguration(**loader)}
+    if getattr(config, "save_on_each_node", False):  # accelerate's save_state writes on every machine
+        from accelerate.utils import ProjectConfiguration
+
+        options["project_config"] = ProjectConfiguration(save_on_each_node=True)
     if getattr(config, "torch_compile", False) or getattr(config, "torch_compile_backend", None):
         dynamo = {"backend": config.torch_compile_backend or "inductor"}
         if config.torch_compile_mode:
