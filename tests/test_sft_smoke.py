@@ -191,3 +191,29 @@ def test_packing_strategies_wrapped_and_bfd_split_keep_every_token(tiny_model_di
     with torch.no_grad():
         [(loss, _)] = packed.compute_loss(packed.model, packed.collate(rows[:2]))
     assert math.isfinite(float(loss))
+
+
+def test_activation_offloading_saves_the_activations_on_cpu_with_the_same_numbers(tiny_model_dir, sft_file, tmp_path,
+                                                                                   monkeypatch):
+    """TRL's activation_offloading: the training forwards run under saved-tensor hooks that keep autograd's
+    activations in CPU memory (torch's save_on_cpu); the run is the same."""
+    packed = []
+
+    class Recording(torch.autograd.graph.save_on_cpu):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(pin_memory, device_type)
+            pack = self.pack_hook
+
+            def counting(tensor):
+                packed.append(tensor.shape)
+                return pack(tensor)
+
+            self.pack_hook = counting
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Recording)
+    train_sft(tiny_config(SFTConfig, tiny_model_dir, sft_file, tmp_path / "a", max_steps=2))
+    assert not packed
+    train_sft(tiny_config(SFTConfig, tiny_model_dir, sft_file, tmp_path / "b", max_steps=2, activation_offloading=True))
+    assert packed  # every tensor saved for the backward went through the offloading hook
+    for a, b in zip(read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)

@@ -48,7 +48,7 @@ from alignlab.train.config import TrainConfig
 from alignlab.train.metrics import MetricsLog, plot_metrics
 from alignlab.train.model_card import write_model_card
 from alignlab.train.steps import (
-    LossFn, NonfiniteSteps, all_finite, evaluate_terms, guarded_optimizer_step, run_update,
+    LossFn, NonfiniteSteps, all_finite, evaluate_terms, guarded_optimizer_step, offloading, run_update,
 )
 from alignlab.train.runtime import Runtime
 from alignlab.train.schedule import Cadence, build_optimizer, build_scheduler, loader_options, sync_reference
@@ -308,7 +308,10 @@ class Trainer:
             window.add("loss", loss)
             window.add_all(metrics)
 
-        window.tokens += run_update(self.accelerator, self._precision, self.loss_fn, model, micro_batches, record)
+        precision = self._precision
+        if getattr(self.config, "activation_offloading", False):  # TRL's: saved activations in CPU memory
+            precision = offloading(self._precision, pin_memory=self.accelerator.device.type == "cuda")
+        window.tokens += run_update(self.accelerator, precision, self.loss_fn, model, micro_batches, record)
         grad_norm, stepped = guarded_optimizer_step(self.runtime, model, optimizer, self.config.max_grad_norm,
                                                     losses_finite=all_finite(self.accelerator, losses))
         if not stepped:

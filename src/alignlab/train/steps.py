@@ -57,6 +57,22 @@ def evaluate_terms(precision, loss_fn: LossFn, model, batch: dict[str, Any]) -> 
     return total, merged
 
 
+def offloading(precision: Callable[[], contextlib.AbstractContextManager], *,
+               pin_memory: bool = False) -> Callable[[], contextlib.AbstractContextManager]:
+    """``precision`` with activation offloading: inside it the tensors autograd saves for the backward pass are
+    moved to CPU memory and brought back when the backward needs them
+    (``torch.autograd.graph.save_on_cpu``, pinned with ``pin_memory`` for faster copies from a GPU). TRL's
+    ``activation_offloading`` (its ``get_act_offloading_ctx_manager``, the same saved-tensor hooks): less
+    accelerator memory for the activations, the same numbers; on a CPU device the tensors stay where they are."""
+
+    @contextlib.contextmanager
+    def context():
+        with precision(), torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
+            yield
+
+    return context
+
+
 def run_update(accelerator, precision, loss_fn: LossFn, model, micro_batches: list[dict[str, Any]],
                record: Callable[[torch.Tensor, dict[str, Any]], None]) -> int:
     """Forward and backward every micro-batch of one optimizer update, each loss weighted ``1 / len(update)``

@@ -100,7 +100,8 @@ class TrlCommonFields:
     pad_to_multiple_of: int | str | None = "auto"
     """Pad batch sequences to a multiple of this. alignlab pads (or packs) its own way (docs/trl.md)."""
     activation_offloading: bool = False
-    """Offload activations to CPU memory (a GPU memory saving; docs/trl.md)."""
+    """Keep the activations saved for the backward pass in CPU memory during the training forwards
+    (``torch.autograd.graph.save_on_cpu``, TRL's saved-tensor hooks): less GPU memory, the same numbers."""
     router_aux_loss_coef: float | None = None
     """Weight of a mixture-of-experts router's auxiliary loss (docs/trl.md)."""
     pad_token: str | None = None
@@ -184,8 +185,6 @@ EXCEPTIONS: dict[str, Unsupported] = {
                                                 "processes"),
     "use_liger_kernel": Unsupported("Liger kernels are GPU-only (Triton); the result is the same without them",
                                    error=False),
-    "activation_offloading": Unsupported("offloading activations to CPU memory is a GPU memory saving; the "
-                                        "result is the same without it", error=False),
     "dataset_num_proc": Unsupported("alignlab tokenises in the training process; the result is the same",
                                    error=False),
     "label_smoothing_factor": Unsupported("label smoothing of the SFT loss is not implemented (TRL's other trainers "
