@@ -202,8 +202,6 @@ EXCEPTIONS: dict[str, Unsupported] = {
     "use_weighting": Unsupported("WPO weighting is not implemented"),
     "generate_during_eval": Unsupported("sampling at evaluation is not implemented"),
     "is_encoder_decoder": Unsupported("alignlab trains decoder-only models"),
-    "max_length": Unsupported("Online DPO caps prompts (max_prompt_length) and completions (max_new_tokens) "
-                             "instead", only="OnlineDPOConfig"),
     "dataset_kwargs": Unsupported("alignlab prepares every data set itself"),
 }
 """The documented exceptions (docs/trl.md's table lists the same names): each field keeps TRL's name and default;
