@@ -215,3 +215,36 @@ def test_multi_objective_aggregation_normalize_then_sum(tiny_model_dir, prompts_
     assert advantages.tolist() == pytest.approx(trl.tolist(), abs=1e-5)
     with pytest.raises(Exception, match="multi_objective_aggregation"):
         _config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "x", multi_objective_aggregation="mean")
+
+
+def test_entropy_coef_subtracts_the_mean_entropy_with_its_gradient(tiny_model_dir, prompts_file, rewards_file,
+                                                                   tmp_path):
+    """TRL's entropy_coef: loss - coef * mean token entropy; the entropy's gradient (from the selected logits)
+    matches autograd through the full logits."""
+    trainer = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "r", entropy_coef=0.5,
+                                  padding_free=False))
+    plain = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "p", padding_free=False))
+    with torch.no_grad():
+        rollout = trainer.rollout(trainer.policy, trainer.prompts[:2], 1)
+    mb = {**rollout.updates[0][0], **rollout.scalars}
+    model = trainer.policy
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(t, m):
+        [(loss, metrics)] = t.compute_loss(m, mb)
+        return loss, metrics, torch.autograd.grad(loss, params)
+
+    loss, metrics, with_bonus = grads(trainer, model)
+    loss0, _, without = grads(plain, model)
+    # the reference: the entropy of softmax(logits / T) at the completion positions, from the full logits
+    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1].float()
+    rows = torch.arange(logits.shape[0])[:, None]
+    z = logits[rows, mb["completion_index"]] / trainer.config.temperature
+    entropy = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+    mask = mb["response_mask"].bool()
+    mean = torch.where(mask, entropy, 0.0).sum() / mask.sum()
+    expected = torch.autograd.grad(-0.5 * mean, params)
+    assert float(loss) == pytest.approx(float(loss0) - 0.5 * float(mean), abs=1e-5)
+    assert metrics["entropy_coef"] == 0.5
+    for a, b, e in zip(with_bonus, without, expected):
+        assert torch.allclose(a - b, e, atol=1e-5), float((a - b - e).abs().max())

@@ -541,3 +541,15 @@ def test_off_policy_sequence_mask_drops_drifted_negative_sequences_hand_worked()
     # mean KL(old || new) per sequence: 2.0 (positive advantage: kept), 0.3 (<= 0.5: kept), 1.0 (dropped)
     assert off_policy_sequence_mask(adv, logps, old, mask, 0.5).tolist() == [[1.0], [1.0], [0.0]]
     assert off_policy_sequence_mask(adv, logps, old, mask, 1.0).tolist() == [[1.0], [1.0], [1.0]]
+
+
+def test_entropy_bonus_hand_worked():
+    from alignlab.losses.ppo import entropy_bonus
+
+    entropies = torch.tensor([[1.0, 2.0, 9.0], [3.0, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    bonus = entropy_bonus(entropies, mask, 0.5)  # 0.5 * (1 + 2 + 3) / 3
+    assert float(bonus) == pytest.approx(1.0)
+    bonus.backward()
+    assert entropies.grad.flatten().tolist() == pytest.approx([0.5 / 3, 0.5 / 3, 0.0, 0.5 / 3, 0.0, 0.0])
+    assert float(entropy_bonus(entropies, torch.zeros_like(mask), 0.5)) == 0.0

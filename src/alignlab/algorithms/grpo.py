@@ -21,7 +21,7 @@ from alignlab.advantages.group import MULTI_OBJECTIVE_AGGREGATIONS, normalize_th
 from alignlab.algorithms.online import GenerationBatchConfig, PolicyGradientAlgorithm, group_sampling_args
 from alignlab.errors import UserError
 from alignlab.losses.ppo import (
-    aggregate_token_loss, clip_ratio_metrics, get_policy_loss, high_entropy_mask, importance_weights,
+    aggregate_token_loss, clip_ratio_metrics, entropy_bonus, get_policy_loss, high_entropy_mask, importance_weights,
     off_policy_sequence_mask, policy_loss_kwargs,
 )
 from alignlab.train.config import Range
@@ -175,21 +175,27 @@ class GRPOTrainer(PolicyGradientAlgorithm):
         ``kl`` with ``beta`` > 0. As TRL, the policy term (not the KL) is multiplied by the off-policy sequence
         mask (``off_policy_mask_threshold``, :func:`~alignlab.losses.ppo.off_policy_sequence_mask`) and the
         high-entropy token mask (``top_entropy_quantile`` < 1, :func:`~alignlab.losses.ppo.high_entropy_mask`,
-        the quantile over every process's tokens of the micro-batch); the reduction still counts every token."""
+        the quantile over every process's tokens of the micro-batch); the reduction still counts every token.
+        With ``entropy_coef``, minus the entropy bonus (:func:`~alignlab.losses.ppo.entropy_bonus`, over the same
+        tokens as the policy term), logged as ``entropy_coef``."""
         cfg = self.config
         mask = batch["response_mask"].bool()
         metrics: dict[str, Any] = {}
         entropies: list[torch.Tensor] = []
-        logps, old_logps = self.current_and_old_logps(model, batch, metrics, entropies=entropies)  # + TRL's entropy
+        bonus = cfg.entropy_coef != 0.0  # TRL's entropy bonus: the entropies keep their gradient
+        logps, old_logps = self.current_and_old_logps(model, batch, metrics, entropies=entropies,  # + TRL's entropy
+                                                      entropy_grad=bonus)
         # the loss's hyperparameters, read from the config as the policy-loss registry declares them
         per_token, policy_metrics = get_policy_loss(cfg.loss_type)(
             logps, old_logps, batch["advantages"], mask, **policy_loss_kwargs(cfg.loss_type, cfg))
         if cfg.off_policy_mask_threshold is not None:
             per_token = per_token * off_policy_sequence_mask(
                 batch["advantages"], logps, old_logps, mask, cfg.off_policy_mask_threshold)
+        counted = mask  # the tokens the entropy bonus averages over: those of the policy term
         if cfg.top_entropy_quantile < 1.0:
-            per_token = per_token * high_entropy_mask(entropies[0], mask, cfg.top_entropy_quantile,
-                                                      pool=self._gathered(entropies[0][mask]))
+            counted = high_entropy_mask(entropies[0], mask, cfg.top_entropy_quantile,
+                                        pool=self._gathered(entropies[0].detach()[mask]))
+            per_token = per_token * counted
         if cfg.loss_type == "cispo":
             metrics["cispo_clip_ratio"] = policy_metrics["policy/clipfrac"]
         elif cfg.loss_type != "sapo":  # TRL's clip statistics of the clipped losses
@@ -207,6 +213,9 @@ class GRPOTrainer(PolicyGradientAlgorithm):
             per_token, mask, loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
             num_items_in_batch=batch["num_items_in_batch"],
         )
+        if bonus:
+            loss = loss - entropy_bonus(entropies[0], counted, cfg.entropy_coef)
+            metrics["entropy_coef"] = cfg.entropy_coef
         return [(loss, metrics)]
 
 

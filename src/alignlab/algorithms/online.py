@@ -311,14 +311,15 @@ class OnlineSetup:
         return generator
 
     def logps(self, model: torch.nn.Module, sequences: dict[str, torch.Tensor], *,
-              temperature: float | None = None, with_entropy: bool = False) -> torch.Tensor:
+              temperature: float | None = None, with_entropy: bool = False, entropy_grad: bool = False) -> torch.Tensor:
         """``(N, L)`` completion-token log-probs under ``model`` at ``temperature`` (default: the sampling
-        temperature); ``with_entropy``: and their ``(N, L)`` detached entropies, from the same pass
-        (:func:`~alignlab.rollout.generation.completion_token_logps`)."""
+        temperature); ``with_entropy``: and their ``(N, L)`` entropies, from the same pass, detached unless
+        ``entropy_grad`` (:func:`~alignlab.rollout.generation.completion_token_logps`)."""
         cfg = self.config
         return completion_token_logps(
             model, sequences, temperature=cfg.temperature if temperature is None else temperature,
             padding_free=cfg.padding_free, pad_token_id=self.tokenizer.pad_token_id, with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
         )
 
     def reference_logps(self, policy: torch.nn.Module, sequences: dict[str, torch.Tensor], *,
@@ -634,19 +635,21 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
     # --- loss helpers ---------------------------------------------------------------------------------------
     def current_and_old_logps(self, model, batch: dict[str, torch.Tensor],
                               metrics: dict[str, Any] | None = None, *,
-                              entropies: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              entropies: list[torch.Tensor] | None = None,
+                              entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(N, L)`` completion-token log-probs of ``batch`` under ``model`` (with gradients) and the old
         policy's: the batch's ``old_logps``, or the current ones detached when the batch has none (one pass:
         the ratio is exactly 1). Given ``metrics``, puts TRL's ``entropy`` there: the mean over the batch's
         ``response_mask`` tokens of the entropy of the policy's ``softmax(logits / temperature)``, from the
         same forward (the chunked output head's running statistics: no ``(tokens x vocabulary)`` logits); given
-        the list ``entropies``, appends the ``(N, L)`` detached per-token entropies to it."""
+        the list ``entropies``, appends the ``(N, L)`` per-token entropies to it (detached unless
+        ``entropy_grad``)."""
         if metrics is None and entropies is None:
             logps = self.setup.logps(model, batch)
         else:
-            logps, entropy = self.setup.logps(model, batch, with_entropy=True)
+            logps, entropy = self.setup.logps(model, batch, with_entropy=True, entropy_grad=entropy_grad)
             if metrics is not None:
-                metrics["entropy"] = masked_mean_or_zero(entropy, batch["response_mask"].bool())
+                metrics["entropy"] = masked_mean_or_zero(entropy.detach(), batch["response_mask"].bool())
             if entropies is not None:
                 entropies.append(entropy)
         return logps, batch["old_logps"] if "old_logps" in batch else logps.detach()

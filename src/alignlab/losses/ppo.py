@@ -684,3 +684,25 @@ def off_policy_sequence_mask(
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
     return ((advantages >= 0) | (mean_kl <= threshold)).float()
+
+
+def entropy_bonus(entropies: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.Tensor:
+    """0-d ``coef * mean_t H_t`` over the ``mask`` tokens, to subtract from the loss (an exploration bonus: the
+    objective ``L = L_policy - coef * H``), with the gradient of ``entropies``; 0 for an empty mask.
+
+    It is the mean per-token entropy whatever the policy loss's reduction, so ``coef`` means the same for every
+    ``loss_type``. TRL 1.16 counterpart: ``GRPOTrainer._compute_loss``'s ``entropy_loss`` with
+    ``entropy_coef`` (over ``mask * entropy_mask`` with ``top_entropy_quantile``); the entropy regularisation of
+    Williams and Peng 1991 / Mnih et al. 2016 (A3C, arXiv 1602.01783, section 4).
+
+    Args:
+        entropies: ``(B, T)`` entropy (nats) of the policy's next-token distribution, with gradient.
+        mask: ``(B, T)`` ones on the tokens the bonus averages over.
+        coef: the weight (TRL's ``entropy_coef``).
+
+    Raises:
+        ValueError: mismatched shapes.
+    """
+    _check_per_token(entropies.shape, mask=mask)
+    m = mask.bool()
+    return coef * torch.where(m, entropies, 0.0).sum() / m.sum().clamp(min=1)

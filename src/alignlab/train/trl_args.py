@@ -197,7 +197,6 @@ EXCEPTIONS: dict[str, Unsupported] = {
                                                           "differs", error=False),
     "cast_lm_head_to_fp32": Unsupported("a float32 LM head under bf16 is not implemented (alignlab keeps float32 "
                                        "weights and bf16 autocast)"),
-    "entropy_coef": Unsupported("the entropy bonus is not implemented"),
     "use_adaptive_entropy": Unsupported("adaptive entropy control is not implemented"),
     "use_weighting": Unsupported("WPO weighting is not implemented"),
     "generate_during_eval": Unsupported("sampling at evaluation is not implemented"),
@@ -539,7 +538,9 @@ class GRPOTrlFields:
     policy's entropy count in the policy loss (the quantile over the micro-batch of every process, as TRL); 1.0
     keeps all, 0.0 only the highest; the paper recommends 0.2."""
     entropy_coef: float = 0.0
-    """Entropy bonus weight (not implemented: docs/trl.md)."""
+    """Weight of the entropy bonus: the loss minus ``entropy_coef`` times the mean per-token entropy of the
+    policy over the tokens of the policy term, with its gradient (the forward then makes the completion
+    positions' logits instead of using the chunked output head); 0: off."""
     use_adaptive_entropy: bool = False
     """Skywork-OR1's adaptive entropy control (not implemented: docs/trl.md)."""
     entropy_coef_min: float = 0.0
