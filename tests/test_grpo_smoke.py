@@ -248,3 +248,45 @@ def test_entropy_coef_subtracts_the_mean_entropy_with_its_gradient(tiny_model_di
     assert metrics["entropy_coef"] == 0.5
     for a, b, e in zip(with_bonus, without, expected):
         assert torch.allclose(a - b, e, atol=1e-5), float((a - b - e).abs().max())
+
+
+def test_use_adaptive_entropy_moves_the_coefficient_once_per_optimizer_step(tiny_model_dir, prompts_file,
+                                                                             rewards_file, tmp_path):
+    """TRL's use_adaptive_entropy: no bonus before the first measurement; after each optimizer step's micro-batches
+    the coefficient moves by entropy_coef_delta toward keeping the entropy at entropy_target; checkpointed."""
+    cfg = dict(use_adaptive_entropy=True, entropy_coef=0.1, entropy_coef_delta=0.05, entropy_target=100.0,
+               padding_free=False)
+    trainer = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "r", **cfg))
+    plain = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "p", padding_free=False))
+    with torch.no_grad():
+        rollout = trainer.rollout(trainer.policy, trainer.prompts[:2], 1)
+    (update,) = rollout.updates
+    assert trainer.adaptive.pending == [2]
+    first, second = ({**mb, **rollout.scalars} for mb in update)
+    [(loss, _)] = trainer.compute_loss(trainer.policy, first)
+    [(loss0, _)] = plain.compute_loss(trainer.policy, first)
+    assert float(loss) == pytest.approx(float(loss0), abs=1e-6)  # entropy still unmeasured (inf): no bonus
+    assert trainer.adaptive.coef == 0.1
+    trainer.compute_loss(trainer.policy, second)  # the step's last micro-batch: entropy <= 100, so up by delta
+    assert trainer.adaptive.coef == pytest.approx(0.15) and trainer.adaptive.last_entropy < 100
+    [(loss, metrics)] = trainer.compute_loss(trainer.policy, {**first})  # the next step applies 0.15
+    [(loss0, _)] = plain.compute_loss(trainer.policy, first)
+    assert float(loss) < float(loss0) and metrics["entropy_coef"] == pytest.approx(0.15)
+    state = trainer.adaptive.state_dict()
+    trainer.adaptive.load_state_dict({"entropy_coef": 0.3, "last_world_entropy": 1.0})
+    assert (trainer.adaptive.coef, trainer.adaptive.last_entropy) == (0.3, 1.0)
+    assert state["entropy_coef"] == pytest.approx(0.15)
+
+
+def test_adaptive_entropy_state_is_checkpointed_and_resumed(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    """The controller's coefficient travels in checkpoints (accelerate's register_for_checkpointing), as TRL's
+    entropy_ctrl_state.json."""
+    cfg = dict(use_adaptive_entropy=True, entropy_coef=0.1, entropy_coef_delta=0.05, entropy_target=100.0,
+               save_steps=1, max_steps=2)
+    first = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "r", **cfg))
+    first.train()
+    assert first.adaptive.coef == pytest.approx(0.2)  # one optimizer step (2 micro-batches) per step: +delta each
+    again = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "s", **cfg,
+                                resume_from_checkpoint=str(tmp_path / "r" / "checkpoint-1")))
+    again.train()
+    assert again.adaptive.coef == pytest.approx(0.2)  # restored at 0.15, then step 2 (from scratch: 0.15)

@@ -553,3 +553,13 @@ def test_entropy_bonus_hand_worked():
     bonus.backward()
     assert entropies.grad.flatten().tolist() == pytest.approx([0.5 / 3, 0.5 / 3, 0.0, 0.5 / 3, 0.0, 0.0])
     assert float(entropy_bonus(entropies, torch.zeros_like(mask), 0.5)) == 0.0
+
+
+def test_adaptive_entropy_coef_steps_toward_the_target():
+    from alignlab.losses.ppo import adaptive_entropy_coef
+
+    kw = dict(target=0.2, delta=0.05, low=0.0, high=0.12)
+    assert adaptive_entropy_coef(0.1, 0.1, **kw) == 0.12  # below the target: up, capped at high
+    assert adaptive_entropy_coef(0.1, 0.2, **kw) == 0.12  # at the target: up
+    assert adaptive_entropy_coef(0.1, 0.3, **kw) == pytest.approx(0.05)  # above: down
+    assert adaptive_entropy_coef(0.03, 0.3, **kw) == 0.0  # floored at low

@@ -12,6 +12,7 @@ group mean is the baseline. PPO and GRPO share the clipped objective and differ 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -21,7 +22,7 @@ from alignlab.advantages.group import MULTI_OBJECTIVE_AGGREGATIONS, normalize_th
 from alignlab.algorithms.online import GenerationBatchConfig, PolicyGradientAlgorithm, group_sampling_args
 from alignlab.errors import UserError
 from alignlab.losses.ppo import (
-    aggregate_token_loss, clip_ratio_metrics, entropy_bonus, get_policy_loss, high_entropy_mask, importance_weights,
+    adaptive_entropy_coef, aggregate_token_loss, clip_ratio_metrics, entropy_bonus, get_policy_loss, high_entropy_mask, importance_weights,
     off_policy_sequence_mask, policy_loss_kwargs,
 )
 from alignlab.train.config import Range
@@ -112,6 +113,9 @@ class GRPOConfig(GRPOTrlFields, PolicyGradientTrlFields, VllmFields, GenerationB
                 f"per_device_train_batch_size x steps_per_generation = {per_step} completions per step is not "
                 f"a multiple of --num_generations {self.num_generations}"
             )
+        if self.use_adaptive_entropy and not 0 <= self.entropy_coef_min <= self.entropy_coef_max:
+            raise UserError(f"--entropy_coef_min {self.entropy_coef_min} and --entropy_coef_max "
+                            f"{self.entropy_coef_max}: need 0 <= min <= max")
         if self.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
             raise UserError(f"--multi_objective_aggregation must be one of {', '.join(MULTI_OBJECTIVE_AGGREGATIONS)}, "
                             f"got {self.multi_objective_aggregation!r}")
@@ -125,6 +129,26 @@ class GRPOConfig(GRPOTrlFields, PolicyGradientTrlFields, VllmFields, GenerationB
     def prompts_per_step(self) -> int:
         """Prompts per process per step."""
         return self.per_device_train_batch_size * self.resolved_steps_per_generation // self.num_generations
+
+
+class AdaptiveEntropy:
+    """TRL's adaptive entropy control (``use_adaptive_entropy``): the coefficient in force, the entropy measured
+    over the last optimizer step (``inf`` before the first: no bonus), and the current step's running sum and
+    token count. accelerate's checkpointable object (``state_dict`` / ``load_state_dict``), so a resumed run
+    goes on with the same coefficient."""
+
+    def __init__(self, coef: float):
+        self.coef, self.last_entropy = coef, math.inf
+        self.window = torch.zeros(2, dtype=torch.float64)
+        self.pending: list[int] = []
+        """Micro-batches per optimizer step of the rollout being trained on (one entry per update)."""
+        self.seen = 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"entropy_coef": self.coef, "last_world_entropy": self.last_entropy}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.coef, self.last_entropy = float(state["entropy_coef"]), float(state["last_world_entropy"])
 
 
 class GRPOTrainer(PolicyGradientAlgorithm):
@@ -144,6 +168,44 @@ class GRPOTrainer(PolicyGradientAlgorithm):
             max_new_tokens=config.max_completion_length, kl_coef=config.beta, kl_in_loss=True,
             batch_hint="per_device_train_batch_size x gradient_accumulation_steps / num_generations",
         )
+        self.adaptive = None
+        if config.use_adaptive_entropy:
+            self.adaptive = AdaptiveEntropy(config.entropy_coef)
+            self.accelerator.register_for_checkpointing(self.adaptive)
+
+    def rollout(self, model, examples: list[dict], step: int):
+        """The shared rollout; with ``use_adaptive_entropy`` its optimizer steps' micro-batch counts are noted,
+        so that the controller updates once per optimizer step."""
+        out = super().rollout(model, examples, step)
+        if self.adaptive is not None:
+            self.adaptive.pending = [len(update) for update in out.updates]
+            self.adaptive.seen = 0
+        return out
+
+    def _entropy_coef(self, entropies: torch.Tensor, counted: torch.Tensor, training: bool) -> float:
+        """The entropy bonus's coefficient for this micro-batch: ``entropy_coef``, or with adaptive control the
+        controller's while the last step's entropy is at or below ``entropy_target`` (else 0); in training, the
+        micro-batch's entropy joins the step's, and after the step's last micro-batch the coefficient moves
+        (:func:`~alignlab.losses.ppo.adaptive_entropy_coef`, the entropy over every process's tokens)."""
+        cfg, ctl = self.config, self.adaptive
+        if ctl is None:
+            return cfg.entropy_coef
+        coef = ctl.coef if ctl.last_entropy <= cfg.entropy_target else 0.0
+        if training and ctl.pending:
+            m = counted.bool()
+            ctl.window += torch.stack([torch.where(m, entropies.detach(), 0.0).sum().double().cpu(),
+                                       m.sum().double().cpu()])
+            ctl.seen += 1
+            if ctl.seen == ctl.pending[0]:
+                total = self.runtime.gather(ctl.window.float().reshape(1, 2).to(self.accelerator.device))
+                total = total.reshape(-1, 2).sum(0)
+                ctl.last_entropy = float(total[0] / total[1].clamp(min=1))
+                ctl.coef = adaptive_entropy_coef(ctl.coef, ctl.last_entropy, target=cfg.entropy_target,
+                                                 delta=cfg.entropy_coef_delta, low=cfg.entropy_coef_min,
+                                                 high=cfg.entropy_coef_max)
+                ctl.pending.pop(0)
+                ctl.seen, ctl.window = 0, torch.zeros(2, dtype=torch.float64)
+        return coef
 
     def advantage_estimator(self) -> tuple[str, dict[str, Any]]:
         """Group-relative advantages (:func:`alignlab.advantages.group.group_advantages`); with
@@ -182,7 +244,7 @@ class GRPOTrainer(PolicyGradientAlgorithm):
         mask = batch["response_mask"].bool()
         metrics: dict[str, Any] = {}
         entropies: list[torch.Tensor] = []
-        bonus = cfg.entropy_coef != 0.0  # TRL's entropy bonus: the entropies keep their gradient
+        bonus = cfg.entropy_coef != 0.0 or cfg.use_adaptive_entropy  # TRL's: the entropies keep their gradient
         logps, old_logps = self.current_and_old_logps(model, batch, metrics, entropies=entropies,  # + TRL's entropy
                                                       entropy_grad=bonus)
         # the loss's hyperparameters, read from the config as the policy-loss registry declares them
@@ -214,8 +276,9 @@ class GRPOTrainer(PolicyGradientAlgorithm):
             num_items_in_batch=batch["num_items_in_batch"],
         )
         if bonus:
-            loss = loss - entropy_bonus(entropies[0], counted, cfg.entropy_coef)
-            metrics["entropy_coef"] = cfg.entropy_coef
+            coef = self._entropy_coef(entropies[0], counted, torch.is_grad_enabled())  # no_grad: evaluation
+            loss = loss - entropy_bonus(entropies[0], counted, coef)
+            metrics["entropy_coef"] = self.adaptive.coef if self.adaptive is not None else coef
         return [(loss, metrics)]
 
 

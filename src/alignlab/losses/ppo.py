@@ -706,3 +706,13 @@ def entropy_bonus(entropies: torch.Tensor, mask: torch.Tensor, coef: float) -> t
     _check_per_token(entropies.shape, mask=mask)
     m = mask.bool()
     return coef * torch.where(m, entropies, 0.0).sum() / m.sum().clamp(min=1)
+
+
+def adaptive_entropy_coef(coef: float, entropy: float, *, target: float, delta: float, low: float,
+                          high: float) -> float:
+    """The next entropy coefficient of adaptive entropy control (Skywork-OR1, He et al. 2025, arXiv 2505.22312,
+    section 3.2): up by ``delta`` (at most ``high``) when the measured mean token entropy is at or below
+    ``target``, down by ``delta`` (at least ``low``) otherwise. The bonus is applied only while the entropy is at
+    or below the target. TRL 1.16 counterpart: ``GRPOTrainer`` with ``use_adaptive_entropy`` (``entropy_coef_delta``,
+    ``entropy_coef_min``, ``entropy_coef_max``, ``entropy_target``), updated once per optimizer step."""
+    return min(coef + delta, high) if entropy <= target else max(coef - delta, low)

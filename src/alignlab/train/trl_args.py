@@ -197,7 +197,6 @@ EXCEPTIONS: dict[str, Unsupported] = {
                                                           "differs", error=False),
     "cast_lm_head_to_fp32": Unsupported("a float32 LM head under bf16 is not implemented (alignlab keeps float32 "
                                        "weights and bf16 autocast)"),
-    "use_adaptive_entropy": Unsupported("adaptive entropy control is not implemented"),
     "use_weighting": Unsupported("WPO weighting is not implemented"),
     "generate_during_eval": Unsupported("sampling at evaluation is not implemented"),
     "is_encoder_decoder": Unsupported("alignlab trains decoder-only models"),
@@ -542,7 +541,10 @@ class GRPOTrlFields:
     policy over the tokens of the policy term, with its gradient (the forward then makes the completion
     positions' logits instead of using the chunked output head); 0: off."""
     use_adaptive_entropy: bool = False
-    """Skywork-OR1's adaptive entropy control (not implemented: docs/trl.md)."""
+    """Skywork-OR1's adaptive entropy control (arXiv 2505.22312): ``entropy_coef`` is the starting coefficient;
+    after every optimizer step it moves up by ``entropy_coef_delta`` when the step's mean token entropy is at or
+    below ``entropy_target``, down otherwise (within ``entropy_coef_min`` / ``entropy_coef_max``), and the bonus
+    applies only while the entropy is at or below the target; saved in checkpoints."""
     entropy_coef_min: float = 0.0
     """Lower bound of the adaptive entropy coefficient (with ``use_adaptive_entropy``)."""
     entropy_coef_max: float = 1.0
