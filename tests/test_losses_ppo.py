@@ -549,7 +549,7 @@ def test_entropy_bonus_hand_worked():
     entropies = torch.tensor([[1.0, 2.0, 9.0], [3.0, 0.0, 0.0]], requires_grad=True)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     bonus = entropy_bonus(entropies, mask, 0.5)  # 0.5 * (1 + 2 + 3) / 3
-    assert float(bonus) == pytest.approx(1.0)
+    assert float(bonus.detach()) == pytest.approx(1.0)
     bonus.backward()
     assert entropies.grad.flatten().tolist() == pytest.approx([0.5 / 3, 0.5 / 3, 0.0, 0.5 / 3, 0.0, 0.0])
     assert float(entropy_bonus(entropies, torch.zeros_like(mask), 0.5)) == 0.0

@@ -173,14 +173,11 @@ class GRPOTrainer(PolicyGradientAlgorithm):
             self.adaptive = AdaptiveEntropy(config.entropy_coef)
             self.accelerator.register_for_checkpointing(self.adaptive)
 
-    def rollout(self, model, examples: list[dict], step: int):
-        """The shared rollout; with ``use_adaptive_entropy`` its optimizer steps' micro-batch counts are noted,
-        so that the controller updates once per optimizer step."""
-        out = super().rollout(model, examples, step)
+    def planned_updates(self, micro_batches: list[int]) -> None:
+        """With ``use_adaptive_entropy``, the rollout's micro-batches per optimizer step, so that the controller
+        updates once per optimizer step."""
         if self.adaptive is not None:
-            self.adaptive.pending = [len(update) for update in out.updates]
-            self.adaptive.seen = 0
-        return out
+            self.adaptive.pending, self.adaptive.seen = list(micro_batches), 0
 
     def _entropy_coef(self, entropies: torch.Tensor, counted: torch.Tensor, training: bool) -> float:
         """The entropy bonus's coefficient for this micro-batch: ``entropy_coef``, or with adaptive control the

@@ -507,10 +507,15 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         return metrics
 
     # --- the rollout ----------------------------------------------------------------------------------------
+    def planned_updates(self, micro_batches: list[int]) -> None:
+        """Told, after each rollout, how many micro-batches each of its optimizer steps has (in training order);
+        a method whose loss keeps per-optimizer-step state (GRPO's adaptive entropy control) overrides it."""
+
     def rollout(self, model, examples: list[dict], step: int) -> Rollout:
         """Sample, score, estimate the advantages; returns the step's updates (see the class docstring)."""
         data, metrics, samples = self._sampled_batch(model, examples, step)
         updates = self._updates(data)
+        self.planned_updates([len(update) for update in updates])
         # dapo: every token of an update weighs the same. The loop weights each micro-batch's loss by 1 / (number
         # of micro-batches), so each divides its token sum by (the update's tokens / its micro-batches)
         n_micro = self.mini_batches * len(updates[0])
