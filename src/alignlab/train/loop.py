@@ -311,9 +311,13 @@ class Trainer:
         precision = self._precision
         if getattr(self.config, "activation_offloading", False):  # TRL's: saved activations in CPU memory
             precision = offloading(self._precision, pin_memory=self.accelerator.device.type == "cuda")
-        window.tokens += run_update(self.accelerator, precision, self.loss_fn, model, micro_batches, record)
+        events = self.events  # transformers' on_substep_end, on_pre_optimizer_step, on_optimizer_step
+        window.tokens += run_update(self.accelerator, precision, self.loss_fn, model, micro_batches, record,
+                                    substep_end=events.substep_end)
         grad_norm, stepped = guarded_optimizer_step(self.runtime, model, optimizer, self.config.max_grad_norm,
-                                                    losses_finite=all_finite(self.accelerator, losses))
+                                                    losses_finite=all_finite(self.accelerator, losses),
+                                                    before_step=events.pre_optimizer_step,
+                                                    after_step=events.optimizer_step)
         if not stepped:
             over = self.nonfinite.record()
             logger.warning("step %d: non-finite loss or gradient (grad_norm %s), update skipped (%d so far)",
@@ -459,6 +463,8 @@ class Trainer:
         events.train_begin(max_steps=total_steps, num_train_epochs=cfg.num_train_epochs, global_step=state.global_step,
                            epoch=state.epoch + state.steps_in_epoch / steps_per_epoch, model=model,
                            optimizer=optimizer, lr_scheduler=scheduler, train_dataloader=train_loader)
+        epoch_count = math.ceil(total_steps / steps_per_epoch)  # transformers' num_train_epochs loop
+        is_last = False
         try:
             while state.global_step < total_steps:
                 train_loader.set_epoch(state.epoch)
@@ -512,12 +518,15 @@ class Trainer:
                         self._stop(state, saved)
                     if is_last or events.control.should_training_stop:  # a callback may stop it in on_log
                         break
-                else:
+                    if events.control.should_epoch_stop:  # a callback ends the epoch: on to the next one
+                        break
+                if is_last or events.control.should_training_stop:
                     events.epoch_end()
-                    state.epoch += 1
-                    continue
+                    break
                 events.epoch_end()
-                break
+                state.epoch += 1
+                if state.epoch >= epoch_count:  # the epochs ended early by callbacks: as transformers, no more
+                    break
         finally:
             bar.close()  # ends the bar's line, so an error message starts on its own
         train_seconds = time.perf_counter() - train_start
