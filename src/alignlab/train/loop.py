@@ -591,17 +591,18 @@ class Trainer:
         """Write the checkpoint of the last completed step (unless this step's was just written), say so on one
         line, and raise :class:`TrainingInterrupted`."""
         signum = self._signals.signum
-        if not saved:
-            self._save_checkpoint(state)
+        if not saved or getattr(self.config, "save_only_model", False):
+            self._save_checkpoint(state, resumable=True)  # whole even with --save_only_model: it is for resuming
         path = self.work_dir / f"checkpoint-{state.global_step}"
         if self.accelerator.is_main_process:
             print(f"training stopped by {signal.Signals(signum).name} after step {state.global_step}: {path} written; "
                   "resume with --resume_from_checkpoint true", file=sys.stderr, flush=True)
         raise TrainingInterrupted(signum, state.global_step, path)
 
-    def _save_checkpoint(self, state: LoopState) -> None:
-        """Write ``checkpoint-N`` atomically. A failure to write it (a full disk, a quota, a lost mount) removes
-        the partial folder and is a one-line :class:`UserError`; the earlier checkpoints are untouched.
+    def _save_checkpoint(self, state: LoopState, resumable: bool = False) -> None:
+        """Write ``checkpoint-N`` atomically (the model only with ``save_only_model``, unless ``resumable``). A
+        failure to write it (a full disk, a quota, a lost mount) removes the partial folder and is a one-line
+        :class:`UserError`; the earlier checkpoints are untouched.
 
         Raises:
             UserError: an ``OSError`` while writing the checkpoint.
@@ -611,7 +612,7 @@ class Trainer:
         try:
             save_checkpoint(self.accelerator, self.work_dir, state, keep=self.config.save_total_limit,
                             trainer_state=self.events.state_dict(),
-                            model_only=getattr(self.config, "save_only_model", False),
+                            model_only=getattr(self.config, "save_only_model", False) and not resumable,
                             each_node=getattr(self.config, "save_on_each_node", False))
         except OSError as exc:
             partial = self.work_dir / f".checkpoint-{state.global_step}.partial"
