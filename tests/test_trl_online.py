@@ -555,3 +555,23 @@ def test_num_generations_eval_sets_the_eval_group(tiny_model_dir, prompts_file, 
     with pytest.raises(UserError, match="num_generations_eval"):
         OnlineDPOConfig(model_name_or_path=tiny_model_dir, dataset_name=str(prompts_file), output_dir=str(tmp_path),
                         reward_funcs=[f"{rewards_file}:short"], num_generations_eval=2)
+
+
+def test_cache_implementation_picks_the_engine_with_that_kv_cache(tiny_model_dir, prompts_file, rewards_file,
+                                                                  tmp_path):
+    """TRL's cache_implementation (the KV cache of transformers' generate): dynamic is the generate engine, static
+    the static-cache one; a clash with --generation_backend and other caches are one-line errors."""
+    from alignlab.rollout.engines import engine_for
+    from alignlab.rollout.engines.hf_generate import StaticEngine
+
+    cfg = _grpo(tiny_model_dir, prompts_file, rewards_file, tmp_path / "s", cache_implementation="static")
+    assert cfg.generation_backend == "static"
+    assert _grpo(tiny_model_dir, prompts_file, rewards_file, tmp_path / "d",
+                 cache_implementation="dynamic").generation_backend == "generate"
+    trainer = GRPOTrainer(cfg)
+    assert isinstance(engine_for(trainer.policy, trainer.config.generation_backend), StaticEngine)
+    with pytest.raises(UserError, match="samples with --generation_backend static, not paged"):
+        _grpo(tiny_model_dir, prompts_file, rewards_file, tmp_path / "x", cache_implementation="static",
+              generation_backend="paged")
+    with pytest.raises(UserError, match="offer dynamic"):
+        _grpo(tiny_model_dir, prompts_file, rewards_file, tmp_path / "y", cache_implementation="offloaded")

@@ -151,6 +151,16 @@ class OnlineConfig(TrainConfig):
             raise UserError(f"--reward_func_errors must be raise or drop, got {self.reward_func_errors!r}")
         if self.use_transformers_paged or self.use_transformers_continuous_batching:
             self.generation_backend = "paged"
+        cache = getattr(self, "cache_implementation", None)  # TRL's KV cache of generate (GRPO, RLOO, Online DPO)
+        if cache is not None:
+            engines = {"dynamic": "generate", "static": "static"}
+            if cache not in engines:
+                raise UserError(f"--cache_implementation {cache}: alignlab's engines offer dynamic (--generation_backend "
+                                "generate) and static (--generation_backend static)")
+            if self.generation_backend not in ("auto", engines[cache]):
+                raise UserError(f"--cache_implementation {cache} samples with --generation_backend {engines[cache]}, "
+                                f"not {self.generation_backend}: give one of them")
+            self.generation_backend = engines[cache]
         if self.generation_backend not in BACKENDS:
             raise UserError(f"--generation_backend must be one of {', '.join(BACKENDS)}, "
                             f"got {self.generation_backend!r}")

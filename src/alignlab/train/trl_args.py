@@ -191,8 +191,6 @@ EXCEPTIONS: dict[str, Unsupported] = {
                                          "ignore it too)", only="SFTConfig"),
     "pad_to_multiple_of": Unsupported("alignlab pads or packs batches its own way; padding is masked, so only speed "
                                      "differs", error=False),
-    "cache_implementation": Unsupported("alignlab's engines choose the KV cache (--generation_backend); only speed "
-                                       "differs", error=False),
     "transformers_continuous_batching_config": Unsupported("alignlab's paged engine sizes itself; only speed "
                                                           "differs", error=False),
     "cast_lm_head_to_fp32": Unsupported("a float32 LM head under bf16 is not implemented (alignlab keeps float32 "
@@ -496,7 +494,9 @@ class PolicyGradientTrlFields:
     """More ``apply_chat_template`` keyword arguments (template variables, e.g. ``{"enable_thinking": false}``)
     for rendering conversational prompts (a mapping, or JSON on the command line)."""
     cache_implementation: str | None = None
-    """KV cache of transformers' ``generate`` (a speed setting; alignlab's engines choose: docs/trl.md)."""
+    """KV cache of transformers' ``generate``: dynamic samples with ``--generation_backend generate`` (its
+    ``DynamicCache``), static with ``--generation_backend static`` (``StaticCache``, the decode step compiled);
+    other caches are refused with one line (unset: ``--generation_backend`` decides)."""
     transformers_continuous_batching_config: dict[str, Any] | str | None = None
     """``ContinuousBatchingConfig`` settings (a speed setting; alignlab's paged engine sizes itself)."""
     sync_ref_model: bool = False
