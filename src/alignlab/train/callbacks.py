@@ -149,17 +149,17 @@ class LoopEvents:
         """``on_step_begin`` (it clears ``should_log``, ``should_evaluate`` and ``should_save``)."""
         self._call("on_step_begin")
 
-    def substep_end(self) -> None:
-        """``on_substep_end``: a micro-batch's backward done, the update's optimizer step still to come."""
-        self._call("on_substep_end")
+    def update_event(self, event: str) -> None:
+        """An event inside an optimizer update, with no state to set: ``on_substep_end`` (a micro-batch's
+        backward done, the update's optimizer step still to come), ``on_pre_optimizer_step`` (the gradients
+        clipped, the optimizer about to step) or ``on_optimizer_step`` (it stepped, the gradients still there).
 
-    def pre_optimizer_step(self) -> None:
-        """``on_pre_optimizer_step``: the gradients clipped, the optimizer about to step."""
-        self._call("on_pre_optimizer_step")
-
-    def optimizer_step(self) -> None:
-        """``on_optimizer_step``: the optimizer stepped, the gradients not yet dropped."""
-        self._call("on_optimizer_step")
+        Raises:
+            ValueError: another event name.
+        """
+        if event not in ("on_substep_end", "on_pre_optimizer_step", "on_optimizer_step"):
+            raise ValueError(f"{event} is not an event inside an optimizer update")
+        self._call(event)
 
     def step_end(self, global_step: int, epoch: float):
         """``on_step_end`` after optimizer step ``global_step``; returns the ``TrainerControl`` to obey."""

@@ -311,13 +311,13 @@ class Trainer:
         precision = self._precision
         if getattr(self.config, "activation_offloading", False):  # TRL's: saved activations in CPU memory
             precision = offloading(self._precision, pin_memory=self.accelerator.device.type == "cuda")
-        events = self.events  # transformers' on_substep_end, on_pre_optimizer_step, on_optimizer_step
+        event = self.events.update_event  # transformers' on_substep_end, on_pre_optimizer_step, on_optimizer_step
         window.tokens += run_update(self.accelerator, precision, self.loss_fn, model, micro_batches, record,
-                                    substep_end=events.substep_end)
+                                    substep_end=lambda: event("on_substep_end"))
         grad_norm, stepped = guarded_optimizer_step(self.runtime, model, optimizer, self.config.max_grad_norm,
                                                     losses_finite=all_finite(self.accelerator, losses),
-                                                    before_step=events.pre_optimizer_step,
-                                                    after_step=events.optimizer_step)
+                                                    before_step=lambda: event("on_pre_optimizer_step"),
+                                                    after_step=lambda: event("on_optimizer_step"))
         if not stepped:
             over = self.nonfinite.record()
             logger.warning("step %d: non-finite loss or gradient (grad_norm %s), update skipped (%d so far)",
