@@ -81,3 +81,20 @@ def test_errors():
         group_advantages(torch.zeros(0), 3)
     with pytest.raises(ValueError, match="finite"):
         group_advantages(torch.tensor([1.0, float("nan")]), 2)
+
+
+def test_normalize_then_sum_hand_worked():
+    from alignlab.advantages.group import normalize_then_sum
+
+    per_source = torch.tensor([[1.0, 10.0], [3.0, 10.0], [0.0, 0.0], [0.0, 20.0]])
+    out = normalize_then_sum(per_source, torch.tensor([1.0, 0.5]), 2)
+    # group 0: source 0 is [1, 3]: mean 2, std sqrt(2) -> -+1 / (1.41421356 + 1e-4); source 1 constant -> 0
+    # group 1: source 1 is [0, 20]: mean 10, std sqrt(200) -> -+10 / (14.1421356 + 1e-4), weighed by 0.5
+    a, b = 1 / (math.sqrt(2) + 1e-4), 0.5 * 10 / (math.sqrt(200) + 1e-4)
+    assert out.tolist() == pytest.approx([-a, a, -b, b], abs=1e-6)
+    # a source that does not apply (NaN) is left out of its group's statistics and adds 0
+    nan = float("nan")
+    out = normalize_then_sum(torch.tensor([[1.0, nan], [3.0, 5.0]]), torch.tensor([1.0, 1.0]), 2)
+    assert out.tolist() == pytest.approx([-a, a], abs=1e-6)
+    with pytest.raises(ValueError):
+        normalize_then_sum(per_source, torch.tensor([1.0]), 2)

@@ -143,3 +143,48 @@ def test_report_to_tensorboard_model_card_and_output_dir_lock(tiny_model_dir, pa
     with OutputDirLock(out):  # a live run holds the folder: a second one is refused
         with pytest.raises(UserError, match="in use by a live run"):
             train_dpo(_config(tiny_model_dir, pairs_file, out))
+
+
+def _first_batch(trainer, n=2):
+    from alignlab.data.preference import collate_pairs
+
+    return collate_pairs(trainer.train_examples[:n], trainer._pad_id)
+
+
+def test_ld_alpha_weighs_the_verbose_tokens(tiny_model_dir, pairs_file, tmp_path):
+    """LD-DPO (TRL's ld_alpha): each pair's tokens past the shorter completion's length count ld_alpha times."""
+    from alignlab.algorithms.dpo import DPOTrainer
+    from alignlab.ops.logprobs import completion_logps
+
+    trainer = DPOTrainer(_config(tiny_model_dir, pairs_file, tmp_path / "r", ld_alpha=0.25))
+    batch = _first_batch(trainer)
+    with torch.no_grad():
+        per_token = completion_logps(trainer.policy, batch["input_ids"], batch["attention_mask"],
+                                     batch["completion_mask"], padding_free=False)[0]
+        got = trainer._logps(trainer.policy, batch)
+    tokens = (batch["completion_mask"][:, 1:] * batch["attention_mask"][:, 1:]).bool()
+    lengths = tokens.sum(dim=1)
+    assert lengths[0] != lengths[2] or lengths[1] != lengths[3]  # some pair has verbose tokens
+    for row in range(4):
+        shared = int(min(lengths[row % 2], lengths[2 + row % 2]))
+        values = per_token[row][tokens[row]]
+        assert float(got[row]) == pytest.approx(float(values[:shared].sum() + 0.25 * values[shared:].sum()), abs=1e-4)
+
+
+def test_f_divergence_type_scores_the_log_ratios(tiny_model_dir, pairs_file, tmp_path):
+    """f-DPO (TRL's f_divergence_type): forward KL's score 1 - 1/u replaces the log-ratio in the loss; the
+    rewards/* metrics stay beta times the log-ratios, as TRL."""
+    from alignlab.algorithms.dpo import DPOTrainer
+    from alignlab.errors import UserError
+
+    trainer = DPOTrainer(_config(tiny_model_dir, pairs_file, tmp_path / "r", f_divergence_type="forward_kl",
+                                 beta=1.0))
+    batch = _first_batch(trainer, 1)
+    with torch.no_grad():
+        chosen, rejected = trainer._logps(trainer.policy, batch).chunk(2)
+        batch.update(ref_chosen_logps=chosen - math.log(2.0), ref_rejected_logps=rejected)  # ratios 2 and 1
+        [(loss, metrics)] = trainer.compute_loss(trainer.policy, batch)
+    assert float(loss) == pytest.approx(math.log1p(math.exp(-0.5)), abs=1e-4)  # -log sigmoid(0.5 - 0)
+    assert float(metrics["rewards/chosen"].mean()) == pytest.approx(math.log(2.0), abs=1e-4)
+    with pytest.raises(UserError, match="f_divergence_type"):
+        _config(tiny_model_dir, pairs_file, tmp_path / "x", f_divergence_type="forward_kl", loss_type="apo_zero")

@@ -617,3 +617,45 @@ def test_csv_rows_are_numbered_from_1_as_jsonl_lines_are(tmp_path):
     lines = tmp_path / "pairs.jsonl"
     lines.write_text('{"a": 1}\n{"a": 2}\n')
     assert [loc for loc, _ in read_rows(str(lines))] == [f"{lines}:1", f"{lines}:2"]
+
+
+def test_save_only_model_checkpoints_hold_the_model_and_refuse_to_resume(tiny_model_dir, pairs_file, tmp_path):
+    """TrainingArguments' save_only_model: no optimizer, scheduler or random states in checkpoint-N; resuming
+    from it is a one-line error, as transformers cannot resume it either."""
+    from alignlab.algorithms.dpo import DPOConfig, train_dpo
+    from alignlab.errors import UserError
+    from tests.conftest import tiny_config
+
+    out = tmp_path / "run"
+    train_dpo(tiny_config(DPOConfig, tiny_model_dir, pairs_file, out, max_steps=2, save_steps=1, save_only_model=True))
+    names = {p.name for p in (out / "checkpoint-1").iterdir()}
+    assert "model.safetensors" in names and "trainer_state.json" in names
+    assert not any(n.startswith(("optimizer", "scheduler", "random_states")) for n in names), names
+    with pytest.raises(UserError, match="holds the model only"):
+        train_dpo(tiny_config(DPOConfig, tiny_model_dir, pairs_file, tmp_path / "again", max_steps=2,
+                              resume_from_checkpoint=str(out / "checkpoint-1")))
+
+
+def test_save_on_each_node_lets_each_machines_main_process_write(tmp_path):
+    """TrainingArguments' save_on_each_node: the local main process of a machine that is not the run's main one
+    writes checkpoint-N too; accelerate gets ProjectConfiguration(save_on_each_node=True)."""
+    from types import SimpleNamespace
+
+    from alignlab.train.checkpoint import LoopState, save_checkpoint
+    from alignlab.train.trl_args import accelerator_options
+
+    def save_state(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "model.safetensors").write_bytes(b"")
+
+    second_machine = SimpleNamespace(is_main_process=False, is_local_main_process=True, num_processes=2,
+                                     wait_for_everyone=lambda: None, save_state=save_state)
+    save_checkpoint(second_machine, tmp_path / "a", LoopState(1, 0, 1), keep=None)
+    assert not (tmp_path / "a" / "checkpoint-1").exists()  # a shared file system: the run's main process writes
+    save_checkpoint(second_machine, tmp_path / "b", LoopState(1, 0, 1), keep=None, each_node=True)
+    assert (tmp_path / "b" / "checkpoint-1" / "trainer_state.json").exists()
+    config = SimpleNamespace(save_on_each_node=True, tf32=None, log_level="passive", log_level_replica="passive",
+                             ddp_find_unused_parameters=None, ddp_bucket_cap_mb=None, ddp_broadcast_buffers=None,
+                             ddp_static_graph=None, ddp_backend=None, ddp_timeout=1800, accelerator_config=None,
+                             torch_compile=False, torch_compile_backend=None)
+    assert accelerator_options(config)["project_config"].save_on_each_node is True

@@ -163,3 +163,130 @@ def test_kl_bias_correction_keeps_the_value_on_policy_and_adds_kl_times_grad_log
     assert any(d.abs().max() > 0 for d in difference)
     for d, p in zip(difference, params):
         torch.testing.assert_close(d, torch.zeros_like(p) if p.grad is None else p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_top_entropy_quantile_and_off_policy_mask_shape_the_loss(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    """TRL's top_entropy_quantile and off_policy_mask_threshold: the policy term counts only the high-entropy
+    tokens of the sequences kept, the reduction (dapo) still divides by every token."""
+    from alignlab.losses.ppo import high_entropy_mask
+
+    trainer = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "r",
+                                  top_entropy_quantile=0.25, off_policy_mask_threshold=0.1))
+    with torch.no_grad():
+        rollout = trainer.rollout(trainer.policy, trainer.prompts[:2], 1)
+        mb = {**rollout.updates[0][0], **rollout.scalars}
+        mask = mb["response_mask"].bool()
+        logps, entropy = trainer.setup.logps(trainer.policy, mb, with_entropy=True)
+        adv = mb["advantages"]
+        # old log-probs one nat above the current ones: every negative-advantage sequence is off-policy (KL 1 > 0.1)
+        old = torch.where(mask, logps + 1.0, 0.0)
+        [(loss, _)] = trainer.compute_loss(trainer.policy, {**mb, "old_logps": old})
+        per_token = clipped_policy_loss(logps, old, adv, mask)[0]
+        keep = high_entropy_mask(entropy, mask, 0.25) & (adv >= 0).unsqueeze(1)
+        expected = aggregate_token_loss(per_token * keep, mask, loss_type="dapo",
+                                        num_items_in_batch=mb["num_items_in_batch"])
+        plain = aggregate_token_loss(per_token, mask, loss_type="dapo", num_items_in_batch=mb["num_items_in_batch"])
+    assert 0 < keep.sum() < mask.sum() and (adv < 0).any()
+    assert float(loss) == pytest.approx(float(expected), abs=1e-6)
+    assert float(loss) != pytest.approx(float(plain), abs=1e-6)
+
+
+def test_multi_objective_aggregation_normalize_then_sum(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    """TRL's normalize_then_sum (GDPO): each source normalised per group, weighted sum, then the batch std."""
+    from alignlab.advantages.group import group_advantages
+
+    other = tmp_path / "long.py"
+    other.write_text("def long(prompts, completions, **kw):\n    return [100.0 * len(c) for c in completions]\n")
+    trainer = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "r",
+                                  reward_funcs=[f"{rewards_file}:short", f"{other}:long"], reward_weights=[1.0, 0.5],
+                                  multi_objective_aggregation="normalize_then_sum"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        scored = trainer.setup.sample(trainer.policy, trainer.prompts[:2], max_new_tokens=6, num_generations=4)
+    rewards = trainer.advantage_scores(scored, 4)
+    groups = torch.stack([scored.per_source["short"], scored.per_source["long"]], 1).view(2, 4, 2)
+    normalised = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
+    expected = (normalised * torch.tensor([1.0, 0.5])).sum(-1).flatten()
+    assert rewards.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert not torch.allclose(rewards, scored.scores)
+    name, kw = trainer.advantage_estimator()
+    advantages, _ = group_advantages(rewards, 4, **kw)
+    trl = (expected - expected.mean()) / (expected.std() + 1e-4)  # TRL's batch-level step
+    assert advantages.tolist() == pytest.approx(trl.tolist(), abs=1e-5)
+    with pytest.raises(Exception, match="multi_objective_aggregation"):
+        _config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "x", multi_objective_aggregation="mean")
+
+
+def test_entropy_coef_subtracts_the_mean_entropy_with_its_gradient(tiny_model_dir, prompts_file, rewards_file,
+                                                                   tmp_path):
+    """TRL's entropy_coef: loss - coef * mean token entropy; the entropy's gradient (from the selected logits)
+    matches autograd through the full logits."""
+    trainer = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "r", entropy_coef=0.5,
+                                  padding_free=False))
+    plain = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "p", padding_free=False))
+    with torch.no_grad():
+        rollout = trainer.rollout(trainer.policy, trainer.prompts[:2], 1)
+    mb = {**rollout.updates[0][0], **rollout.scalars}
+    model = trainer.policy
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(t, m):
+        [(loss, metrics)] = t.compute_loss(m, mb)
+        return loss, metrics, torch.autograd.grad(loss, params)
+
+    loss, metrics, with_bonus = grads(trainer, model)
+    loss0, _, without = grads(plain, model)
+    # the reference: the entropy of softmax(logits / T) at the completion positions, from the full logits
+    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1].float()
+    rows = torch.arange(logits.shape[0])[:, None]
+    z = logits[rows, mb["completion_index"]] / trainer.config.temperature
+    entropy = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+    mask = mb["response_mask"].bool()
+    mean = torch.where(mask, entropy, 0.0).sum() / mask.sum()
+    expected = torch.autograd.grad(-0.5 * mean, params)
+    assert float(loss) == pytest.approx(float(loss0) - 0.5 * float(mean), abs=1e-5)
+    assert metrics["entropy_coef"] == 0.5
+    for a, b, e in zip(with_bonus, without, expected):
+        assert torch.allclose(a - b, e, atol=1e-5), float((a - b - e).abs().max())
+
+
+def test_use_adaptive_entropy_moves_the_coefficient_once_per_optimizer_step(tiny_model_dir, prompts_file,
+                                                                             rewards_file, tmp_path):
+    """TRL's use_adaptive_entropy: no bonus before the first measurement; after each optimizer step's micro-batches
+    the coefficient moves by entropy_coef_delta toward keeping the entropy at entropy_target; checkpointed."""
+    cfg = dict(use_adaptive_entropy=True, entropy_coef=0.1, entropy_coef_delta=0.05, entropy_target=100.0,
+               padding_free=False)
+    trainer = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "r", **cfg))
+    plain = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "p", padding_free=False))
+    with torch.no_grad():
+        rollout = trainer.rollout(trainer.policy, trainer.prompts[:2], 1)
+    (update,) = rollout.updates
+    assert trainer.adaptive.pending == [2]
+    first, second = ({**mb, **rollout.scalars} for mb in update)
+    [(loss, _)] = trainer.compute_loss(trainer.policy, first)
+    [(loss0, _)] = plain.compute_loss(trainer.policy, first)
+    assert float(loss) == pytest.approx(float(loss0), abs=1e-6)  # entropy still unmeasured (inf): no bonus
+    assert trainer.adaptive.coef == 0.1
+    trainer.compute_loss(trainer.policy, second)  # the step's last micro-batch: entropy <= 100, so up by delta
+    assert trainer.adaptive.coef == pytest.approx(0.15) and trainer.adaptive.last_entropy < 100
+    [(loss, metrics)] = trainer.compute_loss(trainer.policy, {**first})  # the next step applies 0.15
+    [(loss0, _)] = plain.compute_loss(trainer.policy, first)
+    assert float(loss) < float(loss0) and metrics["entropy_coef"] == pytest.approx(0.15)
+    state = trainer.adaptive.state_dict()
+    trainer.adaptive.load_state_dict({"entropy_coef": 0.3, "last_world_entropy": 1.0})
+    assert (trainer.adaptive.coef, trainer.adaptive.last_entropy) == (0.3, 1.0)
+    assert state["entropy_coef"] == pytest.approx(0.15)
+
+
+def test_adaptive_entropy_state_is_checkpointed_and_resumed(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    """The controller's coefficient travels in checkpoints (accelerate's register_for_checkpointing), as TRL's
+    entropy_ctrl_state.json."""
+    cfg = dict(use_adaptive_entropy=True, entropy_coef=0.1, entropy_coef_delta=0.05, entropy_target=100.0,
+               save_steps=1, max_steps=2)
+    first = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "r", **cfg))
+    first.train()
+    assert first.adaptive.coef == pytest.approx(0.2)  # one optimizer step (2 micro-batches) per step: +delta each
+    again = GRPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "s", **cfg,
+                                resume_from_checkpoint=str(tmp_path / "r" / "checkpoint-1")))
+    again.train()
+    assert again.adaptive.coef == pytest.approx(0.2)  # restored at 0.15, then step 2 (from scratch: 0.15)

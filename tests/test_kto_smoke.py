@@ -177,3 +177,25 @@ def test_two_processes_reduce_subset_metrics_without_hanging(tiny_model_dir, unp
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-6) and rows[0]["kl"] == 0.0
     assert all(math.isfinite(r["rewards/chosen"]) for r in rows)
+
+
+def test_precompute_ref_log_probs_frees_the_reference_and_trains_as_live(tiny_model_dir, unpaired_file, tmp_path):
+    """TRL's precompute_ref_log_probs for KTO: the reference log-probs of every example and of its mismatched
+    pair are computed once; the reference model is freed; the run is the live-reference run (sequential rows)."""
+    live = KTOTrainer(_config(tiny_model_dir, unpaired_file, tmp_path / "a", max_steps=2))
+    pre = KTOTrainer(_config(tiny_model_dir, unpaired_file, tmp_path / "b", max_steps=2, precompute_ref_log_probs=True))
+    assert pre.ref_model is None and live.ref_model is not None
+    first = sorted(pre.train_examples, key=lambda e: e["index"])[:4]
+    # block of 4 in data order, completions rotated by one: prompt i meets completion i - 1
+    assert [e["KL_completion_ids"] for e in first] == [first[3]["completion_ids"]] + [
+        e["completion_ids"] for e in first[:3]]
+    with torch.no_grad():
+        batch = collate_unpaired(first, live.tokenizer.pad_token_id, max_length=live.config.max_length)
+        assert batch["ref_logps"].tolist() == pytest.approx(live._sequence_logps(live.ref_model, batch).tolist(), abs=1e-5)
+        assert batch["ref_KL_logps"].tolist() == pytest.approx(
+            live._sequence_logps(live.ref_model, batch, "KL_").tolist(), abs=1e-5)
+    live.train()
+    pre.train()
+    for a, b in zip(read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")):
+        for name in ("loss", "kl", "rewards/margins"):
+            assert b[name] == pytest.approx(a[name], rel=1e-3, abs=1e-5), name

@@ -528,3 +528,41 @@ def test_configs_pass_what_the_selected_losses_declare(tmp_path):
             config(loss_type=["test_margin"]).loss_hyperparameters()
     finally:
         PREFERENCE_LOSSES.pop("test_margin")
+
+
+def test_f_divergence_scores_hand_worked():
+    from alignlab.losses.dpo import f_divergence_score
+
+    u2 = torch.tensor([math.log(2.0), 0.0])  # ratios 2 and 1
+    assert f_divergence_score(u2, "reverse_kl").tolist() == u2.tolist()
+    assert f_divergence_score(u2, "forward_kl").tolist() == pytest.approx([0.5, 0.0])  # 1 - 1/u
+    assert f_divergence_score(u2, "js_divergence").tolist() == pytest.approx([math.log(4 / 3), 0.0], abs=1e-7)
+    # (u^(alpha-1) - 1) / (alpha - 1) at alpha 0.5: (0.7071067812 - 1) / -0.5 = 0.5857864376
+    assert f_divergence_score(u2, "alpha_divergence", 0.5).tolist() == pytest.approx([0.5857864376, 0.0])
+    assert f_divergence_score(u2, "alpha_divergence", 1.0).tolist() == u2.tolist()
+    with pytest.raises(ValueError):
+        f_divergence_score(u2, "tv")
+
+
+def test_f_divergence_pair_turns_sigmoid_into_f_dpo():
+    import dataclasses
+
+    pair = dataclasses.replace(logratio_pair([math.log(2.0)], [0.0]), f_divergence_type="forward_kl")
+    # scores 0.5 and 0: -log sigmoid(1 * 0.5) = 0.4740769842
+    assert loss("sigmoid", pair, beta=1.0) == pytest.approx([0.4740769842])
+    assert pair.chosen_logps.tolist() == pytest.approx([math.log(2.0)])
+
+
+def test_length_desensitized_logps_hand_worked():
+    from alignlab.losses.dpo import length_desensitized_logps
+
+    logps = torch.tensor([[0.0, -1.0, -2.0, -3.0], [0.0, -4.0, -5.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 0]])
+    # shared length 2: chosen -1 - 2 + 0.5 * -3 = -4.5; rejected has no verbose tokens: -9
+    out = length_desensitized_logps(logps, mask, 0.5)
+    assert out.tolist() == [-4.5, -9.0]
+    out.sum().backward()
+    assert logps.grad.tolist() == [[0.0, 1.0, 1.0, 0.5], [0.0, 1.0, 1.0, 0.0]]
+    assert length_desensitized_logps(logps, mask, 1.0).tolist() == [-6.0, -9.0]
+    with pytest.raises(ValueError):
+        length_desensitized_logps(logps[:1], mask[:1], 0.5)

@@ -514,3 +514,52 @@ def test_grpo_kl_term_matches_trl(level, bias_correction):
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(current.grad, trl_logps.grad, rtol=1e-5, atol=1e-7)
     assert masked_mean(kl.detach(), mask).item() == pytest.approx(trl_metrics["kl"], rel=1e-6)
+
+
+def test_high_entropy_mask_keeps_the_top_quantile_hand_worked():
+    from alignlab.losses.ppo import high_entropy_mask
+
+    entropies = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.7, 5.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # pool [0.1, 0.3, 0.5, 0.7, 0.9] (the padded 5.0 left out); quantile 0.6 at position 2.4: 0.5 + 0.4 * 0.2 = 0.58
+    assert high_entropy_mask(entropies, mask, 0.4).tolist() == [[False, False, True], [False, True, False]]
+    assert high_entropy_mask(entropies, mask, 0.0).tolist() == [[False, False, True], [False, False, False]]
+    assert high_entropy_mask(entropies, mask, 1.0).tolist() == mask.bool().tolist()
+    # a gathered pool (other processes' tokens) moves the threshold: pool max 2.0 keeps nothing here at rho 0
+    assert not high_entropy_mask(entropies, mask, 0.0, pool=torch.tensor([0.1, 2.0])).any()
+    with pytest.raises(ValueError):
+        high_entropy_mask(entropies, mask, 1.5)
+
+
+def test_off_policy_sequence_mask_drops_drifted_negative_sequences_hand_worked():
+    from alignlab.losses.ppo import off_policy_sequence_mask
+
+    logps = torch.tensor([[-3.0, -3.0], [-1.2, -1.4], [-2.0, -9.0]])
+    old = torch.tensor([[-1.0, -1.0], [-1.0, -1.0], [-1.0, float("nan")]])
+    mask = torch.tensor([[1, 1], [1, 1], [1, 0]])
+    adv = torch.tensor([1.0, -1.0, -1.0])
+    # mean KL(old || new) per sequence: 2.0 (positive advantage: kept), 0.3 (<= 0.5: kept), 1.0 (dropped)
+    assert off_policy_sequence_mask(adv, logps, old, mask, 0.5).tolist() == [[1.0], [1.0], [0.0]]
+    assert off_policy_sequence_mask(adv, logps, old, mask, 1.0).tolist() == [[1.0], [1.0], [1.0]]
+
+
+def test_entropy_bonus_hand_worked():
+    from alignlab.losses.ppo import entropy_bonus
+
+    entropies = torch.tensor([[1.0, 2.0, 9.0], [3.0, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    bonus = entropy_bonus(entropies, mask, 0.5)  # 0.5 * (1 + 2 + 3) / 3
+    assert float(bonus.detach()) == pytest.approx(1.0)
+    bonus.backward()
+    assert entropies.grad.flatten().tolist() == pytest.approx([0.5 / 3, 0.5 / 3, 0.0, 0.5 / 3, 0.0, 0.0])
+    assert float(entropy_bonus(entropies, torch.zeros_like(mask), 0.5)) == 0.0
+
+
+def test_adaptive_entropy_coef_steps_toward_the_target():
+    from alignlab.losses.ppo import adaptive_entropy_coef
+
+    kw = dict(target=0.2, delta=0.05, low=0.0, high=0.12)
+    assert adaptive_entropy_coef(0.1, 0.1, **kw) == 0.12  # below the target: up, capped at high
+    assert adaptive_entropy_coef(0.1, 0.2, **kw) == 0.12  # at the target: up
+    assert adaptive_entropy_coef(0.1, 0.3, **kw) == pytest.approx(0.05)  # above: down
+    assert adaptive_entropy_coef(0.03, 0.3, **kw) == 0.0  # floored at low

@@ -160,3 +160,26 @@ def test_a_reference_free_loss_loads_no_reference(tiny_model_dir, prompts_file, 
     trainer.train()
     row = read_metrics(out)[0]
     assert math.isfinite(row["loss"]) and math.isfinite(row["rewards/margins"]) and "objective/kl" not in row
+
+
+def test_max_length_cuts_the_prompts_on_the_left_for_the_log_probs(tiny_model_dir, prompts_file, rewards_file,
+                                                                   tmp_path):
+    """TRL's Online DPO max_length: prompt + the step's longest completion fit it; the completions stay whole and
+    the prompts keep their last tokens (sampling saw the whole prompt)."""
+    from alignlab.data.sequences import left_truncated_prompts
+
+    assert left_truncated_prompts([[1, 2, 3, 4], [5, 6]], [[7], [8, 9]], 4) == [[3, 4], [5, 6]]
+    assert left_truncated_prompts([[1, 2, 3]], [[7, 8, 9]], 3) == [[3]]  # at least one prompt token
+    trainer = OnlineDPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "m", max_length=10,
+                                       drop_tied_pairs=False))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        rollout = trainer.rollout(trainer.policy, trainer.prompts[:4], 1)
+        (update,) = rollout.updates
+        mb = update[0]
+        longest = int(mb["response_mask"].sum(1).max())
+        assert len(trainer.prompts[0]["prompt_ids"]) > 10 - longest
+        lengths = mb["attention_mask"].sum(1)
+        assert int(lengths.max()) <= 10 and torch.equal(mb["completion_mask"].sum(1), mb["response_mask"].sum(1))
+        [(loss, _)] = trainer.compute_loss(trainer.policy, mb)
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-5)  # the reference saw the same cut pairs

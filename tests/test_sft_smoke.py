@@ -152,3 +152,68 @@ def test_cli_flags_andrun_cli(capsys, tmp_path, tiny_model_dir, sft_file):
     assert code == 0, err
     assert f"trained model: {out}" in stdout and "eval mean_token_accuracy:" in stdout
     assert yaml.safe_load((out / "config.yaml").read_text())["learning_rate"] == 2e-5  # TRL's SFT default
+
+
+def test_padding_free_batches_are_one_row_with_the_padded_numbers(tiny_model_dir, sft_file, tmp_path):
+    """TRL's padding_free: a micro-batch is one row, positions restarting per example; loss and metrics as padded."""
+    padded = SFTTrainer(tiny_config(SFTConfig, tiny_model_dir, sft_file, tmp_path / "a"))
+    free = SFTTrainer(tiny_config(SFTConfig, tiny_model_dir, sft_file, tmp_path / "b", padding_free=True))
+    examples = sorted(padded.train_examples, key=lambda e: len(e["input_ids"]))[::4][:3]
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert len(set(lengths)) > 1  # the padded batch has padding
+    batch = free.collate(examples)
+    assert batch["input_ids"].shape == (1, sum(lengths)) and bool(batch["attention_mask"].all())
+    assert batch["position_ids"][0, lengths[0]] == 0
+    with torch.no_grad():
+        [(loss_free, m_free)] = free.compute_loss(padded.model, batch)
+        [(loss_pad, m_pad)] = padded.compute_loss(padded.model, padded.collate(examples))
+    assert float(loss_free) == pytest.approx(float(loss_pad), abs=1e-5)
+    assert float(m_free["mean_token_accuracy"]) == pytest.approx(float(m_pad["mean_token_accuracy"]))
+
+
+@pytest.mark.parametrize("strategy", ["wrapped", "bfd_split"])
+def test_packing_strategies_wrapped_and_bfd_split_keep_every_token(tiny_model_dir, sft_file, tmp_path, strategy):
+    """TRL's packing_strategy: wrapped cuts the concatenated examples every max_length tokens (no position ids);
+    bfd_split cuts longer examples into fragments instead of truncating them, then packs first-fit."""
+    whole = SFTTrainer(tiny_config(SFTConfig, tiny_model_dir, sft_file, tmp_path / "w", max_length=None))
+    packed = SFTTrainer(tiny_config(SFTConfig, tiny_model_dir, sft_file, tmp_path / strategy, max_length=8,
+                                    packing=True, packing_strategy=strategy))
+    rows = packed.train_examples
+    tokens = [t for e in whole.train_examples for t in e["input_ids"]]
+    assert max(len(e["input_ids"]) for e in whole.train_examples) > 8  # plain bfd would truncate
+    assert all(len(r["input_ids"]) <= 8 for r in rows)
+    if strategy == "wrapped":
+        assert [t for r in rows for t in r["input_ids"]] == tokens
+        assert [len(r["input_ids"]) for r in rows[:-1]] == [8] * (len(rows) - 1) and "position_ids" not in rows[0]
+    else:
+        assert sorted(t for r in rows for t in r["input_ids"]) == sorted(tokens)
+        assert all(r["position_ids"][0] == 0 for r in rows)
+    with torch.no_grad():
+        [(loss, _)] = packed.compute_loss(packed.model, packed.collate(rows[:2]))
+    assert math.isfinite(float(loss))
+
+
+def test_activation_offloading_saves_the_activations_on_cpu_with_the_same_numbers(tiny_model_dir, sft_file, tmp_path,
+                                                                                   monkeypatch):
+    """TRL's activation_offloading: the training forwards run under saved-tensor hooks that keep autograd's
+    activations in CPU memory (torch's save_on_cpu); the run is the same."""
+    packed = []
+
+    class Recording(torch.autograd.graph.save_on_cpu):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(pin_memory, device_type)
+            pack = self.pack_hook
+
+            def counting(tensor):
+                packed.append(tensor.shape)
+                return pack(tensor)
+
+            self.pack_hook = counting
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Recording)
+    train_sft(tiny_config(SFTConfig, tiny_model_dir, sft_file, tmp_path / "a", max_steps=2))
+    assert not packed
+    train_sft(tiny_config(SFTConfig, tiny_model_dir, sft_file, tmp_path / "b", max_steps=2, activation_offloading=True))
+    assert packed  # every tensor saved for the backward went through the offloading hook
+    for a, b in zip(read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)

@@ -24,7 +24,7 @@ def small(config_cls, out, **overrides):
     settings = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
                     learning_rate=1e-3, save_steps=0, bf16=False)
     names = {f for f in config_cls.__dataclass_fields__}
-    if "max_length" in names and config_cls.__name__ != "OnlineDPOConfig":  # Online DPO: TRL's field, unsupported
+    if "max_length" in names and config_cls.__name__ != "OnlineDPOConfig":  # Online DPO: a cap of its log-probs
         settings["max_length"] = 64
     if "max_completion_length" in names:
         settings.update(max_completion_length=4, num_generations=4) if "num_generations" in names else \
@@ -384,3 +384,44 @@ def test_a_bad_row_is_named_by_the_dataset_argument(tiny_model_dir, tmp_path):
     bad = PAIRS[:3] + [{"prompt": "x", "chosen": 3, "rejected": "y"}]
     with pytest.raises(DataError, match="train_dataset row 4"):
         DPOTrainer(tiny_model_dir, args=small(DPOConfig, tmp_path / "d"), train_dataset=bad)
+
+
+def test_substep_and_optimizer_step_events_and_should_epoch_stop(tiny_model_dir, tmp_path):
+    """transformers' on_substep_end (each accumulation micro-batch but the last), on_pre_optimizer_step and
+    on_optimizer_step (around optimizer.step, the gradients still there), in the Trainer's order; and
+    control.should_epoch_stop: the epoch ends after the step, the next one starts, the run ends after its epochs."""
+    from alignlab import SFTConfig, SFTTrainer
+
+    class Record(TrainerCallback):
+        def __init__(self):
+            self.events, self.grads = [], []
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self.events.append("epoch_begin")
+
+        def on_substep_end(self, args, state, control, **kwargs):
+            self.events.append("substep_end")
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.events.append("pre_optimizer_step")
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.events.append("optimizer_step")
+            self.grads.append(all(p.grad is not None for p in model.parameters() if p.requires_grad))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.events.append("step_end")
+            if state.global_step == 1:
+                control.should_epoch_stop = True
+
+    rows = [{"prompt": f"Say {i}.", "completion": f" {i}"} for i in range(8)]
+    record = Record()
+    # 8 rows, 2 per micro-batch, 2 micro-batches per step: 2 steps per epoch, 2 epochs
+    trainer = SFTTrainer(tiny_model_dir, args=small(SFTConfig, tmp_path / "sft", max_steps=-1, num_train_epochs=2,
+                                                    per_device_train_batch_size=2, gradient_accumulation_steps=2),
+                         train_dataset=Dataset.from_list(rows), callbacks=[record])
+    trainer.train()
+    step = ["substep_end", "pre_optimizer_step", "optimizer_step", "step_end"]
+    # epoch 1 stopped after its first step; epoch 2 whole; no third epoch
+    assert record.events == ["epoch_begin", *step, "epoch_begin", *step, *step]
+    assert record.grads == [True, True, True] and trainer.state.global_step == 3

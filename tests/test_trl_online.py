@@ -507,3 +507,71 @@ def test_a_step_whose_completions_are_all_truncated_has_a_finite_zero_loss(tiny_
     (row,) = read_metrics(out)
     assert row["completions/clipped_ratio"] == 1.0
     assert row["loss"] == 0.0 and row["nonfinite_steps"] == 0
+
+
+def test_generation_kwargs_override_the_sampling_flags(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    """TRL's generation_kwargs: its keys win over the flags of the same name when sampling; others are refused."""
+    trainer = GRPOTrainer(_grpo(tiny_model_dir, prompts_file, rewards_file, tmp_path / "r", temperature=1.5,
+                                generation_kwargs='{"top_k": 1}'))
+    assert trainer.config.generation_kwargs == {"top_k": 1} and trainer.config.top_k == 0
+    torch.manual_seed(0)
+    sampled = _sample(trainer, num_generations=4).completions.ids
+    greedy = _sample(trainer, do_sample=False).completions.ids
+    assert sampled == [g for g in greedy for _ in range(4)]
+    for bad, message in (({"num_beams": 4}, "num_beams not supported here"), ({"top_p": 2.0}, "top_p")):
+        with pytest.raises(UserError, match=message):
+            _grpo(tiny_model_dir, prompts_file, rewards_file, tmp_path / "x", generation_kwargs=bad)
+
+
+def test_chat_template_kwargs_reach_the_prompt_template(tiny_model_dir, rewards_file, tmp_path):
+    """TRL's chat_template_kwargs: extra apply_chat_template arguments (template variables) render the prompts."""
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}{% if think %} THINK{% endif %}")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Hi {i}"}]}) + "\n" for i in range(4)))
+    kw = dict(chat_template_path=str(template), per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    plain = GRPOTrainer(_grpo(tiny_model_dir, data, rewards_file, tmp_path / "a", **kw))
+    think = GRPOTrainer(_grpo(tiny_model_dir, data, rewards_file, tmp_path / "b", chat_template_kwargs={"think": True},
+                              **kw))
+    assert plain.tokenizer.decode(plain.prompts[0]["prompt_ids"]) == "Hi 0"
+    assert think.tokenizer.decode(think.prompts[0]["prompt_ids"]) == "Hi 0 THINK"
+
+
+def test_num_generations_eval_sets_the_eval_group(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    """TRL's num_generations_eval: each eval prompt gets that many completions (the training group stays 4)."""
+    trainer = GRPOTrainer(_grpo(tiny_model_dir, prompts_file, rewards_file, tmp_path / "g", eval_split_size=2,
+                                per_device_eval_batch_size=4, num_generations_eval=2))
+    assert trainer.loop_inputs()["eval_batch_size"] == 2  # prompts per eval batch: 4 completions / 2
+    with torch.no_grad():
+        data, metrics = trainer.eval_rollout(trainer.policy, trainer.setup.eval_prompts[:2])
+    assert data["response_mask"].shape[0] == 4 and math.isfinite(float(metrics["reward"]))
+    # group-relative advantages over pairs: each pair's two advantages sum to 0
+    assert data["advantages"].view(2, 2).sum(1).abs().max() < 1e-5
+    with pytest.raises(UserError, match="multiple of the 2 completions"):
+        GRPOTrainer(_grpo(tiny_model_dir, prompts_file, rewards_file, tmp_path / "h", eval_split_size=2,
+                          per_device_eval_batch_size=3, num_generations_eval=2))
+    from alignlab.algorithms.online_dpo import OnlineDPOConfig
+
+    with pytest.raises(UserError, match="num_generations_eval"):
+        OnlineDPOConfig(model_name_or_path=tiny_model_dir, dataset_name=str(prompts_file), output_dir=str(tmp_path),
+                        reward_funcs=[f"{rewards_file}:short"], num_generations_eval=2)
+
+
+def test_cache_implementation_picks_the_engine_with_that_kv_cache(tiny_model_dir, prompts_file, rewards_file,
+                                                                  tmp_path):
+    """TRL's cache_implementation (the KV cache of transformers' generate): dynamic is the generate engine, static
+    the static-cache one; a clash with --generation_backend and other caches are one-line errors."""
+    from alignlab.rollout.engines import engine_for
+    from alignlab.rollout.engines.hf_generate import StaticEngine
+
+    cfg = _grpo(tiny_model_dir, prompts_file, rewards_file, tmp_path / "s", cache_implementation="static")
+    assert cfg.generation_backend == "static"
+    assert _grpo(tiny_model_dir, prompts_file, rewards_file, tmp_path / "d",
+                 cache_implementation="dynamic").generation_backend == "generate"
+    trainer = GRPOTrainer(cfg)
+    assert isinstance(engine_for(trainer.policy, trainer.config.generation_backend), StaticEngine)
+    with pytest.raises(UserError, match="samples with --generation_backend static, not paged"):
+        _grpo(tiny_model_dir, prompts_file, rewards_file, tmp_path / "x", cache_implementation="static",
+              generation_backend="paged")
+    with pytest.raises(UserError, match="offer dynamic"):
+        _grpo(tiny_model_dir, prompts_file, rewards_file, tmp_path / "y", cache_implementation="offloaded")

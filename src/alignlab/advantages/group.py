@@ -108,6 +108,45 @@ def group_advantages(
     return advantages, metrics
 
 
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+"""Accepted ``multi_objective_aggregation`` values (TRL 1.16 ``GRPOConfig``)."""
+
+
+def normalize_then_sum(per_source: torch.Tensor, weights: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """GDPO's decoupled rewards (Liu et al. 2026, "GDPO: Group reward-Decoupled Normalization Policy
+    Optimization for Multi-reward RL Optimization", arXiv 2601.05242): each reward source is normalised within
+    each group first, ``(r_k - mean_group(r_k)) / (std_group(r_k) + 1e-4)``, then the weighted sum is taken,
+    ``sum_k w_k r_k_normalised``, so that a source with a wide spread cannot drown the others. NaN (a source
+    that does not apply to a completion) is left out of its group's mean and std (unbiased) and counts as 0 in
+    the sum. The result is group-centred; TRL then divides it by its batch std (``group_advantages`` with
+    ``scale_rewards="batch"`` does exactly that, the group mean being 0).
+
+    TRL 1.16 counterpart: ``GRPOTrainer._generate_and_score_completions`` with
+    ``multi_objective_aggregation="normalize_then_sum"`` (up to the final batch normalisation).
+
+    Args:
+        per_source: ``(N, K)`` unweighted rewards of ``K`` sources, ``N = P * num_generations`` prompt-major.
+        weights: ``(K,)`` source weights (``--reward_weights``).
+        num_generations: completions per prompt.
+
+    Raises:
+        ValueError: shapes that do not match or ``N`` not a multiple of ``num_generations``.
+    """
+    if per_source.dim() != 2 or weights.shape != per_source.shape[1:] or per_source.shape[0] % num_generations:
+        raise ValueError(f"per_source must be (N, K) with N a multiple of {num_generations} and weights (K,), got "
+                         f"{tuple(per_source.shape)} and {tuple(weights.shape)}")
+    grouped = per_source.detach().float().view(-1, num_generations, per_source.shape[1])
+    present = ~grouped.isnan()
+    count = present.sum(dim=1, keepdim=True)
+    values = torch.where(present, grouped, 0.0)
+    mean = values.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    centred = torch.where(present, grouped - mean, 0.0)
+    std = (centred.pow(2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+    std = torch.where(count > 1, std, 0.0)
+    normalised = (centred / (std + STD_EPS)).view(per_source.shape)
+    return (normalised * weights.float()).sum(dim=1)
+
+
 @register_advantage_estimator("grpo")
 def grpo_estimator(
     inputs: AdvantageInputs, *, scale_rewards: str = "group"

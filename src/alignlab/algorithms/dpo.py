@@ -19,8 +19,8 @@ from alignlab.algorithms.base import Algorithm
 from alignlab.data.preference import build_pair_examples, collate_pairs
 from alignlab.errors import UserError
 from alignlab.losses.dpo import (
-    PREFERENCE_LOSSES, PairLogps, combined_reward_kind, get_preference_loss, preference_loss, preference_loss_kwargs,
-    preference_metrics, token_statistics_metrics,
+    F_DIVERGENCE_LOSSES, F_DIVERGENCES, PREFERENCE_LOSSES, PairLogps, combined_reward_kind, get_preference_loss,
+    length_desensitized_logps, preference_loss, preference_loss_kwargs, preference_metrics, token_statistics_metrics,
 )
 from alignlab.methods import CompareBudget, CompareEntry, Method, register_method
 from alignlab.models import is_peft_model, load_causal_lm
@@ -226,6 +226,17 @@ class DPOConfig(PreferenceLossConfig, PreferenceTrlFields, TrainConfig):
             raise UserError("with several weighted data sets use --eval_split_size (held out per set), not --eval_dataset_name")
         if self.max_length is not None and self.max_length < 2:
             raise UserError(f"--max_length must be >= 2, got {self.max_length}")
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise UserError(f"--f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, got "
+                            f"{self.f_divergence_type!r}")
+        others = [t for t in self.loss_type if t not in F_DIVERGENCE_LOSSES]
+        if self.f_divergence_type != "reverse_kl" and others:
+            raise UserError(f"--f_divergence_type {self.f_divergence_type} does not apply to --loss_type "
+                            f"{' '.join(others)} (only {', '.join(F_DIVERGENCE_LOSSES)}, as TRL)")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise UserError(f"--ld_alpha must be in [0, 1], got {self.ld_alpha}")
+        if self.ld_alpha is not None and self.contrastive_weight:
+            raise UserError("--ld_alpha weighs the tokens of a chosen/rejected pair: drop --contrastive_weight")
 
 
 class DPOTrainer(Algorithm):
@@ -295,7 +306,8 @@ class DPOTrainer(Algorithm):
     # ------------------------------------------------------------------------------------------------------
     def _logps(self, model, batch, token_stats: tuple[str, ...] = ()):
         """``(2B + M,)`` sequence logps of a collated batch under ``model`` (``M`` contrastive rows); with
-        ``token_stats`` also their per-token statistics (:func:`~alignlab.ops.logprobs.completion_logps`)."""
+        ``token_stats`` also their per-token statistics (:func:`~alignlab.ops.logprobs.completion_logps`). With
+        ``ld_alpha``, LD-DPO's weighted sums (:func:`~alignlab.losses.dpo.length_desensitized_logps`)."""
         out = completion_logps(
             model,
             batch["input_ids"],
@@ -305,7 +317,11 @@ class DPOTrainer(Algorithm):
             pad_token_id=self.tokenizer.pad_token_id,
             token_stats=token_stats,
         )
-        return (out[1], out[2]) if token_stats else out[1]
+        logps = out[1]
+        if self.config.ld_alpha is not None:
+            tokens = batch["completion_mask"][:, 1:] * batch["attention_mask"][:, 1:]
+            logps = length_desensitized_logps(out[0], tokens, self.config.ld_alpha)
+        return (logps, out[2]) if token_stats else logps
 
     def _reference_logps(self, model, batch) -> torch.Tensor:
         """``(2B + M,)`` reference sequence logps for a collated batch, without gradients."""
@@ -363,7 +379,9 @@ class DPOTrainer(Algorithm):
         lengths = batch["completion_mask"][:, 1:].sum(dim=1).float()
         pair = PairLogps(chosen_logps, rejected_logps, lengths[:n], lengths[n : 2 * n], ref_chosen, ref_rejected)
         hyper = cfg.loss_hyperparameters()
-        losses = preference_loss(cfg.loss_type, pair, loss_weights=cfg.loss_weights, **hyper)
+        scored = dataclasses.replace(pair, f_divergence_type=cfg.f_divergence_type,  # f-DPO: the loss's scores;
+                                     f_alpha_divergence_coef=cfg.f_alpha_divergence_coef)  # metrics: log-ratios
+        losses = preference_loss(cfg.loss_type, scored, loss_weights=cfg.loss_weights, **hyper)
         metrics = preference_metrics(pair, beta=cfg.beta, reward_kind=combined_reward_kind(cfg.loss_type))
         tokens = (batch["completion_mask"][:, 1:] * batch["attention_mask"][:, 1:]).bool()
         metrics.update(token_statistics_metrics(stats["entropy"][: 2 * n], stats["mean_logits"][: 2 * n],
@@ -384,7 +402,9 @@ class DPOTrainer(Algorithm):
             i, j = batch["contrastive_index"].unbind(1)
             cross_pair = PairLogps(chosen_logps[i], logps[2 * n :], pair.chosen_lengths[i], lengths[2 * n :],
                                    ref_chosen[i], ref[2 * n :])
-            cross = preference_loss(cfg.loss_type, cross_pair, loss_weights=cfg.loss_weights, **hyper)
+            cross = preference_loss(cfg.loss_type, dataclasses.replace(
+                cross_pair, f_divergence_type=cfg.f_divergence_type,
+                f_alpha_divergence_coef=cfg.f_alpha_divergence_coef), loss_weights=cfg.loss_weights, **hyper)
             loss = loss + cfg.contrastive_weight * cross.mean()
             metrics["contrastive/loss"] = cross.detach()
             wins = cross_pair.chosen_logratios > cross_pair.rejected_logratios

@@ -12,15 +12,18 @@ group mean is the baseline. PPO and GRPO share the clipped objective and differ 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 
+from alignlab.advantages.group import MULTI_OBJECTIVE_AGGREGATIONS, normalize_then_sum
 from alignlab.algorithms.online import GenerationBatchConfig, PolicyGradientAlgorithm, group_sampling_args
 from alignlab.errors import UserError
 from alignlab.losses.ppo import (
-    aggregate_token_loss, clip_ratio_metrics, get_policy_loss, importance_weights, policy_loss_kwargs,
+    adaptive_entropy_coef, aggregate_token_loss, clip_ratio_metrics, entropy_bonus, get_policy_loss, high_entropy_mask, importance_weights,
+    off_policy_sequence_mask, policy_loss_kwargs,
 )
 from alignlab.train.config import Range
 from alignlab.train.trl_args import GRPOTrlFields, PolicyGradientTrlFields, VllmFields
@@ -96,7 +99,8 @@ class GRPOConfig(GRPOTrlFields, PolicyGradientTrlFields, VllmFields, GenerationB
     RANGES: ClassVar[dict[str, Range]] = {
         "max_completion_length": Range(ge=1), "num_iterations": Range(ge=1), "beta": Range(ge=0),
         "epsilon": Range(gt=0, lt=1), "epsilon_high": Range(gt=0), "sapo_temperature_pos": Range(gt=0),
-        "sapo_temperature_neg": Range(gt=0), "delta": Range(gt=1),
+        "sapo_temperature_neg": Range(gt=0), "delta": Range(gt=1), "top_entropy_quantile": Range(ge=0, le=1),
+        "off_policy_mask_threshold": Range(gt=0),
     }
     """The ranges of the numeric flags (:func:`alignlab.train.config.check_ranges`; ``num_generations`` >= 2 is
     :data:`~alignlab.train.config.FIELD_RANGES`')."""
@@ -109,6 +113,15 @@ class GRPOConfig(GRPOTrlFields, PolicyGradientTrlFields, VllmFields, GenerationB
                 f"per_device_train_batch_size x steps_per_generation = {per_step} completions per step is not "
                 f"a multiple of --num_generations {self.num_generations}"
             )
+        if self.use_adaptive_entropy and not 0 <= self.entropy_coef_min <= self.entropy_coef_max:
+            raise UserError(f"--entropy_coef_min {self.entropy_coef_min} and --entropy_coef_max "
+                            f"{self.entropy_coef_max}: need 0 <= min <= max")
+        if self.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+            raise UserError(f"--multi_objective_aggregation must be one of {', '.join(MULTI_OBJECTIVE_AGGREGATIONS)}, "
+                            f"got {self.multi_objective_aggregation!r}")
+        if self.multi_objective_aggregation == "normalize_then_sum" and self.missing_eos_penalty:
+            raise UserError("--missing_eos_penalty changes the summed reward, which normalize_then_sum does not use: "
+                            "drop one")
         if self.loss_type == "cispo" and self.epsilon_high is None:
             raise UserError("--loss_type cispo caps the importance weight at --epsilon_high: give it (e.g. 5.0)")
 
@@ -116,6 +129,26 @@ class GRPOConfig(GRPOTrlFields, PolicyGradientTrlFields, VllmFields, GenerationB
     def prompts_per_step(self) -> int:
         """Prompts per process per step."""
         return self.per_device_train_batch_size * self.resolved_steps_per_generation // self.num_generations
+
+
+class AdaptiveEntropy:
+    """TRL's adaptive entropy control (``use_adaptive_entropy``): the coefficient in force, the entropy measured
+    over the last optimizer step (``inf`` before the first: no bonus), and the current step's running sum and
+    token count. accelerate's checkpointable object (``state_dict`` / ``load_state_dict``), so a resumed run
+    goes on with the same coefficient."""
+
+    def __init__(self, coef: float):
+        self.coef, self.last_entropy = coef, math.inf
+        self.window = torch.zeros(2, dtype=torch.float64)
+        self.pending: list[int] = []
+        """Micro-batches per optimizer step of the rollout being trained on (one entry per update)."""
+        self.seen = 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"entropy_coef": self.coef, "last_world_entropy": self.last_entropy}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.coef, self.last_entropy = float(state["entropy_coef"]), float(state["last_world_entropy"])
 
 
 class GRPOTrainer(PolicyGradientAlgorithm):
@@ -135,10 +168,58 @@ class GRPOTrainer(PolicyGradientAlgorithm):
             max_new_tokens=config.max_completion_length, kl_coef=config.beta, kl_in_loss=True,
             batch_hint="per_device_train_batch_size x gradient_accumulation_steps / num_generations",
         )
+        self.adaptive = None
+        if config.use_adaptive_entropy:
+            self.adaptive = AdaptiveEntropy(config.entropy_coef)
+            self.accelerator.register_for_checkpointing(self.adaptive)
+
+    def planned_updates(self, micro_batches: list[int]) -> None:
+        """With ``use_adaptive_entropy``, the rollout's micro-batches per optimizer step, so that the controller
+        updates once per optimizer step."""
+        if self.adaptive is not None:
+            self.adaptive.pending, self.adaptive.seen = list(micro_batches), 0
+
+    def _entropy_coef(self, entropies: torch.Tensor, counted: torch.Tensor, training: bool) -> float:
+        """The entropy bonus's coefficient for this micro-batch: ``entropy_coef``, or with adaptive control the
+        controller's while the last step's entropy is at or below ``entropy_target`` (else 0); in training, the
+        micro-batch's entropy joins the step's, and after the step's last micro-batch the coefficient moves
+        (:func:`~alignlab.losses.ppo.adaptive_entropy_coef`, the entropy over every process's tokens)."""
+        cfg, ctl = self.config, self.adaptive
+        if ctl is None:
+            return cfg.entropy_coef
+        coef = ctl.coef if ctl.last_entropy <= cfg.entropy_target else 0.0
+        if training and ctl.pending:
+            m = counted.bool()
+            ctl.window += torch.stack([torch.where(m, entropies.detach(), 0.0).sum().double().cpu(),
+                                       m.sum().double().cpu()])
+            ctl.seen += 1
+            if ctl.seen == ctl.pending[0]:
+                total = self.runtime.gather(ctl.window.float().reshape(1, 2).to(self.accelerator.device))
+                total = total.reshape(-1, 2).sum(0)
+                ctl.last_entropy = float(total[0] / total[1].clamp(min=1))
+                ctl.coef = adaptive_entropy_coef(ctl.coef, ctl.last_entropy, target=cfg.entropy_target,
+                                                 delta=cfg.entropy_coef_delta, low=cfg.entropy_coef_min,
+                                                 high=cfg.entropy_coef_max)
+                ctl.pending.pop(0)
+                ctl.seen, ctl.window = 0, torch.zeros(2, dtype=torch.float64)
+        return coef
 
     def advantage_estimator(self) -> tuple[str, dict[str, Any]]:
-        """Group-relative advantages (:func:`alignlab.advantages.group.group_advantages`)."""
+        """Group-relative advantages (:func:`alignlab.advantages.group.group_advantages`); with
+        ``multi_objective_aggregation`` normalize_then_sum, the batch std of the group-centred GDPO sum, as TRL."""
+        if self.config.multi_objective_aggregation == "normalize_then_sum":
+            return "grpo", {"scale_rewards": "batch"}
         return "grpo", {"scale_rewards": self.config.scale_rewards}
+
+    def advantage_scores(self, scored, group_size: int) -> torch.Tensor:
+        """The weighted reward sum, or with ``multi_objective_aggregation`` normalize_then_sum each source's
+        group-normalised rewards summed with their weights (:func:`~alignlab.advantages.group.normalize_then_sum`)."""
+        if self.config.multi_objective_aggregation != "normalize_then_sum":
+            return scored.scores
+        sources = self.setup.sources
+        per_source = torch.stack([scored.per_source[source.name] for source in sources], dim=1)
+        weights = torch.tensor([source.weight for source in sources])
+        return normalize_then_sum(per_source, weights, group_size)
 
     def rollout_metrics(self, scored, data, kl, estimator_metrics) -> dict[str, Any]:
         """The shared metrics less ``reward_std_within_group`` (TRL 1.16 logs the batch std as ``reward_std``)."""
@@ -150,14 +231,30 @@ class GRPOTrainer(PolicyGradientAlgorithm):
         """Clipped surrogate (+ ``beta`` k3 KL, times the importance weight with ``use_bias_correction_kl``) per
         token, reduced by ``loss_type``, on one micro-batch. Metrics (TRL 1.16's): ``entropy``, the clip statistics
         of :func:`~alignlab.losses.ppo.clip_ratio_metrics` (``cispo_clip_ratio`` for cispo, none for sapo) and
-        ``kl`` with ``beta`` > 0."""
+        ``kl`` with ``beta`` > 0. As TRL, the policy term (not the KL) is multiplied by the off-policy sequence
+        mask (``off_policy_mask_threshold``, :func:`~alignlab.losses.ppo.off_policy_sequence_mask`) and the
+        high-entropy token mask (``top_entropy_quantile`` < 1, :func:`~alignlab.losses.ppo.high_entropy_mask`,
+        the quantile over every process's tokens of the micro-batch); the reduction still counts every token.
+        With ``entropy_coef``, minus the entropy bonus (:func:`~alignlab.losses.ppo.entropy_bonus`, over the same
+        tokens as the policy term), logged as ``entropy_coef``."""
         cfg = self.config
         mask = batch["response_mask"].bool()
         metrics: dict[str, Any] = {}
-        logps, old_logps = self.current_and_old_logps(model, batch, metrics)  # + TRL's entropy
+        entropies: list[torch.Tensor] = []
+        bonus = cfg.entropy_coef != 0.0 or cfg.use_adaptive_entropy  # TRL's: the entropies keep their gradient
+        logps, old_logps = self.current_and_old_logps(model, batch, metrics, entropies=entropies,  # + TRL's entropy
+                                                      entropy_grad=bonus)
         # the loss's hyperparameters, read from the config as the policy-loss registry declares them
         per_token, policy_metrics = get_policy_loss(cfg.loss_type)(
             logps, old_logps, batch["advantages"], mask, **policy_loss_kwargs(cfg.loss_type, cfg))
+        if cfg.off_policy_mask_threshold is not None:
+            per_token = per_token * off_policy_sequence_mask(
+                batch["advantages"], logps, old_logps, mask, cfg.off_policy_mask_threshold)
+        counted = mask  # the tokens the entropy bonus averages over: those of the policy term
+        if cfg.top_entropy_quantile < 1.0:
+            counted = high_entropy_mask(entropies[0], mask, cfg.top_entropy_quantile,
+                                        pool=self._gathered(entropies[0].detach()[mask]))
+            per_token = per_token * counted
         if cfg.loss_type == "cispo":
             metrics["cispo_clip_ratio"] = policy_metrics["policy/clipfrac"]
         elif cfg.loss_type != "sapo":  # TRL's clip statistics of the clipped losses
@@ -175,7 +272,21 @@ class GRPOTrainer(PolicyGradientAlgorithm):
             per_token, mask, loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
             num_items_in_batch=batch["num_items_in_batch"],
         )
+        if bonus:
+            coef = self._entropy_coef(entropies[0], counted, torch.is_grad_enabled())  # no_grad: evaluation
+            loss = loss - entropy_bonus(entropies[0], counted, coef)
+            metrics["entropy_coef"] = self.adaptive.coef if self.adaptive is not None else coef
         return [(loss, metrics)]
+
+
+    def _gathered(self, values: torch.Tensor) -> torch.Tensor:
+        """1-D ``values`` of every process, concatenated (TRL's pad-gather-drop with a negative sentinel)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return values
+        sentinel = -1e9  # entropies are >= 0
+        gathered = acc.gather(acc.pad_across_processes(values.float(), dim=0, pad_index=sentinel))
+        return gathered[gathered != sentinel]
 
 
 def train_grpo(config: GRPOConfig) -> TrainResult:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from alignlab.algorithms.base import Algorithm
-from alignlab.data.unpaired import build_unpaired_examples, collate_unpaired
+from alignlab.data.unpaired import build_unpaired_examples, collate_unpaired, fix_mismatched_completions
 from alignlab.errors import UserError
 from alignlab.losses.dpo import token_statistics_metrics
 from alignlab.losses.kto import kto_loss
@@ -163,6 +163,32 @@ class KTOTrainer(Algorithm):
         if not config.use_peft:
             self.ref_model = self.runtime.frozen_model(copy.deepcopy(policy))
         self.policy = self.runtime.prepare_model(policy)
+        if config.precompute_ref_log_probs:
+            self.policy.eval()
+            for examples in (self.train_examples, self.eval_examples):
+                self._precompute_ref_logps(examples)
+            self.policy.train()
+            self.ref_model = None  # freed: the log-probs travel with the examples
+
+    def _precompute_ref_logps(self, examples: list[dict]) -> None:
+        """TRL's ``precompute_ref_log_probs``: fix each example's mismatched completion (blocks of
+        ``per_device_train_batch_size`` rows, :func:`~alignlab.data.unpaired.fix_mismatched_completions`) and
+        store the reference's ``ref_logps`` and ``ref_KL_logps`` on it, in batches of
+        ``precompute_ref_batch_size`` (unset: ``per_device_eval_batch_size``)."""
+        cfg = self.config
+        fix_mismatched_completions(examples, cfg.per_device_train_batch_size)
+        size = cfg.precompute_ref_batch_size or cfg.per_device_eval_batch_size
+        device = self.runtime.device
+        for start in range(0, len(examples), size):
+            chunk = examples[start : start + size]
+            batch = {k: v.to(device) for k, v in collate_unpaired(chunk, self.tokenizer.pad_token_id,
+                                                                  max_length=cfg.max_length).items()}
+            order = sorted(chunk, key=lambda e: e["index"])  # the collated rows' order
+            with torch.no_grad(), self.runtime.precision(), self._reference(self.policy) as reference:
+                ref = self._sequence_logps(reference, batch).float().cpu().tolist()
+                ref_kl = self._sequence_logps(reference, batch, "KL_").float().cpu().tolist()
+            for example, r, k in zip(order, ref, ref_kl):
+                example["ref_logps"], example["ref_KL_logps"] = r, k
 
     def _gather(self, value: torch.Tensor) -> torch.Tensor:
         return self.runtime.gather(value)
@@ -200,14 +226,21 @@ class KTOTrainer(Algorithm):
         token_metrics = token_statistics_metrics(stats["entropy"], stats["mean_logits"], tokens,
                                                  batch["label"].bool(), skip_empty=True)
         with torch.no_grad():
-            with self._reference(model) as reference:
-                ref_logps = self._sequence_logps(reference, batch)
+            precomputed = "ref_logps" in batch  # precompute_ref_log_probs
+            if precomputed:
+                ref_logps = batch["ref_logps"].to(logps.device, logps.dtype)
+            else:
+                with self._reference(model) as reference:
+                    ref_logps = self._sequence_logps(reference, batch)
             if cfg.loss_type == "apo_zero_unpaired":  # APO-zero, unpaired (TRL): KTO without the reference point
                 z0 = torch.zeros(())
             else:
                 kl_logps = self._sequence_logps(model, batch, "KL_")
-                with self._reference(model) as reference:
-                    ref_kl_logps = self._sequence_logps(reference, batch, "KL_")
+                if precomputed:
+                    ref_kl_logps = batch["ref_KL_logps"].to(kl_logps.device, kl_logps.dtype)
+                else:
+                    with self._reference(model) as reference:
+                        ref_kl_logps = self._sequence_logps(reference, batch, "KL_")
                 # TRL: the mean log-ratio of the mismatched pairs, averaged over processes, then clamped at 0
                 z0 = self._gather((kl_logps - ref_kl_logps).mean().reshape(1).float()).mean().clamp(min=0)
         losses, metrics = kto_loss(logps, ref_logps, batch["label"], z0.to(logps.device), beta=cfg.beta,

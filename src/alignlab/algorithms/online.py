@@ -151,6 +151,16 @@ class OnlineConfig(TrainConfig):
             raise UserError(f"--reward_func_errors must be raise or drop, got {self.reward_func_errors!r}")
         if self.use_transformers_paged or self.use_transformers_continuous_batching:
             self.generation_backend = "paged"
+        cache = getattr(self, "cache_implementation", None)  # TRL's KV cache of generate (GRPO, RLOO, Online DPO)
+        if cache is not None:
+            engines = {"dynamic": "generate", "static": "static"}
+            if cache not in engines:
+                raise UserError(f"--cache_implementation {cache}: alignlab's engines offer dynamic (--generation_backend "
+                                "generate) and static (--generation_backend static)")
+            if self.generation_backend not in ("auto", engines[cache]):
+                raise UserError(f"--cache_implementation {cache} samples with --generation_backend {engines[cache]}, "
+                                f"not {self.generation_backend}: give one of them")
+            self.generation_backend = engines[cache]
         if self.generation_backend not in BACKENDS:
             raise UserError(f"--generation_backend must be one of {', '.join(BACKENDS)}, "
                             f"got {self.generation_backend!r}")
@@ -281,7 +291,8 @@ class OnlineSetup:
             load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code), config)
         self.prompts, self.eval_prompts = load_train_eval(
             config, build_prompt_examples, tok, is_main_process=acc.is_main_process,
-            max_prompt_length=config.max_prompt_length, prompt_column=config.prompt_column)
+            max_prompt_length=config.max_prompt_length, prompt_column=config.prompt_column,
+            chat_template_kwargs=getattr(config, "chat_template_kwargs", None))
         if len(self.prompts) < prompts_per_step:
             raise UserError(
                 f"one rollout takes {prompts_per_step} prompts per process ({batch_hint}) but "
@@ -310,14 +321,15 @@ class OnlineSetup:
         return generator
 
     def logps(self, model: torch.nn.Module, sequences: dict[str, torch.Tensor], *,
-              temperature: float | None = None, with_entropy: bool = False) -> torch.Tensor:
+              temperature: float | None = None, with_entropy: bool = False, entropy_grad: bool = False) -> torch.Tensor:
         """``(N, L)`` completion-token log-probs under ``model`` at ``temperature`` (default: the sampling
-        temperature); ``with_entropy``: and their ``(N, L)`` detached entropies, from the same pass
-        (:func:`~alignlab.rollout.generation.completion_token_logps`)."""
+        temperature); ``with_entropy``: and their ``(N, L)`` entropies, from the same pass, detached unless
+        ``entropy_grad`` (:func:`~alignlab.rollout.generation.completion_token_logps`)."""
         cfg = self.config
         return completion_token_logps(
             model, sequences, temperature=cfg.temperature if temperature is None else temperature,
             padding_free=cfg.padding_free, pad_token_id=self.tokenizer.pad_token_id, with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
         )
 
     def reference_logps(self, policy: torch.nn.Module, sequences: dict[str, torch.Tensor], *,
@@ -359,11 +371,13 @@ class OnlineSetup:
         resharded after it (:meth:`alignlab.train.runtime.Runtime.sampling`), so decoding runs on full weights,
         as in one process or DDP."""
         cfg, device = self.config, self.runtime.device
+        sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, "min_p": cfg.min_p,
+                    "repetition_penalty": cfg.repetition_penalty}
+        sampling.update(getattr(cfg, "generation_kwargs", None) or {})  # TRL: they override the flags
         with self.runtime.sampling(policy) as model:
             scored = sample_and_score(
                 model, self.tokenizer, examples, self.sources, device=device, precision=self.precision(),
-                max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty, num_generations=num_generations,
+                max_new_tokens=max_new_tokens, **sampling, num_generations=num_generations,
                 missing_eos_penalty=cfg.missing_eos_penalty,
                 reward_tokenizer=self.reward_tokenizer, return_logps=return_logps,
                 padding_free=cfg.padding_free, on_error=cfg.reward_func_errors,
@@ -449,17 +463,20 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         self.accelerator, self.tokenizer, self.prompts, self.policy = (setup.accelerator, setup.tokenizer,
                                                                        setup.prompts, setup.policy)
         self.shuffle = setup.checkpointed_generator(config.seed)  # saved in checkpoints
-        if setup.eval_prompts and config.per_device_eval_batch_size % group_size:
+        self.eval_group_size = getattr(config, "num_generations_eval", None) or group_size  # TRL's
+        if setup.eval_prompts and config.per_device_eval_batch_size % self.eval_group_size:
             raise UserError(f"--per_device_eval_batch_size {config.per_device_eval_batch_size} counts eval "
-                            f"completions: it must be a multiple of the {group_size} completions per prompt")
+                            f"completions: it must be a multiple of the {self.eval_group_size} completions per "
+                            "prompt")
 
     def loop_inputs(self) -> dict[str, Any]:
         """The online loop inputs, and with eval prompts (``eval_dataset_name`` / ``eval_split_size``) the
-        evaluation: :meth:`eval_rollout` on batches of ``per_device_eval_batch_size / group_size`` prompts."""
+        evaluation: :meth:`eval_rollout` on batches of ``per_device_eval_batch_size / eval_group_size`` prompts
+        (``eval_group_size``: ``num_generations_eval``, else the training group size)."""
         inputs = super().loop_inputs()
         if self.setup.eval_prompts:
             inputs.update(eval_dataset=self.setup.eval_prompts, eval_rollout_fn=self.eval_rollout,
-                          eval_batch_size=self.config.per_device_eval_batch_size // self.group_size)
+                          eval_batch_size=self.config.per_device_eval_batch_size // self.eval_group_size)
         return inputs
 
     @property
@@ -468,6 +485,11 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         return self._prompts_per_step
 
     # --- hooks ----------------------------------------------------------------------------------------------
+    def advantage_scores(self, scored: ScoredCompletions, group_size: int) -> torch.Tensor:
+        """``(N,)`` the rewards the advantage estimator reads (groups of ``group_size``): the weighted sum
+        ``scored.scores``."""
+        return scored.scores
+
     def advantage_estimator(self) -> tuple[str | AdvantageEstimator, dict[str, Any]]:
         """The advantage estimator, by its registry name (or, for one that is not registered, the function
         itself), and its hyperparameters from the config."""
@@ -495,10 +517,15 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         return metrics
 
     # --- the rollout ----------------------------------------------------------------------------------------
+    def planned_updates(self, micro_batches: list[int]) -> None:
+        """Told, after each rollout, how many micro-batches each of its optimizer steps has (in training order);
+        a method whose loss keeps per-optimizer-step state (GRPO's adaptive entropy control) overrides it."""
+
     def rollout(self, model, examples: list[dict], step: int) -> Rollout:
         """Sample, score, estimate the advantages; returns the step's updates (see the class docstring)."""
         data, metrics, samples = self._sampled_batch(model, examples, step)
         updates = self._updates(data)
+        self.planned_updates([len(update) for update in updates])
         # dapo: every token of an update weighs the same. The loop weights each micro-batch's loss by 1 / (number
         # of micro-batches), so each divides its token sum by (the update's tokens / its micro-batches)
         n_micro = self.mini_batches * len(updates[0])
@@ -508,8 +535,8 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
                        scalars={"num_items_in_batch": tokens / n_micro})
 
     def eval_rollout(self, model, examples: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """One batch of eval prompts, sampled and scored as a training step's (``group_size`` completions each,
-        the same sampling flags): ``(batch, metrics)``, the batch whole as one micro-batch for the loss (its
+        """One batch of eval prompts, sampled and scored as a training step's (``eval_group_size`` completions
+        each, TRL's ``num_generations_eval``; the same sampling flags): ``(batch, metrics)``, the batch whole as one micro-batch for the loss (its
         ``num_items_in_batch`` its own completion tokens, as TRL's evaluation: no accumulation), the metrics
         those of a step (``reward``, ``reward_std``, ``rewards/<name>/mean``, ``completions/*``, ...). The
         loop logs both as ``eval_*`` (TRL's names for evaluation with ``eval_strategy``). Nothing goes to
@@ -526,16 +553,17 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
         the completions without EOS get a zero ``response_mask`` (and no KL in their reward), as TRL zeroes
         their ``completion_mask``; their scores still enter the advantages."""
         cfg, setup, device = self.config, self.setup, self.accelerator.device
+        group = self.group_size if step is not None else self.eval_group_size
         unwrapped = self.runtime.unwrap(model)
         policy = self.policy_of(unwrapped)
         estimator, hyperparameters = self.advantage_estimator()
         if isinstance(estimator, str):
             estimator = get_advantage_estimator(estimator)
-        scored = setup.sample(policy, examples, max_new_tokens=self.max_new_tokens, num_generations=self.group_size,
+        scored = setup.sample(policy, examples, max_new_tokens=self.max_new_tokens, num_generations=group,
                               return_logps=self.old_logps_from_sampling)
         baseline = None
         if getattr(estimator, "needs_greedy_baseline", False):
-            scored, baseline, baseline_seconds = self._greedy_baseline(policy, examples, scored)
+            scored, baseline, baseline_seconds = self._greedy_baseline(policy, examples, scored, group)
         data = dict(scored.sequences)
         sampling_logps = data.pop("sampling_logps", None)
         kl_in_reward = setup.has_reference and not self.kl_in_loss
@@ -563,7 +591,8 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
             loss_mask = mask * scored.has_eos.to(mask.device, mask.dtype).unsqueeze(1)
             kl = None if kl is None else kl * loss_mask
         outputs = AdvantageOutputs.of(estimator(
-            AdvantageInputs(scores=scored.scores.to(device), num_generations=self.group_size, mask=mask, kl=kl,
+            AdvantageInputs(scores=self.advantage_scores(scored, group).to(device), num_generations=group,
+                            mask=mask, kl=kl,
                             values=values, baseline_scores=None if baseline is None else baseline.to(device)),
             **hyperparameters))
         data["advantages"] = outputs.advantages.to(device)
@@ -583,7 +612,7 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
                 row["advantage"] = value
         if baseline is not None:
             for i, row in enumerate(samples):
-                row["baseline_score"] = float(baseline[i // self.group_size])
+                row["baseline_score"] = float(baseline[i // group])
         return data, metrics, samples
 
     def _updates(self, data: dict[str, torch.Tensor]) -> list[list[dict[str, torch.Tensor]]]:
@@ -601,36 +630,43 @@ class PolicyGradientAlgorithm(OnlineAlgorithm):
                 updates.append([slice_rows(data, rows[i : i + micro].to(device)) for i in range(0, mini, micro)])
         return updates
 
-    def _greedy_baseline(self, policy, examples: list[dict],
-                         scored: ScoredCompletions) -> tuple[ScoredCompletions, torch.Tensor, float]:
+    def _greedy_baseline(self, policy, examples: list[dict], scored: ScoredCompletions,
+                         group: int) -> tuple[ScoredCompletions, torch.Tensor, float]:
         """One greedy completion per prompt, scored: ``(scored, (P,) baseline scores of its groups' prompts,
         seconds)``. With ``--reward_func_errors drop`` a prompt whose greedy completion could not be scored
         leaves the step with its group (counted in ``rewards/dropped``)."""
         greedy = self.setup.sample(policy, examples, max_new_tokens=self.max_new_tokens, do_sample=False)
         position = {p: i for i, p in enumerate(greedy.completions.prompt_index)}
-        prompts = scored.completions.prompt_index[:: self.group_size]  # each group's prompt
+        prompts = scored.completions.prompt_index[::group]  # each group's prompt
         baseline = torch.tensor([float(greedy.scores[position[p]]) if p in position else math.nan for p in prompts])
         missing = baseline.isnan()
         if missing.any():
-            bad = missing.repeat_interleave(self.group_size)
+            bad = missing.repeat_interleave(group)
             scored = dataclasses.replace(scored, scores=torch.where(bad, math.nan, scored.scores))
-            scored = scored.without_bad_rewards(self.group_size)
+            scored = scored.without_bad_rewards(group)
             baseline = baseline[~missing]
         return scored, baseline, greedy.generation_seconds + greedy.scoring_seconds
 
     # --- loss helpers ---------------------------------------------------------------------------------------
     def current_and_old_logps(self, model, batch: dict[str, torch.Tensor],
-                              metrics: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              metrics: dict[str, Any] | None = None, *,
+                              entropies: list[torch.Tensor] | None = None,
+                              entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(N, L)`` completion-token log-probs of ``batch`` under ``model`` (with gradients) and the old
         policy's: the batch's ``old_logps``, or the current ones detached when the batch has none (one pass:
         the ratio is exactly 1). Given ``metrics``, puts TRL's ``entropy`` there: the mean over the batch's
         ``response_mask`` tokens of the entropy of the policy's ``softmax(logits / temperature)``, from the
-        same forward (the chunked output head's running statistics: no ``(tokens x vocabulary)`` logits)."""
-        if metrics is None:
+        same forward (the chunked output head's running statistics: no ``(tokens x vocabulary)`` logits); given
+        the list ``entropies``, appends the ``(N, L)`` per-token entropies to it (detached unless
+        ``entropy_grad``)."""
+        if metrics is None and entropies is None:
             logps = self.setup.logps(model, batch)
         else:
-            logps, entropy = self.setup.logps(model, batch, with_entropy=True)
-            metrics["entropy"] = masked_mean_or_zero(entropy, batch["response_mask"].bool())
+            logps, entropy = self.setup.logps(model, batch, with_entropy=True, entropy_grad=entropy_grad)
+            if metrics is not None:
+                metrics["entropy"] = masked_mean_or_zero(entropy.detach(), batch["response_mask"].bool())
+            if entropies is not None:
+                entropies.append(entropy)
         return logps, batch["old_logps"] if "old_logps" in batch else logps.detach()
 
     def clipped_token_loss(self, model, batch: dict[str, torch.Tensor], *, epsilon: float,

@@ -23,7 +23,8 @@ import torch
 from alignlab.algorithms.base import OnlineAlgorithm
 from alignlab.algorithms.dpo import PreferenceLossConfig
 from alignlab.algorithms.online import OnlineConfig, OnlineSetup
-from alignlab.data.sequences import slice_rows
+from alignlab.data.sequences import build_sequences, left_truncated_prompts, slice_rows
+from alignlab.errors import UserError
 from alignlab.losses.dpo import PairLogps, combined_reward_kind, preference_loss, preference_metrics
 from alignlab.train.config import Range
 from alignlab.train.trl_args import PolicyGradientTrlFields, VllmFields
@@ -58,8 +59,9 @@ class OnlineDPOConfig(PreferenceLossConfig, PolicyGradientTrlFields, VllmFields,
     temperature: float = 0.9
     """Sampling temperature (TRL's default). The DPO log-probs are the policy's own (temperature 1), as TRL."""
     max_length: int | None = 512
-    """TRL's cap on prompt+completion tokens for the log-probs; alignlab caps ``max_prompt_length`` and
-    ``max_new_tokens`` instead, and another value is refused (docs/trl.md)."""
+    """Cap on prompt+completion tokens of the log-prob forwards (policy and reference): each pair's prompts
+    lose their leftmost tokens so that they fit with the step's longest completion (at least one prompt token
+    stays); sampling sees the whole prompt (TRL's; unset: no cap)."""
     vllm_gpu_memory_utilization: float = 0.55
     """GPU memory share of a colocated vLLM (with ``use_vllm``; TRL's Online DPO default)."""
 
@@ -87,6 +89,10 @@ class OnlineDPOConfig(PreferenceLossConfig, PolicyGradientTrlFields, VllmFields,
         self._check_loss_types()
         super().__post_init__()
         self._check_loss_hyperparameters()
+        if self.max_length is not None and self.max_length < 2:
+            raise UserError(f"--max_length must be >= 2, got {self.max_length}")
+        if self.num_generations_eval is not None:  # GRPO's and RLOO's field; TRL's Online DPO has none
+            raise UserError("--num_generations_eval: Online DPO has no evaluation pass (a GRPO and RLOO flag)")
 
     @property
     def prompts_per_step(self) -> int:
@@ -160,6 +166,14 @@ class OnlineDPOTrainer(OnlineAlgorithm):
         tied = scored.scores[chosen] == scored.scores[rejected]
         num_pairs = chosen.numel()
         pairs = slice_rows(scored.sequences, torch.cat([chosen, rejected]).to(device))  # rows [chosen; rejected]
+        if cfg.max_length is not None:  # TRL's max_length: prompts cut on the left for the log-probs
+            rows = torch.cat([chosen, rejected]).tolist()
+            prompts = [scored.examples[i]["prompt_ids"] for i in rows]
+            completions = [scored.completions.ids[i] for i in rows]
+            cut = left_truncated_prompts(prompts, completions, cfg.max_length)
+            if cut != prompts:
+                pairs = {k: v.to(device) for k, v in build_sequences(cut, completions,
+                                                                     self.tokenizer.pad_token_id).items()}
         if cfg.drop_tied_pairs:
             pairs["pair_weight"] = tied_pair_weights(tied).repeat(2).to(device)
         start = time.perf_counter()

@@ -15,7 +15,9 @@ from typing import Any, Literal
 import torch
 
 from alignlab.algorithms.base import Algorithm
-from alignlab.data.sft import build_sft_examples, collate_sft, pack_sft_examples
+from alignlab.data.sft import (
+    build_sft_examples, collate_sft, pack_sft_examples, padding_free_row, split_sft_examples, wrap_sft_examples,
+)
 from alignlab.errors import UserError
 from alignlab.methods import Method, register_method
 from alignlab.models import load_causal_lm
@@ -65,17 +67,20 @@ class SFTConfig(TrainConfig):
     loss_type: Literal["nll", "dft"] = "nll"
     """nll: mean negative log-likelihood of the target tokens; dft: each token's NLL weighted by its probability
     (detached), Dynamic Fine-Tuning (Wu et al. 2025, arXiv 2508.05629; TRL's ``loss_type="dft"``)."""
-    packing_strategy: Literal["bfd"] = "bfd"
-    """How ``packing`` fills rows: bfd, sorting examples by length and filling rows first-fit (alignlab's packer
-    in place of TRL's best-fit decreasing: every example whole, isolated by restarting position ids). TRL's
-    ``wrapped`` (cutting examples across rows) is not offered."""
+    packing_strategy: Literal["bfd", "bfd_split", "wrapped"] = "bfd"
+    """How ``packing`` fills rows: bfd, examples truncated to ``max_length``, sorted by length and packed
+    first-fit (alignlab's packer in place of TRL's best-fit decreasing: every example isolated by restarting
+    position ids); bfd_split, longer examples cut into ``max_length`` fragments packed the same way instead of
+    truncated; wrapped, all examples concatenated and cut every ``max_length`` tokens, attention crossing
+    example boundaries (TRL's names and meanings)."""
     eval_packing: bool | None = None
     """Pack the evaluation set too (unset: as ``packing``)."""
     shuffle_dataset: bool = False
     """Shuffle the training examples once (with ``seed``) before packing (TRL's ``shuffle_dataset``)."""
     padding_free: bool = False
-    """Batches without padding. ``packing`` batches are padding-free already; without it alignlab pads (the same
-    numbers: padding is masked), so true logs a warning (docs/trl.md)."""
+    """Batches without padding: the examples of a micro-batch are concatenated into one row whose
+    ``position_ids`` restart at each example (TRL's ``padding_free``; the same numbers as padded rows, no compute
+    on padding). Needs a model type that keeps packed examples apart, as ``packing``."""
     dataset_kwargs: dict[str, Any] | None = None
     """TRL's data-set preparation options (``skip_prepare_dataset``): alignlab always prepares the rows, so any
     value is refused (docs/trl.md)."""
@@ -86,6 +91,14 @@ class SFTConfig(TrainConfig):
             raise UserError(f"--max_length must be >= 2, got {self.max_length}")
         if (self.packing or self.eval_packing) and self.max_length is None:
             raise UserError("--packing needs --max_length (the length of a packed row)")
+        if self.packing_strategy == "bfd-requeue":  # TRL's earlier name
+            self.packing_strategy = "bfd_split"
+        if self.packing_strategy not in ("bfd", "bfd_split", "wrapped"):
+            raise UserError(f"--packing_strategy must be bfd, bfd_split or wrapped, got {self.packing_strategy!r}")
+        packs_eval = self.packing if self.eval_packing is None else self.eval_packing
+        if self.packing_strategy != "bfd" and self.packing != packs_eval:
+            raise UserError(f"--packing_strategy {self.packing_strategy} keeps examples whole until packing: pack "
+                            "both sets or neither (--eval_packing)")
 
     @property
     def assistant_only(self) -> bool:
@@ -114,7 +127,8 @@ class SFTTrainer(Algorithm):
             build_sft_examples,
             self.tokenizer,
             is_main_process=self.accelerator.is_main_process,
-            max_length=config.max_length,
+            # bfd_split and wrapped cut the whole examples themselves when packing (TRL)
+            max_length=None if config.packing and config.packing_strategy != "bfd" else config.max_length,
             truncation_mode=config.truncation_mode,
             completion_only_loss=config.completion_only_loss is not False,
             assistant_only_loss=config.assistant_only,
@@ -129,11 +143,12 @@ class SFTTrainer(Algorithm):
         if config.shuffle_dataset:
             random.Random(config.seed).shuffle(self.train_examples)
         pack_eval = config.packing if config.eval_packing is None else config.eval_packing
-        if config.packing or pack_eval:
+        if config.packing or pack_eval or config.padding_free:
             if not supports_packing(model):
+                flag = "--padding_free" if config.padding_free else "--packing"
                 raise UserError(
-                    f"--packing: model type {model.config.model_type!r} cannot keep packed examples apart "
-                    "(its attention mask ignores position_ids); run without --packing"
+                    f"{flag}: model type {model.config.model_type!r} cannot keep packed examples apart "
+                    f"(its attention mask ignores position_ids); run without {flag}"
                 )
             if config.packing:
                 self.train_examples = self._pack(self.train_examples, "train")
@@ -143,8 +158,12 @@ class SFTTrainer(Algorithm):
 
     # ------------------------------------------------------------------------------------------------------
     def _pack(self, examples: list[dict], name: str) -> list[dict]:
-        packed = pack_sft_examples(examples, self.config.max_length)
-        limit = self.config.max_length
+        limit, strategy = self.config.max_length, self.config.packing_strategy
+        if strategy == "wrapped":
+            packed = wrap_sft_examples(examples, limit)
+        else:
+            packed = pack_sft_examples(split_sft_examples(examples, limit) if strategy == "bfd_split" else examples,
+                                       limit)
         self._log(f"{name} data: {len(examples)} examples packed into {len(packed)} rows of up to {limit} tokens")
         return packed
 
@@ -175,7 +194,14 @@ class SFTTrainer(Algorithm):
 
     def loop_inputs(self) -> dict:
         return {"model": self.model, "train_dataset": self.train_examples, "eval_dataset": self.eval_examples,
-                "collate_fn": lambda ex: collate_sft(ex, self.tokenizer.pad_token_id)}
+                "collate_fn": self.collate}
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """A micro-batch of examples as tensors (:func:`~alignlab.data.sft.collate_sft`); with ``padding_free``
+        one row without padding (:func:`~alignlab.data.sft.padding_free_row`)."""
+        if self.config.padding_free:
+            examples = padding_free_row(examples)
+        return collate_sft(examples, self.tokenizer.pad_token_id)
 
 
 def train_sft(config: SFTConfig) -> TrainResult:

@@ -174,12 +174,14 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def tokenize_text(tokenizer, text: Text, *, add_generation_prompt: bool = False) -> list[int]:
+def tokenize_text(tokenizer, text: Text, *, add_generation_prompt: bool = False, **chat_template_kwargs: Any) -> list[int]:
     """Token ids of a string (the tokenizer's own special-token handling) or of a message list rendered with
-    the chat template (``add_generation_prompt`` opens an assistant turn)."""
+    the chat template (``add_generation_prompt`` opens an assistant turn; ``chat_template_kwargs`` go to
+    ``apply_chat_template``, template variables such as ``enable_thinking``)."""
     if isinstance(text, list):
         out = tokenizer.apply_chat_template(
-            text, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
+            text, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True,
+            **chat_template_kwargs,
         )
         return list(out["input_ids"])
     return list(tokenizer(text).input_ids)

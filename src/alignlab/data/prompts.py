@@ -63,6 +63,7 @@ def build_prompt_examples(
     *,
     max_prompt_length: int | None = None,
     prompt_column: str = "prompt",
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], PromptStats]:
     """Parse and tokenize prompt rows into examples ``{"prompt", "prompt_ids", "columns", "location"}``.
 
@@ -72,6 +73,8 @@ def build_prompt_examples(
         max_prompt_length: keep at most this many tokens, the *last* ones (the end of a conversation is
             what the completion answers; TRL ``GRPOTrainer`` also truncates prompts on the left).
         prompt_column: the column holding the prompt.
+        chat_template_kwargs: more ``apply_chat_template`` keyword arguments for conversational prompts (TRL's
+            ``chat_template_kwargs``).
 
     Returns:
         ``(examples, stats)``. ``columns`` holds the row's other fields, for reward functions.
@@ -87,7 +90,8 @@ def build_prompt_examples(
         if prompt_column not in row:
             stats.from_pairs += 1
         try:
-            ids = tokenize_text(tokenizer, prompt, add_generation_prompt=isinstance(prompt, list))
+            ids = tokenize_text(tokenizer, prompt, add_generation_prompt=isinstance(prompt, list),
+                                **(chat_template_kwargs or {}))
         except Exception as exc:  # a chat template raising on odd roles, say
             raise DataError(f"{location}: cannot tokenize the prompt: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
         if not ids:

@@ -50,6 +50,17 @@ def build_sequences(
     }
 
 
+def left_truncated_prompts(prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                           max_length: int) -> list[list[int]]:
+    """The prompts cut on the left so that prompt + completion fits ``max_length`` tokens with the batch's
+    longest completion: each prompt keeps its last ``max_length - max(len(completion))`` tokens (at least one,
+    the context of the first completion token); the completions are never cut. TRL 1.16 Online DPO's
+    ``max_length`` (``OnlineDPOTrainer._forward``: the leftmost columns of the left-padded prompt block
+    dropped so that the batch is at most ``max_length`` wide)."""
+    keep = max(1, max_length - max((len(c) for c in completion_ids), default=0))
+    return [p[-keep:] for p in prompt_ids]
+
+
 def slice_rows(sequences: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """The given rows of a :func:`build_sequences` dict (plus any other ``(N, ...)`` tensors in it), with the
     ``(., T)`` tensors trimmed to the rows' longest sequence."""

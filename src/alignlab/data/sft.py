@@ -284,6 +284,41 @@ def pack_sft_examples(examples: list[dict[str, list[int]]], max_length: int) -> 
     return packed
 
 
+def split_sft_examples(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """Examples longer than ``max_length`` cut into consecutive fragments of ``max_length`` tokens (the last one
+    shorter), each then packed as an example of its own: TRL's ``packing_strategy="bfd_split"`` (no token is
+    lost; a fragment's first token has no context, so it is not a target)."""
+    out = []
+    for e in examples:
+        for start in range(0, len(e["input_ids"]), max_length):
+            out.append({"input_ids": e["input_ids"][start : start + max_length],
+                        "loss_mask": e["loss_mask"][start : start + max_length]})
+    return out
+
+
+def wrap_sft_examples(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """All examples concatenated in order and cut every ``max_length`` tokens (the last row shorter), whatever
+    the example boundaries: TRL's ``packing_strategy="wrapped"`` (``_pack_wrapped``). The rows carry no
+    ``position_ids``: a token attends to every token before it in its row, across examples, as in TRL."""
+    ids = [t for e in examples for t in e["input_ids"]]
+    mask = [m for e in examples for m in e["loss_mask"]]
+    return [{"input_ids": ids[start : start + max_length], "loss_mask": mask[start : start + max_length]}
+            for start in range(0, len(ids), max_length)]
+
+
+def padding_free_row(examples: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+    """The examples of a batch concatenated into one row with ``position_ids`` restarting at each example (a
+    packed example's own positions kept), so the collated batch has no padding: TRL's ``padding_free``
+    (``DataCollatorForLanguageModeling(padding_free=True)``). The model then keeps the examples apart from the
+    positions, as for packed rows: the same numbers as the padded batch."""
+    ids, mask, positions = [], [], []
+    for e in examples:
+        ids += e["input_ids"]
+        mask += e["loss_mask"]
+        positions += e.get("position_ids") or list(range(len(e["input_ids"])))
+    return [{"input_ids": ids, "loss_mask": mask, "position_ids": positions}]
+
+
 def collate_sft(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Stack examples into one right-padded batch.
 

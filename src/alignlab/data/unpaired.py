@@ -184,6 +184,20 @@ def build_unpaired_examples(rows: list[tuple[str, dict]], tokenizer, *, max_leng
     return examples, stats
 
 
+def fix_mismatched_completions(examples: list[dict[str, Any]], block: int) -> None:
+    """Store each example's mismatched completion (``KL_completion_ids``) once, as TRL's ``_prepare_dataset``
+    does: in data order (``index``), blocks of ``block`` consecutive examples, completions rotated by one within
+    a block (:func:`mismatched_completions`; a block of one keeps its own). :func:`collate_unpaired` then uses
+    them whatever the batch, so that reference log-probs of the mismatched pairs can be computed in advance."""
+    ordered = sorted(examples, key=lambda e: e["index"])
+    for start in range(0, len(ordered), block):
+        part = ordered[start : start + block]
+        completions = [e["completion_ids"] for e in part]
+        shifted = mismatched_completions(completions) if len(completions) > 1 else completions
+        for example, other in zip(part, shifted):
+            example["KL_completion_ids"] = other
+
+
 def collate_unpaired(examples: list[dict[str, Any]], pad_token_id: int, *,
                      max_length: int | None = None) -> dict[str, torch.Tensor]:
     """A batch of KTO examples and its mismatched pairs for the KL reference point, right-padded to one width.
@@ -191,7 +205,9 @@ def collate_unpaired(examples: list[dict[str, Any]], pad_token_id: int, *,
     The examples are put back in data order (``index``), then prompt ``i`` is paired with completion ``i - 1``
     (:func:`mismatched_completions`): TRL's ``KL_completion_ids`` when a batch is one of its
     blocks of ``per_device_train_batch_size`` consecutive rows. A batch of one example (the end of an epoch) is
-    paired with itself, as TRL's last block of one row is. Each sequence is cut to ``max_length`` (its end), as
+    paired with itself, as TRL's last block of one row is. Examples that carry ``KL_completion_ids``
+    (:func:`fix_mismatched_completions`) are paired with those instead, and precomputed ``ref_logps`` /
+    ``ref_KL_logps`` travel as ``(B,)`` float tensors. Each sequence is cut to ``max_length`` (its end), as
     TRL's collator does.
 
     Returns:
@@ -201,7 +217,10 @@ def collate_unpaired(examples: list[dict[str, Any]], pad_token_id: int, *,
     """
     examples = sorted(examples, key=lambda e: e["index"])
     completions = [e["completion_ids"] for e in examples]
-    shifted = mismatched_completions(completions) if len(completions) > 1 else completions
+    if "KL_completion_ids" in examples[0]:
+        shifted = [e["KL_completion_ids"] for e in examples]
+    else:
+        shifted = mismatched_completions(completions) if len(completions) > 1 else completions
     prompts = [e["prompt_ids"] for e in examples] * 2
     answers = completions + shifted
     if max_length is not None:  # every prompt is shorter than max_length (longer ones were dropped)
@@ -212,4 +231,7 @@ def collate_unpaired(examples: list[dict[str, Any]], pad_token_id: int, *,
     for prefix, part in (("", slice(0, n)), ("KL_", slice(n, 2 * n))):
         batch.update({prefix + key: rows[key][part] for key in ("input_ids", "attention_mask", "completion_mask")})
     batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
+    for key in ("ref_logps", "ref_KL_logps"):
+        if key in examples[0]:
+            batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
     return batch

@@ -17,6 +17,7 @@ experimental ``CPOConfig`` / ``ORPOConfig``); ``docs/losses.md`` lists each loss
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,81 @@ from alignlab.registry import Registry
 
 REWARD_KINDS = ("logratio", "logp", "mean_logp")
 """How ``rewards/*`` are computed: ``beta * (logp - ref_logp)``, ``beta * logp``, ``beta * logp / length``."""
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+"""Accepted ``f_divergence_type`` values (TRL 1.16 ``DPOConfig.f_divergence_type``)."""
+
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+"""The loss types that take an f-divergence other than reverse_kl (TRL 1.16's list: the losses built on the
+chosen-rejected log-ratio difference)."""
+
+
+def f_divergence_score(logratios: Tensor, f_divergence_type: str = "reverse_kl",
+                       f_alpha_divergence_coef: float = 0.5) -> Tensor:
+    """f-DPO's score ``f'(u)`` of the policy-to-reference ratio ``u = exp(logratios)``, same shape as
+    ``logratios``; it replaces the log-ratio in the loss (Wang et al. 2023, "Beyond Reverse KL: Generalizing
+    Direct Preference Optimization with Diverse Divergence Constraints", arXiv 2309.16240, Theorem 1: the
+    reward is ``beta f'(pi / pi_ref)``):
+
+    * ``reverse_kl``: ``log u`` (DPO itself);
+    * ``forward_kl``: ``1 - 1/u = 1 - exp(-logratios)``;
+    * ``js_divergence``: ``log(2u / (1 + u)) = log 2 + logsigmoid(logratios)``;
+    * ``alpha_divergence``: ``(u^(alpha - 1) - 1) / (alpha - 1)``, the exponent clamped at 80 as TRL; at
+      ``alpha`` = 1 the limit ``log u``.
+
+    TRL 1.16 counterpart: ``DPOTrainer._compute_loss``'s ``chosen_scores`` / ``rejected_scores``.
+
+    Raises:
+        ValueError: an unknown ``f_divergence_type``.
+    """
+    if f_divergence_type == "reverse_kl":
+        return logratios
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if f_divergence_type == "alpha_divergence":
+        if abs(f_alpha_divergence_coef - 1.0) < 1e-6:
+            return logratios
+        t = torch.clamp((f_alpha_divergence_coef - 1.0) * logratios.float(), max=80.0)
+        return ((torch.exp(t) - 1.0) / (f_alpha_divergence_coef - 1.0)).to(logratios.dtype)
+    raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; choose from {', '.join(F_DIVERGENCES)}")
+
+
+def length_desensitized_logps(per_token_logps: Tensor, mask: Tensor, ld_alpha: float) -> Tensor:
+    """LD-DPO's sequence log-probs (Liu et al. 2024, "Length Desensitization in Direct Preference
+    Optimization", arXiv 2409.06411): of each pair, the tokens both completions have (the first
+    ``min(|y_w|, |y_l|)`` completion tokens of each) count fully and the longer one's extra "verbose" tokens by
+    ``ld_alpha``: ``sum_{t <= l_p} logp_t + ld_alpha * sum_{t > l_p} logp_t``. 1.0 is plain DPO, 0.0 cuts both
+    completions to the shorter one's length.
+
+    TRL 1.16 counterpart: ``DPOTrainer._compute_loss`` with ``ld_alpha`` (the same for the reference).
+
+    Args:
+        per_token_logps: ``(2B, T)`` log-probs, rows ``[chosen; rejected]`` (pair ``i``: rows ``i`` and ``B + i``).
+        mask: ``(2B, T)`` ones on each row's completion tokens (in order: the k-th one is completion token k).
+        ld_alpha: the verbose tokens' weight in ``[0, 1]``.
+
+    Returns:
+        ``(2B,)`` weighted sums (nats), with the gradient of ``per_token_logps``.
+
+    Raises:
+        ValueError: an odd number of rows, mismatched shapes, or ``ld_alpha`` outside ``[0, 1]``.
+    """
+    if per_token_logps.shape != mask.shape or per_token_logps.dim() != 2 or per_token_logps.shape[0] % 2:
+        raise ValueError(f"per_token_logps and mask must be the same (2B, T), got {tuple(per_token_logps.shape)} "
+                         f"and {tuple(mask.shape)}")
+    if not 0.0 <= ld_alpha <= 1.0:
+        raise ValueError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
+    m = mask.bool()
+    position = m.long().cumsum(dim=1)
+    chosen, rejected = m.sum(dim=1).chunk(2)
+    shared = torch.minimum(chosen, rejected).repeat(2)[:, None]
+    zero = per_token_logps.new_zeros(())
+    head = torch.where(m & (position <= shared), per_token_logps, zero).sum(dim=1)
+    tail = torch.where(m & (position > shared), per_token_logps, zero).sum(dim=1)
+    return head + ld_alpha * tail
 
 
 @dataclass(frozen=True)
@@ -42,9 +118,14 @@ class PairLogps:
         ref_chosen_logps: the reference model's log-prob of the chosen completion; ``None`` for
             reference-free losses.
         ref_rejected_logps: the same for the rejected completion.
+        f_divergence_type: f-DPO's divergence (:data:`F_DIVERGENCES`); other than ``reverse_kl`` the log-ratio
+            properties return :func:`f_divergence_score` of the log-ratios, so every loss built on them becomes
+            its f-DPO form.
+        f_alpha_divergence_coef: the alpha of ``alpha_divergence``.
 
     Raises:
-        ValueError: a tensor is not 1-D, the sizes differ, or only one of the two reference tensors is given.
+        ValueError: a tensor is not 1-D, the sizes differ, only one of the two reference tensors is given, or an
+            unknown ``f_divergence_type``.
     """
 
     chosen_logps: Tensor
@@ -53,10 +134,15 @@ class PairLogps:
     rejected_lengths: Tensor
     ref_chosen_logps: Tensor | None = None
     ref_rejected_logps: Tensor | None = None
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
 
     def __post_init__(self) -> None:
         if (self.ref_chosen_logps is None) != (self.ref_rejected_logps is None):
             raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither")
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(f"unknown f_divergence_type {self.f_divergence_type!r}; choose from "
+                             f"{', '.join(F_DIVERGENCES)}")
         named = {
             "chosen_logps": self.chosen_logps,
             "rejected_logps": self.rejected_logps,
@@ -75,17 +161,20 @@ class PairLogps:
 
     @property
     def chosen_logratios(self) -> Tensor:
-        """``(B,)`` ``chosen_logps - ref_chosen_logps`` (nats). Raises ValueError without a reference."""
+        """``(B,)`` ``chosen_logps - ref_chosen_logps`` (nats; with an f-divergence, its f-DPO score). Raises
+        ValueError without a reference."""
         if self.ref_chosen_logps is None:
             raise ValueError("chosen_logratios needs ref_chosen_logps (this PairLogps has no reference)")
-        return self.chosen_logps - self.ref_chosen_logps
+        return f_divergence_score(self.chosen_logps - self.ref_chosen_logps, self.f_divergence_type,
+                                  self.f_alpha_divergence_coef)
 
     @property
     def rejected_logratios(self) -> Tensor:
         """``(B,)`` ``rejected_logps - ref_rejected_logps`` (nats). Raises ValueError without a reference."""
         if self.ref_rejected_logps is None:
             raise ValueError("rejected_logratios needs ref_rejected_logps (this PairLogps has no reference)")
-        return self.rejected_logps - self.ref_rejected_logps
+        return f_divergence_score(self.rejected_logps - self.ref_rejected_logps, self.f_divergence_type,
+                                  self.f_alpha_divergence_coef)
 
 
 @dataclass(frozen=True)

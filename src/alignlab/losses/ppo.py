@@ -612,3 +612,107 @@ def importance_sampling_ratio(
         "sampling/importance_sampling_ratio/max": torch.where(shown_mask, shown, 0.0).max(),
     }
     return weights, metrics
+
+
+def high_entropy_mask(
+    entropies: torch.Tensor,
+    mask: torch.Tensor,
+    top_entropy_quantile: float,
+    *,
+    pool: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(B, T)`` bool: the completion tokens whose entropy is among the top ``top_entropy_quantile`` share,
+    the only ones kept in the policy loss ("Beyond the 80/20 Rule", Wang et al. 2025, arXiv 2506.01939, eq. 5:
+    the gradient restricted to the forking tokens, rho = ``top_entropy_quantile``).
+
+    The threshold is ``torch.quantile(pool, 1 - top_entropy_quantile)`` (linear interpolation), ``pool``
+    defaulting to ``entropies[mask]``; a token is kept where its entropy is ``>=`` the threshold and ``mask`` is
+    set. 1.0 keeps every token; 0.0 keeps only the highest-entropy one(s). TRL 1.16 counterpart:
+    ``GRPOTrainer.get_high_entropy_mask(entropies, mask, 1 - top_entropy_quantile)``, whose pool is the masked
+    entropies gathered over all processes (pass that gathered tensor as ``pool``).
+
+    Args:
+        entropies: ``(B, T)`` entropy (nats) of the policy's next-token distribution at each completion token.
+        mask: ``(B, T)`` ones on real completion tokens.
+        top_entropy_quantile: rho in ``[0, 1]``.
+        pool: 1-D entropies the quantile is taken over (default: ``entropies[mask]``).
+
+    Raises:
+        ValueError: ``top_entropy_quantile`` outside ``[0, 1]`` or mismatched shapes.
+    """
+    _check_per_token(entropies.shape, mask=mask)
+    if not 0.0 <= top_entropy_quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile}")
+    mask = mask.bool()
+    values = (entropies[mask] if pool is None else pool).detach().float()
+    if values.numel() == 0:
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(values, 1.0 - top_entropy_quantile)
+    return (entropies.detach().float() >= threshold) & mask
+
+
+def off_policy_sequence_mask(
+    advantages: torch.Tensor,
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    mask: torch.Tensor,
+    threshold: float,
+) -> torch.Tensor:
+    """Off-policy sequence masking (DeepSeek-V3.2, arXiv 2512.02556, eq. 9): ``(B, 1)`` (or ``(B, T)`` for
+    per-token advantages) float, 0 for the sequences to drop from the policy loss, 1 for the others.
+
+    A sequence is dropped when its advantage is negative *and* its mean per-token KL from the sampling policy,
+    ``mean_t (old_logps_t - logps_t)`` over its ``mask`` tokens (the ``k1`` estimate of ``KL(pi_old || pi)``,
+    detached), exceeds ``threshold`` (the paper's delta): negative samples the policy has already drifted away
+    from are where off-policy updates hurt most. TRL 1.16 counterpart: ``GRPOTrainer.get_off_policy_mask``
+    (``off_policy_mask_threshold``; ``old_logps`` are the sampling log-probs, NaN counted as 0).
+
+    Args:
+        advantages: ``(B,)``, ``(B, 1)`` or ``(B, T)`` advantages.
+        logps: ``(B, T)`` log-probs under the policy being trained (nats; detached here).
+        old_logps: ``(B, T)`` log-probs under the policy that sampled the tokens.
+        mask: ``(B, T)`` ones on real completion tokens.
+        threshold: delta > 0 (nats per token).
+
+    Raises:
+        ValueError: mismatched shapes.
+    """
+    _check_per_token(logps.shape, old_logps=old_logps, mask=mask)
+    m = mask.float()
+    kl = torch.nan_to_num(old_logps.detach().float() - logps.detach().float(), nan=0.0)
+    mean_kl = (kl * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1.0)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    return ((advantages >= 0) | (mean_kl <= threshold)).float()
+
+
+def entropy_bonus(entropies: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.Tensor:
+    """0-d ``coef * mean_t H_t`` over the ``mask`` tokens, to subtract from the loss (an exploration bonus: the
+    objective ``L = L_policy - coef * H``), with the gradient of ``entropies``; 0 for an empty mask.
+
+    It is the mean per-token entropy whatever the policy loss's reduction, so ``coef`` means the same for every
+    ``loss_type``. TRL 1.16 counterpart: ``GRPOTrainer._compute_loss``'s ``entropy_loss`` with
+    ``entropy_coef`` (over ``mask * entropy_mask`` with ``top_entropy_quantile``); the entropy regularisation of
+    Williams and Peng 1991 / Mnih et al. 2016 (A3C, arXiv 1602.01783, section 4).
+
+    Args:
+        entropies: ``(B, T)`` entropy (nats) of the policy's next-token distribution, with gradient.
+        mask: ``(B, T)`` ones on the tokens the bonus averages over.
+        coef: the weight (TRL's ``entropy_coef``).
+
+    Raises:
+        ValueError: mismatched shapes.
+    """
+    _check_per_token(entropies.shape, mask=mask)
+    m = mask.bool()
+    return coef * torch.where(m, entropies, 0.0).sum() / m.sum().clamp(min=1)
+
+
+def adaptive_entropy_coef(coef: float, entropy: float, *, target: float, delta: float, low: float,
+                          high: float) -> float:
+    """The next entropy coefficient of adaptive entropy control (Skywork-OR1, He et al. 2025, arXiv 2505.22312,
+    section 3.2): up by ``delta`` (at most ``high``) when the measured mean token entropy is at or below
+    ``target``, down by ``delta`` (at least ``low``) otherwise. The bonus is applied only while the entropy is at
+    or below the target. TRL 1.16 counterpart: ``GRPOTrainer`` with ``use_adaptive_entropy`` (``entropy_coef_delta``,
+    ``entropy_coef_min``, ``entropy_coef_max``, ``entropy_target``), updated once per optimizer step."""
+    return min(coef + delta, high) if entropy <= target else max(coef - delta, low)

@@ -424,13 +424,17 @@ entropy of ``softmax(logits / temperature)`` and the mean of ``logits / temperat
 ``entropy`` and ``mean_logits``)."""
 
 
-def _plain_head_logps(model, inputs, context, selected, labels, temperature,
-                      token_stats: tuple[str, ...] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _plain_head_logps(model, inputs, context, selected, labels, temperature, token_stats: tuple[str, ...] = (),
+                      entropy_grad: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(N,)`` :func:`completion_logps` token log-probs through the model's logits of the ``selected``
-    positions (:func:`selected_logits`), and ``{stat: (N,)}`` for each of ``token_stats`` (detached)."""
+    positions (:func:`selected_logits`), and ``{stat: (N,)}`` for each of ``token_stats`` (detached, but the
+    entropy with ``entropy_grad``)."""
     logits = selected_logits(model, inputs, selected, context)  # (1, N, V): completion positions only
     stats = {}
-    if "entropy" in token_stats:
+    if "entropy" in token_stats and entropy_grad:
+        z = logits.float() / temperature
+        stats["entropy"] = (torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)).squeeze(0)
+    elif "entropy" in token_stats:
         stats["entropy"] = entropy_from_logits(logits, temperature).squeeze(0)
     if "mean_logits" in token_stats:
         stats["mean_logits"] = logits.detach().mean(-1, dtype=torch.float32).squeeze(0) / temperature
@@ -453,6 +457,7 @@ def completion_logps(
     temperature: float = 1.0,
     share_prompts: bool = True,
     token_stats: tuple[str, ...] = (),
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token and summed log-probabilities of the completion tokens, in one forward pass.
 
@@ -473,6 +478,9 @@ def completion_logps(
             plain packing where that does not apply.
         token_stats: names in :data:`TOKEN_STATS` to compute per completion token from the same pass (the
             chunked head's running statistics, or the selected logits): ``entropy``, ``mean_logits``.
+        entropy_grad: the ``entropy`` statistic keeps its gradient (an entropy bonus in the loss), the others
+            stay detached; the forward then takes the selected positions' logits (:func:`selected_logits`, a
+            ``(completion tokens x vocabulary)`` tensor) instead of the chunked head.
 
     Returns:
         ``(per_token_logps, logps)``: ``(B, T-1)`` float32 log-probability of token ``t+1`` given tokens
@@ -522,7 +530,9 @@ def completion_logps(
 
     inner = getattr(model, "module", model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if plain_head_reason(model, head) is None and type(base_model(model)) not in _LOGITS_CHANGED:
+    # an entropy with gradient comes from the selected logits (the chunked head's statistics are metrics)
+    chunked = not (entropy_grad and "entropy" in token_stats)
+    if chunked and plain_head_reason(model, head) is None and type(base_model(model)) not in _LOGITS_CHANGED:
         asked = [name for name in TOKEN_STATS if name in token_stats]  # the head's column order
         with chunked_head(head, selected, labels, temperature=temperature, with_entropy="entropy" in asked,
                           with_mean_logits="mean_logits" in asked) as outputs, context:
@@ -534,9 +544,11 @@ def completion_logps(
             _LOGITS_CHANGED.add(type(base_model(model)))
             if pack and shared is None:  # a fresh context for the second forward
                 context = packed_forward_inputs(model, input_ids, attention_mask, pad_token_id)[2]
-            token_logps, stats = _plain_head_logps(model, inputs, context, selected, labels, temperature, token_stats)
+            token_logps, stats = _plain_head_logps(model, inputs, context, selected, labels, temperature, token_stats,
+                                                   entropy_grad)
     else:
-        token_logps, stats = _plain_head_logps(model, inputs, context, selected, labels, temperature, token_stats)
+        token_logps, stats = _plain_head_logps(model, inputs, context, selected, labels, temperature, token_stats,
+                                                   entropy_grad)
     per_token = torch.zeros((n, width - 1), dtype=token_logps.dtype, device=token_logps.device)
     per_token = per_token.index_put((seq_idx, tok_idx), token_logps)
     if not token_stats:

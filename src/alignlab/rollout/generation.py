@@ -90,6 +90,7 @@ def completion_token_logps(
     padding_free: bool = True,
     pad_token_id: int = 0,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``(N, L)`` float32 log-probs of each completion token under ``model`` at ``temperature``, 0 on padding.
 
@@ -97,7 +98,8 @@ def completion_token_logps(
     were drawn from (TRL PPO and GRPO divide the logits by the sampling temperature the same way). One
     forward, only completion positions through the output head (:func:`completion_logps`). ``with_entropy``:
     also the ``(N, L)`` detached entropies of those distributions from the same pass, 0 on padding (TRL GRPO's
-    ``entropies`` of ``_get_per_token_logps_and_entropies``).
+    ``entropies`` of ``_get_per_token_logps_and_entropies``); with ``entropy_grad`` they keep their gradient
+    (TRL's entropy bonus, ``entropy_coef``).
     """
     out = completion_logps(
         model,
@@ -108,6 +110,7 @@ def completion_token_logps(
         pad_token_id=pad_token_id,
         temperature=temperature,
         token_stats=("entropy",) if with_entropy else (),
+        entropy_grad=entropy_grad,
     )
     index = sequences["completion_index"].to(out[0].device)
     mask = sequences["response_mask"].to(out[0].device)

@@ -5,8 +5,13 @@ transformers ``TrainerState`` (``global_step``, ``epoch``, ``max_steps``, ``log_
 ``TrainerControl``, and calls the user's callbacks through transformers' own ``CallbackHandler`` with a
 ``TrainingArguments``-compatible ``args`` (:class:`TrainingArgumentsView`). The loop obeys what the callbacks set
 in ``control``: ``should_training_stop`` ends the run after the step (it is then evaluated and saved as a run
-that reached ``max_steps``), ``should_save`` writes a checkpoint, ``should_evaluate`` evaluates and
-``should_log`` writes a row at that step.
+that reached ``max_steps``), ``should_epoch_stop`` ends the epoch after the step (the next one starts; the run
+still ends after its number of epochs), ``should_save`` writes a checkpoint, ``should_evaluate`` evaluates and
+``should_log`` writes a row at that step. Every event of transformers' ``Trainer`` is called, in its order:
+``on_init_end``, ``on_train_begin``, ``on_epoch_begin``, ``on_step_begin``, ``on_substep_end`` (after each
+gradient-accumulation micro-batch but the last), ``on_pre_optimizer_step`` and ``on_optimizer_step`` (around each
+optimizer step; an online step makes several), ``on_step_end``, ``on_log``, ``on_evaluate``, ``on_save``,
+``on_epoch_end``, ``on_train_end``.
 
 ``state.log_history`` holds what transformers' ``Trainer.log`` would: each logged training row with TRL's names
 (``loss``, ``grad_norm``, ``learning_rate``, the method's metrics, ``epoch``, ``step``), each evaluation's
@@ -143,6 +148,18 @@ class LoopEvents:
     def step_begin(self) -> None:
         """``on_step_begin`` (it clears ``should_log``, ``should_evaluate`` and ``should_save``)."""
         self._call("on_step_begin")
+
+    def update_event(self, event: str) -> None:
+        """An event inside an optimizer update, with no state to set: ``on_substep_end`` (a micro-batch's
+        backward done, the update's optimizer step still to come), ``on_pre_optimizer_step`` (the gradients
+        clipped, the optimizer about to step) or ``on_optimizer_step`` (it stepped, the gradients still there).
+
+        Raises:
+            ValueError: another event name.
+        """
+        if event not in ("on_substep_end", "on_pre_optimizer_step", "on_optimizer_step"):
+            raise ValueError(f"{event} is not an event inside an optimizer update")
+        self._call(event)
 
     def step_end(self, global_step: int, epoch: float):
         """``on_step_end`` after optimizer step ``global_step``; returns the ``TrainerControl`` to obey."""

@@ -71,6 +71,8 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
         return f"it has no {STATE_FILE} (it was not completely written)"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"its {STATE_FILE} is unreadable ({_first_line(exc)})"
+    if state.get("save_only_model"):
+        return "it holds the model only (written with --save_only_model: no optimizer or random states)"
     for file in sorted(path.rglob("*")):
         problem = weights_file_problem(file) if file.is_file() else None
         if problem:
@@ -126,28 +128,46 @@ def resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
     return path
 
 
+TRAINING_STATE_PREFIXES = ("optimizer", "scheduler", "random_states", "custom_checkpoint", "sampler",
+                           "dl_state_dict")
+"""accelerate's ``save_state`` files other than the model's, left out of a ``model_only`` checkpoint."""
+
+
 def save_checkpoint(accelerator, output_dir: Path, state: LoopState, *, keep: int | None,
-                    trainer_state: dict | None = None) -> Path:
+                    trainer_state: dict | None = None, model_only: bool = False, each_node: bool = False) -> Path:
     """Write ``checkpoint-{global_step}`` atomically (all processes call it), then keep the newest ``keep``.
 
     ``trainer_state``: transformers' ``TrainerState`` as a dict (``log_history``, a fractional ``epoch``, ...);
     ``trainer_state.json`` then holds it, the loop's own position added (``epoch_index``, ``steps_in_epoch``).
+    ``model_only`` (``TrainingArguments.save_only_model``): the optimizer, scheduler and random states are left
+    out (:data:`TRAINING_STATE_PREFIXES`), so the checkpoint is smaller and cannot be resumed
+    (:func:`checkpoint_problem` says so). ``each_node`` (``save_on_each_node``): the main process of every
+    machine writes the folder (machines without a shared file system), not only the run's main process;
+    accelerate's own files follow ``ProjectConfiguration(save_on_each_node=True)``
+    (:func:`~alignlab.train.trl_args.accelerator_options`).
 
     Returns:
         The checkpoint's path.
     """
     acc = accelerator
+    writer = acc.is_local_main_process if each_node else acc.is_main_process
     final = output_dir / f"checkpoint-{state.global_step}"
     partial = output_dir / f".checkpoint-{state.global_step}.partial"
     acc.wait_for_everyone()
-    if acc.is_main_process and partial.exists():
+    if writer and partial.exists():
         shutil.rmtree(partial)
     acc.wait_for_everyone()
     acc.save_state(str(partial))
     acc.wait_for_everyone()
-    if acc.is_main_process:
+    if writer:
+        if model_only:
+            for file in list(partial.iterdir()):
+                if file.name.startswith(TRAINING_STATE_PREFIXES):
+                    shutil.rmtree(file) if file.is_dir() else file.unlink()
         data = {**(trainer_state or {}), "global_step": state.global_step, "epoch_index": state.epoch,
                 "steps_in_epoch": state.steps_in_epoch, "num_processes": acc.num_processes}
+        if model_only:
+            data["save_only_model"] = True
         data.setdefault("epoch", state.epoch)
         (partial / STATE_FILE).write_text(json.dumps(data, indent=2, sort_keys=True))
         if final.exists():

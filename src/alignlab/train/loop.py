@@ -48,7 +48,7 @@ from alignlab.train.config import TrainConfig
 from alignlab.train.metrics import MetricsLog, plot_metrics
 from alignlab.train.model_card import write_model_card
 from alignlab.train.steps import (
-    LossFn, NonfiniteSteps, all_finite, evaluate_terms, guarded_optimizer_step, run_update,
+    LossFn, NonfiniteSteps, all_finite, evaluate_terms, guarded_optimizer_step, offloading, run_update,
 )
 from alignlab.train.runtime import Runtime
 from alignlab.train.schedule import Cadence, build_optimizer, build_scheduler, loader_options, sync_reference
@@ -308,9 +308,16 @@ class Trainer:
             window.add("loss", loss)
             window.add_all(metrics)
 
-        window.tokens += run_update(self.accelerator, self._precision, self.loss_fn, model, micro_batches, record)
+        precision = self._precision
+        if getattr(self.config, "activation_offloading", False):  # TRL's: saved activations in CPU memory
+            precision = offloading(self._precision, pin_memory=self.accelerator.device.type == "cuda")
+        event = self.events.update_event  # transformers' on_substep_end, on_pre_optimizer_step, on_optimizer_step
+        window.tokens += run_update(self.accelerator, precision, self.loss_fn, model, micro_batches, record,
+                                    substep_end=lambda: event("on_substep_end"))
         grad_norm, stepped = guarded_optimizer_step(self.runtime, model, optimizer, self.config.max_grad_norm,
-                                                    losses_finite=all_finite(self.accelerator, losses))
+                                                    losses_finite=all_finite(self.accelerator, losses),
+                                                    before_step=lambda: event("on_pre_optimizer_step"),
+                                                    after_step=lambda: event("on_optimizer_step"))
         if not stepped:
             over = self.nonfinite.record()
             logger.warning("step %d: non-finite loss or gradient (grad_norm %s), update skipped (%d so far)",
@@ -457,6 +464,8 @@ class Trainer:
         events.train_begin(max_steps=total_steps, num_train_epochs=cfg.num_train_epochs, global_step=state.global_step,
                            epoch=state.epoch + state.steps_in_epoch / steps_per_epoch, model=model,
                            optimizer=optimizer, lr_scheduler=scheduler, train_dataloader=train_loader)
+        epoch_count = math.ceil(total_steps / steps_per_epoch)  # transformers' num_train_epochs loop
+        is_last = False
         try:
             while state.global_step < total_steps:
                 train_loader.set_epoch(state.epoch)
@@ -510,12 +519,15 @@ class Trainer:
                         self._stop(state, saved)
                     if is_last or events.control.should_training_stop:  # a callback may stop it in on_log
                         break
-                else:
+                    if events.control.should_epoch_stop:  # a callback ends the epoch: on to the next one
+                        break
+                if is_last or events.control.should_training_stop:
                     events.epoch_end()
-                    state.epoch += 1
-                    continue
+                    break
                 events.epoch_end()
-                break
+                state.epoch += 1
+                if state.epoch >= epoch_count:  # the epochs ended early by callbacks: as transformers, no more
+                    break
         finally:
             bar.close()  # ends the bar's line, so an error message starts on its own
         train_seconds = time.perf_counter() - train_start
@@ -580,17 +592,18 @@ class Trainer:
         """Write the checkpoint of the last completed step (unless this step's was just written), say so on one
         line, and raise :class:`TrainingInterrupted`."""
         signum = self._signals.signum
-        if not saved:
-            self._save_checkpoint(state)
+        if not saved or getattr(self.config, "save_only_model", False):
+            self._save_checkpoint(state, resumable=True)  # whole even with --save_only_model: it is for resuming
         path = self.work_dir / f"checkpoint-{state.global_step}"
         if self.accelerator.is_main_process:
             print(f"training stopped by {signal.Signals(signum).name} after step {state.global_step}: {path} written; "
                   "resume with --resume_from_checkpoint true", file=sys.stderr, flush=True)
         raise TrainingInterrupted(signum, state.global_step, path)
 
-    def _save_checkpoint(self, state: LoopState) -> None:
-        """Write ``checkpoint-N`` atomically. A failure to write it (a full disk, a quota, a lost mount) removes
-        the partial folder and is a one-line :class:`UserError`; the earlier checkpoints are untouched.
+    def _save_checkpoint(self, state: LoopState, resumable: bool = False) -> None:
+        """Write ``checkpoint-N`` atomically (the model only with ``save_only_model``, unless ``resumable``). A
+        failure to write it (a full disk, a quota, a lost mount) removes the partial folder and is a one-line
+        :class:`UserError`; the earlier checkpoints are untouched.
 
         Raises:
             UserError: an ``OSError`` while writing the checkpoint.
@@ -599,7 +612,9 @@ class Trainer:
 
         try:
             save_checkpoint(self.accelerator, self.work_dir, state, keep=self.config.save_total_limit,
-                            trainer_state=self.events.state_dict())
+                            trainer_state=self.events.state_dict(),
+                            model_only=getattr(self.config, "save_only_model", False) and not resumable,
+                            each_node=getattr(self.config, "save_on_each_node", False))
         except OSError as exc:
             partial = self.work_dir / f".checkpoint-{state.global_step}.partial"
             if self.accelerator.is_main_process:

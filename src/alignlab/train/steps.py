@@ -57,20 +57,41 @@ def evaluate_terms(precision, loss_fn: LossFn, model, batch: dict[str, Any]) -> 
     return total, merged
 
 
+def offloading(precision: Callable[[], contextlib.AbstractContextManager], *,
+               pin_memory: bool = False) -> Callable[[], contextlib.AbstractContextManager]:
+    """``precision`` with activation offloading: inside it the tensors autograd saves for the backward pass are
+    moved to CPU memory and brought back when the backward needs them
+    (``torch.autograd.graph.save_on_cpu``, pinned with ``pin_memory`` for faster copies from a GPU). TRL's
+    ``activation_offloading`` (its ``get_act_offloading_ctx_manager``, the same saved-tensor hooks): less
+    accelerator memory for the activations, the same numbers; on a CPU device the tensors stay where they are."""
+
+    @contextlib.contextmanager
+    def context():
+        with precision(), torch.autograd.graph.save_on_cpu(pin_memory=pin_memory):
+            yield
+
+    return context
+
+
 def run_update(accelerator, precision, loss_fn: LossFn, model, micro_batches: list[dict[str, Any]],
-               record: Callable[[torch.Tensor, dict[str, Any]], None]) -> int:
+               record: Callable[[torch.Tensor, dict[str, Any]], None],
+               substep_end: Callable[[], Any] | None = None) -> int:
     """Forward and backward every micro-batch of one optimizer update, each loss weighted ``1 / len(update)``
     (the update's gradient is the mean over its micro-batches), gradients synchronised across processes on the
-    last one only. ``record(loss, metrics)`` is called per micro-batch. Returns this process's tokens
+    last one only. ``record(loss, metrics)`` is called per micro-batch, and ``substep_end()`` after each but the
+    last (transformers' ``on_substep_end``: a gradient-accumulation micro-step). Returns this process's tokens
     (``attention_mask`` sums)."""
     scale = 1.0 / len(micro_batches)
     tokens = 0
     for i, batch in enumerate(micro_batches):
-        sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync:
             loss, metrics = backward_terms(accelerator, precision, loss_fn, model, batch, scale)
         record(loss, metrics)
         tokens += int(batch["attention_mask"].sum())
+        if not last and substep_end is not None:
+            substep_end()
     return tokens
 
 
@@ -92,8 +113,9 @@ def all_finite(accelerator, values: Iterable[torch.Tensor]) -> bool:
     return ok
 
 
-def guarded_optimizer_step(runtime, model, optimizer, max_grad_norm: float, *,
-                           losses_finite: bool = True) -> tuple[torch.Tensor, bool]:
+def guarded_optimizer_step(runtime, model, optimizer, max_grad_norm: float, *, losses_finite: bool = True,
+                           before_step: Callable[[], Any] | None = None,
+                           after_step: Callable[[], Any] | None = None) -> tuple[torch.Tensor, bool]:
     """The optimizer step of one update, after its last backward: the runtime's after-backward hook
     (:meth:`~alignlab.train.runtime.Runtime.after_backward`: the CPU speed layer hands the activations' freed
     memory back), the gradients clipped to ``max_grad_norm`` (0: no clipping), the step, and the gradients
@@ -109,6 +131,9 @@ def guarded_optimizer_step(runtime, model, optimizer, max_grad_norm: float, *,
 
     Args:
         runtime: the run's :class:`~alignlab.train.runtime.Runtime` (its accelerator clips across processes).
+        before_step, after_step: called right before and after ``optimizer.step()`` (after the clipping, before
+            the gradients are dropped), when the optimizer steps: transformers' ``on_pre_optimizer_step`` and
+            ``on_optimizer_step``.
 
     Returns:
         ``(grad_norm, stepped)``: the global gradient norm before clipping (NaN or inf when skipped for the
@@ -118,7 +143,11 @@ def guarded_optimizer_step(runtime, model, optimizer, max_grad_norm: float, *,
     grad_norm = _clipped_grad_norm(runtime.accelerator, model, max_grad_norm)
     stepped = losses_finite and bool(torch.isfinite(grad_norm))
     if stepped:
+        if before_step is not None:
+            before_step()
         optimizer.step()
+        if after_step is not None:
+            after_step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, stepped
 

@@ -100,7 +100,8 @@ class TrlCommonFields:
     pad_to_multiple_of: int | str | None = "auto"
     """Pad batch sequences to a multiple of this. alignlab pads (or packs) its own way (docs/trl.md)."""
     activation_offloading: bool = False
-    """Offload activations to CPU memory (a GPU memory saving; docs/trl.md)."""
+    """Keep the activations saved for the backward pass in CPU memory during the training forwards
+    (``torch.autograd.graph.save_on_cpu``, TRL's saved-tensor hooks): less GPU memory, the same numbers."""
     router_aux_loss_coef: float | None = None
     """Weight of a mixture-of-experts router's auxiliary loss (docs/trl.md)."""
     pad_token: str | None = None
@@ -184,49 +185,26 @@ EXCEPTIONS: dict[str, Unsupported] = {
                                                 "processes"),
     "use_liger_kernel": Unsupported("Liger kernels are GPU-only (Triton); the result is the same without them",
                                    error=False),
-    "activation_offloading": Unsupported("offloading activations to CPU memory is a GPU memory saving; the "
-                                        "result is the same without it", error=False),
     "dataset_num_proc": Unsupported("alignlab tokenises in the training process; the result is the same",
                                    error=False),
-    "save_on_each_node": Unsupported("checkpoints are written by the main process of the whole run (a shared "
-                                    "file system); the same on one machine", error=False),
     "label_smoothing_factor": Unsupported("label smoothing of the SFT loss is not implemented (TRL's other trainers "
                                          "ignore it too)", only="SFTConfig"),
-    "save_only_model": Unsupported("checkpoints always hold the optimizer state too (resumable); only disk use "
-                                  "differs", error=False),
     "pad_to_multiple_of": Unsupported("alignlab pads or packs batches its own way; padding is masked, so only speed "
                                      "differs", error=False),
-    "num_generations_eval": Unsupported("the online commands have no evaluation pass"),
-    "generation_kwargs": Unsupported("extra GenerationConfig settings are not passed to alignlab's engines"),
-    "chat_template_kwargs": Unsupported("extra apply_chat_template arguments are not passed when rendering prompts"),
-    "cache_implementation": Unsupported("alignlab's engines choose the KV cache (--generation_backend); only speed "
-                                       "differs", error=False),
     "transformers_continuous_batching_config": Unsupported("alignlab's paged engine sizes itself; only speed "
                                                           "differs", error=False),
     "cast_lm_head_to_fp32": Unsupported("a float32 LM head under bf16 is not implemented (alignlab keeps float32 "
                                        "weights and bf16 autocast)"),
-    "multi_objective_aggregation": Unsupported("normalize_then_sum is not implemented; rewards are summed, then "
-                                              "normalised per group"),
-    "top_entropy_quantile": Unsupported("entropy-based token selection is not implemented"),
-    "entropy_coef": Unsupported("the entropy bonus is not implemented"),
-    "use_adaptive_entropy": Unsupported("adaptive entropy control is not implemented"),
-    "off_policy_mask_threshold": Unsupported("off-policy sequence masking is not implemented"),
-    "ld_alpha": Unsupported("LD-DPO's length weighting is not implemented"),
-    "f_divergence_type": Unsupported("f-DPO divergences other than reverse_kl are not implemented"),
     "use_weighting": Unsupported("WPO weighting is not implemented"),
     "generate_during_eval": Unsupported("sampling at evaluation is not implemented"),
     "is_encoder_decoder": Unsupported("alignlab trains decoder-only models"),
-    "precompute_ref_log_probs": Unsupported("precomputing reference log-probs is implemented for DPO only",
-                                           only="KTOTrlFields"),
-    "padding_free": Unsupported("SFT batches are padded unless --packing; padding is masked, so the result is the "
-                               "same", error=False, only="SFTConfig"),
-    "max_length": Unsupported("Online DPO caps prompts (max_prompt_length) and completions (max_new_tokens) "
-                             "instead", only="OnlineDPOConfig"),
     "dataset_kwargs": Unsupported("alignlab prepares every data set itself"),
-    "packing_strategy": Unsupported("TRL's wrapped packing (cutting examples across rows) is not offered"),
 }
 """The documented exceptions (docs/trl.md's table lists the same names): each field keeps TRL's name and default;
 another value stops with a one-line error, or (``error=False``) logs a one-line warning."""
+
+GENERATION_KWARGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+"""The ``generation_kwargs`` keys alignlab's engines honour (the ``SamplingParams`` they share)."""
 
 VALUE_EXCEPTIONS: dict[str, dict[Any, str]] = {
     "save_strategy": {"best": "saving on the best metric needs load_best_model_at_end, which is not implemented"},
@@ -290,7 +268,7 @@ def check_trl_args(config: Any) -> None:
     if getattr(config, "load_in_4bit", False) and getattr(config, "load_in_8bit", False):
         raise UserError("--load_in_4bit and --load_in_8bit: choose one")
     for name in ("lr_scheduler_kwargs", "gradient_checkpointing_kwargs", "activation_checkpointing_kwargs",
-                 "model_init_kwargs"):
+                 "model_init_kwargs", "generation_kwargs", "chat_template_kwargs"):
         value = getattr(config, name, None)
         if isinstance(value, str) and value.strip().startswith("{"):
             try:
@@ -299,6 +277,17 @@ def check_trl_args(config: Any) -> None:
                 raise UserError(f"--{name}: not a JSON object: {exc.msg}") from exc
         elif value is not None and not isinstance(value, dict):
             raise UserError(f"--{name} must be a JSON object (a mapping in YAML), got {value!r}")
+    unknown = sorted(set(getattr(config, "generation_kwargs", None) or {}) - set(GENERATION_KWARGS))
+    if unknown:
+        raise UserError(f"--generation_kwargs: {', '.join(unknown)} not supported here (alignlab's engines take "
+                        f"{', '.join(GENERATION_KWARGS)})")
+    if getattr(config, "generation_kwargs", None):
+        from alignlab.rollout.engines.base import SamplingParams
+
+        try:
+            SamplingParams(max_new_tokens=1, eos_token_id=0, pad_token_id=0, **config.generation_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"--generation_kwargs: {exc}") from exc
     model_init_kwargs(config)  # a bad --dtype, or 4/8-bit loading this machine cannot do, stops here
 
 
@@ -309,7 +298,8 @@ def accelerator_options(config: Any) -> dict[str, Any]:
     them; ``accelerator_config``'s data-loader keys (``split_batches``, ``dispatch_batches``, ``even_batches``,
     ``use_seedable_sampler``, default true here, ``non_blocking``) as a ``DataLoaderConfiguration``; and
     ``torch_compile`` (with ``torch_compile_backend``, default inductor, and ``torch_compile_mode``) as a
-    ``TorchDynamoPlugin``, so accelerate compiles the trained model in ``prepare``. Also applies ``tf32`` (TF32 matrix products on Ampere and newer GPUs; no effect elsewhere) and
+    ``TorchDynamoPlugin``, so accelerate compiles the trained model in ``prepare``; ``save_on_each_node`` as a
+    ``ProjectConfiguration`` (accelerate then writes checkpoint files on every machine). Also applies ``tf32`` (TF32 matrix products on Ampere and newer GPUs; no effect elsewhere) and
     ``log_level`` / ``log_level_replica`` (transformers' and alignlab's log verbosity on the main process and
     the others).
 
@@ -366,6 +356,10 @@ def accelerator_options(config: Any) -> dict[str, Any]:
                             "alignlab accumulates gradients itself)")
         loader[key] = value
     options = {"kwargs_handlers": handlers, "dataloader_config": DataLoaderConfiguration(**loader)}
+    if getattr(config, "save_on_each_node", False):  # accelerate's save_state writes on every machine
+        from accelerate.utils import ProjectConfiguration
+
+        options["project_config"] = ProjectConfiguration(save_on_each_node=True)
     if getattr(config, "torch_compile", False) or getattr(config, "torch_compile_backend", None):
         dynamo = {"backend": config.torch_compile_backend or "inductor"}
         if config.torch_compile_mode:
@@ -489,13 +483,20 @@ class PolicyGradientTrlFields:
     """Fields TRL's ``GRPOConfig`` and ``RLOOConfig`` share that the alignlab configs declare nowhere else."""
 
     num_generations_eval: int | None = None
-    """Completions per prompt when evaluating (online evaluation is not implemented: docs/trl.md)."""
+    """Completions per eval prompt (GRPO, RLOO; fewer than ``num_generations`` saves time; unset: as training);
+    ``per_device_eval_batch_size`` must be a multiple of it."""
     generation_kwargs: dict[str, Any] | str | None = None
-    """More ``GenerationConfig`` settings for sampling (not passed through: docs/trl.md)."""
+    """Sampling settings that override the flags of the same name when sampling completions (a mapping, or JSON
+    on the command line), as TRL's ``generation_kwargs`` override its ``GenerationConfig``: ``temperature``,
+    ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty`` (the losses' log-probs keep ``--temperature``, as
+    TRL); other keys are refused with a one-line error (:data:`GENERATION_KWARGS`)."""
     chat_template_kwargs: dict[str, Any] | str | None = None
-    """More ``apply_chat_template`` arguments for rendering prompts (not passed through: docs/trl.md)."""
+    """More ``apply_chat_template`` keyword arguments (template variables, e.g. ``{"enable_thinking": false}``)
+    for rendering conversational prompts (a mapping, or JSON on the command line)."""
     cache_implementation: str | None = None
-    """KV cache of transformers' ``generate`` (a speed setting; alignlab's engines choose: docs/trl.md)."""
+    """KV cache of transformers' ``generate``: dynamic samples with ``--generation_backend generate`` (its
+    ``DynamicCache``), static with ``--generation_backend static`` (``StaticCache``, the decode step compiled);
+    other caches are refused with one line (unset: ``--generation_backend`` decides)."""
     transformers_continuous_batching_config: dict[str, Any] | str | None = None
     """``ContinuousBatchingConfig`` settings (a speed setting; alignlab's paged engine sizes itself)."""
     sync_ref_model: bool = False
@@ -528,14 +529,22 @@ class GRPOTrlFields:
     vespo_lambda_neg: float = 2.0
     """VESPO's decay for negative advantages (with ``loss_type`` vespo)."""
     multi_objective_aggregation: str = "sum_then_normalize"
-    """Several rewards: weighted sum, then the group normalisation (TRL's default, what alignlab does);
-    normalize_then_sum is not offered (docs/trl.md)."""
+    """Several reward sources: sum_then_normalize (the weighted sum, then ``scale_rewards``' normalisation;
+    TRL's default) or normalize_then_sum (GDPO, arXiv 2601.05242: each source normalised within its group, the
+    weighted sum, then divided by its batch std; ``scale_rewards`` unused, as TRL)."""
     top_entropy_quantile: float = 1.0
-    """Keep only the top quantile of tokens by entropy in the loss (not implemented below 1: docs/trl.md)."""
+    """rho of "Beyond the 80/20 Rule" (arXiv 2506.01939): only the top ``rho`` share of completion tokens by the
+    policy's entropy count in the policy loss (the quantile over the micro-batch of every process, as TRL); 1.0
+    keeps all, 0.0 only the highest; the paper recommends 0.2."""
     entropy_coef: float = 0.0
-    """Entropy bonus weight (not implemented: docs/trl.md)."""
+    """Weight of the entropy bonus: the loss minus ``entropy_coef`` times the mean per-token entropy of the
+    policy over the tokens of the policy term, with its gradient (the forward then makes the completion
+    positions' logits instead of using the chunked output head); 0: off."""
     use_adaptive_entropy: bool = False
-    """Skywork-OR1's adaptive entropy control (not implemented: docs/trl.md)."""
+    """Skywork-OR1's adaptive entropy control (arXiv 2505.22312): ``entropy_coef`` is the starting coefficient;
+    after every optimizer step it moves up by ``entropy_coef_delta`` when the step's mean token entropy is at or
+    below ``entropy_target``, down otherwise (within ``entropy_coef_min`` / ``entropy_coef_max``), and the bonus
+    applies only while the entropy is at or below the target; saved in checkpoints."""
     entropy_coef_min: float = 0.0
     """Lower bound of the adaptive entropy coefficient (with ``use_adaptive_entropy``)."""
     entropy_coef_max: float = 1.0
@@ -557,7 +566,9 @@ class GRPOTrlFields:
     vllm_importance_sampling_cap: float | None = None
     """TRL's deprecated name of ``vllm_importance_sampling_clip_max`` (with ``use_vllm``)."""
     off_policy_mask_threshold: float | None = None
-    """Mask off-policy sequences with negative advantages (not implemented: docs/trl.md)."""
+    """DeepSeek-V3.2's off-policy sequence masking (arXiv 2512.02556, eq. 9, the delta): a sequence with a
+    negative advantage whose mean per-token KL from the sampling policy exceeds it leaves the policy loss
+    (e.g. 0.5); unset: off."""
     log_completions_hub_repo: str | None = None
     """A hub data set to upload logged completions to (needs a hub account: docs/trl.md)."""
 
@@ -570,9 +581,12 @@ class PreferenceTrlFields:
     precompute_ref_batch_size: int | None = None
     """Batch size of the reference log-prob precomputation (unset: ``per_device_eval_batch_size``)."""
     ld_alpha: float | None = None
-    """LD-DPO's weight of the verbose tokens (not implemented: docs/trl.md)."""
+    """LD-DPO (arXiv 2409.06411): each pair's tokens past the shorter completion's length count this much in the
+    sequence log-probs, of the policy and the reference, in [0, 1] (unset: fully, plain DPO)."""
     f_divergence_type: str = "reverse_kl"
-    """f-DPO's divergence: reverse_kl (DPO's own, what alignlab computes); the others are not offered."""
+    """f-DPO's divergence (arXiv 2309.16240): reverse_kl (DPO's own), forward_kl, js_divergence or
+    alpha_divergence; the loss reads ``f'(pi / pi_ref)`` instead of the log-ratio (loss types sigmoid,
+    sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft, as TRL)."""
     f_alpha_divergence_coef: float = 0.5
     """f-DPO's alpha (with ``f_divergence_type`` alpha_divergence)."""
     use_weighting: bool = False
@@ -603,7 +617,9 @@ class KTOTrlFields:
     """kto; or apo_zero_unpaired (D'Oosterlinck et al. 2024, arXiv 2408.06266, eq. 7 unpaired, as TRL): the KTO
     losses with the reference point ``z0`` at 0, so no mismatched-pair forward passes."""
     precompute_ref_log_probs: bool = False
-    """Precompute the reference log-probs (not implemented for KTO: docs/trl.md)."""
+    """Compute the reference log-probs of every example and of its mismatched pair once before training, and free
+    the reference model (the mismatched completions are then fixed per block of ``per_device_train_batch_size``
+    rows in data order, as TRL's)."""
     precompute_ref_batch_size: int | None = None
     """Batch size of the precomputation (with ``precompute_ref_log_probs``)."""
     sync_ref_model: bool = False
