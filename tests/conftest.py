@@ -88,7 +88,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 def one_line(err: str) -> str:
     """The single error line of ``err`` (data-summary log lines and progress bars aside); fails on tracebacks or
     more lines."""
-    skip = ("train data", "eval data", "data ", "prompts ", "training:", "evaluating ")
+    skip = ("train data", "eval data", "data ", "prompts ", "training:", "evaluating ", "gradient_checkpointing auto:")
     lines = [l for l in err.strip().splitlines() if l.strip() and not l.startswith(skip)]
     assert len(lines) == 1, err
     assert "Traceback" not in err

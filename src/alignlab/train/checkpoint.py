@@ -25,6 +25,18 @@ from alignlab.models import _first_line, weights_file_problem
 
 logger = logging.getLogger(__name__)
 
+
+class _TiedWeightsNotice(logging.Filter):
+    """Drops accelerate's "Removed shared tensor ... while saving" warning: a model with tied input and output
+    embeddings (SmolLM2, Qwen2.5, ...) stores the shared matrix once in safetensors and ties it again on loading,
+    which every checkpoint of such a model would otherwise report."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
+
 STATE_FILE = "trainer_state.json"
 STAGING_DIR = ".alignlab-staging"
 """Where a run started with ``--overwrite_output_dir`` over an earlier run keeps its files (checkpoints included)
