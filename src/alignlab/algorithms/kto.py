@@ -202,6 +202,18 @@ class KTOTrainer(Algorithm):
                                pad_token_id=self.tokenizer.pad_token_id, token_stats=token_stats)
         return (out[1], out[2]) if token_stats else out[1]
 
+    def _subset_logits(self, mean_logits: torch.Tensor, tokens: torch.Tensor, chosen: torch.Tensor) -> dict:
+        """TRL's ``logits/chosen`` and ``logits/rejected`` over every process's tokens of a micro-batch, as
+        :func:`subset_means` reduces the reward metrics: gathered sums over gathered counts, each present only when
+        its rows hold a token on some process, so that every process logs the same names (a process's
+        micro-batch may hold one kind only). ``mean_logits``, ``tokens``: ``(R, T)``; ``chosen``: ``(R,)`` bool."""
+        values, picked = mean_logits.detach().float(), chosen.to(tokens.device)[:, None]
+        local = torch.stack([torch.stack([torch.where(rows, values, 0).sum(), rows.sum().float()])
+                             for rows in (tokens & picked, tokens & ~picked)])  # (2 subsets, [sum, count])
+        totals = self._gather(local.reshape(-1)).reshape(-1, 2, 2).sum(0)
+        return {name: totals[i, 0] / totals[i, 1] for i, name in enumerate(("logits/chosen", "logits/rejected"))
+                if totals[i, 1] > 0}
+
     @contextlib.contextmanager
     def _reference(self, model):
         """The reference network: the frozen copy, or the unwrapped policy with its adapters disabled."""
@@ -223,8 +235,9 @@ class KTOTrainer(Algorithm):
         cfg = self.config
         logps, stats = self._sequence_logps(model, batch, token_stats=("entropy", "mean_logits"))
         tokens = (batch["completion_mask"][:, 1:] * batch["attention_mask"][:, 1:]).bool()
-        token_metrics = token_statistics_metrics(stats["entropy"], stats["mean_logits"], tokens,
-                                                 batch["label"].bool(), skip_empty=True)
+        token_metrics = {"entropy": token_statistics_metrics(stats["entropy"], stats["mean_logits"], tokens,
+                                                             batch["label"].bool())["entropy"],
+                         **self._subset_logits(stats["mean_logits"], tokens, batch["label"].bool())}
         with torch.no_grad():
             precomputed = "ref_logps" in batch  # precompute_ref_log_probs
             if precomputed:

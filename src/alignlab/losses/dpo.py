@@ -349,8 +349,7 @@ def preference_metrics(pair: PairLogps, *, beta: float, reward_kind: str) -> dic
     }
 
 
-def token_statistics_metrics(entropy: Tensor, mean_logits: Tensor, mask: Tensor, chosen: Tensor, *,
-                             skip_empty: bool = False) -> dict[str, Tensor]:
+def token_statistics_metrics(entropy: Tensor, mean_logits: Tensor, mask: Tensor, chosen: Tensor) -> dict[str, Tensor]:
     """TRL 1.16's token-level metrics of a micro-batch of preference rows (``DPOTrainer`` and ``KTOTrainer``
     ``_compute_loss``), 0-d and detached, over this process's rows:
 
@@ -358,15 +357,14 @@ def token_statistics_metrics(entropy: Tensor, mean_logits: Tensor, mask: Tensor,
       (nats);
     * ``logits/chosen``, ``logits/rejected``: mean over the completion tokens of the chosen (desirable) rows and
       of the others of each token's mean logit over the vocabulary (TRL's ``mean_logits``, "Average logits for
-      chosen and rejected completions"). Where no token counts: 0 (TRL's DPO), or left out with ``skip_empty``
-      (TRL's KTO, whose micro-batches may hold only one kind).
+      chosen and rejected completions"). Where no token counts: 0 (TRL's DPO). KTO, whose micro-batches may hold
+      only one kind, reduces these two across processes instead (``KTOTrainer._subset_logits``).
 
     Args:
         entropy, mean_logits: ``(R, T)`` per-token values (:func:`alignlab.ops.logprobs.completion_logps` with
             ``token_stats``).
         mask: ``(R, T)`` the completion tokens.
         chosen: ``(R,)`` bool, the chosen (desirable) rows.
-        skip_empty: leave out ``logits/chosen`` or ``logits/rejected`` when its rows hold no token.
 
     Raises:
         ValueError: shapes that do not fit together.
@@ -379,10 +377,7 @@ def token_statistics_metrics(entropy: Tensor, mean_logits: Tensor, mask: Tensor,
     values = mean_logits.detach().float()
     out = {"entropy": torch.where(m, entropy.detach().float(), 0).sum() / m.sum().clamp(min=1)}
     for name, rows in (("logits/chosen", m & picked), ("logits/rejected", m & ~picked)):
-        count = rows.sum()
-        if skip_empty and not bool(count):
-            continue
-        out[name] = torch.where(rows, values, 0).sum() / count.clamp(min=1)
+        out[name] = torch.where(rows, values, 0).sum() / rows.sum().clamp(min=1)
     return out
 
 
