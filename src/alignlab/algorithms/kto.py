@@ -43,25 +43,29 @@ KTO_PLOTS = {
 
 SUBSET_METRICS = ("rewards/chosen", "logps/chosen", "rewards/rejected", "logps/rejected")
 """:func:`~alignlab.losses.kto.kto_loss`'s metrics over the desirable or the undesirable examples only."""
+TOKEN_SUBSET_METRICS = ("logits/chosen", "logits/rejected")
+"""TRL's mean logits over the completion tokens of the desirable or the undesirable examples only."""
 
 
-def subset_means(metrics: dict[str, torch.Tensor], gather: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The subset metrics of one micro-batch as TRL 1.16 logs them: each the sum over every process's examples of
-    that subset divided by their number (``rewards/chosen = gathered sum / gathered count``), and
-    ``rewards/margins`` the difference of the two reward means, each present only when its subsets have an
-    example on some process.
+def subset_means(metrics: dict[str, torch.Tensor], gather: Callable[[torch.Tensor], torch.Tensor],
+                 names: tuple[str, ...] = SUBSET_METRICS) -> dict[str, torch.Tensor]:
+    """The subset metrics ``names`` of one micro-batch as TRL 1.16 logs them: each the sum over every process's
+    values of that subset divided by their number (``rewards/chosen = gathered sum / gathered count``; per
+    example, or per token for :data:`TOKEN_SUBSET_METRICS`), and ``rewards/margins`` the difference of the two
+    reward means, each present only when its subsets have a value on some process.
 
     Every process gets the same 0-d values, so the loop's window (which gathers per-example tensors of one size
     across processes) averages them over the micro-batches of a logging window, as TRL's ``log`` does.
 
     Args:
-        metrics: ``{name: (n,)}`` per-example values of the subsets present on this process (absent: none).
+        metrics: ``{name: (n,)}`` values of the subsets present on this process (absent or empty: none).
         gather: ``(k,) tensor -> (k * processes,)`` (accelerate's gather, the identity on one process).
+        names: the subsets, in the order every process gathers them.
     """
     local = torch.tensor([[float(metrics[name].sum()), float(metrics[name].numel())] if name in metrics else [0.0, 0.0]
-                          for name in SUBSET_METRICS])
-    totals = gather(local.reshape(-1)).reshape(-1, len(SUBSET_METRICS), 2).sum(0)
-    out = {name: totals[i, 0] / totals[i, 1] for i, name in enumerate(SUBSET_METRICS) if totals[i, 1] > 0}
+                          for name in names])
+    totals = gather(local.reshape(-1)).reshape(-1, len(names), 2).sum(0)
+    out = {name: totals[i, 0] / totals[i, 1] for i, name in enumerate(names) if totals[i, 1] > 0}
     if "rewards/chosen" in out and "rewards/rejected" in out:
         out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
     return out
@@ -202,18 +206,6 @@ class KTOTrainer(Algorithm):
                                pad_token_id=self.tokenizer.pad_token_id, token_stats=token_stats)
         return (out[1], out[2]) if token_stats else out[1]
 
-    def _subset_logits(self, mean_logits: torch.Tensor, tokens: torch.Tensor, chosen: torch.Tensor) -> dict:
-        """TRL's ``logits/chosen`` and ``logits/rejected`` over every process's tokens of a micro-batch, as
-        :func:`subset_means` reduces the reward metrics: gathered sums over gathered counts, each present only when
-        its rows hold a token on some process, so that every process logs the same names (a process's
-        micro-batch may hold one kind only). ``mean_logits``, ``tokens``: ``(R, T)``; ``chosen``: ``(R,)`` bool."""
-        values, picked = mean_logits.detach().float(), chosen.to(tokens.device)[:, None]
-        local = torch.stack([torch.stack([torch.where(rows, values, 0).sum(), rows.sum().float()])
-                             for rows in (tokens & picked, tokens & ~picked)])  # (2 subsets, [sum, count])
-        totals = self._gather(local.reshape(-1)).reshape(-1, 2, 2).sum(0)
-        return {name: totals[i, 0] / totals[i, 1] for i, name in enumerate(("logits/chosen", "logits/rejected"))
-                if totals[i, 1] > 0}
-
     @contextlib.contextmanager
     def _reference(self, model):
         """The reference network: the frozen copy, or the unwrapped policy with its adapters disabled."""
@@ -235,9 +227,11 @@ class KTOTrainer(Algorithm):
         cfg = self.config
         logps, stats = self._sequence_logps(model, batch, token_stats=("entropy", "mean_logits"))
         tokens = (batch["completion_mask"][:, 1:] * batch["attention_mask"][:, 1:]).bool()
-        token_metrics = {"entropy": token_statistics_metrics(stats["entropy"], stats["mean_logits"], tokens,
-                                                             batch["label"].bool())["entropy"],
-                         **self._subset_logits(stats["mean_logits"], tokens, batch["label"].bool())}
+        desirable = batch["label"].bool()
+        entropy = token_statistics_metrics(stats["entropy"], stats["mean_logits"], tokens, desirable)["entropy"]
+        values, picked = stats["mean_logits"].detach().float(), desirable.to(tokens.device)[:, None]
+        # reduced over processes with the reward metrics: a process's micro-batch may hold one kind only
+        token_subsets = {"logits/chosen": values[tokens & picked], "logits/rejected": values[tokens & ~picked]}
         with torch.no_grad():
             precomputed = "ref_logps" in batch  # precompute_ref_log_probs
             if precomputed:
@@ -258,7 +252,8 @@ class KTOTrainer(Algorithm):
                 z0 = self._gather((kl_logps - ref_kl_logps).mean().reshape(1).float()).mean().clamp(min=0)
         losses, metrics = kto_loss(logps, ref_logps, batch["label"], z0.to(logps.device), beta=cfg.beta,
                                    desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
-        return [(losses.mean(), {"kl": metrics["kl"], **subset_means(metrics, self._gather), **token_metrics})]
+        subsets = subset_means({**metrics, **token_subsets}, self._gather, SUBSET_METRICS + TOKEN_SUBSET_METRICS)
+        return [(losses.mean(), {"kl": metrics["kl"], **subsets, "entropy": entropy})]
 
     def loop_inputs(self) -> dict:
         pad, max_length = self.tokenizer.pad_token_id, self.config.max_length

@@ -358,7 +358,7 @@ def token_statistics_metrics(entropy: Tensor, mean_logits: Tensor, mask: Tensor,
     * ``logits/chosen``, ``logits/rejected``: mean over the completion tokens of the chosen (desirable) rows and
       of the others of each token's mean logit over the vocabulary (TRL's ``mean_logits``, "Average logits for
       chosen and rejected completions"). Where no token counts: 0 (TRL's DPO). KTO, whose micro-batches may hold
-      only one kind, reduces these two across processes instead (``KTOTrainer._subset_logits``).
+      only one kind, reduces these two across processes with its reward metrics instead (``kto.subset_means``).
 
     Args:
         entropy, mean_logits: ``(R, T)`` per-token values (:func:`alignlab.ops.logprobs.completion_logps` with
