@@ -47,10 +47,11 @@ ONLINE_DPO_PLOTS = {
 class OnlineDPOConfig(PreferenceLossConfig, PolicyGradientTrlFields, VllmFields, OnlineConfig):
     """Settings of ``alignlab online-dpo``; names and defaults follow TRL 1.16's ``OnlineDPOConfig``. One step
     samples ``num_generations`` completions for each of ``per_device_train_batch_size *
-    gradient_accumulation_steps`` prompts per process and makes one optimizer step. ``loss_type`` takes any preference loss ``alignlab dpo`` takes
-    (TRL's Online DPO: sigmoid and ipo; here ipo averages log-ratios per token, as ``alignlab dpo``, where TRL's
-    online IPO uses sums), with the same hyperparameter flags; no reference model is loaded when every loss is
-    reference-free (simpo, cpo, orpo, sft), and ``objective/kl`` is then not logged."""
+    gradient_accumulation_steps`` prompts per process and makes one optimizer step. ``loss_type`` takes any
+    preference loss ``alignlab dpo`` takes (TRL's Online DPO: sigmoid and ipo; here ipo averages log-ratios per
+    token, as ``alignlab dpo``, where TRL's online IPO uses sums), with the same hyperparameter flags; no
+    reference model is loaded when every loss is reference-free (simpo, cpo, orpo, sft), and ``objective/kl`` is
+    then not logged."""
 
     learning_rate: float = 5e-7
     """Peak AdamW learning rate (TRL's Online DPO default)."""
@@ -79,7 +80,7 @@ class OnlineDPOConfig(PreferenceLossConfig, PolicyGradientTrlFields, VllmFields,
     (benchmarks/README.md, "Online DPO's pairs"). ``false``: TRL's behaviour. Logged as
     ``frac_reward_zero_std`` (TRL GRPO's name for groups whose completions all score the same)."""
 
-    RANGES: ClassVar[dict[str, Range]] = {"max_new_tokens": Range(ge=1)}
+    RANGES: ClassVar[dict[str, Range]] = {"max_new_tokens": Range(ge=1), "max_length": Range(ge=2)}
     """The ranges of the numeric flags (:func:`alignlab.train.config.check_ranges`)."""
     TRAIN_ROWS_PER_PROMPT: ClassVar[int] = 2
     """Rows of a training micro-batch per prompt (its chosen and rejected completions), for the memory estimate of
@@ -89,8 +90,6 @@ class OnlineDPOConfig(PreferenceLossConfig, PolicyGradientTrlFields, VllmFields,
         self._check_loss_types()
         super().__post_init__()
         self._check_loss_hyperparameters()
-        if self.max_length is not None and self.max_length < 2:
-            raise UserError(f"--max_length must be >= 2, got {self.max_length}")
         if self.num_generations_eval is not None:  # GRPO's and RLOO's field; TRL's Online DPO has none
             raise UserError("--num_generations_eval: Online DPO has no evaluation pass (a GRPO and RLOO flag)")
 
@@ -165,15 +164,16 @@ class OnlineDPOTrainer(OnlineAlgorithm):
         chosen, rejected = pick_chosen(scored.scores, cfg.num_generations)
         tied = scored.scores[chosen] == scored.scores[rejected]
         num_pairs = chosen.numel()
-        pairs = slice_rows(scored.sequences, torch.cat([chosen, rejected]).to(device))  # rows [chosen; rejected]
+        rows = torch.cat([chosen, rejected])  # the pairs' rows: [chosen; rejected]
+        cut = None
         if cfg.max_length is not None:  # TRL's max_length: prompts cut on the left for the log-probs
-            rows = torch.cat([chosen, rejected]).tolist()
-            prompts = [scored.examples[i]["prompt_ids"] for i in rows]
-            completions = [scored.completions.ids[i] for i in rows]
+            prompts = [scored.examples[i]["prompt_ids"] for i in rows.tolist()]
+            completions = [scored.completions.ids[i] for i in rows.tolist()]
             cut = left_truncated_prompts(prompts, completions, cfg.max_length)
-            if cut != prompts:
-                pairs = {k: v.to(device) for k, v in build_sequences(cut, completions,
-                                                                     self.tokenizer.pad_token_id).items()}
+        if cut is not None and cut != prompts:
+            pairs = {k: v.to(device) for k, v in build_sequences(cut, completions, self.tokenizer.pad_token_id).items()}
+        else:
+            pairs = slice_rows(scored.sequences, rows.to(device))
         if cfg.drop_tied_pairs:
             pairs["pair_weight"] = tied_pair_weights(tied).repeat(2).to(device)
         start = time.perf_counter()
