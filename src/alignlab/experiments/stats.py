@@ -422,14 +422,13 @@ class Agreement:
         """One plain sentence with the outcome of both rules."""
         a, b = self.first, self.second
         best = (f"the best methods agree ({a.best} and {b.best})" if self.best_agrees
-                else f"the best methods disagree ({a.best} in the first run, {b.best} in the second, "
-                     f"each outside the other's tie with its best)")
-        if not self.contradictions:
-            return f"The verdicts agree: {best}, and no pair of models is significantly different in opposite " \
-                   f"directions." if self.best_agrees else f"The verdicts disagree: {best}; no pair of models is " \
-                                                           f"significantly different in opposite directions."
-        pairs = _join([f"{x} - {y} ({_fmt(r1)} against {_fmt(r2)})" for x, y, r1, r2 in self.contradictions])
-        return f"The verdicts disagree: {best}; opposite significant differences for {pairs}."
+                else f"the best methods disagree ({a.best} in the first run, {b.best} in the second)")
+        if self.contradictions:
+            pairs = _join([f"{x} - {y} ({_fmt(r1)} against {_fmt(r2)})" for x, y, r1, r2 in self.contradictions])
+            reversals = f"opposite significant differences for {pairs}"
+        else:
+            reversals = "no pair of models is significantly different in opposite directions"
+        return f"The verdicts {'agree' if self.holds else 'disagree'}: {best}; {reversals}."
 
 
 def verdict_agreement(first: dict[str, Any], second: dict[str, Any], *, base: str = "base",
