@@ -184,13 +184,14 @@ def test_a_broken_fsdp_config_file_is_one_line_with_its_line(tmp_path):
 
 
 _SHARDED_PRELUDE = """
+import os
 import sys
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from alignlab.train.config import TrainConfig
-from alignlab.train.distributed import is_sharded
+from alignlab.train.distributed import is_sharded, shutdown
 from alignlab.train.runtime import build_runtime
 
 path, out = sys.argv[1], sys.argv[2]
@@ -198,6 +199,7 @@ runtime = build_runtime(TrainConfig(model_name_or_path=path, dataset_name="built
                                     fsdp="full_shard", bf16=False))
 acc = runtime.accelerator
 whole = AutoModelForCausalLM.from_pretrained(path).eval()
+result = lambda line: os.write(1, f"RESULT {line}\\n".encode())  # one write: the processes' lines never mix
 ref = runtime.frozen_model(AutoModelForCausalLM.from_pretrained(path))  # FSDP2 over the 2 processes, as a reference
 """
 """A two-process script's start: ``runtime`` and its ``acc`` (FSDP2), the tiny model whole (``whole``) and sharded
@@ -208,7 +210,7 @@ def _run_sharded(script: str, tiny_model_dir: str, tmp_path: Path, timeout: int 
     """Run :data:`_SHARDED_PRELUDE` + ``script`` on 2 processes; the words after ``RESULT`` of each printed
     result line."""
     path = tmp_path / "script.py"
-    path.write_text(_SHARDED_PRELUDE + script)
+    path.write_text(_SHARDED_PRELUDE + script + "\nshutdown(True)  # both processes leave together\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(path), tiny_model_dir, str(tmp_path / "out")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout,
@@ -234,7 +236,7 @@ with cpu_kernels.decoding(ref, rows=2):
 with cpu_kernels.decoding(whole, rows=2):
     whole_copies = sum("forward" in m.__dict__ for m in whole.modules() if type(m) is torch.nn.Linear)
 assert copies == 0 and whole_copies > 0, (copies, whole_copies)
-print(f"RESULT {acc.process_index} {local} {total} {layers} {diff} {any(p.requires_grad for p in ref.parameters())}")
+result(f"{acc.process_index} {local} {total} {layers} {diff} {any(p.requires_grad for p in ref.parameters())}")
 """
 
 
@@ -270,7 +272,7 @@ with runtime.sampling(ref):  # as the online methods sample: no gathering per fo
     assert not forwards_gather(ref)
     assert GenerateEngine(ref).generate(prompts, params).ids == expected.ids
 assert forwards_gather(ref)
-print(f"RESULT {acc.process_index} {' '.join(str(len(ids)) for ids in got.ids)}")
+result(f"{acc.process_index} {' '.join(str(len(ids)) for ids in got.ids)}")
 """
 
 

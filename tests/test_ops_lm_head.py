@@ -316,6 +316,7 @@ def test_no_tokens_by_vocabulary_tensor_in_a_dpo_step(tiny_model_dir, pairs_file
 # FSDP2 over two processes (gloo on CPU)
 
 _FSDP_SCRIPT = """
+import os
 import sys
 
 import torch
@@ -324,10 +325,11 @@ from transformers import AutoModelForCausalLM
 from alignlab.ops import lm_head, logprobs
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
-from alignlab.train.distributed import initialize, is_sharded, set_wrap_classes
+from alignlab.train.distributed import initialize, is_sharded, set_wrap_classes, shutdown
 from alignlab.train.runtime import build_runtime
 
 path, out = sys.argv[1], sys.argv[2]
+result = lambda line: os.write(1, f"RESULT {line}\\n".encode())  # one write: the processes' lines never mix
 acc = build_runtime(TrainConfig(model_name_or_path=path, dataset_name="builtin:concise", output_dir=out,
                                     fsdp="full_shard auto_wrap", bf16=False)).accelerator
 model = AutoModelForCausalLM.from_pretrained(path)  # tied embeddings
@@ -371,7 +373,8 @@ for name, p in model.named_parameters():
     grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
     grad_diff = max(grad_diff, (grad - expected[name].grad).abs().max().item())
     names += 1
-print(f"RESULT {acc.process_index} {logps_diff} {grad_diff} {names}")
+result(f"{acc.process_index} {logps_diff} {grad_diff} {names}")
+shutdown(True)  # both processes leave together (an abort at exit otherwise, sometimes)
 """
 
 
@@ -395,6 +398,6 @@ def test_chunked_head_under_fsdp2(tiny_model_dir, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT")]
-    assert sorted(r[0] for r in results) == ["0", "1"]
+    assert sorted(r[0] for r in results) == ["0", "1"], proc.stdout[-3000:]
     for _, logps_diff, grad_diff, names in results:
         assert float(logps_diff) < 1e-5 and float(grad_diff) < 1e-5 and int(names) > 10

@@ -268,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     from alignlab.errors import UserError, record_error
 
+    succeeded = False
     try:
         if command in runners:
             runners[command](rest)
         else:
             _run_method(command, rest)
+        succeeded = True
     except _Exit as exc:
         record_error(str(exc))
         print(str(exc), file=sys.stderr)
@@ -288,7 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug or a failure below us: keep the traceback, record its last line
         record_error(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}")
         raise
+    finally:
+        _shutdown(succeeded)
     return 0
+
+
+def _shutdown(succeeded: bool) -> None:
+    """A multi-process run's processes leave together (see :func:`alignlab.train.distributed.shutdown`)."""
+    if "torch" in sys.modules:
+        from alignlab.train.distributed import shutdown
+
+        shutdown(succeeded)
 
 
 if __name__ == "__main__":

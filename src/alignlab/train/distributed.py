@@ -402,3 +402,26 @@ def sub_state_dict(state_dict: dict[str, torch.Tensor], root: torch.nn.Module,
             prefix = name + "."
             return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     raise ValueError("the module to save is not part of the trained model")
+
+
+def shutdown(succeeded: bool) -> None:
+    """End this process's part of a multi-process run before the interpreter exits: wait for the other processes
+    (only after a run that succeeded, where every process reaches this point), destroy every process group, and
+    free what still refers to them (the FSDP2 models' meshes and hooks).
+
+    Left to the interpreter's exit, gloo's worker threads of a process group that garbage collection destroys
+    late can try to take the interpreter lock after finalization began; Python then ends those threads, and the
+    C++ runtime aborts the process (``terminate called without an active exception``, exit signal 6) after the
+    run's work is done. Does nothing in a one-process run. The counterpart in accelerate is
+    ``PartialState.destroy_process_group``.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if succeeded:
+        dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
