@@ -77,7 +77,8 @@ def test_every_method_gets_the_same_budget(tmp_path):
     # one completion budget (the task's: 16 tokens for arithmetic) and the task's reward for the rule-based ones
     assert args["ppo"]["response_length"] == args["grpo"]["max_completion_length"] == args["online-dpo"]["max_new_tokens"] == 16
     assert args["grpo"]["reward_funcs"] == ["alignlab.tasks.arithmetic:arithmetic_reward"]
-    assert args["ppo"]["reward_model_path"].endswith("reward-model/model") and "reward_funcs" not in args["ppo"]
+    # the default preset trains two seeds, each PPO run with the reward model of its own seed
+    assert args["ppo"]["reward_model_path"].endswith("reward-model/seed-42/model") and "reward_funcs" not in args["ppo"]
     assert len(run.train_rows) == 32 and len(run.eval_rows) == 32  # the default preset's sizes
     assert {a["learning_rate"] for a in args.values()} == {2e-5}
 

@@ -178,6 +178,34 @@ def test_evaluate_before_training_leaves_the_folder_free(tiny_model_dir, tmp_pat
     assert [h for h in trainer.state.log_history if "eval_loss" in h][0]["step"] == 0
 
 
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+def test_several_eval_sets_as_a_dict_are_each_evaluated_as_transformers_does(method, tiny_model_dir, tmp_path):
+    """``eval_dataset={"a": ..., "b": ...}``: each set evaluated and logged as ``eval_a_*`` / ``eval_b_*``, with
+    the same numbers as that set given alone (DPO); the evaluations during training log both."""
+    from alignlab import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
+
+    rows = PAIRS if method == "dpo" else PROMPTS
+    first, second = Dataset.from_list(rows[:4]), Dataset.from_list(rows[4:7])
+    Trainer, Config = (DPOTrainer, DPOConfig) if method == "dpo" else (GRPOTrainer, GRPOConfig)
+    extra = {} if method == "dpo" else {"reward_funcs": length_reward}
+    args = dict(max_steps=2, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4)
+    trainer = Trainer(model=tiny_model_dir, args=small(Config, tmp_path / "both", **args), train_dataset=rows,
+                      eval_dataset={"a": first, "b": second}, **extra)
+    before = trainer.evaluate()
+    for prefix in ("eval_a", "eval_b"):
+        assert {f"{prefix}_loss", f"{prefix}_runtime", f"{prefix}_samples_per_second"} <= set(before)
+    assert "eval_loss" not in before
+    if method == "dpo":  # (GRPO samples its eval completions: set a's draws come first)
+        alone = Trainer(model=tiny_model_dir, args=small(Config, tmp_path / "b", **args), train_dataset=rows,
+                        eval_dataset=second).evaluate()
+        assert before["eval_b_loss"] == pytest.approx(alone["eval_loss"], abs=1e-6)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "eval_a_loss" in h]
+    assert [h["step"] for h in logged][-2:] == [1, 2] and all("eval_b_loss" in h for h in logged)
+    with pytest.raises(UserError, match="eval_dataset: an empty dict"):
+        Trainer(model=tiny_model_dir, args=small(Config, tmp_path / "x"), train_dataset=rows, eval_dataset={}, **extra)
+
+
 def test_ref_model_as_a_path_as_in_trls_quick_start(tiny_model_dir, tmp_path):
     from alignlab import DPOConfig, DPOTrainer
 
@@ -185,6 +213,42 @@ def test_ref_model_as_a_path_as_in_trls_quick_start(tiny_model_dir, tmp_path):
                          train_dataset=PAIRS)
     assert trainer.args.ref_model_name_or_path == tiny_model_dir
     assert trainer.ref_model is not None and trainer.ref_model is not trainer.policy
+
+
+@pytest.mark.parametrize("method", ["kto", "online-dpo", "ppo"])
+def test_kto_online_dpo_and_ppo_take_a_ref_model_object(method, tiny_model_dir, tmp_path):
+    """TRL's ``ref_model`` for the other methods that have a reference: the object given is the frozen reference
+    (here a copy of the model with one weight changed), not a copy of ``model``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        ref.model.norm.weight.fill_(0.5)
+    if method == "kto":
+        from alignlab import KTOConfig, KTOTrainer
+
+        data = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in PAIRS
+                for k in ("chosen", "rejected")]
+        trainer = KTOTrainer(tiny_model_dir, ref, args=small(KTOConfig, tmp_path / "r"), train_dataset=data)
+        reference = trainer.ref_model
+    elif method == "online-dpo":
+        from alignlab import OnlineDPOConfig, OnlineDPOTrainer
+
+        trainer = OnlineDPOTrainer(tiny_model_dir, ref, reward_funcs=length_reward,
+                                   args=small(OnlineDPOConfig, tmp_path / "r"), train_dataset=PROMPTS)
+        reference = trainer.setup.ref_model
+    else:
+        from alignlab import PPOConfig, PPOTrainer
+
+        trainer = PPOTrainer(model=tiny_model_dir, ref_model=ref, reward_funcs=length_reward,
+                             args=small(PPOConfig, tmp_path / "r"), train_dataset=PROMPTS)
+        reference = trainer.ref_model
+    assert trainer.args.ref_model_name_or_path == "<ref_model>"
+    assert torch.equal(reference.model.norm.weight, torch.full_like(reference.model.norm.weight, 0.5))
+    assert not any(p.requires_grad for p in reference.parameters())
+    trainer.train()
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h][-1] == 3
 
 
 def test_the_same_object_as_model_and_ref_model_is_refused(tiny_model_dir, tmp_path):

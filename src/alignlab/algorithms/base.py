@@ -10,6 +10,7 @@ itself (:mod:`alignlab.train.inputs`); the algorithm code is the same for both."
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -17,8 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from alignlab.errors import UserError
-from alignlab.models import load_tokenizer
+from alignlab.models import load_causal_lm, load_tokenizer
 from alignlab.train import inputs as given_inputs
 from alignlab.train.callbacks import LoopEvents
 from alignlab.train.trl_args import apply_tokenizer_options
@@ -35,6 +38,29 @@ UNSUPPORTED_ARGUMENTS = ("data_collator", "compute_metrics", "compute_loss_func"
                          "optimizer_cls_and_kwargs", "preprocess_logits_for_metrics", "quantization_config",
                          "formatting_func", "tools", "rollout_func", "environment_factory")
 """TRL's constructor arguments alignlab refuses with a one-line error when given (not ``None``)."""
+
+
+def reference_model(config, policy: torch.nn.Module, runtime, *, needed: bool = True) -> torch.nn.Module | None:
+    """The frozen reference model of a method that has one (TRL's ``ref_model``), prepared by ``runtime``
+    (:meth:`~alignlab.train.runtime.Runtime.frozen_model`: evaluation mode, no gradients, sharded under FSDP).
+
+    ``config.ref_model_name_or_path`` when the config has it and it is set; otherwise a frozen copy of
+    ``policy`` (before it is prepared for training), or ``None`` with ``use_peft``: the reference is then the
+    policy with its adapters disabled, which the method handles itself. ``None`` too when ``needed`` is false
+    (a reference-free loss).
+
+    Raises:
+        UserError: the named reference cannot be read (as ``--ref_model_name_or_path``).
+    """
+    if not needed:
+        return None
+    name = getattr(config, "ref_model_name_or_path", None)
+    if name:
+        return runtime.frozen_model(load_causal_lm(name, trust_remote_code=config.trust_remote_code,
+                                                   use_kernels=config.use_kernels, flag="--ref_model_name_or_path"))
+    if config.use_peft:
+        return None
+    return runtime.frozen_model(copy.deepcopy(policy))
 
 
 def _config_class(cls: type, init) -> type:
@@ -230,7 +256,8 @@ class Algorithm:
 
     def evaluate(self) -> dict[str, float]:
         """Evaluate the current model on the eval set: TRL's ``eval_loss`` and the method's ``eval_*`` metrics,
-        ``eval_runtime``, ``eval_samples_per_second``, ``eval_steps_per_second`` and ``epoch``; logged to
+        ``eval_runtime``, ``eval_samples_per_second``, ``eval_steps_per_second`` and ``epoch`` (several eval
+        sets: each set's ``eval_NAME_*``, as transformers); logged to
         ``log_history`` (and, after training, to ``metrics.jsonl``); callbacks get ``on_log`` and ``on_evaluate``.
 
         Raises:
@@ -240,10 +267,11 @@ class Algorithm:
         if loop.eval_dataset is None:
             raise UserError("evaluate(): no eval set (give eval_dataset, --eval_dataset_name or --eval_split_size)")
         metrics = loop.evaluate(loop.model, self.state.global_step, record=self.state.global_step > 0)
-        seconds = metrics["eval_runtime"] or 1e-9
-        batches = -(-len(loop.eval_dataset) // self.config.per_device_eval_batch_size)
-        metrics["eval_samples_per_second"] = round(len(loop.eval_dataset) / seconds, 3)
-        metrics["eval_steps_per_second"] = round(batches / seconds, 3)
+        for prefix, examples in loop.eval_sets().items():
+            seconds = metrics[f"{prefix}_runtime"] or 1e-9
+            batches = -(-len(examples) // self.config.per_device_eval_batch_size)
+            metrics[f"{prefix}_samples_per_second"] = round(len(examples) / seconds, 3)
+            metrics[f"{prefix}_steps_per_second"] = round(batches / seconds, 3)
         metrics["epoch"] = self.state.epoch or 0.0
         self.events.evaluated(metrics)
         return metrics

@@ -7,7 +7,6 @@ sequence logps -> (reference logps) -> DPO loss -> optimizer step -> metrics.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from alignlab.algorithms.base import Algorithm
+from alignlab.algorithms.base import Algorithm, reference_model
 from alignlab.data.preference import build_pair_examples, collate_pairs
 from alignlab.errors import UserError
 from alignlab.losses.dpo import (
@@ -24,7 +23,7 @@ from alignlab.losses.dpo import (
 )
 from alignlab.methods import CompareBudget, CompareEntry, Method, register_method
 from alignlab.models import is_peft_model, load_causal_lm
-from alignlab.train.trl_args import PreferenceTrlFields, model_init_kwargs
+from alignlab.train.trl_args import PreferenceTrlFields, ReferenceModelFields, model_init_kwargs
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
 from alignlab.train.setup import load_train_eval
@@ -175,7 +174,7 @@ class PreferenceLossConfig:
 
 
 @dataclass
-class DPOConfig(PreferenceLossConfig, PreferenceTrlFields, TrainConfig):
+class DPOConfig(PreferenceLossConfig, PreferenceTrlFields, ReferenceModelFields, TrainConfig):
     """Settings of ``alignlab dpo``; names and defaults follow TRL's ``DPOConfig`` (TRL 1.16)."""
 
     dataset_name: list[str] | None = None
@@ -193,9 +192,6 @@ class DPOConfig(PreferenceLossConfig, PreferenceTrlFields, TrainConfig):
     """Pack the chosen and rejected sequences of a batch into as few rows as fit, with restarting position ids,
     so no compute goes to padding (the same numbers as padded rows; TRL's ``padding_free``, off there by
     default). Used for model types whose masks support it (Llama, Mistral, Qwen, Gemma, Phi-3, ...)."""
-    ref_model_name_or_path: str | None = None
-    """The reference model, when it is not the initial policy (e.g. the first round's start in iterative DPO).
-    Unset: a frozen copy of the policy, or with ``use_peft`` the policy with its adapters disabled."""
     precompute_ref_log_probs: bool = False
     """Compute the reference log-probs once before training and free the reference model."""
     contrastive_weight: float = 0.0
@@ -288,13 +284,7 @@ class DPOTrainer(Algorithm):
             )
         policy = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code,
                                 use_kernels=config.use_kernels, init_kwargs=model_init_kwargs(config))
-        self.ref_model = None
-        if config.ref_model_name_or_path:
-            ref = load_causal_lm(config.ref_model_name_or_path,
-                                 trust_remote_code=config.trust_remote_code, use_kernels=config.use_kernels)
-            self.ref_model = runtime.frozen_model(ref)
-        elif config.needs_reference and not config.use_peft:  # with LoRA: the network, adapters disabled
-            self.ref_model = runtime.frozen_model(copy.deepcopy(policy))
+        self.ref_model = reference_model(config, policy, runtime, needed=config.needs_reference)
         self.policy = runtime.prepare_model(policy)
 
         if config.precompute_ref_log_probs and config.needs_reference:

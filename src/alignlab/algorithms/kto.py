@@ -11,21 +11,20 @@ or ``undesirable_weight (1 - sigmoid(-v))`` -> mean over the micro-batch.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from alignlab.algorithms.base import Algorithm
+from alignlab.algorithms.base import Algorithm, reference_model
 from alignlab.data.unpaired import build_unpaired_examples, collate_unpaired, fix_mismatched_completions
 from alignlab.errors import UserError
 from alignlab.losses.dpo import token_statistics_metrics
 from alignlab.losses.kto import kto_loss
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.models import load_causal_lm
-from alignlab.train.trl_args import KTOTrlFields, model_init_kwargs
+from alignlab.train.trl_args import KTOTrlFields, ReferenceModelFields, model_init_kwargs
 from alignlab.ops.logprobs import completion_logps
 from alignlab.train.config import TrainConfig
 from alignlab.train.setup import load_train_eval
@@ -72,7 +71,7 @@ def subset_means(metrics: dict[str, torch.Tensor], gather: Callable[[torch.Tenso
 
 
 @dataclass
-class KTOConfig(KTOTrlFields, TrainConfig):
+class KTOConfig(KTOTrlFields, ReferenceModelFields, TrainConfig):
     """Settings of ``alignlab kto``; names and defaults follow TRL 1.16's ``KTOConfig`` (``loss_type="kto"``)."""
 
     learning_rate: float = 1e-6
@@ -163,9 +162,7 @@ class KTOTrainer(Algorithm):
             logger.warning("%s", advice)
         policy = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code,
                                 use_kernels=config.use_kernels, init_kwargs=model_init_kwargs(config))
-        self.ref_model = None
-        if not config.use_peft:
-            self.ref_model = self.runtime.frozen_model(copy.deepcopy(policy))
+        self.ref_model = reference_model(config, policy, self.runtime)
         self.policy = self.runtime.prepare_model(policy)
         if config.precompute_ref_log_probs:
             self.policy.eval()

@@ -9,7 +9,6 @@ distribution layers."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -26,7 +25,7 @@ from alignlab.advantages.registry import (
     AdvantageOutputs,
     get_advantage_estimator,
 )
-from alignlab.algorithms.base import OnlineAlgorithm
+from alignlab.algorithms.base import OnlineAlgorithm, reference_model
 from alignlab.data.prompts import build_prompt_examples
 from alignlab.errors import UserError
 from alignlab.losses.ppo import aggregate_token_loss, clipped_policy_loss
@@ -305,9 +304,7 @@ class OnlineSetup:
         policy = load_causal_lm(config.model_name_or_path, trust_remote_code=config.trust_remote_code,
                                 use_kernels=config.use_kernels, init_kwargs=model_init_kwargs(config))
         self.has_reference = need_reference
-        self.ref_model = None
-        if need_reference and not config.use_peft:  # with LoRA the reference is the policy, adapters disabled
-            self.ref_model = runtime.frozen_model(copy.deepcopy(policy))
+        self.ref_model = reference_model(config, policy, runtime, needed=need_reference)
         self.policy = runtime.prepare_model(policy)
 
         self.reward_tokenizer = attach_reward_model(self.sources, config, tok, runtime)

@@ -27,7 +27,7 @@ from alignlab.data.sequences import build_sequences, left_truncated_prompts, sli
 from alignlab.errors import UserError
 from alignlab.losses.dpo import PairLogps, combined_reward_kind, preference_loss, preference_metrics
 from alignlab.train.config import Range
-from alignlab.train.trl_args import PolicyGradientTrlFields, VllmFields
+from alignlab.train.trl_args import PolicyGradientTrlFields, ReferenceModelFields, VllmFields
 from alignlab.methods import CompareEntry, Method, register_method
 from alignlab.train.steps import LossTerms
 from alignlab.train.types import Rollout, TrainResult
@@ -44,7 +44,7 @@ ONLINE_DPO_PLOTS = {
 
 
 @dataclass
-class OnlineDPOConfig(PreferenceLossConfig, PolicyGradientTrlFields, VllmFields, OnlineConfig):
+class OnlineDPOConfig(PreferenceLossConfig, PolicyGradientTrlFields, VllmFields, ReferenceModelFields, OnlineConfig):
     """Settings of ``alignlab online-dpo``; names and defaults follow TRL 1.16's ``OnlineDPOConfig``. One step
     samples ``num_generations`` completions for each of ``per_device_train_batch_size *
     gradient_accumulation_steps`` prompts per process and makes one optimizer step. ``loss_type`` takes any

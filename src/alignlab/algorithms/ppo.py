@@ -28,6 +28,7 @@ from alignlab.algorithms.online import OnlineConfig, PolicyGradientAlgorithm
 from alignlab.errors import UserError
 from alignlab.losses.ppo import clipped_policy_loss, clipped_value_loss
 from alignlab.train.config import Range
+from alignlab.train.trl_args import ReferenceModelFields
 from alignlab.methods import CompareBudget, CompareEntry, Method, register_method
 from alignlab.models import load_reward_model
 from alignlab.ops.masked import masked_mean, masked_var
@@ -48,7 +49,7 @@ PPO_PLOTS = {
 
 
 @dataclass
-class PPOConfig(OnlineConfig):
+class PPOConfig(ReferenceModelFields, OnlineConfig):
     """Settings of ``alignlab ppo``; names and defaults follow TRL's ``PPOConfig`` (trl 0.24) unless a field's
     docstring says otherwise. One step = one rollout of ``per_device_train_batch_size *
     gradient_accumulation_steps * num_mini_batches`` prompts per process and its updates."""

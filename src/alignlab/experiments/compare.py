@@ -47,13 +47,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                   max_steps=2, prompts_per_step=4, num_generations=2, max_new_tokens=16, num_ppo_epochs=1,
                   learning_rate=None, max_new_tokens_cap=None, seeds=1,
                   methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo")),
-    # the embedded 135M model within 20 minutes on 2 CPU cores without native bf16 (float32 training passes run
-    # at about 80 tokens/s there): small steps, short completions, one PPO epoch, a learning rate that moves a
-    # 135M model in 8 steps
+    # the embedded 135M model within 15 minutes on 2 CPU cores with native bf16 (benchmarks/README.md, "The main
+    # job"): small steps, short completions, one PPO epoch, a learning rate that moves a 135M model in 8 steps;
+    # two seeds, because one seed's ranking did not hold on the next seed (the verdict pools them per prompt)
     "default": dict(num_train_prompts=32, num_eval_prompts=32, samples_per_prompt=4, eval_samples_per_prompt=1,
                     max_steps=8, prompts_per_step=4, num_generations=4, max_new_tokens=None, num_ppo_epochs=1,
                     max_new_tokens_cap=40,
-                    learning_rate=2e-5, seeds=1, methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo")),
+                    learning_rate=2e-5, seeds=2, methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo")),
     # a GPU: the whole task
     "full": dict(num_train_prompts=None, num_eval_prompts=None, samples_per_prompt=8, eval_samples_per_prompt=4,
                  max_steps=200, prompts_per_step=16, num_generations=8, max_new_tokens=None, num_ppo_epochs=4,
@@ -71,8 +71,8 @@ class CompareConfig:
     task: str = "kid-stories"
     """A built-in task (kid-stories, arithmetic) or a prompts file (rows with a ``prompt``; give --reward_funcs)."""
     preset: Literal["smoke", "default", "full"] = "default"
-    """Sizes: smoke (a tiny model, about three minutes on 2 CPU cores), default (the embedded model, within 20
-    minutes on 2 CPU cores), full (for a GPU)."""
+    """Sizes: smoke (a tiny model, about three minutes on 2 CPU cores), default (the embedded model, two seeds,
+    within 15 minutes on 2 CPU cores with native bf16), full (for a GPU)."""
     methods: list[str] | None = None
     """Methods to train (``alignlab.methods``: dpo, ppo, ppo-rule, grpo, online-dpo, iterative-dpo, ...) or the
     groups all, all-online, all-offline (default: the preset's)."""

@@ -41,12 +41,15 @@ class GivenInputs:
         tokenizers: name -> tokenizer.
         datasets: name -> ``datasets.Dataset`` / ``IterableDataset`` / list of row dicts.
         peft_config: a peft config object used instead of the ``lora_*`` fields.
+        eval_sets: several eval sets (``eval_dataset`` given as a dict): set name -> the name its data set is
+            registered under in ``datasets``.
     """
 
     models: list[tuple[str, str, Any]] = field(default_factory=list)
     tokenizers: dict[str, Any] = field(default_factory=dict)
     datasets: dict[str, Any] = field(default_factory=dict)
     peft_config: Any = None
+    eval_sets: dict[str, str] = field(default_factory=dict)
 
     def take_model(self, kind: str, name: str | None):
         """The registered model of ``kind`` and ``name`` not yet handed out (``None`` if there is none)."""
@@ -94,6 +97,13 @@ def given_peft_config():
     return inputs.peft_config if inputs is not None else None
 
 
+def given_eval_sets() -> dict[str, str]:
+    """Several eval sets given as ``eval_dataset={"name": data, ...}``: set name -> the spec its rows are read
+    by (:func:`given_rows`); empty when there are not."""
+    inputs = current()
+    return dict(inputs.eval_sets) if inputs is not None else {}
+
+
 def given_rows(spec: str) -> list[tuple[str, dict]] | None:
     """The rows of the data set object registered as ``spec``, each with its location (``train_dataset row N``,
     from 1), or ``None`` when ``spec`` names no object.
@@ -132,9 +142,13 @@ def model_name(model: Any, default: str) -> str:
     return str(name) if name else default
 
 
+def _is_dataset_dict(value: Any) -> bool:
+    return isinstance(value, dict) or type(value).__name__ in ("DatasetDict", "IterableDatasetDict")
+
+
 def _pick_split(value: Any, split: str, argument: str):
     """One data set out of a ``DatasetDict`` / dict of them: the one named ``split``, or the only one."""
-    if isinstance(value, dict) or type(value).__name__ in ("DatasetDict", "IterableDatasetDict"):
+    if _is_dataset_dict(value):
         if split in value:
             return value[split]
         if len(value) == 1:
@@ -219,9 +233,11 @@ def trainer_inputs(config, *, model=None, ref_model=None, train_dataset=None, ev
         model: a hub id or path (``model_name_or_path``), or a ``PreTrainedModel`` (a peft model trains its
             adapters: ``use_peft`` on, no new adapters).
         ref_model: the reference model, an id, path or model object (configs with ``ref_model_name_or_path``).
-        train_dataset, eval_dataset: ``datasets.Dataset``, ``IterableDataset`` (read in full), a
-            ``DatasetDict`` or dict of them (the ``dataset_train_split`` / ``dataset_test_split`` entry, or the
-            only one), a list of row dicts, or a data spec string (``builtin:NAME``, a file, a hub id).
+        train_dataset, eval_dataset: ``datasets.Dataset``, ``IterableDataset`` (read in full), a list of row
+            dicts, or a data spec string (``builtin:NAME``, a file, a hub id). ``train_dataset`` may be a
+            ``DatasetDict`` or dict of them (its ``dataset_train_split`` entry, or the only one); ``eval_dataset``
+            given as a dict (or ``DatasetDict``) is several eval sets, as in transformers' ``Trainer``: each is
+            evaluated, its metrics logged as ``eval_{name}_*``.
         processing_class: the tokenizer.
         peft_config: a peft ``LoraConfig`` (turns ``use_peft`` on; its own settings are used).
         reward_funcs: online methods: a function with TRL's signature, a spec string, a reward model (object,
@@ -266,6 +282,8 @@ def trainer_inputs(config, *, model=None, ref_model=None, train_dataset=None, ev
                             "the initial model)")
         if _is_model(ref_model):
             ref_name = model_name(ref_model, "<ref_model>")
+            if ref_name == name and not _is_model(model):  # else the policy's load by that name would take it
+                ref_name = "<ref_model>"
             inputs.models.append(("causal_lm", ref_name, ref_model))
             changes["ref_model_name_or_path"] = ref_name
         else:
@@ -273,7 +291,15 @@ def trainer_inputs(config, *, model=None, ref_model=None, train_dataset=None, ev
     if train_dataset is not None:
         changes["dataset_name"] = _dataset_field(train_dataset, config.dataset_train_split, "train_dataset",
                                                  TRAIN_DATASET, inputs.datasets)
-    if eval_dataset is not None:
+    if _is_dataset_dict(eval_dataset):  # as transformers' Trainer: each set evaluated, logged as eval_{name}_*
+        for set_name, data in eval_dataset.items():
+            spec = f"<eval_dataset[{set_name}]>"
+            _dataset_field(data, config.dataset_test_split, f"eval_dataset[{set_name!r}]", spec, inputs.datasets)
+            inputs.eval_sets[str(set_name)] = spec
+        if not inputs.eval_sets:
+            raise UserError("eval_dataset: an empty dict of data sets")
+        changes["eval_dataset_name"] = EVAL_DATASET
+    elif eval_dataset is not None:
         changes["eval_dataset_name"] = _dataset_field(eval_dataset, config.dataset_test_split, "eval_dataset",
                                                       EVAL_DATASET, inputs.datasets)
     if peft_config is not None:

@@ -44,6 +44,7 @@ from alignlab.train.checkpoint import (  # noqa: F401 - re-exported: the loop's 
 from alignlab.train.callbacks import LoopEvents
 from alignlab.train.inputs import config_as_dict
 from alignlab.train.output_dir import OutputFolder
+from alignlab.train.setup import EVAL_SET
 from alignlab.train.config import TrainConfig
 from alignlab.train.metrics import MetricsLog, plot_metrics
 from alignlab.train.model_card import write_model_card
@@ -254,27 +255,41 @@ class Trainer:
             **loader_options(self.config, shuffle=shuffle, online=online, device=self.runtime.device),
         )
 
+    def eval_sets(self) -> dict[str, list]:
+        """The eval examples by metric prefix: ``{"eval": examples}``, or with several eval sets (examples
+        carrying :data:`~alignlab.train.setup.EVAL_SET`) ``{"eval_NAME": that set's examples, ...}`` in the order
+        the sets were given (transformers' ``metric_key_prefix``)."""
+        sets: dict[str, list] = {}
+        for example in self.eval_dataset or []:
+            name = example.get(EVAL_SET) if isinstance(example, dict) else None
+            sets.setdefault("eval" if name is None else f"eval_{name}", []).append(example)
+        return sets
+
     def evaluate(self, model, step: int, record: bool = True) -> dict[str, float]:
-        """Mean loss and metrics over the eval set (all processes), logged as ``eval_*`` at ``step`` (in
-        ``metrics.jsonl`` when ``record``)."""
+        """Mean loss and metrics over each eval set (all processes), logged as ``eval_*`` (several sets:
+        ``eval_NAME_*`` each, :meth:`eval_sets`) with ``eval_runtime`` at ``step`` (in ``metrics.jsonl`` when
+        ``record``)."""
         if self._eval_loader is None:
-            self._eval_loader = self.accelerator.prepare(self._loader(self.eval_dataset, self.eval_batch_size, False))
+            self._eval_loader = {prefix: self.accelerator.prepare(self._loader(examples, self.eval_batch_size, False))
+                                 for prefix, examples in self.eval_sets().items()}
         was_training = model.training
         model.eval()
-        window = MetricsWindow(self._gather)
-        start = time.perf_counter()
-        for batch in self._eval_loader:
-            if self.eval_rollout_fn is not None:  # online: sample and score the prompts, then the loss on them
-                with torch.no_grad():
-                    batch, sampled = self.eval_rollout_fn(model, batch)
-                window.add_all(sampled)
-            loss, metrics = evaluate_terms(self._precision, self.loss_fn, model, batch)
-            window.add("loss", loss)
-            window.add_all(metrics)
+        result = {}
+        for prefix, loader in self._eval_loader.items():
+            window = MetricsWindow(self._gather)
+            start = time.perf_counter()
+            for batch in loader:
+                if self.eval_rollout_fn is not None:  # online: sample and score the prompts, then the loss on them
+                    with torch.no_grad():
+                        batch, sampled = self.eval_rollout_fn(model, batch)
+                    window.add_all(sampled)
+                loss, metrics = evaluate_terms(self._precision, self.loss_fn, model, batch)
+                window.add("loss", loss)
+                window.add_all(metrics)
+            result.update({f"{prefix}_{k}": v for k, v in window.means().items()})
+            result[f"{prefix}_runtime"] = time.perf_counter() - start
         if was_training:
             model.train()
-        result = {f"eval_{k}": v for k, v in window.means().items()}
-        result["eval_runtime"] = time.perf_counter() - start
         if record and self.accelerator.is_main_process:
             self.metrics.append({"step": step, **result})
         return result

@@ -14,6 +14,9 @@ from alignlab.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
+EVAL_SET = "eval_set"
+"""Key of an eval example naming its set, when there are several (their metrics are ``eval_{name}_*``)."""
+
 
 def split_rows(rows: list, eval_split_size: float, seed: int) -> tuple[list, list]:
     """Random train/eval split of ``rows``: ``eval_split_size`` is a fraction in (0, 1) or a row count.
@@ -57,13 +60,33 @@ def load_train_eval(
     hold-out), turn both into examples with ``build(rows, tokenizer, **build_kwargs) -> (examples, stats)``,
     and log what happened to the rows (``stats.describe()``) on the main process.
 
+    Several eval sets (``eval_dataset`` given to a trainer as a dict, :func:`~alignlab.train.inputs.given_eval_sets`)
+    are built one by one and each of their examples carries its set's name under :data:`EVAL_SET`, which the
+    loop's evaluation groups by.
+
     Returns:
         ``(train_examples, eval_examples)``; the second is empty when no eval data is asked for.
 
     Raises:
         UserError / DataError: from reading and building (a bad row is named by file and line or row).
     """
+    from alignlab.train.inputs import given_eval_sets
+
     rows = read_rows(config.dataset_name, config_name=config.dataset_config, split=config.dataset_train_split)
+    eval_sets = given_eval_sets()
+    if eval_sets:
+        train, stats = build(rows, tokenizer, **build_kwargs)
+        if is_main_process:
+            logger.info("train data %s: %s", config.dataset_name, stats.describe())
+        evals = []
+        for name, spec in eval_sets.items():
+            examples, eval_stats = build(read_rows(spec), tokenizer, **build_kwargs)
+            for example in examples:
+                example[EVAL_SET] = name
+            evals += examples
+            if is_main_process:
+                logger.info("eval data %s: %s", name, eval_stats.describe())
+        return train, evals
     if config.eval_dataset_name:
         eval_rows = read_rows(config.eval_dataset_name, config_name=config.dataset_config, split=config.dataset_test_split)
     elif getattr(config, "eval_strategy", "no") != "no" and not config.eval_split_size:

@@ -574,6 +574,16 @@ class GRPOTrlFields:
 
 
 @dataclass
+class ReferenceModelFields:
+    """The reference model of the methods that take TRL's ``ref_model`` (DPO, KTO, Online DPO, PPO)."""
+
+    ref_model_name_or_path: str | None = None
+    """The reference model (TRL's ``ref_model`` argument), when it is not the initial policy (e.g. the first
+    round's start in iterative DPO). Unset: a frozen copy of the policy, or with ``use_peft`` the policy with its
+    adapters disabled."""
+
+
+@dataclass
 class PreferenceTrlFields:
     """TRL ``DPOConfig`` fields and ``ORPOConfig`` / ``CPOConfig`` fields (``alignlab dpo --loss_type orpo|cpo|
     simpo``) that the alignlab config declares nowhere else."""
