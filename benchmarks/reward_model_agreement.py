@@ -1,0 +1,81 @@
+"""How well the reward model that ``alignlab compare`` trains for PPO agrees with the task's own reward, on the
+training pairs it learned from and on new pairs from the held-out prompts: a reward model that cannot rank
+held-out completions as the task reward does gives PPO nothing to climb on that reward.
+
+From a finished compare run (its ``output_dir``): the base model samples ``--samples`` completions for each
+held-out prompt (the run's completion cap and temperature, its precision); the task reward keeps the best
+against the worst of each prompt as a pair (prompts whose completions tie give none), as compare builds its
+training pairs. Each seed's reward model then scores both pair sets (``alignlab score``); the accuracy is the
+share of pairs where it prefers the completion the task reward prefers (0.5: chance).
+
+    .venv/bin/python benchmarks/reward_model_agreement.py runs/compare-kid-stories [--samples 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def held_out_pairs(run: Path, samples: int, path: Path) -> int:
+    """Sample and write the held-out prompts' best-vs-worst pairs of the base model; returns their number."""
+    import torch
+
+    from alignlab.data.io import read_rows
+    from alignlab.data.prompts import build_prompt_examples
+    from alignlab.experiments.compare import Compare, CompareConfig
+    from alignlab.models import load_causal_lm, load_tokenizer
+    from alignlab.rollout.experience import sample_and_score_batches
+    from alignlab.rollout.pairs import write_pairs
+    from alignlab.rollout.rewards import build_reward_sources
+    from alignlab.train.runtime import Runtime
+
+    config = json.loads((run / "results.json").read_text())["config"]
+    with tempfile.TemporaryDirectory() as scratch:  # Compare writes nothing but its output_dir
+        cfg = CompareConfig(**{**config, "output_dir": scratch, "resume": False})
+        compare = Compare(cfg)
+    rows = read_rows(str(run / "eval.jsonl"))  # (location, row)
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    examples, _ = build_prompt_examples(rows, tokenizer, max_prompt_length=512)
+    sources = build_reward_sources(compare.reward_funcs, compare.reward_weights, with_reward_model=False)
+    runtime = Runtime(cfg)
+    model = load_causal_lm(cfg.model_name_or_path).to(runtime.device).eval()
+    torch.manual_seed(cfg.seed + 1000)  # other draws than the training pairs'
+    with torch.no_grad():
+        parts = sample_and_score_batches(
+            model, tokenizer, examples, sources, batch_size=16, progress="sampling held-out pairs",
+            precision_fn=runtime.precision, device=runtime.device, max_new_tokens=compare.max_new_tokens,
+            temperature=cfg.temperature, num_generations=samples, generation_backend=cfg.generation_backend)
+    return write_pairs(parts, samples, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a finished compare run's output_dir")
+    parser.add_argument("--samples", type=int, default=4, help="completions per held-out prompt")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    from alignlab.algorithms.reward import ScoreConfig, score_dataset
+    from alignlab.data.io import read_rows
+
+    models = sorted((args.run / "reward-model").glob("seed-*/model")) or [args.run / "reward-model" / "model"]
+    with tempfile.TemporaryDirectory() as tmp:
+        held_out = Path(tmp) / "held-out-pairs.jsonl"
+        n_held = held_out_pairs(args.run, args.samples, held_out)
+        n_train = len(read_rows(str(args.run / "pairs.jsonl")))
+        print(f"| reward model | training pairs ({n_train}): accuracy | held-out pairs ({n_held}): accuracy |")
+        print("|---|---|---|")
+        for model in models:
+            scores = [score_dataset(ScoreConfig(reward_model_path=str(model), dataset_name=str(data))).accuracy
+                      for data in (args.run / "pairs.jsonl", held_out)]
+            print(f"| {model.parent.name if model.parent.name.startswith('seed-') else 'reward-model'} | "
+                  f"{scores[0]:.3f} | {scores[1]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
