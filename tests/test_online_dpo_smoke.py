@@ -97,10 +97,14 @@ def test_online_dpo_trains_and_logs_trl_names(tiny_model_dir, prompts_file, rewa
     weight = update[0]["pair_weight"].chunk(2)[0]  # 0 for a tied pair, else pairs / untied pairs of the step
     assert float(loss.detach()) == pytest.approx(math.log(2) * float(weight.mean()), abs=1e-5)
     assert float(metrics["rewards/margins"].abs().max()) < 1e-5
+    # TRL's sampled entropy estimate: -log pi of each completion, the mean of -logps/chosen and -logps/rejected
+    entropy = float(metrics["objective/entropy"].mean())
+    assert entropy > 0 and entropy == pytest.approx(
+        -(float(metrics["logps/chosen"].mean()) + float(metrics["logps/rejected"].mean())) / 2, rel=1e-5)
     trainer.train()
     rows = read_metrics(out)
     for name in ("objective/scores", "objective/kl", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                 "rewards/margins", "loss", "completions/mean_length", "tokens_per_second", "frac_reward_zero_std"):
+                 "rewards/margins", "loss", "completions/mean_length", "tokens_per_second", "frac_reward_zero_std", "objective/entropy"):
         assert all(math.isfinite(r[name]) for r in rows), name
     assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
     assert any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())

@@ -206,7 +206,8 @@ class OnlineDPOTrainer(OnlineAlgorithm):
 
     def compute_loss(self, model, batch: dict[str, torch.Tensor]) -> LossTerms:
         """The preference loss on a micro-batch of pairs (rows ``[chosen; rejected]``), TRL's ``rewards/*``
-        metrics, and ``objective/kl`` when there is a reference."""
+        metrics, ``objective/entropy`` (each completion's summed ``-log pi``, TRL's sampled estimate) and
+        ``objective/kl`` when there is a reference."""
         cfg = self.config
         logps = self._logps(model, batch)
         chosen_logps, rejected_logps = logps.chunk(2)
@@ -222,6 +223,8 @@ class OnlineDPOTrainer(OnlineAlgorithm):
             # summed log-ratio to the reference of every completion, before this step's update (TRL computes its
             # objective/kl from the training forward the same way)
             metrics["objective/kl"] = torch.cat([pair.chosen_logratios, pair.rejected_logratios]).detach()
+        # TRL's objective/entropy: the sampled estimate -log pi(y|x) of every completion (summed over its tokens)
+        metrics["objective/entropy"] = -logps.detach()
         return [(losses.mean(), metrics)]
 
     plot_panels = ONLINE_DPO_PLOTS
