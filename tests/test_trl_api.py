@@ -206,6 +206,17 @@ def test_several_eval_sets_as_a_dict_are_each_evaluated_as_transformers_does(met
         Trainer(model=tiny_model_dir, args=small(Config, tmp_path / "x"), train_dataset=rows, eval_dataset={}, **extra)
 
 
+def test_an_eval_set_of_a_dict_may_be_a_file(tiny_model_dir, tmp_path):
+    """A data spec string among the dict's sets is read as ``--eval_dataset_name`` reads it."""
+    from alignlab import DPOConfig, DPOTrainer
+
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in PAIRS[4:7]))
+    trainer = DPOTrainer(model=tiny_model_dir, args=small(DPOConfig, tmp_path / "r"), train_dataset=PAIRS,
+                         eval_dataset={"a": PAIRS[:4], "b": str(path)})
+    assert {"eval_a_loss", "eval_b_loss"} <= set(trainer.evaluate())
+
+
 def test_ref_model_as_a_path_as_in_trls_quick_start(tiny_model_dir, tmp_path):
     from alignlab import DPOConfig, DPOTrainer
 

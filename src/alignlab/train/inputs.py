@@ -41,8 +41,8 @@ class GivenInputs:
         tokenizers: name -> tokenizer.
         datasets: name -> ``datasets.Dataset`` / ``IterableDataset`` / list of row dicts.
         peft_config: a peft config object used instead of the ``lora_*`` fields.
-        eval_sets: several eval sets (``eval_dataset`` given as a dict): set name -> the name its data set is
-            registered under in ``datasets``.
+        eval_sets: several eval sets (``eval_dataset`` given as a dict): set name -> its data spec (a file or hub
+            id as given, or the name its object is registered under in ``datasets``).
     """
 
     models: list[tuple[str, str, Any]] = field(default_factory=list)
@@ -292,10 +292,10 @@ def trainer_inputs(config, *, model=None, ref_model=None, train_dataset=None, ev
         changes["dataset_name"] = _dataset_field(train_dataset, config.dataset_train_split, "train_dataset",
                                                  TRAIN_DATASET, inputs.datasets)
     if _is_dataset_dict(eval_dataset):  # as transformers' Trainer: each set evaluated, logged as eval_{name}_*
-        for set_name, data in eval_dataset.items():
-            spec = f"<eval_dataset[{set_name}]>"
-            _dataset_field(data, config.dataset_test_split, f"eval_dataset[{set_name!r}]", spec, inputs.datasets)
-            inputs.eval_sets[str(set_name)] = spec
+        for set_name, data in eval_dataset.items():  # a data spec string as it is, an object registered
+            inputs.eval_sets[str(set_name)] = _dataset_field(data, config.dataset_test_split,
+                                                             f"eval_dataset[{set_name!r}]",
+                                                             f"<eval_dataset[{set_name}]>", inputs.datasets)
         if not inputs.eval_sets:
             raise UserError("eval_dataset: an empty dict of data sets")
         changes["eval_dataset_name"] = EVAL_DATASET

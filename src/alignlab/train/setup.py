@@ -74,32 +74,28 @@ def load_train_eval(
 
     rows = read_rows(config.dataset_name, config_name=config.dataset_config, split=config.dataset_train_split)
     eval_sets = given_eval_sets()
-    if eval_sets:
-        train, stats = build(rows, tokenizer, **build_kwargs)
-        if is_main_process:
-            logger.info("train data %s: %s", config.dataset_name, stats.describe())
-        evals = []
-        for name, spec in eval_sets.items():
-            examples, eval_stats = build(read_rows(spec), tokenizer, **build_kwargs)
-            for example in examples:
-                example[EVAL_SET] = name
-            evals += examples
-            if is_main_process:
-                logger.info("eval data %s: %s", name, eval_stats.describe())
-        return train, evals
-    if config.eval_dataset_name:
-        eval_rows = read_rows(config.eval_dataset_name, config_name=config.dataset_config, split=config.dataset_test_split)
+    if eval_sets:  # (set name, rows); the name None: one set, its metrics eval_*
+        eval_parts = [(name, read_rows(spec, config_name=config.dataset_config, split=config.dataset_test_split))
+                      for name, spec in eval_sets.items()]
+    elif config.eval_dataset_name:
+        eval_parts = [(None, read_rows(config.eval_dataset_name, config_name=config.dataset_config,
+                                       split=config.dataset_test_split))]
     elif getattr(config, "eval_strategy", "no") != "no" and not config.eval_split_size:
         spec, options = test_split_source(config)
-        eval_rows = read_rows(spec, **options)
+        eval_parts = [(None, read_rows(spec, **options))]
     else:
         rows, eval_rows = split_rows(rows, config.eval_split_size, config.seed)
+        eval_parts = [(None, eval_rows)] if eval_rows else []
     train, stats = build(rows, tokenizer, **build_kwargs)
     if is_main_process:
         logger.info("train data %s: %s", config.dataset_name, stats.describe())
     evals = []
-    if eval_rows:
-        evals, eval_stats = build(eval_rows, tokenizer, **build_kwargs)
+    for name, eval_rows in eval_parts:
+        examples, eval_stats = build(eval_rows, tokenizer, **build_kwargs)
+        if name is not None:
+            for example in examples:
+                example[EVAL_SET] = name
+        evals += examples
         if is_main_process:
-            logger.info("eval data: %s", eval_stats.describe())
+            logger.info("eval data%s: %s", "" if name is None else f" {name}", eval_stats.describe())
     return train, evals
