@@ -18,19 +18,25 @@ import torch
 SHAPES = [(1600, 576, 1536), (1600, 1536, 576), (2048, 2048, 2048)]
 
 
+def product_seconds(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 20) -> float:
+    """Median seconds of an ``(m, k) @ (k, n)`` product in ``dtype`` over ``repeats`` products, after 3 warm-up
+    ones (its throughput is ``2 m k n`` FLOPs over that)."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for m, k, n in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
-            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-            for _ in range(3):
-                a @ b
-            times = []
-            for _ in range(20):
-                start = time.perf_counter()
-                a @ b
-                times.append(time.perf_counter() - start)
-            median = statistics.median(times)
+            median = product_seconds(m, k, n, dtype)
             print(f"{m}x{k} @ {k}x{n} {str(dtype).removeprefix('torch.'):9s} {1e3 * median:7.2f} ms "
                   f"{2 * m * k * n / median / 1e9:6.1f} GFLOP/s")
     source, target = torch.randn(2**28), torch.empty(2**28)  # 1 GiB each

@@ -25,38 +25,29 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from matmul import product_seconds  # noqa: E402
+
 SHARED_PAIRS = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs-2000.jsonl.gz"
 
 
-def matmul_peak(dtype, size: int = 2048, repeats: int = 20) -> float:
-    """Median FLOP/s of a ``size`` square product in ``dtype`` (3 warm-up products first)."""
-    import torch
-
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times)
-
-
-def flops_per_token(config, mean_length: float, *, train: bool, head: bool = True) -> float:
-    """PaLM's model FLOPs per token: ``6 N + 12 L d S`` (forward and backward) or ``2 N + 4 L d S`` (forward);
-    ``head=False`` leaves the output head's ``vocab x d`` matrix out of ``N`` (tied or not)."""
+def parameter_count(config, *, head: bool = True) -> int:
+    """The model's parameters ``N`` (built on the meta device); ``head=False`` leaves the output head's ``vocab x
+    d`` matrix out (tied or not)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    if not head:
-        n -= config.vocab_size * config.hidden_size
+    return n if head else n - config.vocab_size * config.hidden_size
+
+
+def flops_per_token(n: int, config, mean_length: float, *, train: bool) -> float:
+    """PaLM's model FLOPs per token of a model of ``n`` parameters: ``6 N + 12 L d S`` (forward and backward) or
+    ``2 N + 4 L d S`` (forward), ``S`` = ``mean_length``."""
     attention = config.num_hidden_layers * config.hidden_size * mean_length
     return (6 * n + 12 * attention) if train else (2 * n + 4 * attention)
 
@@ -78,7 +69,7 @@ def main() -> None:
     model_path = str(embedded_model_path())
     bf16 = fast_bf16_available()
     dtype = torch.bfloat16 if bf16 else torch.float32
-    peak = matmul_peak(dtype)
+    peak = 2 * 2048**3 / product_seconds(2048, 2048, 2048, dtype)
     print(f"matrix-product peak ({str(dtype).removeprefix('torch.')}, 2048^3): {peak / 1e9:.1f} GFLOP/s")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "pairs.jsonl"
@@ -93,14 +84,15 @@ def main() -> None:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "tokens_per_second" in r]
     config = AutoConfig.from_pretrained(model_path)
+    n = {head: parameter_count(config, head=head) for head in (True, False)}
     achieved: dict[bool, list[float]] = {True: [], False: []}
     previous = 0
     for row in rows:
         tokens, previous = row["num_tokens"] - previous, row["num_tokens"]
         mean_length = tokens / (2 * args.batch)  # chosen and rejected sequences of the step
         for head in (True, False):
-            per_token = (flops_per_token(config, mean_length, train=True, head=head)  # the policy
-                         + flops_per_token(config, mean_length, train=False, head=head))  # the reference
+            per_token = (flops_per_token(n[head], config, mean_length, train=True)  # the policy
+                         + flops_per_token(n[head], config, mean_length, train=False))  # the reference
             achieved[head].append(row["tokens_per_second"] * per_token)
     steady = {head: statistics.median(values[1:] or values) for head, values in achieved.items()}
     print(f"DPO step, batch {args.batch}, max_length {args.max_length}, {'bf16' if bf16 else 'float32'}: "

@@ -23,35 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def held_out_pairs(run: Path, samples: int, path: Path) -> int:
-    """Sample and write the held-out prompts' best-vs-worst pairs of the base model; returns their number."""
-    import torch
-
+    """Sample and write the held-out prompts' best-vs-worst pairs of the base model, as compare samples its
+    training pairs (:meth:`~alignlab.experiments.compare.Compare.sample_pairs`) but with other draws; returns
+    their number."""
     from alignlab.data.io import read_rows
-    from alignlab.data.prompts import build_prompt_examples
     from alignlab.experiments.compare import Compare, CompareConfig
-    from alignlab.models import load_causal_lm, load_tokenizer
-    from alignlab.rollout.experience import sample_and_score_batches
-    from alignlab.rollout.pairs import write_pairs
-    from alignlab.rollout.rewards import build_reward_sources
-    from alignlab.train.runtime import Runtime
 
     config = json.loads((run / "results.json").read_text())["config"]
     with tempfile.TemporaryDirectory() as scratch:  # Compare writes nothing but its output_dir
-        cfg = CompareConfig(**{**config, "output_dir": scratch, "resume": False})
-        compare = Compare(cfg)
+        compare = Compare(CompareConfig(**{**config, "output_dir": scratch, "resume": False}))
     rows = read_rows(str(run / "eval.jsonl"))  # (location, row)
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
-    examples, _ = build_prompt_examples(rows, tokenizer, max_prompt_length=512)
-    sources = build_reward_sources(compare.reward_funcs, compare.reward_weights, with_reward_model=False)
-    runtime = Runtime(cfg)
-    model = load_causal_lm(cfg.model_name_or_path).to(runtime.device).eval()
-    torch.manual_seed(cfg.seed + 1000)  # other draws than the training pairs'
-    with torch.no_grad():
-        parts = sample_and_score_batches(
-            model, tokenizer, examples, sources, batch_size=16, progress="sampling held-out pairs",
-            precision_fn=runtime.precision, device=runtime.device, max_new_tokens=compare.max_new_tokens,
-            temperature=cfg.temperature, num_generations=samples, generation_backend=cfg.generation_backend)
-    return write_pairs(parts, samples, path)
+    info = compare.sample_pairs(rows, path, samples_per_prompt=samples, seed=compare.config.seed + 1000,
+                                progress="sampling held-out pairs")
+    return info["pairs"]
 
 
 def main() -> None:

@@ -346,7 +346,29 @@ class Compare:
         _write_jsonl([row for _, row in self.eval_rows], self.layout.eval_prompts)
 
     def _pairs(self) -> dict[str, Any]:
-        """Sample K completions per training prompt from the base model and write best-vs-worst pairs."""
+        """Sample K completions per training prompt from the base model and write best-vs-worst pairs
+        (:meth:`sample_pairs`), or reuse them with ``--resume``."""
+        cfg = self.config
+        path, info_path = self.layout.pairs, self.layout.pairs_info
+        info = _read_json(info_path)
+        if cfg.resume and path.exists() and info:
+            logger.info("pairs: reusing %s (%d pairs)", path, info["pairs"])
+            return info
+        info = self.sample_pairs(self.train_rows, path, samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed)
+        _write_json(info, info_path)
+        return info
+
+    def sample_pairs(self, rows: list, path: Path, *, samples_per_prompt: int, seed: int,
+                     progress: str = "sampling pairs") -> dict[str, Any]:
+        """Sample ``samples_per_prompt`` completions of each prompt of ``rows`` (``(location, row)``) from the base
+        model (the run's completion cap, temperature, precision and generation backend; torch seeded with
+        ``seed``), score them with the task's reward and write each prompt's best against its worst to ``path``
+        (prompts whose completions all tie give none). Returns ``{"pairs", "prompts", "samples_per_prompt",
+        "base_mean_reward", "wall_seconds"}``.
+
+        Raises:
+            UserError: every prompt's completions tied (no pair).
+        """
         from alignlab.data.prompts import build_prompt_examples
         from alignlab.models import load_causal_lm, load_tokenizer
         from alignlab.rollout.experience import sample_and_score_batches
@@ -355,33 +377,25 @@ class Compare:
         from alignlab.train.runtime import Runtime
 
         cfg = self.config
-        path, info_path = self.layout.pairs, self.layout.pairs_info
-        info = _read_json(info_path)
-        if cfg.resume and path.exists() and info:
-            logger.info("pairs: reusing %s (%d pairs)", path, info["pairs"])
-            return info
         start = time.perf_counter()
         tokenizer = load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-        examples, _ = build_prompt_examples(self.train_rows, tokenizer, max_prompt_length=512)
+        examples, _ = build_prompt_examples(rows, tokenizer, max_prompt_length=512)
         sources = build_reward_sources(self.reward_funcs, self.reward_weights, with_reward_model=False)
         runtime = Runtime(cfg)  # one process on the device PyTorch finds, the config's precision
         device = runtime.device
         model = load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code).to(device).eval()
-        torch.manual_seed(cfg.seed)
-        k = cfg.samples_per_prompt
+        torch.manual_seed(seed)
         with torch.no_grad():
             parts = sample_and_score_batches(
-                model, tokenizer, examples, sources, batch_size=16, progress="sampling pairs",
+                model, tokenizer, examples, sources, batch_size=16, progress=progress,
                 precision_fn=runtime.precision,
                 device=device, max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
-                num_generations=k, generation_backend=cfg.generation_backend,
+                num_generations=samples_per_prompt, generation_backend=cfg.generation_backend,
             )
-        n = write_pairs(parts, k, path)
+        n = write_pairs(parts, samples_per_prompt, path)
         scores = torch.cat([p.scores for p in parts])
-        info = {"pairs": n, "prompts": len(examples), "samples_per_prompt": k,
+        return {"pairs": n, "prompts": len(examples), "samples_per_prompt": samples_per_prompt,
                 "base_mean_reward": float(scores.mean()), "wall_seconds": time.perf_counter() - start}
-        _write_json(info, info_path)
-        return info
 
     # ---------------------------------------------------------------- stage 2: training
     def shared_budget(self, max_steps: int | None = None, *, prompts: Path | None = None,
