@@ -51,15 +51,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         held_out = Path(tmp) / "held-out-pairs.jsonl"
         n_held = held_out_pairs(args.run, args.samples, held_out)
-        n_train = len(read_rows(str(args.run / "pairs.jsonl")))
-        print(f"| reward model | training pairs ({n_train}): accuracy | held-out pairs ({n_held}): accuracy |")
-        print("|---|---|---|")
+        print(f"| reward model | training pairs: number | accuracy | held-out pairs ({n_held}): accuracy |")
+        print("|---|---|---|---|")
         for model in models:
+            seeded = model.parent.name.startswith("seed-")
+            # each seed's reward model learned from that seed's own pairs (pairs/seed-<seed>.jsonl)
+            train = args.run / "pairs" / f"{model.parent.name}.jsonl" if seeded else args.run / "pairs.jsonl"
+            if not train.exists():
+                train = args.run / "pairs.jsonl"  # a run made when every seed shared one draw
             scores = [score_dataset(ScoreConfig(reward_model_path=str(model), dataset_name=str(data))).accuracy
-                      for data in (args.run / "pairs.jsonl", held_out)]
-            print(f"| {model.parent.name if model.parent.name.startswith('seed-') else 'reward-model'} | "
+                      for data in (train, held_out)]
+            print(f"| {model.parent.name if seeded else 'reward-model'} | {len(read_rows(str(train)))} | "
                   f"{scores[0]:.3f} | {scores[1]:.3f} |")
-
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from alignlab.experiments.compare import Compare, CompareConfig, last_line
+from alignlab.experiments.compare import PRESETS, Compare, CompareConfig, last_line
 from alignlab.experiments.evaluate import confidence_interval, prompt_text, win_rate
 from tests.conftest import one_line, run_cli
 
@@ -80,7 +80,19 @@ def test_every_method_gets_the_same_budget(tmp_path):
     # the default preset trains two seeds, each PPO run with the reward model of its own seed
     assert args["ppo"]["reward_model_path"].endswith("reward-model/seed-42/model") and "reward_funcs" not in args["ppo"]
     assert len(run.train_rows) == 32 and len(run.eval_rows) == 32  # the default preset's sizes
-    assert {a["learning_rate"] for a in args.values()} == {2e-5}
+    # each method's learning rate and KL coefficient: the preset's per-method values (an offline --tune sweep)
+    values = PRESETS["default"]["method_values"]
+    for m in ("dpo", "ppo", "ppo-rule", "grpo", "online-dpo"):
+        assert args[m]["learning_rate"] == values[m]["learning_rate"]
+    assert args["dpo"]["beta"] == values["dpo"]["beta"] and args["ppo"]["kl_coef"] == values["ppo"]["beta"]
+    assert args["online-dpo"]["beta"] == values["online-dpo"]["beta"]
+    fair = run.run_fairness()
+    assert "offline" in fair["sentence"] and f"dpo: learning rate {values['dpo']['learning_rate']:g}" in fair["sentence"]
+    # --learning_rate replaces every method's rate (the preset's KL coefficients stay)
+    one = Compare(CompareConfig(output_dir=str(tmp_path), task="arithmetic", preset="default", learning_rate=3e-6,
+                                methods=["dpo", "grpo"]))
+    assert {one.method_args(m)["learning_rate"] for m in ("dpo", "grpo")} == {3e-6}
+    assert "offline" not in one.run_fairness()["sentence"]
 
 
 @pytest.mark.parametrize(
@@ -292,3 +304,27 @@ def test_fairness_names_the_shared_group_size():
            "them)" in fair["equalised"]
     assert not any("completions per prompt" in x for x in fairness(budget, None, None, ["dpo"])["equalised"])
     assert fair["sentence"].startswith("Nothing was tuned in this run; learning rates: dpo 2e-05, grpo 2e-05")
+
+
+def test_the_report_says_what_a_method_below_the_base_measured(tmp_path):
+    from alignlab.experiments.report import learning_sentences
+
+    def run(name, rewards, zero_std):
+        model = tmp_path / name / "model"
+        model.mkdir(parents=True)
+        rows = [{"step": i + 1, "reward": r, "frac_reward_zero_std": z} for i, (r, z) in enumerate(zip(rewards, zero_std))]
+        (model / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return {"status": "ok", "mean_reward": 0.0, "model_dir": str(model)}
+
+    # grpo's two seeds: rewards 0, 0, 0, 0.2 and 0, 0, 0.2, 0.2 (step 1: 0; last half: 0.1 and 0.2, mean 0.15); 3
+    # and 2 steps where every group tied (mean 2.5); ppo-rule is above the base, so no sentence
+    seeds = {"42": run("grpo/seed-42", [0, 0, 0, 0.2], [1, 1, 1, 0]), "43": run("grpo/seed-43", [0, 0, 0.2, 0.2], [1, 1, 0, 0])}
+    results = {"methods": {"base": {"status": "ok", "mean_reward": 0.0},
+                           "grpo": {"status": "ok", "mean_reward": 0.0, "kl_to_base": 0.03, "seeds": seeds},
+                           "ppo-rule": run("ppo-rule", [0.1], [0])},
+               "verdict": {"vs_base": {"grpo": {"mean_diff": 0.0, "ci": [-0.01, 0.01]},
+                                       "ppo-rule": {"mean_diff": 0.1, "ci": [0.05, 0.15]}}}}
+    assert learning_sentences(results) == [
+        "grpo is not above the base (+0.000 [-0.010, 0.010]): its training task reward (reward) was 0.000 at step 1 "
+        "and 0.150 over the last half of its 4 steps, mean of 2 seeds; at 2.5 of those steps every completion of "
+        "every prompt scored the same (frac_reward_zero_std 1), so they had no gradient; KL to the base 0.03."]

@@ -43,7 +43,7 @@ def test_seed_layout_and_aggregation_by_hand():
     assert entry["status"] == "ok" and entry["failed_seeds"] == {"44": "boom"}
     assert entry["mean_reward"] == 2.0 and entry["kl_to_base"] == 3.0 and entry["wall_seconds"] == 5.0
     assert entry["peak_rss_bytes"] == 300 and entry["model_dir"] == "dpo/seed-42/model"
-    assert entry["prompt_scores"] == [[0.0, 2.0], [2.0, 4.0]]  # (K * samples, P) for the verdict
+    assert entry["prompt_scores"] == [[[0.0, 2.0]], [[2.0, 4.0]]]  # (K, samples, P) for the verdict
     # seed spread of the means 1 and 3: mean 2, sample std sqrt(2)
     assert entry["seed_spread"] == {"mean": 2.0, "std": pytest.approx(2**0.5), "n_seeds": 2}
     # interval over the 4 completions 0, 2, 2, 4: 2 +- 1.96 * 1.633 / 2
@@ -92,7 +92,13 @@ def test_two_seeds_under_a_token_budget(capsys, tiny_model_dir, tmp_path):
             run = json.loads((out / method / f"seed-{seed}" / "result.json").read_text())
             assert run["status"] == "ok" and run["seed"] == seed and run["max_steps"] == budget["max_steps"][method]
             assert f"seed: {seed}" in (out / method / f"seed-{seed}" / "args.yaml").read_text()
+            # each seed trains on its own draw of pairs, sampled with that seed
+            assert str(out / "pairs" / f"seed-{seed}.jsonl") in (out / method / f"seed-{seed}" / "args.yaml").read_text()
         means = [entry["seeds"][str(s)]["mean_reward"] for s in (42, 43)]
         assert entry["seed_spread"]["n_seeds"] == 2 and entry["seed_spread"]["mean"] == pytest.approx(sum(means) / 2)
         assert len(entry["prompt_scores"]) == 2  # 2 seeds x 1 sample per prompt
     assert "seeds)" in (out / "report.html").read_text()  # the spread column
+    draws = [(out / "pairs" / f"seed-{seed}.jsonl").read_text() for seed in (42, 43)]
+    assert draws[0] != draws[1] and not (out / "pairs.jsonl").exists()
+    assert results["pairs"]["seeds"]["43"]["pairs"] == len(draws[1].splitlines())
+    assert "drawn for each seed with that seed" in (out / "report.html").read_text()

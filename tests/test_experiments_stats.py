@@ -103,13 +103,47 @@ def test_seeded_and_reproducible():
         (np.zeros((2, 4)), np.zeros((1, 3)), "same prompts"),
         (np.zeros(0), np.zeros(0), "empty"),
         (np.zeros((0, 4)), np.zeros(4), "empty"),
-        (np.zeros((2, 2, 2)), np.zeros(2), "shape"),
+        (np.zeros((2, 2, 2, 2)), np.zeros(2), "shape"),
+        (np.zeros((2, 2, 2)), np.zeros(3), "same prompts"),
         ([1.0, math.nan], [0.0, 0.0], "NaN"),
     ],
 )
 def test_bad_inputs_raise(a, b, message):
     with pytest.raises(ValueError, match=message):
         paired_comparison(a, b)
+
+
+def test_seeds_are_resampled_with_the_prompts():
+    # a: 2 seeds (R=2, one sample each) that beat the base b by 0.5 and by 0.1 on every one of 4 prompts; d is the
+    # same on every prompt, so only the seeds move a resample: the mean of 2 seeds drawn with replacement is
+    # 0.1 (1/4), 0.3 (1/2) or 0.5 (1/4), and the 2.5% and 97.5% quantiles are 0.1 and 0.5.
+    b = np.array([0.0, 1.0, 2.0, 3.0])
+    a = np.stack([[b + 0.5], [b + 0.1]])  # (2, 1, 4)
+    r = paired_comparison(a, b)
+    assert r.mean_diff == pytest.approx(0.3) and (r.ci_low, r.ci_high) == pytest.approx((0.1, 0.5))
+    # Conditional on the seeds run, (K, P) with the seeds as draws: d = 0.3 on every prompt, the interval a point.
+    conditional = paired_comparison(a[:, 0], b)
+    assert (conditional.ci_low, conditional.ci_high) == pytest.approx((0.3, 0.3))
+    # Identical seeds add nothing: the same prompts are resampled, so the interval is the conditional one.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=12), rng.normal(size=12)
+    same = paired_comparison(np.stack([[x], [x], [x]]), y)
+    plain = paired_comparison(x, y)
+    assert (same.ci_low, same.ci_high) == pytest.approx((plain.ci_low, plain.ci_high))
+    # One run of S draws is the (S, P) input.
+    assert paired_comparison(np.stack([x, y])[None], y) == paired_comparison(np.stack([x, y]), y)
+
+
+def test_a_verdict_that_rests_on_one_seed_is_not_a_win():
+    # dpo's seeds: far above grpo on every prompt with one seed, far below with the other; conditional on those two
+    # seeds dpo's mean is +0.05 above grpo on every prompt, a "win"; resampling the seeds says it could be -0.45.
+    base = np.linspace(0.0, 1.0, 16)
+    grpo = np.stack([[base + 0.2], [base + 0.2]])
+    dpo = np.stack([[base + 0.75], [base - 0.25]])
+    resampled = verdict({"base": base, "dpo": dpo, "grpo": grpo})
+    assert resampled.best == "dpo" and resampled.winner is None and resampled.tied_with_best == ["grpo"]
+    conditional = verdict({"base": base, "dpo": dpo[:, 0], "grpo": grpo[:, 0]})
+    assert conditional.winner == "dpo"
 
 
 def test_bad_settings_raise():

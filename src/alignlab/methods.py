@@ -25,7 +25,8 @@ class CompareBudget:
 
     Attributes:
         prompts: the training prompts file (``train.jsonl``), for online methods.
-        pairs: the offline preference pairs file (``pairs.jsonl``), sampled from the base model.
+        pairs: the offline preference pairs file the run trains on (``pairs.jsonl``, or its seed's
+            ``pairs/seed-<seed>.jsonl``), sampled from the base model.
         max_steps: optimizer steps per method; prompts_per_step: prompts (or pairs) per step.
         max_new_tokens: completion budget in tokens; temperature: sampling temperature.
         num_generations: completions per prompt for group methods (GRPO); num_ppo_epochs: PPO epochs.

@@ -41,6 +41,10 @@ from alignlab.train.output_dir import check_writable
 
 logger = logging.getLogger(__name__)
 
+PRESET_ONLY = ("methods", "max_new_tokens_cap", "method_values", "method_values_source")
+"""Preset entries that are not :class:`CompareConfig` fields: the preset's methods, its completion cap, and each
+method's learning rate and KL coefficient (``method_values``, with where they come from)."""
+
 PRESETS: dict[str, dict[str, Any]] = {
     # about three minutes on 2 CPU cores with a tiny model (the CI test); numbers are not meaningful
     "smoke": dict(num_train_prompts=16, num_eval_prompts=8, samples_per_prompt=2, eval_samples_per_prompt=1,
@@ -48,12 +52,22 @@ PRESETS: dict[str, dict[str, Any]] = {
                   learning_rate=None, max_new_tokens_cap=None, seeds=1,
                   methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo")),
     # the embedded 135M model within 15 minutes on 2 CPU cores with native bf16 (benchmarks/README.md, "The main
-    # job"): small steps, short completions, one PPO epoch, a learning rate that moves a 135M model in 8 steps;
-    # two seeds, because one seed's ranking did not hold on the next seed (the verdict pools them per prompt)
+    # job"): small steps, short completions, one PPO epoch; two seeds, because one seed's ranking did not hold on
+    # the next seed (the verdict resamples them with the prompts); each method's learning rate and KL coefficient
+    # from an offline `--tune lr,beta` sweep on a validation split of training prompts (benchmarks/README.md,
+    # "Tuning the default preset"; `beta` is PPO's kl_coef)
     "default": dict(num_train_prompts=32, num_eval_prompts=32, samples_per_prompt=4, eval_samples_per_prompt=1,
                     max_steps=8, prompts_per_step=4, num_generations=4, max_new_tokens=None, num_ppo_epochs=1,
-                    max_new_tokens_cap=40,
-                    learning_rate=2e-5, seeds=2, methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo")),
+                    max_new_tokens_cap=40, learning_rate=None, seeds=2,
+                    methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo"),
+                    method_values={"dpo": {"learning_rate": 2e-5, "beta": 0.1},
+                                   "ppo": {"learning_rate": 1e-5, "beta": 0.025},
+                                   "ppo-rule": {"learning_rate": 2e-5, "beta": 0.025},
+                                   "grpo": {"learning_rate": 8e-5, "beta": 0.0},
+                                   "online-dpo": {"learning_rate": 1e-5, "beta": 0.1}},
+                    method_values_source="chosen per method by an offline `alignlab compare --tune lr,beta` sweep on "
+                    "a validation split of training prompts, never the held-out ones (benchmarks/README.md, "
+                    "\"Tuning the default preset\")"),
     # a GPU: the whole task
     "full": dict(num_train_prompts=None, num_eval_prompts=None, samples_per_prompt=8, eval_samples_per_prompt=4,
                  max_steps=200, prompts_per_step=16, num_generations=8, max_new_tokens=None, num_ppo_epochs=4,
@@ -108,8 +122,8 @@ class CompareConfig:
     max_new_tokens: int | None = None
     """Completion budget in tokens, for sampling in every stage (default: the task's)."""
     learning_rate: float | None = None
-    """One learning rate for every method (default preset: 2e-5; otherwise 5e-6 for the DPO family and 1e-5 for
-    PPO and GRPO)."""
+    """One learning rate for every method (default: the default preset's per-method values, tuned offline;
+    otherwise 5e-6 for the DPO family and 1e-5 for PPO and GRPO)."""
     temperature: float = 1.0
     """Sampling temperature of every stage (pairs, online training, evaluation)."""
     eval_split_size: float = 0.2
@@ -158,7 +172,7 @@ class CompareConfig:
             parse_budget(self.budget)
         preset = PRESETS[self.preset]
         for name, value in preset.items():
-            if name not in ("methods", "max_new_tokens_cap") and getattr(self, name, None) is None:
+            if name not in PRESET_ONLY and getattr(self, name, None) is None:
                 setattr(self, name, value)
         from alignlab.methods import compare_entries, method_groups
 
@@ -329,12 +343,19 @@ class Compare:
         if len(self.train_rows) < cfg.prompts_per_step:
             raise UserError(f"--prompts_per_step {cfg.prompts_per_step} is more than the {len(self.train_rows)} "
                             "training prompts")
-        self.lr = {name: cfg.learning_rate or entry.learning_rate for name, (_, entry) in self.entries.items()}
-        self.kl: dict[str, float] = {}  # each method's KL coefficient once --tune has chosen it (else its default)
+        preset = PRESETS[cfg.preset]
+        values = preset.get("method_values", {})
+        self.values_source = preset.get("method_values_source") if values else None
+        # --learning_rate, else the preset's value for the method, else the method's default
+        self.lr = {name: cfg.learning_rate or values.get(name, {}).get("learning_rate") or entry.learning_rate
+                   for name, (_, entry) in self.entries.items()}
+        # each method's KL coefficient: the preset's, or once --tune has chosen it (else the method's default)
+        self.kl: dict[str, float] = {m: v["beta"] for m, v in values.items() if "beta" in v}
         self.tuning: dict[str, Any] = {}
         self.seeds = [cfg.seed + k for k in range(cfg.seeds)]
         self.seed = cfg.seed  # the seed of the runs being built
         self.steps: dict[str, int] = {}  # --budget: each method's steps, from its calibration run
+        self.stages: dict[str, dict[str, Any]] = {}  # stages trained for --tune (by run name), reused by train()
 
     def run_name(self, method: str) -> str:
         """The run folder of ``method`` (or a stage) for the current seed (:func:`~.layout.run_name`)."""
@@ -347,16 +368,30 @@ class Compare:
 
     def _pairs(self) -> dict[str, Any]:
         """Sample K completions per training prompt from the base model and write best-vs-worst pairs
-        (:meth:`sample_pairs`), or reuse them with ``--resume``."""
+        (:meth:`sample_pairs`), one draw per seed, each with its seed, or reuse them with ``--resume``. Returns
+        the draw's figures with one seed; with several, ``pairs`` (the mean number), ``prompts``,
+        ``samples_per_prompt``, ``base_mean_reward`` (the mean), ``wall_seconds`` (the sum) and ``seeds`` (each
+        draw's figures)."""
         cfg = self.config
-        path, info_path = self.layout.pairs, self.layout.pairs_info
-        info = _read_json(info_path)
-        if cfg.resume and path.exists() and info:
-            logger.info("pairs: reusing %s (%d pairs)", path, info["pairs"])
-            return info
-        info = self.sample_pairs(self.train_rows, path, samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed)
-        _write_json(info, info_path)
-        return info
+        draws = {}
+        for seed in self.seeds:
+            path, info_path = self.layout.pairs(seed, self.seeds), self.layout.pairs_info(seed, self.seeds)
+            info = _read_json(info_path)
+            if cfg.resume and path.exists() and info:
+                logger.info("pairs: reusing %s (%d pairs)", path, info["pairs"])
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                info = self.sample_pairs(self.train_rows, path, samples_per_prompt=cfg.samples_per_prompt, seed=seed,
+                                         progress="sampling pairs" + (f" (seed {seed})" if len(self.seeds) > 1 else ""))
+                _write_json(info, info_path)
+            draws[seed] = info
+        if len(draws) == 1:
+            return next(iter(draws.values()))
+        infos = list(draws.values())
+        return {"pairs": sum(i["pairs"] for i in infos) / len(infos), "prompts": infos[0]["prompts"],
+                "samples_per_prompt": cfg.samples_per_prompt,
+                "base_mean_reward": sum(i["base_mean_reward"] for i in infos) / len(infos),
+                "wall_seconds": sum(i["wall_seconds"] for i in infos), "seeds": {str(s): i for s, i in draws.items()}}
 
     def sample_pairs(self, rows: list, path: Path, *, samples_per_prompt: int, seed: int,
                      progress: str = "sampling pairs") -> dict[str, Any]:
@@ -405,7 +440,8 @@ class Compare:
         prompts and pairs files (``--tune``'s trials train on the tuning-train part only)."""
         cfg = self.config
         return CompareBudget(
-            prompts=str(prompts or self.layout.train_prompts), pairs=str(pairs or self.layout.pairs),
+            prompts=str(prompts or self.layout.train_prompts),
+            pairs=str(pairs or self.layout.pairs(self.seed, self.seeds)),
             max_steps=max_steps or cfg.max_steps,
             prompts_per_step=cfg.prompts_per_step, max_new_tokens=self.max_new_tokens, temperature=cfg.temperature,
             num_generations=cfg.num_generations, num_ppo_epochs=cfg.num_ppo_epochs,
@@ -510,7 +546,8 @@ class Compare:
         aside), the largest peak memory."""
         runs = []
         for stage in self.entries[method][1].requires:
-            run = self._run_stage(stage)
+            # a stage --tune trained for this seed already (ppo's reward model) is the same run: reuse it
+            run = self.stages.get(self.run_name(stage)) or self._run_stage(stage)
             if run["status"] != "ok":
                 return {**run, "error": f"{stage}: {run['error']}",
                         "model_dir": str(self.layout.model_dir(self.run_name(method)))}
@@ -534,7 +571,7 @@ class Compare:
     # ---------------------------------------------------------------- stage 2b: tuning (--tune)
     def _tuning_data(self) -> dict[str, Any]:
         """Split the training prompts into ``tune/train.jsonl`` and ``tune/validation.jsonl`` and keep the pairs
-        of the tuning-train prompts in ``tune/pairs.jsonl``; returns the paths and sizes."""
+        (``--seed``'s draw) of the tuning-train prompts in ``tune/pairs.jsonl``; returns the paths and sizes."""
         from alignlab.experiments.tuning import validation_split
 
         cfg = self.config
@@ -543,7 +580,8 @@ class Compare:
         train, validation = validation_split([row for _, row in self.train_rows], cfg.tune_validation_size, cfg.seed,
                                              cfg.prompts_per_step)
         keys = {json.dumps(row["prompt"], sort_keys=True) for row in train}
-        pairs = [json.loads(line) for line in self.layout.pairs.read_text(encoding="utf-8").splitlines() if line.strip()]
+        drawn = self.layout.pairs(cfg.seed, self.seeds).read_text(encoding="utf-8")
+        pairs = [json.loads(line) for line in drawn.splitlines() if line.strip()]
         kept = [p for p in pairs if json.dumps(p["prompt"], sort_keys=True) in keys]
         if not kept:
             raise UserError("--tune: no preference pair is left among the tuning-train prompts")
@@ -700,6 +738,14 @@ class Compare:
             "seed": cfg.seed, "bf16": cfg.bf16,
         }
 
+    def run_fairness(self, tune_info: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What this run held equal between the methods and what it tuned, and where each method's values come
+        from (:func:`~alignlab.experiments.tuning.fairness`)."""
+        from alignlab.experiments.tuning import fairness
+
+        source = None if self.config.learning_rate else self.values_source
+        return fairness(self.budget(), self.tuning or None, tune_info, self.config.methods, preset_source=source)
+
     def run(self) -> dict[str, Any]:
         """All stages; returns the ``results.json`` content."""
         from alignlab.experiments.report import write_report
@@ -708,7 +754,7 @@ class Compare:
         start = time.perf_counter()
         self._write_prompts()
         pairs = self._pairs()
-        logger.info("pairs: %d from %d prompts x %d samples (base mean reward %.4f)", pairs["pairs"],
+        logger.info("pairs: %g from %d prompts x %d samples (base mean reward %.4f)", pairs["pairs"],
                     pairs["prompts"], pairs["samples_per_prompt"], pairs["base_mean_reward"])
         tune_info = None
         if cfg.tune:
@@ -716,7 +762,8 @@ class Compare:
             evaluator = self._validation_evaluator(data)
             for method in cfg.methods:
                 for stage in self.entries[method][1].requires:
-                    if self._run_stage(stage)["status"] != "ok":
+                    self.stages[self.run_name(stage)] = self._run_stage(stage)
+                    if self.stages[self.run_name(stage)]["status"] != "ok":
                         break
                 else:
                     self.tuning[method] = self.tune_method(method, data, evaluator).to_dict()
@@ -745,13 +792,11 @@ class Compare:
                 methods[method] = runs[method]
             else:
                 methods[method] = over_seeds({seed: runs[run_name(method, seed, self.seeds)] for seed in self.seeds})
-        from alignlab.experiments.tuning import fairness
-
         budget = self.budget()
         results = {"task": cfg.task, "description": self.description, "preset": cfg.preset,
                    "budget": budget, "pairs": pairs, "methods": methods, "verdict": self._verdict(methods),
                    "tuning": {"validation": tune_info, "methods": self.tuning} if cfg.tune else None,
-                   "fairness": fairness(budget, self.tuning or None, tune_info, cfg.methods),
+                   "fairness": self.run_fairness(tune_info),
                    "wall_seconds": time.perf_counter() - start,
                    "config": dataclasses.asdict(cfg)}
         _write_json(results, self.layout.results)
@@ -771,7 +816,7 @@ def over_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     ``mean_length``, ``wall_seconds`` (per run) and ``num_tokens`` are means; ``seed_spread`` is
     :func:`~alignlab.experiments.stats.seed_spread` of the seeds' mean rewards; ``reward_ci95`` the normal
     interval over every completion of every seed; ``prompt_scores`` stacks the seeds' ``(samples, P)`` scores
-    into ``(K * samples, P)`` for the paired verdict; ``peak_rss_bytes`` the largest; ``samples`` and
+    into ``(K, samples, P)`` for the paired verdict (which resamples the seeds as well as the prompts); ``peak_rss_bytes`` the largest; ``samples`` and
     ``model_dir`` (the training curve) the first seed's. ``seeds`` keeps each run's figures, ``failed_seeds`` the
     errors of those that failed; the method failed when every seed did.
     """
@@ -790,7 +835,7 @@ def over_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
         return sum(values) / len(values) if values else None
 
     first = ok[min(ok)]
-    scores = [row for e in ok.values() for row in e["prompt_scores"]]
+    scores = [e["prompt_scores"] for e in ok.values()]  # (K, samples, P)
     low, high = confidence_interval(torch.tensor(scores, dtype=torch.float64).flatten())
     entry = {"status": "ok", "mean_reward": mean("mean_reward"), "reward_ci95": [low, high],
              "seed_spread": seed_spread([e["mean_reward"] for e in ok.values()]),

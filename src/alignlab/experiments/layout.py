@@ -3,6 +3,7 @@ report and the tests read::
 
     train.jsonl, eval.jsonl     the task's training and held-out prompts
     pairs.jsonl, pairs.json     offline preference pairs sampled from the base model, and how they were made
+    pairs/seed-<seed>.jsonl     with ``--seeds K`` > 1: each seed's own pairs (and ``.json``), drawn with that seed
     <method>/args.yaml          the flags the method was run with (``alignlab <command> --config`` this file)
     <method>/model/             its output_dir (model, metrics.jsonl, plots/)
     <method>/log.txt            its stdout and stderr
@@ -40,13 +41,14 @@ class RunLayout:
     def eval_prompts(self) -> Path:
         return self.root / "eval.jsonl"
 
-    @property
-    def pairs(self) -> Path:
-        return self.root / "pairs.jsonl"
+    def pairs(self, seed: int, seeds: list[int]) -> Path:
+        """The offline pairs the runs with ``seed`` train on: ``pairs.jsonl`` when ``compare`` trains one seed, else
+        ``pairs/seed-<seed>.jsonl`` (each seed draws its own, so the seeds average the pairs' noise too)."""
+        return self.root / "pairs.jsonl" if len(seeds) == 1 else self.root / "pairs" / f"seed-{seed}.jsonl"
 
-    @property
-    def pairs_info(self) -> Path:
-        return self.root / "pairs.json"
+    def pairs_info(self, seed: int, seeds: list[int]) -> Path:
+        """How :meth:`pairs` were made (``pairs.json`` or ``pairs/seed-<seed>.json``)."""
+        return self.pairs(seed, seeds).with_suffix(".json")
 
     @property
     def results(self) -> Path:

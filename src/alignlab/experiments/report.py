@@ -152,6 +152,71 @@ def _img(path: Path | None) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
+NO_SPREAD = 1.0 - 1e-9
+"""A step whose ``frac_reward_zero_std`` is at least this had every group's rewards tied: no gradient."""
+
+
+def learning_signal(entry: dict[str, Any], metric: str) -> dict[str, Any] | None:
+    """What one method's training logged, over its seeds (``entry["seeds"]``, else its one ``model_dir``): the
+    training-curve ``metric`` at the first step and its mean over the last half of the steps (each averaged over
+    the seeds), the steps, and the steps with ``frac_reward_zero_std`` 1 (every completion of every prompt scored
+    the same, so group-relative advantages and online pairs were all 0 or tied: no gradient). ``None`` when no
+    seed logged ``metric``."""
+    dirs = [e["model_dir"] for e in (entry.get("seeds") or {}).values() if e.get("model_dir")]
+    if not dirs and entry.get("model_dir"):
+        dirs = [entry["model_dir"]]
+    runs = []
+    for model_dir in dirs:
+        rows = read_metrics(model_dir)
+        values = [r[metric] for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+        if values:
+            tied = sum(1 for r in rows if r.get("frac_reward_zero_std", 0.0) >= NO_SPREAD)
+            late = values[len(values) // 2:]
+            runs.append((values[0], sum(late) / len(late), len(values), tied))
+    if not runs:
+        return None
+    n = len(runs)
+    return {"metric": metric, "first": sum(r[0] for r in runs) / n, "last_half": sum(r[1] for r in runs) / n,
+            "steps": runs[0][2], "steps_without_spread": sum(r[3] for r in runs) / n, "seeds": n}
+
+
+def learning_sentences(results: dict[str, Any]) -> list[str]:
+    """For each trained method the verdict does not place above the base: one sentence with what its training
+    measured (:func:`learning_signal`), so the report says why rather than only that it did not move."""
+    found = results.get("verdict") or {}
+    metrics = curve_metrics()
+    out = []
+    for method, comparison in (found.get("vs_base") or {}).items():
+        low, high = comparison["ci"]
+        entry = results["methods"].get(method, {})
+        if low > 0 or method not in metrics or not _ok(entry):
+            continue
+        key, label = metrics[method]
+        signal = learning_signal(entry, key)
+        if signal is None:
+            continue
+        seeds = f", mean of {signal['seeds']} seeds" if signal["seeds"] > 1 else ""
+        text = (f"{method} is not above the base ({comparison['mean_diff']:+.3f} [{low:.3f}, {high:.3f}]): its "
+                f"training {label} ({key}) was {signal['first']:.3f} at step 1 and {signal['last_half']:.3f} over "
+                f"the last half of its {signal['steps']} steps{seeds}")
+        if signal["steps_without_spread"] > 0:
+            text += (f"; at {signal['steps_without_spread']:g} of those steps every completion of every prompt "
+                     "scored the same (frac_reward_zero_std 1), so they had no gradient")
+        if entry.get("kl_to_base") is not None:
+            text += f"; KL to the base {entry['kl_to_base']:.2f}"
+        out.append(text + ".")
+    return out
+
+
+def _pairs_sentence(pairs: dict) -> str:
+    """The report's line on the offline pairs: one draw, or each seed's own draw."""
+    made = f"from {pairs['prompts']} prompts x {pairs['samples_per_prompt']} base-model samples"
+    if "seeds" not in pairs:
+        return f"Offline pairs: {pairs['pairs']} best-vs-worst pairs {made}."
+    each = ", ".join(f"{info['pairs']} (seed {seed})" for seed, info in pairs["seeds"].items())
+    return f"Offline pairs, drawn for each seed with that seed: {each} best-vs-worst pairs {made}."
+
+
 def write_report(results: dict[str, Any], out: Path) -> Path:
     """Write the plots and ``report.html`` (images embedded) into ``out``; returns the HTML path."""
     out = Path(out)
@@ -183,6 +248,10 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
                    f"<p>Reward-against-KL Pareto front (no other model has both more reward and less KL): "
                    f"{esc(front)}. Paired 95% bootstrap intervals over the held-out prompts "
                    "(docs/statistics.md).</p>")
+    notes = learning_sentences(results)
+    if notes:
+        verdict += ("<h3>Methods not above the base: what their training measured</h3><ul>"
+                    + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
     fair = results.get("fairness")
     fairness_html = ""
     if fair:
@@ -229,8 +298,7 @@ the seeds' mean rewards' mean and sample standard deviation.</p>
 {fairness_html}
 <h2>Budget (the same for every method)</h2>
 <table>{budget}</table>
-<p>Offline pairs: {results['pairs']['pairs']} best-vs-worst pairs from {results['pairs']['prompts']} prompts x
-{results['pairs']['samples_per_prompt']} base-model samples.</p>
+<p>{_pairs_sentence(results['pairs'])}</p>
 <h2>Completions for the same held-out prompts</h2>
 {samples_html}
 <p>Whole run: {results['wall_seconds']:.0f} s.</p>

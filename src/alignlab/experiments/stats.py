@@ -8,17 +8,22 @@ the mean difference is much narrower than the overlap of two marginal intervals 
 unit of resampling (a cluster bootstrap: a prompt's rewards from all seeds and samples stay together), because
 prompts are the independent draws; seeds and samples within a prompt are averaged first.
 
-Inputs are per-prompt rewards ``(K, P)`` (``K`` seeds, or sample draws, of one model; each entry already
-the mean over that run's completions of the prompt) or ``(P,)`` (one run). Two models may have different
-``K`` (a method trained with 3 seeds against the base model's single evaluation): each is averaged over its
-own ``K`` within a prompt, so the base's one run is compared with the methods' seed average. The interval is
-then conditional on the seeds that were run: a seed that is better on every prompt moves the whole
-comparison, and resampling prompts does not see that (``seed_spread`` reports it; docs/statistics.md).
+Inputs are per-prompt rewards ``(K, P)`` (``K`` sample draws of one model; each entry already the mean over
+that run's completions of the prompt), ``(P,)`` (one run), or ``(R, S, P)``: ``R`` independent training runs
+(seeds) of a method, ``S`` sample draws each. Two models may have different ``K`` or ``R`` (a method trained with
+3 seeds against the base model's single evaluation): each is averaged over its own runs and draws within a
+prompt, so the base's one run is compared with the methods' seed average. With ``(K, P)`` the interval is
+conditional on what was run. With ``(R, S, P)`` and ``R > 1`` the bootstrap resamples each such method's runs
+too, independently of the prompts (the pigeonhole bootstrap of a crossed design, Owen 2007): a seed that is
+better on every prompt then widens the interval, as it should when the question is which *method* is better,
+not which trained model. With 2 or 3 seeds this bootstrap still understates the seeds' spread (a resample of
+``R`` values has ``(R - 1) / R`` of their variance), so ``seed_spread`` is reported beside it.
 
 Sources: Efron & Tibshirani 1993, "An Introduction to the Bootstrap", ch. 13 (percentile interval); Davison &
 Hinkley 1997, "Bootstrap Methods and their Application", sec. 3.8 (resampling clusters, the top-level unit);
 Miller 2024, "Adding Error Bars to Evals" (arXiv 2411.00640), sec. 2.2 and 4 (clustered questions, paired
-differences); Dixon & Mood 1946 (sign test); Wilcoxon 1945 and Pratt 1959 (signed-rank test, zeros).
+differences); Owen 2007, "The pigeonhole bootstrap", Ann. Appl. Stat. 1(2) (resampling both factors of a crossed
+design: here prompts and seeds); Dixon & Mood 1946 (sign test); Wilcoxon 1945 and Pratt 1959 (signed-rank test, zeros).
 """
 
 from __future__ import annotations
@@ -38,18 +43,29 @@ _TIE_RTOL = 1e-12
 averages of equal rewards can differ in the last bit."""
 
 
-def _per_prompt(x: Any, name: str) -> np.ndarray:
-    """``(K, P)`` or ``(P,)`` rewards -> ``(P,)`` per-prompt means over the ``K`` runs (float64)."""
+def _runs(x: Any, name: str) -> np.ndarray:
+    """``(R, S, P)``, ``(K, P)`` or ``(P,)`` rewards -> ``(R, P)`` per-run per-prompt means (float64): one row per
+    independent training run for ``(R, S, P)`` (its ``S`` draws averaged), a single row otherwise (``(K, P)``:
+    draws of one model, averaged, not resampled).
+
+    Raises:
+        ValueError: another shape, an empty input, or NaN / infinite rewards.
+    """
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim == 1:
         arr = arr[None, :]
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must have shape (K, P) or (P,), got {arr.shape}")
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"{name} must have shape (R, S, P), (K, P) or (P,), got {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape})")
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} holds NaN or infinite rewards")
-    return arr.mean(axis=0)
+    return arr.mean(axis=1) if arr.ndim == 3 else arr.mean(axis=0, keepdims=True)
+
+
+def _per_prompt(x: Any, name: str) -> np.ndarray:
+    """Rewards as for :func:`_runs` -> ``(P,)`` per-prompt means over every run and draw (float64)."""
+    return _runs(x, name).mean(axis=0)
 
 
 def _check_settings(n_resamples: int, confidence: float) -> None:
@@ -73,6 +89,27 @@ def _bootstrap_means(d: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
     return out
 
 
+def _bootstrap_means_over_runs(a: np.ndarray, b: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+    """The pigeonhole bootstrap (Owen 2007) of ``mean_j (mean_r a[r, j] - mean_r b[r, j])`` for per-run
+    per-prompt means ``a`` ``(R_a, P)`` and ``b`` ``(R_b, P)`` -> ``(n_resamples,)``: each resample draws ``P``
+    prompts and, independently for each model, its ``R`` runs with replacement. The prompts are drawn from the
+    same stream as :func:`_bootstrap_means` (so every comparison of a verdict resamples the same prompts), the
+    runs from a second one."""
+    prompt_rng, run_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
+    p = a.shape[1]
+    rows = max(1, _MAX_DRAWS_PER_CHUNK // (p * max(a.shape[0], b.shape[0])))
+    out = np.empty(n_resamples)
+    for start in range(0, n_resamples, rows):
+        n = min(n_resamples, start + rows) - start
+        idx = prompt_rng.integers(0, p, size=(n, p))  # (rows, P)
+        means = []
+        for runs in (a, b):
+            picked = run_rng.integers(0, runs.shape[0], size=(n, runs.shape[0]))  # (rows, R)
+            means.append(runs[picked].mean(axis=1))  # (rows, R, P) -> (rows, P)
+        out[start:start + n] = np.take_along_axis(means[0] - means[1], idx, axis=1).mean(axis=1)
+    return out
+
+
 def _nan_to_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
@@ -84,7 +121,8 @@ class PairedResult:
     mean_diff: float
     """Mean over prompts of the per-prompt difference (each side averaged over its own runs first)."""
     ci_low: float
-    """Lower end of the percentile bootstrap interval of ``mean_diff`` (prompts resampled)."""
+    """Lower end of the percentile bootstrap interval of ``mean_diff`` (prompts resampled, and the runs of an
+    ``(R, S, P)`` input)."""
     ci_high: float
     """Upper end of that interval."""
     sign_test_p: float
@@ -140,10 +178,10 @@ def paired_comparison(
     """Compare two models evaluated on the same prompts: ``a - b``.
 
     Args:
-        a: rewards of model ``a``, ``(K_a, P)`` (``K_a`` seeds or sample draws) or ``(P,)``; prompt ``j`` is the
-            same prompt in ``a`` and ``b``.
-        b: rewards of model ``b``, ``(K_b, P)`` or ``(P,)``; ``K_b`` may differ from ``K_a``.
-        n_resamples: bootstrap resamples of the prompts.
+        a: rewards of model ``a``, ``(K_a, P)`` (``K_a`` sample draws), ``(R_a, S_a, P)`` (``R_a`` training runs,
+            e.g. seeds, of ``S_a`` draws each) or ``(P,)``; prompt ``j`` is the same prompt in ``a`` and ``b``.
+        b: rewards of model ``b``, in any of those shapes; its counts may differ from ``a``'s.
+        n_resamples: bootstrap resamples.
         confidence: coverage of the interval.
         seed: seed of the resampling (the result is a function of the inputs and the seed).
 
@@ -151,7 +189,10 @@ def paired_comparison(
     counts as a tie (0). ``mean_diff = mean_j d_j``. Interval: the ``(1 - confidence) / 2`` and
     ``(1 + confidence) / 2`` quantiles of the mean of ``d`` over ``n_resamples`` resamples of ``P`` prompts drawn
     with replacement (percentile bootstrap, Efron & Tibshirani 1993, eq. 13.5; the prompt is the resampled
-    cluster, Davison & Hinkley 1997, sec. 3.8). Sign test: ``scipy.stats.binomtest(n_better, n_better +
+    cluster, Davison & Hinkley 1997, sec. 3.8). When ``a`` or ``b`` is ``(R, S, P)`` with ``R > 1``, each
+    resample also draws each model's ``R`` runs with replacement, independently of the prompts (the pigeonhole
+    bootstrap of a crossed design, Owen 2007, sec. 2), so the interval covers another draw of seeds as well as of
+    prompts. The two tests stay conditional on the runs (per-prompt means). Sign test: ``scipy.stats.binomtest(n_better, n_better +
     n_worse, 0.5)``, ties dropped (Dixon & Mood 1946). Signed-rank test: ``scipy.stats.wilcoxon(d,
     zero_method="pratt")`` (Pratt 1959: zeros are ranked, then their ranks dropped; scipy >= 1.15 uses the exact
     null without ties or zeros and ``P <= 50``, all ``2^P`` sign flips with them and ``P <= 13``, else the normal
@@ -161,12 +202,12 @@ def paired_comparison(
         A :class:`PairedResult`.
 
     Raises:
-        ValueError: an input is empty, not 1- or 2-dimensional, or not finite; ``a`` and ``b`` have different
+        ValueError: an input is empty, not 1-, 2- or 3-dimensional, or not finite; ``a`` and ``b`` have different
             numbers of prompts; ``confidence`` not in (0, 1); ``n_resamples < 1``.
     """
     _check_settings(n_resamples, confidence)
-    mean_a = _per_prompt(a, "a")
-    mean_b = _per_prompt(b, "b")
+    runs_a, runs_b = _runs(a, "a"), _runs(b, "b")  # (R_a, P), (R_b, P)
+    mean_a, mean_b = runs_a.mean(axis=0), runs_b.mean(axis=0)
     if mean_a.shape != mean_b.shape:
         raise ValueError(f"a and b must cover the same prompts, got {mean_a.shape[0]} and {mean_b.shape[0]} prompts")
     d = mean_a - mean_b  # (P,)
@@ -174,7 +215,10 @@ def paired_comparison(
     d[np.abs(d) <= _TIE_RTOL * scale] = 0.0
 
     alpha = 1.0 - confidence
-    boot = _bootstrap_means(d, n_resamples, seed)
+    if runs_a.shape[0] > 1 or runs_b.shape[0] > 1:
+        boot = _bootstrap_means_over_runs(runs_a, runs_b, n_resamples, seed)
+    else:
+        boot = _bootstrap_means(d, n_resamples, seed)
     ci_low, ci_high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
 
     n_better = int(np.count_nonzero(d > 0))
@@ -320,8 +364,9 @@ def verdict(
     """Name the best trained method and say whether the data support it as the winner.
 
     Args:
-        scores: per model, rewards ``(K, P)`` or ``(P,)`` on the same ``P`` prompts (as for
-            :func:`paired_comparison`); must hold ``base`` and at least one trained method.
+        scores: per model, rewards ``(R, S, P)``, ``(K, P)`` or ``(P,)`` on the same ``P`` prompts (as for
+            :func:`paired_comparison`: an ``(R, S, P)`` method's ``R`` seeds are resampled); must hold ``base`` and
+            at least one trained method.
         base: the base model's key; it is compared against but never a candidate.
         confidence, n_resamples, seed: as for :func:`paired_comparison`. Every comparison uses the same seed,
             so all of them resample the same prompts.
@@ -437,7 +482,8 @@ def verdict_agreement(first: dict[str, Any], second: dict[str, Any], *, base: st
     precision.
 
     Args:
-        first, second: per model, rewards ``(K, P)`` or ``(P,)`` as for :func:`verdict`, one dict per run, on
+        first, second: per model, rewards ``(R, S, P)``, ``(K, P)`` or ``(P,)`` as for :func:`verdict`, one dict
+            per run, on
             the same prompts and with the same models (``base`` included).
         base, confidence, n_resamples, seed: as for :func:`verdict`.
 

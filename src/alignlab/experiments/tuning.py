@@ -140,9 +140,11 @@ GROUP_SAMPLING_METHODS = ("grpo", "rloo", "reinforce-pp", "remax", "online-dpo")
 
 
 def fairness(budget: dict[str, Any], tuning: dict[str, dict[str, Any]] | None, tune_info: dict[str, Any] | None,
-             methods: list[str]) -> dict[str, Any]:
+             methods: list[str], preset_source: str | None = None) -> dict[str, Any]:
     """What ``compare`` held equal between the methods and what it tuned per method, for ``results.json`` and
-    the report: ``{"equalised": [...], "differs": [...], "tuned": [...], "sentence": str}``."""
+    the report: ``{"equalised": [...], "differs": [...], "tuned": [...], "sentence": str}``. ``preset_source``:
+    where the preset's per-method learning rates and KL coefficients come from (an offline ``--tune`` sweep),
+    when this run uses them."""
     steps = budget["max_steps"]
     equal = ["base model", f"{budget['train_prompts']} training prompts and the task's reward",
              f"{steps} optimizer steps of {budget['prompts_per_step']} prompts (pairs for the offline methods)"
@@ -164,9 +166,17 @@ def fairness(budget: dict[str, Any], tuning: dict[str, dict[str, Any]] | None, t
                     f"of them, never the held-out prompts), {info.get('steps')}-step trials on the other "
                     f"{info.get('train_prompts')}: " + "; ".join(tuned) + ".")
     else:
-        lrs = budget.get("learning_rate", {})
-        tuned = [f"{m}: learning rate {lrs[m]:g} (preset or flag, not tuned in this run)" for m in methods if m in lrs]
-        sentence = ("Nothing was tuned in this run; learning rates: " + ", ".join(
-            f"{m} {lrs[m]:g}" for m in methods if m in lrs) + " (the preset's, --learning_rate or each method's "
-            "default; --tune chooses them per method on a validation split of the training prompts).")
+        lrs, kls = budget.get("learning_rate", {}), budget.get("kl_coefficient", {})
+
+        def values(m: str) -> str:
+            return f"learning rate {lrs[m]:g}" + (f", KL coefficient {kls[m]:g}" if m in kls else "")
+
+        tuned = [f"{m}: {values(m)} (preset or flag, not tuned in this run)" for m in methods if m in lrs]
+        if preset_source:
+            sentence = ("Nothing was tuned in this run; it uses the preset's per-method values (" + "; ".join(
+                f"{m}: {values(m)}" for m in methods if m in lrs) + f"), {preset_source}.")
+        else:
+            sentence = ("Nothing was tuned in this run; learning rates: " + ", ".join(
+                f"{m} {lrs[m]:g}" for m in methods if m in lrs) + " (the preset's, --learning_rate or each method's "
+                "default; --tune chooses them per method on a validation split of the training prompts).")
     return {"equalised": equal, "differs": differs, "tuned": tuned, "sentence": sentence}
