@@ -10,8 +10,9 @@ from ``metrics.jsonl``) times the model FLOPs per token, counted as PaLM's appen
 sequence) plus ``2 N + 4 L d S`` for the reference model's forward. alignlab projects hidden states onto the
 vocabulary only at completion positions, so the output head's share of ``N`` is spent on part of the tokens:
 the script prints the figure with the head counted at every token (PaLM's count, an upper bound) and without
-it (a lower bound). The step's median over the steps after the first is reported. The peak is the median bf16 (or float32) throughput of ``benchmarks/matmul.py``'s square
-2048 product, measured in the same run before training.
+it (a lower bound). The step's median over the steps after the first is reported. The peak is the median bf16
+(or float32) throughput of ``benchmarks/matmul.py``'s square 2048 product, measured in the same run before
+training.
 
     .venv/bin/python benchmarks/mfu.py [--pairs 64] [--batch 8] [--max_length 512] [--steps 6]
 """

@@ -327,7 +327,8 @@ class Compare:
         self.description = train.description
         self.reward_funcs = _abs_reward_specs(train.reward_funcs)
         self.reward_weights = train.reward_weights
-        cap = PRESETS[cfg.preset]["max_new_tokens_cap"]
+        preset = PRESETS[cfg.preset]
+        cap = preset["max_new_tokens_cap"]
         self.max_new_tokens = cfg.max_new_tokens or min(train.max_new_tokens, cap or train.max_new_tokens)
         from alignlab.tasks import TASKS
 
@@ -343,7 +344,6 @@ class Compare:
         if len(self.train_rows) < cfg.prompts_per_step:
             raise UserError(f"--prompts_per_step {cfg.prompts_per_step} is more than the {len(self.train_rows)} "
                             "training prompts")
-        preset = PRESETS[cfg.preset]
         values = preset.get("method_values", {})
         self.values_source = preset.get("method_values_source") if values else None
         # --learning_rate, else the preset's value for the method, else the method's default
@@ -816,8 +816,8 @@ def over_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     ``mean_length``, ``wall_seconds`` (per run) and ``num_tokens`` are means; ``seed_spread`` is
     :func:`~alignlab.experiments.stats.seed_spread` of the seeds' mean rewards; ``reward_ci95`` the normal
     interval over every completion of every seed; ``prompt_scores`` stacks the seeds' ``(samples, P)`` scores
-    into ``(K, samples, P)`` for the paired verdict (which resamples the seeds as well as the prompts); ``peak_rss_bytes`` the largest; ``samples`` and
-    ``model_dir`` (the training curve) the first seed's. ``seeds`` keeps each run's figures, ``failed_seeds`` the
+    into ``(K, samples, P)`` for the paired verdict (which resamples the seeds as well as the prompts);
+    ``peak_rss_bytes`` the largest; ``samples`` and ``model_dir`` (the training curve) the first seed's. ``seeds`` keeps each run's figures, ``failed_seeds`` the
     errors of those that failed; the method failed when every seed did.
     """
     from alignlab.experiments.evaluate import confidence_interval

@@ -35,6 +35,11 @@ def _ok(entry: dict[str, Any]) -> bool:
     return entry.get("status") == "ok" and "mean_reward" in entry
 
 
+def curve_points(rows: list[dict], metric: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every ``metrics.jsonl`` row that logged ``metric`` as a finite number."""
+    return [(r["step"], r[metric]) for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+
+
 def plot_training_curves(results: dict[str, Any], out: Path) -> Path | None:
     """One panel per trained method: its training metric (its registry entry's curve metric) against step."""
     plt = _pyplot()
@@ -44,8 +49,7 @@ def plot_training_curves(results: dict[str, Any], out: Path) -> Path | None:
         if method == "base" or method not in metrics or not entry.get("model_dir"):
             continue
         key, label = metrics[method]
-        pts = [(r["step"], r[key]) for r in read_metrics(entry["model_dir"])
-               if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        pts = curve_points(read_metrics(entry["model_dir"]), key)
         if pts:
             curves.append((method, label, pts))
     if not curves:
@@ -168,7 +172,7 @@ def learning_signal(entry: dict[str, Any], metric: str) -> dict[str, Any] | None
     runs = []
     for model_dir in dirs:
         rows = read_metrics(model_dir)
-        values = [r[metric] for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+        values = [value for _, value in curve_points(rows, metric)]
         if values:
             tied = sum(1 for r in rows if r.get("frac_reward_zero_std", 0.0) >= NO_SPREAD)
             late = values[len(values) // 2:]

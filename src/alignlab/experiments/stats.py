@@ -23,7 +23,8 @@ Sources: Efron & Tibshirani 1993, "An Introduction to the Bootstrap", ch. 13 (pe
 Hinkley 1997, "Bootstrap Methods and their Application", sec. 3.8 (resampling clusters, the top-level unit);
 Miller 2024, "Adding Error Bars to Evals" (arXiv 2411.00640), sec. 2.2 and 4 (clustered questions, paired
 differences); Owen 2007, "The pigeonhole bootstrap", Ann. Appl. Stat. 1(2) (resampling both factors of a crossed
-design: here prompts and seeds); Dixon & Mood 1946 (sign test); Wilcoxon 1945 and Pratt 1959 (signed-rank test, zeros).
+design: here prompts and seeds); Dixon & Mood 1946 (sign test); Wilcoxon 1945 and Pratt 1959 (signed-rank
+test, zeros).
 """
 
 from __future__ import annotations
@@ -192,8 +193,8 @@ def paired_comparison(
     cluster, Davison & Hinkley 1997, sec. 3.8). When ``a`` or ``b`` is ``(R, S, P)`` with ``R > 1``, each
     resample also draws each model's ``R`` runs with replacement, independently of the prompts (the pigeonhole
     bootstrap of a crossed design, Owen 2007, sec. 2), so the interval covers another draw of seeds as well as of
-    prompts. The two tests stay conditional on the runs (per-prompt means). Sign test: ``scipy.stats.binomtest(n_better, n_better +
-    n_worse, 0.5)``, ties dropped (Dixon & Mood 1946). Signed-rank test: ``scipy.stats.wilcoxon(d,
+    prompts. The two tests stay conditional on the runs (per-prompt means). Sign test:
+    ``scipy.stats.binomtest(n_better, n_better + n_worse, 0.5)``, ties dropped (Dixon & Mood 1946). Signed-rank test: ``scipy.stats.wilcoxon(d,
     zero_method="pratt")`` (Pratt 1959: zeros are ranked, then their ranks dropped; scipy >= 1.15 uses the exact
     null without ties or zeros and ``P <= 50``, all ``2^P`` sign flips with them and ``P <= 13``, else the normal
     approximation).
@@ -483,8 +484,7 @@ def verdict_agreement(first: dict[str, Any], second: dict[str, Any], *, base: st
 
     Args:
         first, second: per model, rewards ``(R, S, P)``, ``(K, P)`` or ``(P,)`` as for :func:`verdict`, one dict
-            per run, on
-            the same prompts and with the same models (``base`` included).
+            per run, on the same prompts and with the same models (``base`` included).
         base, confidence, n_resamples, seed: as for :func:`verdict`.
 
     Rules (both must hold): (1) each run's best method is, in the other run, the winner, the best, or one of
