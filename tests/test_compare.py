@@ -25,7 +25,14 @@ def test_win_rate_counts_ties_half():
     # win, tie, loss -> (1 + 0.5 + 0) / 3
     assert win_rate(torch.tensor([2.0, 1.0, 3.0]), torch.tensor([1.0, 1.0, 4.0])) == pytest.approx(0.5)
     assert win_rate(torch.tensor([2.0, 2.0]), torch.tensor([1.0, 1.5])) == 1.0
-    with pytest.raises(ValueError, match="differ in shape"):
+    # more base samples: prompt 0, model 2 against base (1, 2, 3) -> (1 + 0.5 + 0) / 3 = 0.5; prompt 1, model 5
+    # against (1, 1, 9) -> 2 / 3; mean (0.5 + 2/3) / 2 = 7/12
+    assert win_rate(torch.tensor([[2.0], [5.0]]), torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 9.0]])) == \
+        pytest.approx(7 / 12)
+    # two samples against two: prompt 0, (1, 4) vs (2, 3) -> 2/4; prompt 1, (0, 0) vs (0, 1) -> (0.5 + 0 + 0.5 + 0)/4
+    assert win_rate(torch.tensor([[1.0, 4.0], [0.0, 0.0]]), torch.tensor([[2.0, 3.0], [0.0, 1.0]])) == \
+        pytest.approx((0.5 + 0.25) / 2)
+    with pytest.raises(ValueError, match="same prompts"):
         win_rate(torch.zeros(2), torch.zeros(3))
 
 
@@ -128,6 +135,20 @@ def test_evaluate_same_model_twice_ties_with_zero_kl(capsys, tiny_model_dir, tmp
     assert "win vs base" in stdout and f"results: {out}" in stdout
 
 
+def test_evaluate_samples_the_base_model_more(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    code, _, err = run_cli(
+        capsys, "evaluate", "--model_name_or_path", tiny_model_dir, tiny_model_dir, "--model_names", "a", "b",
+        "--task", "arithmetic", "--num_prompts", "4", "--max_new_tokens", "4", "--samples_per_prompt", "2",
+        "--base_samples_per_prompt", "3", "--output_file", str(out))
+    assert code == 0, err
+    results = json.loads(out.read_text())["methods"]
+    base, other = torch.tensor(results["a"]["prompt_scores"]), torch.tensor(results["b"]["prompt_scores"])
+    assert base.shape == (3, 4) and other.shape == (2, 4)
+    assert results["a"]["completions"] == 12 and results["b"]["completions"] == 8
+    assert results["b"]["win_rate_vs_base"] == pytest.approx(win_rate(other.t(), base.t()))
+
+
 def test_evaluate_rejects_a_model_with_another_tokenizer(capsys, tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -151,7 +172,8 @@ REQUIRED = ("mean_reward", "reward_ci95", "win_rate_vs_base", "kl_to_base", "mea
 def test_smoke_preset_end_to_end(capsys, tiny_model_dir, tmp_path):
     out = tmp_path / "cmp"
     code, stdout, err = run_cli(capsys, "compare", "--preset", "smoke", "--task", "kid-stories",
-                                "--model_name_or_path", tiny_model_dir, "--output_dir", str(out))
+                                "--model_name_or_path", tiny_model_dir, "--output_dir", str(out),
+                                "--base_eval_samples_per_prompt", "2")
     assert code == 0, err
     assert f"report: {out / 'report.html'}" in stdout
     results = json.loads((out / "results.json").read_text())
@@ -179,6 +201,10 @@ def test_smoke_preset_end_to_end(capsys, tiny_model_dir, tmp_path):
     assert verdict["best"] in results["methods"] and verdict["sentence"] in html.unescape(page)
     assert set(verdict["pareto_front"]) <= set(results["methods"])
     assert all(len(results["methods"][m]["prompt_scores"][0]) == 8 for m in results["methods"])
+    # the base sampled twice per held-out prompt, every method once
+    assert len(base["prompt_scores"]) == 2 and len(results["methods"]["dpo"]["prompt_scores"]) == 1
+    assert results["budget"]["base_eval_samples_per_prompt"] == 2
+    assert "1 sampled completion(s) each (2 for the base model)" in " ".join(results["fairness"]["equalised"])
 
 
 @pytest.mark.integration  # one process per method

@@ -56,8 +56,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the next seed (the verdict resamples them with the prompts); each method's learning rate and KL coefficient
     # from an offline `--tune lr,beta` sweep on a validation split of training prompts (benchmarks/README.md,
     # "Tuning the default preset"; `beta` is PPO's kl_coef)
-    "default": dict(num_train_prompts=32, num_eval_prompts=32, samples_per_prompt=4, eval_samples_per_prompt=1,
-                    max_steps=8, prompts_per_step=4, num_generations=4, max_new_tokens=None, num_ppo_epochs=1,
+    "default": dict(num_train_prompts=32, num_eval_prompts=64, samples_per_prompt=4, eval_samples_per_prompt=2,
+                    base_eval_samples_per_prompt=8, max_steps=8, prompts_per_step=4, num_generations=4, max_new_tokens=None, num_ppo_epochs=1,
                     max_new_tokens_cap=40, learning_rate=None, seeds=2,
                     methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo"),
                     method_values={"dpo": {"learning_rate": 2e-5, "beta": 0.1},
@@ -70,7 +70,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "\"Tuning the default preset\")"),
     # a GPU: the whole task
     "full": dict(num_train_prompts=None, num_eval_prompts=None, samples_per_prompt=8, eval_samples_per_prompt=4,
-                 max_steps=200, prompts_per_step=16, num_generations=8, max_new_tokens=None, num_ppo_epochs=4,
+                 base_eval_samples_per_prompt=16, max_steps=200, prompts_per_step=16, num_generations=8, max_new_tokens=None, num_ppo_epochs=4,
                  learning_rate=None, max_new_tokens_cap=None, seeds=3,
                  methods=("dpo", "simpo", "kto", "ppo", "ppo-rule", "grpo", "rloo", "reinforce-pp", "online-dpo",
                           "iterative-dpo")),
@@ -105,6 +105,10 @@ class CompareConfig:
     """K: completions sampled per training prompt from the base model to build the pairs."""
     eval_samples_per_prompt: int | None = None
     """Completions per held-out prompt and model in the evaluation."""
+    base_eval_samples_per_prompt: int | None = None
+    """Completions per held-out prompt of the base model (default: the preset's, else --eval_samples_per_prompt).
+    Every "above the base" comparison rests on the base's per-prompt means, so the preset samples it more than
+    the trained models: one model's sampling narrows every comparison against the base."""
     max_steps: int | None = None
     """Optimizer steps per method (iterative-dpo: split over its 2 rounds)."""
     budget: str | None = None
@@ -193,7 +197,10 @@ class CompareConfig:
                 raise UserError(f"--{name} must be >= 2, got {getattr(self, name)}")
         if self.tune_steps is None:
             self.tune_steps = max(1, self.max_steps // 2)
-        for name in ("max_steps", "prompts_per_step", "eval_samples_per_prompt", "seeds", "tune_steps"):
+        if self.base_eval_samples_per_prompt is None:
+            self.base_eval_samples_per_prompt = self.eval_samples_per_prompt
+        for name in ("max_steps", "prompts_per_step", "eval_samples_per_prompt", "base_eval_samples_per_prompt",
+                     "seeds", "tune_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_train_prompts", "num_eval_prompts", "max_new_tokens"):
@@ -602,9 +609,9 @@ class Compare:
         evaluator = Evaluator(EvaluateConfig(
             model_name_or_path=[cfg.model_name_or_path or "embedded:smollm2-135m-instruct"],
             dataset_name=str(data["validation"]), reward_funcs=self.reward_funcs, reward_weights=self.reward_weights,
-            samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=self.max_new_tokens,
-            temperature=cfg.temperature, seed=cfg.seed, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code,
-            generation_backend=cfg.generation_backend))
+            samples_per_prompt=cfg.eval_samples_per_prompt, base_samples_per_prompt=cfg.base_eval_samples_per_prompt,
+            max_new_tokens=self.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, bf16=cfg.bf16,
+            trust_remote_code=cfg.trust_remote_code, generation_backend=cfg.generation_backend))
         evaluator.evaluate("base (validation)", cfg.model_name_or_path)
         return evaluator
 
@@ -685,9 +692,9 @@ class Compare:
         ecfg = EvaluateConfig(
             model_name_or_path=[todo["base"] or "embedded:smollm2-135m-instruct"], dataset_name=str(self.layout.eval_prompts),
             reward_funcs=self.reward_funcs, reward_weights=self.reward_weights,
-            samples_per_prompt=cfg.eval_samples_per_prompt, max_new_tokens=self.max_new_tokens,
-            temperature=cfg.temperature, seed=cfg.seed, bf16=cfg.bf16, trust_remote_code=cfg.trust_remote_code,
-            generation_backend=cfg.generation_backend,
+            samples_per_prompt=cfg.eval_samples_per_prompt, base_samples_per_prompt=cfg.base_eval_samples_per_prompt,
+            max_new_tokens=self.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, bf16=cfg.bf16,
+            trust_remote_code=cfg.trust_remote_code, generation_backend=cfg.generation_backend,
         )
         evaluator = Evaluator(ecfg)
         for name, path in todo.items():  # base first: the others are measured against it
@@ -729,6 +736,7 @@ class Compare:
             "train_prompts": len(self.train_rows), "eval_prompts": len(self.eval_rows),
             "samples_per_prompt_for_pairs": cfg.samples_per_prompt,
             "eval_samples_per_prompt": cfg.eval_samples_per_prompt,
+            "base_eval_samples_per_prompt": cfg.base_eval_samples_per_prompt,
             "max_steps": {m: self.steps[m] for m in cfg.methods if m in self.steps} if cfg.budget else cfg.max_steps,
             "budget": cfg.budget, "seeds": self.seeds, "prompts_per_step": cfg.prompts_per_step,
             "grpo_num_generations": cfg.num_generations, "max_new_tokens": self.max_new_tokens,

@@ -7,8 +7,9 @@ the base model (the first model given):
 
 * ``mean_reward`` and ``reward_ci95``: the mean over completions and its 95% confidence interval, normal
   approximation ``mean +- 1.96 * std / sqrt(n)`` (std with Bessel's correction);
-* ``win_rate_vs_base``: the fraction of prompts (and sample indices) on which the model's completion scores
-  higher than the base model's, ties counted half (AlpacaEval's convention for ties);
+* ``win_rate_vs_base``: the probability that the model's completion of a prompt scores higher than the base
+  model's, ties counted half (AlpacaEval's convention for ties), estimated over every pair of a model's and the
+  base's completions of the same prompt;
 * ``kl_to_base``: the sampled (k1) estimate of the sequence-level ``KL(pi || pi_base)`` in nats per completion,
   ``mean_i sum_t [log pi(y_it) - log pi_base(y_it)]`` over completions ``y_i ~ pi`` (Schulman, "Approximating
   KL divergence", 2020; the ``objective/kl`` of TRL's PPO), both log-probs at the sampling temperature;
@@ -69,6 +70,10 @@ class EvaluateConfig:
     """Evaluate on the first this many prompts (default: all)."""
     samples_per_prompt: int = 1
     """Completions sampled per prompt and model."""
+    base_samples_per_prompt: int | None = None
+    """Completions per prompt of the base model (the first model; default: --samples_per_prompt). Every model is
+    compared with the base, so its per-prompt means enter every paired comparison: more base samples narrow all
+    of them for the price of sampling one model more."""
     max_new_tokens: int | None = None
     """Most tokens per completion (default: the task's budget, else 64)."""
     temperature: float = 1.0
@@ -106,7 +111,9 @@ class EvaluateConfig:
         if self.model_names and len(self.model_names) != len(self.model_name_or_path or [None]):
             raise UserError(f"--model_names has {len(self.model_names)} labels for "
                             f"{len(self.model_name_or_path or [None])} models")
-        for name in ("samples_per_prompt", "generation_batch_size"):
+        if self.base_samples_per_prompt is None:
+            self.base_samples_per_prompt = self.samples_per_prompt
+        for name in ("samples_per_prompt", "base_samples_per_prompt", "generation_batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.num_prompts is not None and self.num_prompts < 1:
@@ -131,14 +138,24 @@ def confidence_interval(values: torch.Tensor) -> tuple[float, float]:
 
 
 def win_rate(scores: torch.Tensor, base_scores: torch.Tensor) -> float:
-    """Fraction of paired entries where ``scores > base_scores``, ties counted half; both ``(n,)``.
+    """Probability that a model's completion beats the base model's on the same prompt, ties counted half.
+
+    ``scores`` ``(P, K)`` and ``base_scores`` ``(P, K_base)``: the rewards of ``K`` and ``K_base`` completions of each
+    of ``P`` prompts (``(P,)`` is one completion per prompt). The estimate is the mean over prompts of the
+    Mann-Whitney statistic of prompt ``j``, ``mean_{k, l} [1(s_jk > b_jl) + 0.5 * 1(s_jk = b_jl)]``: every pair of
+    the two models' completions of a prompt (Mann & Whitney 1947; with one completion each, the fraction of
+    prompts won, AlpacaEval's rule for ties).
 
     Raises:
-        ValueError: the shapes differ.
+        ValueError: the numbers of prompts differ, or an input has more than 2 dimensions.
     """
-    if scores.shape != base_scores.shape:
-        raise ValueError(f"scores {tuple(scores.shape)} and base scores {tuple(base_scores.shape)} differ in shape")
-    return float(((scores > base_scores).float() + 0.5 * (scores == base_scores).float()).mean())
+    a = scores.reshape(scores.shape[0], -1) if scores.dim() else scores.reshape(1, 1)
+    b = base_scores.reshape(base_scores.shape[0], -1) if base_scores.dim() else base_scores.reshape(1, 1)
+    if scores.dim() > 2 or base_scores.dim() > 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"scores {tuple(scores.shape)} and base scores {tuple(base_scores.shape)} must be (P, K) "
+                         "and (P, K_base) over the same prompts")
+    a, b = a[:, :, None], b[:, None, :]  # (P, K, 1), (P, 1, K_base)
+    return float(((a > b).float() + 0.5 * (a == b).float()).mean())
 
 
 def prompt_text(prompt) -> str:
@@ -185,14 +202,14 @@ class Evaluator:
     def _precision(self):
         return self.runtime.precision()
 
-    def _sample(self, model, name: str) -> list[ScoredCompletions]:
+    def _sample(self, model, name: str, samples_per_prompt: int) -> list[ScoredCompletions]:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         return sample_and_score_batches(
             model, self.tokenizer, self.prompts, self.sources, batch_size=cfg.generation_batch_size,
             precision_fn=self._precision, progress=f"evaluating {name}", device=self.device,
             max_new_tokens=self.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-            num_generations=cfg.samples_per_prompt, reward_tokenizer=self.reward_tokenizer,
+            num_generations=samples_per_prompt, reward_tokenizer=self.reward_tokenizer,
             generation_backend=cfg.generation_backend,
         )
 
@@ -218,11 +235,13 @@ class Evaluator:
             if tok.get_vocab() != self.tokenizer.get_vocab():
                 raise UserError(f"{path}: its tokenizer differs from the base model's; the KL to the base needs the same tokens")
         model = load_causal_lm(path, trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
+        is_base = self.base_model is None
+        k = cfg.base_samples_per_prompt if is_base else cfg.samples_per_prompt
         with torch.no_grad():
-            parts = self._sample(model, name)
+            parts = self._sample(model, name, k)
             scores = torch.cat([p.scores for p in parts])
-            if self.base_model is None:
-                self.base_model, self.base_scores = model, scores
+            if is_base:
+                self.base_model, self.base_scores = model, scores.view(-1, k)  # (P, K_base)
                 kl = torch.zeros_like(scores)
             else:
                 kl = self._kl(model, parts)
@@ -233,20 +252,19 @@ class Evaluator:
             "mean_reward": float(scores.mean()),
             "reward_ci95": [low, high],
             "reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
-            "win_rate_vs_base": win_rate(scores, self.base_scores),
+            "win_rate_vs_base": win_rate(scores.view(-1, k), self.base_scores),
             "kl_to_base": float(kl.mean()),
             "mean_length": float(lengths.mean()),
             "eos_rate": float(torch.cat([p.has_eos for p in parts]).float().mean()),
             "completions": int(scores.numel()),
             # (samples_per_prompt, prompts): every completion's reward, for paired comparisons between models
-            "prompt_scores": scores.view(-1, cfg.samples_per_prompt).t().tolist(),
+            "prompt_scores": scores.view(-1, k).t().tolist(),
             "generated_tokens": int(lengths.sum()),
         }
         for source in self.sources:
             values = torch.cat([p.per_source[source.name] for p in parts])
             result[f"rewards/{source.name}"] = float(torch.nanmean(values))
         keep = []
-        k = cfg.samples_per_prompt
         flat = [(p.examples[i]["prompt"], p.texts[i], float(p.scores[i])) for p in parts for i in range(len(p.texts))]
         for prompt, text, score in flat[:: k][: cfg.samples_to_keep]:
             keep.append({"prompt": prompt_text(prompt), "completion": text, "reward": score})

@@ -151,7 +151,10 @@ def fairness(budget: dict[str, Any], tuning: dict[str, dict[str, Any]] | None, t
              if not isinstance(steps, dict) else f"the --budget {budget['budget']} (steps per method differ)",
              f"a completion budget of {budget['max_new_tokens']} tokens at temperature {budget['temperature']}",
              f"seed(s) {', '.join(str(s) for s in budget['seeds'])}",
-             f"{budget['eval_prompts']} held-out prompts, {budget['eval_samples_per_prompt']} sampled completion(s) each"]
+             f"{budget['eval_prompts']} held-out prompts, {budget['eval_samples_per_prompt']} sampled completion(s) each"
+             + (f" ({budget['base_eval_samples_per_prompt']} for the base model)"
+                if budget.get("base_eval_samples_per_prompt", budget["eval_samples_per_prompt"])
+                != budget["eval_samples_per_prompt"] else "")]
     group = [m for m in methods if m in GROUP_SAMPLING_METHODS]
     if group and budget.get("grpo_num_generations"):
         equal.append(f"{budget['grpo_num_generations']} sampled completions per prompt for {', '.join(group)} "
