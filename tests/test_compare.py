@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from alignlab.experiments.compare import PRESETS, Compare, CompareConfig, last_line
+from alignlab.experiments.compare import PRESETS, Compare, CompareConfig, last_line, tune_stage_name
 from alignlab.experiments.evaluate import confidence_interval, prompt_text, win_rate
 from tests.conftest import one_line, run_cli
 
@@ -86,7 +86,14 @@ def test_every_method_gets_the_same_budget(tmp_path):
     assert args["grpo"]["reward_funcs"] == ["alignlab.tasks.arithmetic:arithmetic_reward"]
     # the default preset trains two seeds, each PPO run with the reward model of its own seed
     assert args["ppo"]["reward_model_path"].endswith("reward-model/seed-42/model") and "reward_funcs" not in args["ppo"]
-    assert len(run.train_rows) == 32 and len(run.eval_rows) == 32  # the default preset's sizes
+    assert len(run.train_rows) == 32 and len(run.eval_rows) == 64  # the default preset's sizes
+    # a --tune trial of ppo reads the reward model trained on the tuning-train pairs, not the final run's
+    tune = {"steps": 4, "prompts": tmp_path / "tune" / "train.jsonl", "pairs": tmp_path / "tune" / "pairs.jsonl",
+            "values": {"learning_rate": 1e-5}}
+    trial = run.method_args("ppo", {**tune, "stages": {"reward-model": tune_stage_name("reward-model")}})
+    assert trial["reward_model_path"] == str(tmp_path / "reward-model" / "tune" / "model")
+    stage = run.method_args("reward-model", {"prompts": tune["prompts"], "pairs": tune["pairs"]})
+    assert stage["dataset_name"] == str(tune["pairs"]) and stage["max_steps"] == args["reward-model"]["max_steps"]
     # each method's learning rate and KL coefficient: the preset's per-method values (an offline --tune sweep)
     values = PRESETS["default"]["method_values"]
     for m in ("dpo", "ppo", "ppo-rule", "grpo", "online-dpo"):

@@ -362,7 +362,7 @@ class Compare:
         self.seeds = [cfg.seed + k for k in range(cfg.seeds)]
         self.seed = cfg.seed  # the seed of the runs being built
         self.steps: dict[str, int] = {}  # --budget: each method's steps, from its calibration run
-        self.stages: dict[str, dict[str, Any]] = {}  # stages trained for --tune (by run name), reused by train()
+        self.stages: dict[str, dict[str, Any]] = {}  # --tune's stages (by run name), on tuning-train pairs only
 
     def run_name(self, method: str) -> str:
         """The run folder of ``method`` (or a stage) for the current seed (:func:`~.layout.run_name`)."""
@@ -441,11 +441,13 @@ class Compare:
 
     # ---------------------------------------------------------------- stage 2: training
     def shared_budget(self, max_steps: int | None = None, *, prompts: Path | None = None,
-                      pairs: Path | None = None) -> CompareBudget:
+                      pairs: Path | None = None, stages: dict[str, str] | None = None) -> CompareBudget:
         """The budget every method's run is built from (:class:`~alignlab.methods.CompareBudget`); ``max_steps``
         replaces ``--max_steps`` (a method's steps under ``--budget``), ``prompts`` and ``pairs`` the training
-        prompts and pairs files (``--tune``'s trials train on the tuning-train part only)."""
+        prompts and pairs files, ``stages`` the run names of the stages it reads (``--tune``'s trials train on
+        the tuning-train part only, with a reward model trained on it)."""
         cfg = self.config
+        stages = stages or {}
         return CompareBudget(
             prompts=str(prompts or self.layout.train_prompts),
             pairs=str(pairs or self.layout.pairs(self.seed, self.seeds)),
@@ -454,14 +456,14 @@ class Compare:
             num_generations=cfg.num_generations, num_ppo_epochs=cfg.num_ppo_epochs,
             samples_per_prompt=cfg.samples_per_prompt, reward_funcs=self.reward_funcs,
             reward_weights=self.reward_weights,
-            stage_model=lambda name: str(self.layout.model_dir(self.run_name(name))),
+            stage_model=lambda name: str(self.layout.model_dir(stages.get(name) or self.run_name(name))),
         )
 
     def method_args(self, method: str, trial: dict[str, Any] | None = None) -> dict[str, Any]:
         """The flags of one method's run for the current seed (written to its ``args.yaml``): the shared ones, then
         the method's own from its registry entry, then its learning rate and KL coefficient (the preset's or the
-        ones ``--tune`` chose). ``trial``: a ``--tune`` trial's ``steps``, ``prompts``, ``pairs`` and ``values``
-        instead."""
+        ones ``--tune`` chose). ``trial``: a ``--tune`` trial's ``steps``, ``prompts``, ``pairs``, ``values`` and
+        ``stages`` (the run names of its reward model) instead."""
         from alignlab.experiments.tuning import kl_flag
 
         cfg = self.config
@@ -474,7 +476,8 @@ class Compare:
             "overwrite_output_dir": True,  # compare's own folder: a failed or earlier run of it is trained again
         }
         args.update(self.entries[method][1].args(
-            self.shared_budget(steps, prompts=trial.get("prompts"), pairs=trial.get("pairs"))))
+            self.shared_budget(steps, prompts=trial.get("prompts"), pairs=trial.get("pairs"),
+                               stages=trial.get("stages"))))
         values = {"learning_rate": self.lr[method], **({"beta": self.kl[method]} if method in self.kl else {}),
                   **trial.get("values", {})}
         flag = kl_flag(self.entries[method][0].config)
@@ -553,8 +556,7 @@ class Compare:
         aside), the largest peak memory."""
         runs = []
         for stage in self.entries[method][1].requires:
-            # a stage --tune trained for this seed already (ppo's reward model) is the same run: reuse it
-            run = self.stages.get(self.run_name(stage)) or self._run_stage(stage)
+            run = self._run_stage(stage)
             if run["status"] != "ok":
                 return {**run, "error": f"{stage}: {run['error']}",
                         "model_dir": str(self.layout.model_dir(self.run_name(method)))}
@@ -625,8 +627,9 @@ class Compare:
         if self.config.resume and saved is not None and saved.get("values") == trial.values:
             trial.validation_reward, trial.validation_kl = saved["mean_reward"], saved["kl_to_base"]
             return trial
+        stages = {stage: tune_stage_name(stage) for stage in self.entries[method][1].requires}
         run = self._run_stage(method, name, trial={"steps": data["steps"], "prompts": data["prompts"],
-                                                   "pairs": data["pairs"], "values": values})
+                                                   "pairs": data["pairs"], "values": values, "stages": stages})
         if run["status"] != "ok":
             trial.error = run.get("error", "failed")
             return trial
@@ -770,8 +773,13 @@ class Compare:
             evaluator = self._validation_evaluator(data)
             for method in cfg.methods:
                 for stage in self.entries[method][1].requires:
-                    self.stages[self.run_name(stage)] = self._run_stage(stage)
-                    if self.stages[self.run_name(stage)]["status"] != "ok":
+                    # ppo's reward model for the trials learns from the tuning-train pairs only: one trained on
+                    # the validation prompts' pairs would favour ppo on those prompts
+                    name = tune_stage_name(stage)
+                    if name not in self.stages:
+                        self.stages[name] = self._run_stage(stage, name, trial={"prompts": data["prompts"],
+                                                                                "pairs": data["pairs"]})
+                    if self.stages[name]["status"] != "ok":
                         break
                 else:
                     self.tuning[method] = self.tune_method(method, data, evaluator).to_dict()
@@ -810,6 +818,12 @@ class Compare:
         _write_json(results, self.layout.results)
         write_report(results, self.out)
         return results
+
+
+def tune_stage_name(stage: str) -> str:
+    """The run name of a stage (ppo's reward model) that ``--tune``'s trials read: trained on the tuning-train
+    pairs only, apart from the final runs' own."""
+    return f"{stage}/tune"
 
 
 SEED_FIELDS = ("status", "error", "mean_reward", "win_rate_vs_base", "kl_to_base", "mean_length", "wall_seconds",
