@@ -57,8 +57,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # from an offline `--tune lr,beta` sweep on a validation split of training prompts (benchmarks/README.md,
     # "Tuning the default preset"; `beta` is PPO's kl_coef)
     "default": dict(num_train_prompts=32, num_eval_prompts=64, samples_per_prompt=4, eval_samples_per_prompt=2,
-                    base_eval_samples_per_prompt=8, max_steps=8, prompts_per_step=4, num_generations=4, max_new_tokens=None, num_ppo_epochs=1,
-                    max_new_tokens_cap=40, learning_rate=None, seeds=2,
+                    base_eval_samples_per_prompt=8, max_steps=8, prompts_per_step=4, num_generations=4,
+                    max_new_tokens=None, num_ppo_epochs=1, max_new_tokens_cap=40, learning_rate=None, seeds=2,
                     methods=("dpo", "ppo", "ppo-rule", "grpo", "online-dpo"),
                     method_values={"dpo": {"learning_rate": 2e-5, "beta": 0.1},
                                    "ppo": {"learning_rate": 1e-5, "beta": 0.025},
@@ -70,7 +70,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "\"Tuning the default preset\")"),
     # a GPU: the whole task
     "full": dict(num_train_prompts=None, num_eval_prompts=None, samples_per_prompt=8, eval_samples_per_prompt=4,
-                 base_eval_samples_per_prompt=16, max_steps=200, prompts_per_step=16, num_generations=8, max_new_tokens=None, num_ppo_epochs=4,
+                 base_eval_samples_per_prompt=16, max_steps=200, prompts_per_step=16, num_generations=8,
+                 max_new_tokens=None, num_ppo_epochs=4,
                  learning_rate=None, max_new_tokens_cap=None, seeds=3,
                  methods=("dpo", "simpo", "kto", "ppo", "ppo-rule", "grpo", "rloo", "reinforce-pp", "online-dpo",
                           "iterative-dpo")),
