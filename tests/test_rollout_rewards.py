@@ -199,3 +199,40 @@ def test_compute_rewards_drop_makes_the_total_nan_only_where_a_function_failed(f
     # completion 2: 2 + 2 + 1 = 5
     assert total[0] == 6.0 and math.isnan(total[1]) and total[2] == 5.0
     assert per["length"].tolist() == [3.0, 4.0, 2.0] and math.isnan(per["half_bad"][1])
+
+
+@pytest.mark.parametrize("conversational", [True, False])
+def test_a_reward_model_reads_completions_as_it_was_trained(tiny_model_dir, tiny_tokenizer, tmp_path, conversational):
+    """The reward model's input for a sampled completion is the rendering ``alignlab reward`` trains on (the
+    prompt and the completion as a finished turn), even for a completion cut mid-sentence, and every reward
+    model gets it, not only one whose vocabulary differs from the policy's."""
+    from types import SimpleNamespace
+
+    from alignlab.data.preference import PreferencePair, tokenize_pair
+    from alignlab.models import load_reward_model
+    from alignlab.rollout.experience import reward_model_inputs
+    from alignlab.rollout.scoring import attach_reward_model
+
+    tok = tiny_tokenizer
+    cut = "Once upon a time a small fox wanted to"  # a completion stopped by the length limit
+    if conversational:
+        prompt = [{"role": "user", "content": "Tell me a story."}]
+        pair = PreferencePair(prompt, [{"role": "assistant", "content": cut}], [{"role": "assistant", "content": "No."}])
+    else:
+        prompt = "Tell me a story."
+        pair = PreferencePair(prompt, cut, "No.")
+    trained_on = tokenize_pair(pair, tok)
+    expected = trained_on["prompt_ids"] + trained_on["chosen_ids"]
+    got = reward_model_inputs(tok, [{"prompt": prompt}], [cut])
+    n = int(got["attention_mask"][0].sum())
+    assert got["input_ids"][0, :n].tolist() == expected
+    # the score is read after the end-of-turn marker, not at the completion's own last word
+    assert tok.eos_token_id in expected[-2:] and expected[-1] != tok(cut, add_special_tokens=False).input_ids[-1]
+
+    rm_dir = tmp_path / "rm"
+    load_reward_model(tiny_model_dir, pad_token_id=tok.pad_token_id).save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    sources = build_reward_sources(None, None, with_reward_model=True)
+    config = SimpleNamespace(reward_model_path=str(rm_dir), trust_remote_code=False)
+    rtok = attach_reward_model(sources, config, tok, SimpleNamespace(frozen_model=lambda m: m))
+    assert rtok is not None and rtok.get_vocab() == tok.get_vocab() and sources[-1].model is not None

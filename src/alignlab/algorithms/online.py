@@ -276,7 +276,8 @@ class OnlineSetup:
     Attributes: ``accelerator``, ``tokenizer``, ``prompts`` (examples), ``eval_prompts`` (from
     ``eval_dataset_name`` or an ``eval_split_size`` hold-out; empty without), ``sources`` (reward sources, models
     attached), ``policy`` (prepared for training, on the device), ``ref_model`` (``None`` with LoRA or
-    without a reference), ``reward_tokenizer`` (``None`` unless the reward model's vocabulary differs).
+    without a reference), ``reward_tokenizer`` (the reward model's, which its inputs are rendered with; ``None``
+    without a reward model).
 
     Raises:
         UserError / DataError: bad flags, unreadable data or models, a bad row.

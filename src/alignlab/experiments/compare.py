@@ -126,6 +126,8 @@ class CompareConfig:
     """Completions per prompt of GRPO (its group) and of Online DPO (the best and the worst of them pair up)."""
     max_new_tokens: int | None = None
     """Completion budget in tokens, for sampling in every stage (default: the task's)."""
+    num_ppo_epochs: int | None = None
+    """PPO's passes over each rollout (TRL's ``num_ppo_epochs``; default: the preset's)."""
     learning_rate: float | None = None
     """One learning rate for every method (default: the default preset's per-method values, tuned offline;
     otherwise 5e-6 for the DPO family and 1e-5 for PPO and GRPO)."""
@@ -201,7 +203,7 @@ class CompareConfig:
         if self.base_eval_samples_per_prompt is None:
             self.base_eval_samples_per_prompt = self.eval_samples_per_prompt
         for name in ("max_steps", "prompts_per_step", "eval_samples_per_prompt", "base_eval_samples_per_prompt",
-                     "seeds", "tune_steps"):
+                     "seeds", "tune_steps", "num_ppo_epochs"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_train_prompts", "num_eval_prompts", "max_new_tokens"):
