@@ -131,8 +131,8 @@ def reward_model_inputs(reward_tokenizer, examples: list[dict], texts: list[str]
     Why not the sampled token ids: a reward model reads its score at the last token, which in training is the
     end of a rendered turn; the last sampled token is a bare EOS or, for a completion cut at the length limit,
     a word in mid-sentence, which it never saw there. Measured (benchmarks/README.md, "PPO's reward model reads
-    what it was trained on"): the reward model of the main job agreed with the task reward on 59% of pairs of
-    base-model completions read from the token ids and on 69% rendered as here.
+    what it was trained on"): the main job's two reward models ordered 57-59% of pairs of base-model
+    completions as the task reward does when read from the token ids, and 67-69% rendered as here.
 
     Returns:
         ``{"input_ids", "attention_mask"}`` ``(N, T)``, right-padded with the reward tokenizer's pad token."""
