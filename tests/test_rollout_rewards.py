@@ -234,5 +234,5 @@ def test_a_reward_model_reads_completions_as_it_was_trained(tiny_model_dir, tiny
     tok.save_pretrained(rm_dir)
     sources = build_reward_sources(None, None, with_reward_model=True)
     config = SimpleNamespace(reward_model_path=str(rm_dir), trust_remote_code=False)
-    rtok = attach_reward_model(sources, config, tok, SimpleNamespace(frozen_model=lambda m: m))
+    rtok = attach_reward_model(sources, config, SimpleNamespace(frozen_model=lambda m: m))
     assert rtok is not None and rtok.get_vocab() == tok.get_vocab() and sources[-1].model is not None

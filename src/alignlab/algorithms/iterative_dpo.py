@@ -130,7 +130,7 @@ class IterativeDPO:
         self.eval_prompts, _ = build_prompt_examples(eval_rows, self.tokenizer, **kw) if eval_rows else ([], None)
         self.sources = build_reward_sources(config.reward_funcs, config.reward_weights,
                                             with_reward_model=bool(config.reward_model_path))
-        self.reward_tokenizer = attach_reward_model(self.sources, config, self.tokenizer, self.runtime)
+        self.reward_tokenizer = attach_reward_model(self.sources, config, self.runtime)
 
     def _sample(self, policy, examples: list[dict], k: int):
         cfg = self.config

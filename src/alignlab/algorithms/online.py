@@ -308,7 +308,7 @@ class OnlineSetup:
         self.ref_model = reference_model(config, policy, runtime, needed=need_reference)
         self.policy = runtime.prepare_model(policy)
 
-        self.reward_tokenizer = attach_reward_model(self.sources, config, tok, runtime)
+        self.reward_tokenizer = attach_reward_model(self.sources, config, runtime)
 
     def checkpointed_generator(self, seed: int) -> torch.Generator:
         """A ``torch.Generator`` seeded with ``seed`` whose state is saved in every checkpoint and restored on

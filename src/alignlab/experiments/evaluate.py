@@ -195,7 +195,7 @@ class Evaluator:
                                                 prompt_column=config.prompt_column)
         self.sources = build_reward_sources(prompt_set.reward_funcs, prompt_set.reward_weights,
                                             with_reward_model=bool(config.reward_model_path))
-        self.reward_tokenizer = attach_reward_model(self.sources, config, self.tokenizer, self.runtime)
+        self.reward_tokenizer = attach_reward_model(self.sources, config, self.runtime)
         self.base_model = None
         self.base_scores = None
 

@@ -93,14 +93,13 @@ def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     return torch.where(attention_mask.to(flat.device).bool(), flat, 0.0)
 
 
-def attach_reward_model(sources: list, config, tokenizer, runtime):
+def attach_reward_model(sources: list, config, runtime):
     """Load ``config.reward_model_path`` (if set) as a frozen model into the ``reward_model`` source (the last of
     ``sources``) with ``runtime``'s :meth:`~alignlab.train.runtime.Runtime.frozen_model`: on its device, sharded
     with FSDP2 when the trained model is. Returns the reward model's tokenizer (``None`` without a reward
     model): the completions are rendered for it as a reward model is trained on pairs
     (:func:`~alignlab.rollout.experience.reward_model_inputs`), not scored on the sampled token ids, whose last
     token (a truncated completion's last word, or a bare EOS) is not where its training read the score.
-    ``tokenizer`` is the policy's (unused since every reward model gets its own rendering; kept for callers).
 
     Raises:
         UserError: the reward model or its tokenizer cannot be loaded, or it has no trained score head."""
