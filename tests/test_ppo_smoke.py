@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from alignlab.algorithms.ppo import PPOConfig, PPOTrainer, explained_variance, train_ppo
+from alignlab.errors import UserError
 from tests.conftest import one_line, read_metrics, run_cli
 
 @pytest.fixture
@@ -97,6 +98,27 @@ def test_first_update_starts_at_ratio_one(tiny_model_dir, prompts_file, rewards_
     # advantages are whitened over the whole rollout and zero on padding
     assert math.isfinite(float(loss))
     assert (batch["advantages"][batch["response_mask"] == 0] == 0).all()
+
+
+def test_num_generations_samples_each_prompt_that_many_times(tiny_model_dir, prompts_file, rewards_file, tmp_path):
+    """``num_generations`` completions of each prompt per step (OpenRLHF's ``n_samples_per_prompt``), each its own
+    row of the rollout with its own advantages; the batch must hold whole groups."""
+    cfg = _config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "g", num_generations=2,
+                  per_device_train_batch_size=4, num_mini_batches=1, num_ppo_epochs=1, max_steps=1, sample_steps=1)
+    assert cfg.rollout_batch_size == 2  # prompts per step
+    trainer = PPOTrainer(cfg)
+    assert trainer.prompts_per_step == 2
+    with torch.no_grad():
+        rollout = trainer.rollout(trainer.model, trainer.prompts[:2], 1)
+    [[batch]] = rollout.updates
+    assert batch["response_mask"].shape[0] == 4 and batch["advantages"].abs().sum() > 0
+    trainer.train()
+    samples = [json.loads(line) for line in (tmp_path / "g" / "samples.jsonl").read_text().splitlines()]
+    prompts = [json.dumps(s["prompt"]) for s in samples]
+    assert len(samples) == 4 and all(prompts.count(p) == 2 for p in prompts)
+    with pytest.raises(UserError, match="multiple of the 3 completions per prompt"):
+        PPOTrainer(_config(tiny_model_dir, prompts_file, rewards_file, tmp_path / "h", num_generations=3,
+                           per_device_train_batch_size=4))
 
 
 class _Wrapped(torch.nn.Module):

@@ -84,11 +84,16 @@ class PPOConfig(ReferenceModelFields, OnlineConfig):
     num_mini_batches: int = 1
     """Mini-batches per pass; each is one optimizer step of ``per_device_train_batch_size *
     gradient_accumulation_steps`` completions per process."""
+    num_generations: int = 1
+    """Completions sampled per prompt (OpenRLHF's ``n_samples_per_prompt``; TRL's PPO samples one): a step
+    samples ``per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches`` completions, for
+    that many / ``num_generations`` prompts. GAE and the whitening of the advantages are unchanged: the critic,
+    not the group, is the baseline."""
 
     RANGES: ClassVar[dict[str, Range]] = {
         "response_length": Range(ge=1), "num_ppo_epochs": Range(ge=1), "num_mini_batches": Range(ge=1),
         "kl_coef": Range(ge=0), "gamma": Range(ge=0, le=1), "lam": Range(ge=0, le=1), "cliprange": Range(gt=0, lt=1),
-        "cliprange_value": Range(gt=0), "vf_coef": Range(ge=0),
+        "cliprange_value": Range(gt=0), "vf_coef": Range(ge=0), "num_generations": Range(ge=1),
     }
     """The ranges of the numeric flags (:func:`alignlab.train.config.check_ranges`)."""
 
@@ -100,7 +105,8 @@ class PPOConfig(ReferenceModelFields, OnlineConfig):
     @property
     def rollout_batch_size(self) -> int:
         """Prompts per process per step."""
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
+        return (self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
+                // self.num_generations)
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -160,10 +166,10 @@ class PPOTrainer(PolicyGradientAlgorithm):
         # sampled tokens under it, which the sampler records as it draws (TRL 0.24 takes them from the
         # generation logits too); otherwise one more forward computes them.
         super().__init__(
-            config, group_size=1, iterations=config.num_ppo_epochs, max_new_tokens=config.response_length,
+            config, group_size=config.num_generations, iterations=config.num_ppo_epochs, max_new_tokens=config.response_length,
             kl_coef=config.kl_coef, kl_estimator=config.kl_estimator, mini_batches=config.num_mini_batches,
             need_reference=True, keep_old_logps=True, old_logps_from_sampling=config.samples_logp_distribution,
-            batch_hint="per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches",
+            batch_hint="per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches / num_generations",
         )
         cfg, tok = config, self.tokenizer
         value_path = config.value_model_path or config.reward_model_path or config.model_name_or_path
@@ -260,7 +266,12 @@ def train_ppo(config: PPOConfig) -> TrainResult:
 
 
 def _ppo_args(b: CompareBudget) -> dict:
-    return {"dataset_name": b.prompts, "per_device_train_batch_size": b.prompts_per_step,
+    """PPO's flags from compare's budget: ``b.num_generations`` completions for each of ``b.prompts_per_step``
+    prompts per step, as many as GRPO and Online DPO sample (with one completion per prompt, TRL's default, PPO
+    learned from a quarter of their samples; benchmarks/README.md, "PPO's reward model reads what it was trained
+    on")."""
+    return {"dataset_name": b.prompts, "num_generations": b.num_generations,
+            "per_device_train_batch_size": b.prompts_per_step * b.num_generations,
             "response_length": b.max_new_tokens, "temperature": b.temperature, "num_ppo_epochs": b.num_ppo_epochs}
 
 

@@ -123,7 +123,8 @@ class CompareConfig:
     prompts_per_step: int | None = None
     """Prompts (dpo: pairs) per step for every method: the shared budget."""
     num_generations: int | None = None
-    """Completions per prompt of GRPO (its group) and of Online DPO (the best and the worst of them pair up)."""
+    """Completions per prompt of GRPO (its group), of Online DPO (the best and the worst of them pair up) and of
+    PPO (each scored on its own, against the value model's baseline)."""
     max_new_tokens: int | None = None
     """Completion budget in tokens, for sampling in every stage (default: the task's)."""
     num_ppo_epochs: int | None = None

@@ -12,7 +12,10 @@ the base model (the first model given):
   base's completions of the same prompt;
 * ``kl_to_base``: the sampled (k1) estimate of the sequence-level ``KL(pi || pi_base)`` in nats per completion,
   ``mean_i sum_t [log pi(y_it) - log pi_base(y_it)]`` over completions ``y_i ~ pi`` (Schulman, "Approximating
-  KL divergence", 2020; the ``objective/kl`` of TRL's PPO), both log-probs at the sampling temperature;
+  KL divergence", 2020; the ``objective/kl`` of TRL's PPO), both log-probs at the sampling temperature.
+  ``log pi`` is what the sampler recorded as it drew the token (no second forward of the model; as TRL's PPO
+  takes its old log-probs) when it samples from ``softmax(logits / temperature)`` itself (``top_p`` 1), else
+  one forward recomputes it; ``log pi_base`` is one forward of the base model;
 * ``mean_length`` (completion tokens), ``eos_rate``, each reward source's mean, generated tokens and wall time.
 """
 
@@ -202,7 +205,8 @@ class Evaluator:
     def _precision(self):
         return self.runtime.precision()
 
-    def _sample(self, model, name: str, samples_per_prompt: int) -> list[ScoredCompletions]:
+    def _sample(self, model, name: str, samples_per_prompt: int, *, return_logps: bool = False
+                ) -> list[ScoredCompletions]:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         return sample_and_score_batches(
@@ -210,17 +214,21 @@ class Evaluator:
             precision_fn=self._precision, progress=f"evaluating {name}", device=self.device,
             max_new_tokens=self.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
             num_generations=samples_per_prompt, reward_tokenizer=self.reward_tokenizer,
-            generation_backend=cfg.generation_backend,
+            generation_backend=cfg.generation_backend, return_logps=return_logps,
         )
 
     def _kl(self, model, parts: list[ScoredCompletions]) -> torch.Tensor:
-        """``(N,)`` per-completion ``sum_t log pi - log pi_base`` over the sampled completions."""
+        """``(N,)`` per-completion ``sum_t log pi - log pi_base`` over the sampled completions: ``log pi`` as the
+        sampler recorded it (``sequences["sampling_logps"]``) when present, else from a forward of ``model``;
+        ``log pi_base`` from a forward of the base model."""
         out = []
         pad = self.tokenizer.pad_token_id
         for part in parts:
             with self._precision():
-                logps = completion_token_logps(model, part.sequences, temperature=self.config.temperature,
-                                               pad_token_id=pad)
+                logps = part.sequences.get("sampling_logps")
+                if logps is None:
+                    logps = completion_token_logps(model, part.sequences, temperature=self.config.temperature,
+                                                   pad_token_id=pad)
                 base = completion_token_logps(self.base_model, part.sequences, temperature=self.config.temperature,
                                               pad_token_id=pad)
             out.append((logps - base).sum(dim=1))
@@ -238,7 +246,8 @@ class Evaluator:
         is_base = self.base_model is None
         k = cfg.base_samples_per_prompt if is_base else cfg.samples_per_prompt
         with torch.no_grad():
-            parts = self._sample(model, name, k)
+            # the sampler's log-probs are the model's own when it draws from softmax(logits / temperature)
+            parts = self._sample(model, name, k, return_logps=not is_base and cfg.top_p == 1.0)
             scores = torch.cat([p.scores for p in parts])
             if is_base:
                 self.base_model, self.base_scores = model, scores.view(-1, k)  # (P, K_base)

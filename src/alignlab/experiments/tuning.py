@@ -135,7 +135,7 @@ def grid(start: float, factors: list[float]) -> list[float]:
     return out
 
 
-GROUP_SAMPLING_METHODS = ("grpo", "rloo", "reinforce-pp", "remax", "online-dpo")
+GROUP_SAMPLING_METHODS = ("grpo", "rloo", "reinforce-pp", "remax", "online-dpo", "ppo", "ppo-rule")
 """The compare methods that sample ``--num_generations`` completions per prompt (PPO samples one)."""
 
 
@@ -157,8 +157,10 @@ def fairness(budget: dict[str, Any], tuning: dict[str, dict[str, Any]] | None, t
                 != budget["eval_samples_per_prompt"] else "")]
     group = [m for m in methods if m in GROUP_SAMPLING_METHODS]
     if group and budget.get("grpo_num_generations"):
-        equal.append(f"{budget['grpo_num_generations']} sampled completions per prompt for {', '.join(group)} "
-                     "(Online DPO trains on the best and the worst of them)")
+        notes = (["Online DPO trains on the best and the worst of them"] if "online-dpo" in group else []) + (
+            ["PPO scores each against its value model"] if any(m.startswith("ppo") for m in group) else [])
+        equal.append(f"{budget['grpo_num_generations']} sampled completions per prompt for {', '.join(group)}"
+                     + (f" ({'; '.join(notes)})" if notes else ""))
     differs = ["sampled tokens and training tokens per step (each method's num_tokens), hence FLOPs and wall time",
                "what each step trains on: offline pairs sampled once from the base model (DPO family) or the "
                "policy's own samples (online methods)"]
