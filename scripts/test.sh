@@ -4,6 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
-# Two pytest workers (pytest-xdist): one at a time, the tests kept 1.3 of 2 cores busy on average (many use a
-# tiny model or wait on subprocesses); two at a time fill them. `-n 0` runs them in one process.
-exec .venv/bin/python -m pytest -q -n 2 "$@"
+exec .venv/bin/python -m pytest -q "$@"

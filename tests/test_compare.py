@@ -77,9 +77,11 @@ def test_every_method_gets_the_same_budget(tmp_path):
     args = {m: run.method_args(m) for m in cfg.methods + ["reward-model"]}
     assert {a["max_steps"] for m, a in args.items() if m != "iterative-dpo"} == {cfg.max_steps}
     assert args["iterative-dpo"]["max_steps"] * args["iterative-dpo"]["rounds"] == cfg.max_steps
-    # prompts per step: GRPO's batch counts completions
-    assert args["grpo"]["per_device_train_batch_size"] == cfg.prompts_per_step * cfg.num_generations
-    for m in ("dpo", "ppo", "ppo-rule", "online-dpo", "iterative-dpo", "reward-model"):
+    # prompts per step: GRPO's and PPO's batches count completions, num_generations of each prompt
+    for m in ("grpo", "ppo", "ppo-rule"):
+        assert args[m]["per_device_train_batch_size"] == cfg.prompts_per_step * cfg.num_generations
+        assert args[m]["num_generations"] == cfg.num_generations
+    for m in ("dpo", "online-dpo", "iterative-dpo", "reward-model"):
         assert args[m]["per_device_train_batch_size"] == cfg.prompts_per_step
     # one completion budget (the task's: 16 tokens for arithmetic) and the task's reward for the rule-based ones
     assert args["ppo"]["response_length"] == args["grpo"]["max_completion_length"] == args["online-dpo"]["max_new_tokens"] == 16
