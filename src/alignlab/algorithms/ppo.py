@@ -166,10 +166,12 @@ class PPOTrainer(PolicyGradientAlgorithm):
         # sampled tokens under it, which the sampler records as it draws (TRL 0.24 takes them from the
         # generation logits too); otherwise one more forward computes them.
         super().__init__(
-            config, group_size=config.num_generations, iterations=config.num_ppo_epochs, max_new_tokens=config.response_length,
-            kl_coef=config.kl_coef, kl_estimator=config.kl_estimator, mini_batches=config.num_mini_batches,
-            need_reference=True, keep_old_logps=True, old_logps_from_sampling=config.samples_logp_distribution,
-            batch_hint="per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches / num_generations",
+            config, group_size=config.num_generations, iterations=config.num_ppo_epochs,
+            max_new_tokens=config.response_length, kl_coef=config.kl_coef, kl_estimator=config.kl_estimator,
+            mini_batches=config.num_mini_batches, need_reference=True, keep_old_logps=True,
+            old_logps_from_sampling=config.samples_logp_distribution,
+            batch_hint="per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches / "
+                       "num_generations",
         )
         cfg, tok = config, self.tokenizer
         value_path = config.value_model_path or config.reward_model_path or config.model_name_or_path
@@ -268,8 +270,8 @@ def train_ppo(config: PPOConfig) -> TrainResult:
 def _ppo_args(b: CompareBudget) -> dict:
     """PPO's flags from compare's budget: ``b.num_generations`` completions for each of ``b.prompts_per_step``
     prompts per step, as many as GRPO and Online DPO sample (with one completion per prompt, TRL's default, PPO
-    learned from a quarter of their samples; benchmarks/README.md, "PPO's reward model reads what it was trained
-    on")."""
+    learned from a quarter of their samples and stayed level with the base model; benchmarks/README.md, "PPO
+    samples as many completions per step as GRPO")."""
     return {"dataset_name": b.prompts, "num_generations": b.num_generations,
             "per_device_train_batch_size": b.prompts_per_step * b.num_generations,
             "response_length": b.max_new_tokens, "temperature": b.temperature, "num_ppo_epochs": b.num_ppo_epochs}

@@ -136,7 +136,8 @@ def grid(start: float, factors: list[float]) -> list[float]:
 
 
 GROUP_SAMPLING_METHODS = ("grpo", "rloo", "reinforce-pp", "remax", "online-dpo", "ppo", "ppo-rule")
-"""The compare methods that sample ``--num_generations`` completions per prompt (PPO samples one)."""
+"""The compare methods that sample ``--num_generations`` completions per prompt (PPO's each scored against its
+value model, the others' against their group)."""
 
 
 def fairness(budget: dict[str, Any], tuning: dict[str, dict[str, Any]] | None, tune_info: dict[str, Any] | None,
