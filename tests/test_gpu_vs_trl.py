@@ -19,7 +19,10 @@ def test_gpu_vs_trl_smoke(tmp_path, monkeypatch, capsys):
     assert [(r["job"], r["side"]) for r in rows] == [(job, side) for job in ("dpo", "grpo", "online-dpo")
                                                      for side in ("alignlab", "trl")]
     for row in rows:
-        assert row["steps_timed"] == 1 and row["median_step_seconds"] > 0 and row["peak_rss_mib"] > 0, row
+        # alignlab's step times come from polling metrics.jsonl every 0.1 s, too coarse for a tiny model's step:
+        # two rows can appear in one poll (0 s), so only the count and the sign are checked here
+        assert row["steps_timed"] == 1 and row["median_step_seconds"] >= 0, row
+        assert row["wall_seconds"] > 0 and row["peak_rss_mib"] > 0, row
     by = {(r["job"], r["side"]): r for r in rows}
     assert by["dpo", "alignlab"]["gradient_checkpointing"] == "off (auto)"  # tiny model: far below the share
     assert by["dpo", "trl"]["gradient_checkpointing"] == "on"  # TRL's default
